@@ -1,0 +1,74 @@
+"""Every error uplimit raises, in one tree.
+
+    UplimitError
+    ├── ConfigError          the caller asked for something invalid (bad path, bad value)
+    │   └── ModelPairError   strong and weak models cannot be used together
+    ├── ModelFetchError      a model could not be fetched, or failed its hash check
+    ├── BackendError         a model backend failed (native call returned an error)
+    ├── CodecError           coded data could not be coded or decoded
+    │   └── DecodeMismatch   a frame's integrity check failed: never deliver its text
+    └── LinkError            the uplink must not (or cannot) carry more data
+        ├── BudgetExhausted  an upload budget refused a charge; latched until an operator acts
+        ├── LedgerError      the durable ledger could not check or record a charge
+        ├── LinkClosed       the uplink was closed (fail closed) and sends nothing more
+        └── KernelMeterError the kernel meter (netns, veth, nftables quota) failed
+
+Foreign exceptions are mapped once, at the boundary that calls the foreign code,
+with `raise ... from`.
+"""
+
+
+class UplimitError(Exception):
+    """Base of every error raised by uplimit."""
+
+
+class ConfigError(UplimitError):
+    """Invalid configuration or arguments."""
+
+
+class ModelPairError(ConfigError):
+    """The strong and weak models do not share a tokenizer (or otherwise do not match)."""
+
+
+class ModelFetchError(UplimitError):
+    """Fetching or verifying a model failed."""
+
+
+class BackendError(UplimitError):
+    """A model backend failed."""
+
+
+class CodecError(UplimitError):
+    """Coded data could not be encoded or decoded."""
+
+
+class DecodeMismatch(CodecError):
+    """Decoded tokens failed the frame's integrity check."""
+
+
+class LinkError(UplimitError):
+    """The uplink must not, or cannot, carry more data. Every subclass means: fail closed."""
+
+
+class BudgetExhausted(LinkError):
+    """An upload budget refused a charge.
+
+    `limit` names the budget ("lifetime", "per_day", "per_second"). The ledger stays
+    exhausted (latched), across restarts, until an operator raises the budget.
+    """
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class LedgerError(LinkError):
+    """The ledger's database failed or is unfit (e.g. not durable): nothing may be sent."""
+
+
+class LinkClosed(LinkError):
+    """The uplink writer was closed after an error; it sends nothing more."""
+
+
+class KernelMeterError(LinkError):
+    """Setting up, reading or removing the kernel meter (netns, veth, nftables) failed."""

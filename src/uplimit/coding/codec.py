@@ -1,0 +1,118 @@
+"""Code one strong-model token against the weak model: guess, flag, and on a miss the token.
+
+Both sides call `predict` on the same weak logits with the same step context, so they hold
+the same `Prediction`:
+- T = 0: the guess is the weak model's argmax (the strong model emitted its own argmax);
+- T > 0: the guess is argmax over the weak support of (weak logits / T + g), with g the
+  Gumbel noise that the inner side also used to sample the strong token. When the two
+  models agree closely the same noise picks the same token, so most guesses hit.
+Then one binary symbol says hit or miss (probability from the calibration, a function of
+how robust the guess is), and a miss codes the token under softmax(scale * scores) with the
+guess removed. Cost = -log2 of the coded probabilities, which `TokenCost` reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from uplimit.coding.arith import ArithmeticDecoder, ArithmeticEncoder
+from uplimit.coding.calibration import FLAG_BITS, FLAG_TOTAL, Calibration
+from uplimit.coding.freqs import FrequencyTable
+from uplimit.coding.noise import gumbel
+from uplimit.coding.sampling import SamplingParams, perturbed_scores, support
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What both sides know about one position of one stream before its token is coded."""
+
+    params: SamplingParams
+    seed: int
+    position: int  # index of the token among the generated ones (0 = first)
+
+    def noise(self, n_vocab: int) -> npt.NDArray[np.float64] | None:
+        if self.params.greedy:
+            return None
+        return gumbel(self.seed, self.position, n_vocab)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    guess: int
+    margin: float  # guess's score minus the best other score (the calibration feature)
+    hit_count: int  # P(hit) = hit_count / 2**16
+    scores: npt.NDArray[np.float64]  # miss distribution = softmax(miss_scale * scores)
+    miss_scale: float
+
+    def miss_table(self) -> FrequencyTable:
+        mask = np.zeros(self.scores.size, dtype=np.bool_)
+        mask[self.guess] = True
+        return FrequencyTable.from_logits(self.scores, inv_temperature=self.miss_scale, mask=mask)
+
+
+def predict(
+    weak_logits: npt.NDArray[np.float32],
+    ctx: StepContext,
+    calibration: Calibration,
+    noise: npt.NDArray[np.float64] | None = None,
+) -> Prediction:
+    """The decoder's guess and coding distributions; `noise` may be passed if already drawn."""
+    if ctx.params.greedy:
+        scores = weak_logits.astype(np.float64)
+        guess = int(np.argmax(scores))
+        flag, scale = calibration.greedy_flag, calibration.greedy_miss_scale
+    else:
+        if noise is None:
+            noise = ctx.noise(weak_logits.size)
+        scores = perturbed_scores(weak_logits, ctx.params, noise)
+        allowed = support(weak_logits, ctx.params)
+        guess = int(allowed[np.argmax(scores[allowed])])
+        flag, scale = calibration.sampled_flag, calibration.sampled_miss_scale
+    best = scores[guess]
+    scores[guess] = -np.inf
+    runner_up = scores.max()
+    scores[guess] = best
+    margin = float(best - runner_up)
+    return Prediction(guess, margin, flag.hit_count(margin), scores, scale)
+
+
+@dataclass(frozen=True)
+class TokenCost:
+    bits: float
+    hit: bool
+    margin: float
+
+
+def encode_token(enc: ArithmeticEncoder, token: int, pred: Prediction) -> TokenCost:
+    hit = token == pred.guess
+    if hit:
+        enc.encode(0, pred.hit_count, FLAG_TOTAL)
+        return TokenCost(FLAG_BITS - np.log2(pred.hit_count), True, pred.margin)
+    enc.encode(pred.hit_count, FLAG_TOTAL - pred.hit_count, FLAG_TOTAL)
+    table = pred.miss_table()
+    low, freq = table.interval(token)
+    enc.encode(low, freq, table.total)
+    flag_bits = FLAG_BITS - np.log2(FLAG_TOTAL - pred.hit_count)
+    return TokenCost(float(flag_bits + table.cost_bits(token)), False, pred.margin)
+
+
+def decode_token(dec: ArithmeticDecoder, pred: Prediction) -> int:
+    if dec.decode_target(FLAG_TOTAL) < pred.hit_count:
+        dec.consume(0, pred.hit_count, FLAG_TOTAL)
+        return pred.guess
+    dec.consume(pred.hit_count, FLAG_TOTAL - pred.hit_count, FLAG_TOTAL)
+    table = pred.miss_table()
+    token = table.symbol_at(dec.decode_target(table.total))
+    dec.consume(*table.interval(token), table.total)
+    return token
+
+
+def plain_cost_bits(
+    weak_logits: npt.NDArray[np.float32], token: int, params: SamplingParams
+) -> float:
+    """The seed post's scheme: the token coded under the weak distribution at the same T."""
+    inv_t = 1.0 if params.greedy else 1.0 / params.temperature
+    return FrequencyTable.from_logits(weak_logits, inv_temperature=inv_t).cost_bits(token)

@@ -1,0 +1,510 @@
+"""Frames: everything the inner side uploads in one tick, as one arithmetic-coded message.
+
+Grammar of a coded frame (every symbol arithmetic-coded; probabilities fixed unless noted):
+
+    kind      flag        coded (P = 1 - 2**-16) or raw (a resend, see below)
+    admitted  flag        "no new streams" (P = 63/64); else admitted - 1 in 8 raw bits
+    counts    flag        "uniform" (P = 31/32): one n in 0..K for all streams, each stream
+                          then has min(n, its remaining) tokens, fewer if it ends with EOS;
+                          n is "same as the last frame's longest" (P = 3/4) or in raw bits;
+                          else one n_s per active stream from a fixed table
+    ends      flag        "no explicit end" (P = 63/64); else one flag per active stream
+    tokens    rounds      round r codes the r-th token of every stream that has one, in table
+                          order, with `coding.codec` (weak-model guess, hit flag, miss table);
+                          between rounds both sides feed the round's tokens to the weak model
+                          in one batched step, so both evaluate exactly the same batches
+    check     16 bits     crc32 of (frame number, decoded content), low 16 bits
+
+Stream identity comes from the shared `StreamTable`: no ids on the wire. The frame number
+is implicit (both sides count), and the check covers it, so a replayed, reordered or
+corrupted frame, or a decoder whose weak-model numbers differ from the encoder's, fails the
+check (or the coder's own canonical-message test) with probability about 1 - 2**-16.
+
+Recovery. A decoder that rejects frame F rolls its state back to before F, and from then on
+rejects every frame but a raw resend of F. The inner side, told so on the downlink, resends
+frames F, F+1, ... as raw frames: the same content with the frame number in 32 bits and
+every token in ceil(log2(vocabulary)) raw bits, no model involved. They cost more, and are
+metered like every other byte. Mismatches are counted on both sides.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from uplimit.coding.arith import ArithmeticDecoder, ArithmeticEncoder
+from uplimit.coding.calibration import FLAG_TOTAL, Calibration
+from uplimit.coding.codec import Prediction, decode_token, encode_token, predict
+from uplimit.coding.freqs import FrequencyTable
+from uplimit.errors import CodecError, ConfigError, DecodeMismatch
+from uplimit.models.base import Logits, SeqId, Session
+from uplimit.wire.streams import StreamSpec, StreamState, StreamTable
+
+CHECK_BITS = 16
+FRAME_NO_BITS = 32
+ADMIT_BITS = 8  # at most 2**8 streams admitted per frame: the inner admits more next tick
+
+# Probabilities of the rare branches, in units of 2**-16.
+_RAW = 1  # P(raw) = 2**-16: a coded frame pays 2e-5 bits for the escape
+_NONE_ADMITTED = FLAG_TOTAL - FLAG_TOTAL // 64
+_UNIFORM_COUNTS = FLAG_TOTAL - FLAG_TOTAL // 32
+_SAME_COUNT = FLAG_TOTAL * 3 // 4  # P(uniform count = the last uniform count)
+_NO_ENDS = FLAG_TOTAL - FLAG_TOTAL // 64
+_ENDS = FLAG_TOTAL // 16  # P(a given stream ended explicitly | some did)
+
+
+@dataclass(frozen=True)
+class FrameConfig:
+    max_tokens_per_stream: int = 16  # K: tokens one stream may carry in one frame
+    n_vocab: int = 151_936
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_tokens_per_stream <= 255:
+            raise ConfigError("max_tokens_per_stream must be in 1..255")
+
+    @property
+    def count_bits(self) -> int:
+        return self.max_tokens_per_stream.bit_length()
+
+    @property
+    def token_bits(self) -> int:
+        return (self.n_vocab - 1).bit_length()
+
+    def count_table(self) -> FrequencyTable:
+        """Per-stream counts when they are not uniform: mostly 0 (waiting) or K (full)."""
+        k = self.max_tokens_per_stream
+        counts = np.ones(k + 1, dtype=np.int64)
+        counts[0] = counts[k] = 4 * k
+        return FrequencyTable(counts, int(counts.sum()))
+
+
+@dataclass(frozen=True)
+class FrameContent:
+    """What one frame says, independent of how it was coded."""
+
+    admitted: int = 0
+    tokens: Mapping[int, tuple[int, ...]] = field(default_factory=dict)  # stream id -> tokens
+    ended: frozenset[int] = frozenset()  # streams the inner ended explicitly (after tokens)
+
+
+@dataclass
+class FrameStats:
+    frame_no: int
+    raw: bool
+    bytes: int
+    bits: int  # before padding
+    token_bits: float = 0.0  # ideal cost of the token symbols
+    tokens: int = 0
+    hits: int = 0
+
+
+class _WeakState:
+    """The weak model's sequences and latest logits, one per active stream."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.seq: dict[int, SeqId] = {}
+        self.logits: dict[int, Logits] = {}
+
+    def start(self, spec: StreamSpec) -> None:
+        self.seq[spec.stream_id], self.logits[spec.stream_id] = self.session.prefill(spec.prompt)
+
+    def feed(self, tokens: Mapping[int, int]) -> None:
+        """One batched step: each stream in `tokens` gets its next token."""
+        out = self.session.step({self.seq[s]: t for s, t in tokens.items()})
+        for s in tokens:
+            self.logits[s] = out[self.seq[s]]
+
+    def stop(self, stream_id: int) -> None:
+        self.session.drop(self.seq.pop(stream_id))
+        del self.logits[stream_id]
+
+    def mark(self) -> dict[int, tuple[int, Logits]]:
+        return {s: (self.session.length(q), self.logits[s]) for s, q in self.seq.items()}
+
+    def rollback(self, mark: dict[int, tuple[int, Logits]]) -> None:
+        """Return to `mark`: drop streams started since, truncate the others."""
+        for s in [s for s in self.seq if s not in mark]:
+            self.stop(s)
+        for s, (length, logits) in mark.items():
+            if self.session.length(self.seq[s]) > length:
+                self.session.truncate(self.seq[s], length)
+            self.logits[s] = logits
+
+
+def _check_value(frame_no: int, raw: bool, order: list[int], content: FrameContent) -> int:
+    """crc32 over a canonical serialization of everything the frame says."""
+    parts = [struct.pack("<QBH", frame_no, raw, content.admitted)]
+    for s in order:
+        toks = content.tokens.get(s, ())
+        parts.append(struct.pack(f"<B?{len(toks)}I", len(toks), s in content.ended, *toks))
+    return zlib.crc32(b"".join(parts)) & ((1 << CHECK_BITS) - 1)
+
+
+class _Coder:
+    """One direction of the frame grammar: the encoder passes values, the decoder gets them.
+
+    Writing the grammar once (in `_FrameSide._walk`) over this interface keeps the two
+    directions from drifting apart.
+    """
+
+    def flag(self, bit: bool | None, p_true: int) -> bool:
+        raise NotImplementedError
+
+    def uniform(self, value: int | None, n_bits: int) -> int:
+        raise NotImplementedError
+
+    def symbol(self, value: int | None, table: FrequencyTable) -> int:
+        raise NotImplementedError
+
+    def token(self, value: int | None, pred: Prediction) -> int:
+        raise NotImplementedError
+
+
+class _Writer(_Coder):
+    def __init__(self) -> None:
+        self.enc = ArithmeticEncoder()
+        self.token_bits = 0.0
+        self.hits = 0
+
+    def flag(self, bit: bool | None, p_true: int) -> bool:
+        assert bit is not None
+        self.enc.encode(0 if bit else p_true, p_true if bit else FLAG_TOTAL - p_true, FLAG_TOTAL)
+        return bit
+
+    def uniform(self, value: int | None, n_bits: int) -> int:
+        assert value is not None
+        self.enc.encode_uniform(value, n_bits)
+        return value
+
+    def symbol(self, value: int | None, table: FrequencyTable) -> int:
+        assert value is not None
+        self.enc.encode(*table.interval(value), table.total)
+        return value
+
+    def token(self, value: int | None, pred: Prediction) -> int:
+        assert value is not None
+        cost = encode_token(self.enc, value, pred)
+        self.token_bits += cost.bits
+        self.hits += cost.hit
+        return value
+
+
+class _Reader(_Coder):
+    def __init__(self, data: bytes) -> None:
+        self.dec = ArithmeticDecoder(data)
+
+    def flag(self, bit: bool | None, p_true: int) -> bool:
+        if self.dec.decode_target(FLAG_TOTAL) < p_true:
+            self.dec.consume(0, p_true, FLAG_TOTAL)
+            return True
+        self.dec.consume(p_true, FLAG_TOTAL - p_true, FLAG_TOTAL)
+        return False
+
+    def uniform(self, value: int | None, n_bits: int) -> int:
+        return self.dec.decode_uniform(n_bits)
+
+    def symbol(self, value: int | None, table: FrequencyTable) -> int:
+        s = table.symbol_at(self.dec.decode_target(table.total))
+        self.dec.consume(*table.interval(s), table.total)
+        return s
+
+    def token(self, value: int | None, pred: Prediction) -> int:
+        return decode_token(self.dec, pred)
+
+
+_Mark = tuple[
+    tuple[StreamSpec, ...], dict[int, StreamState], dict[int, tuple[int, bool]], dict, int
+]
+
+
+class _FrameSide:
+    """State and grammar shared by the encoder and the decoder."""
+
+    def __init__(
+        self,
+        weak_session: Session,
+        eos_ids: frozenset[int],
+        calibration: Calibration,
+        config: FrameConfig,
+    ) -> None:
+        self.table = StreamTable(eos_ids)
+        self.weak = _WeakState(weak_session)
+        self.calibration = calibration
+        self.config = config
+        self.frame_no = 0
+        self.last_count = 0  # tokens of the longest stream in the last frame: likely again
+        self.mismatches = 0
+
+    def add_stream(self, spec: StreamSpec) -> None:
+        self.table.add(spec)
+
+    def _walk(self, io: _Coder, content: FrameContent | None) -> FrameContent:
+        """Code one frame's symbols (after the kind flag), applying them to the state."""
+        enc = content is not None
+        admitted = 0
+        if not io.flag(None if not enc else content.admitted == 0, _NONE_ADMITTED):
+            admitted = io.uniform(None if not enc else content.admitted - 1, ADMIT_BITS) + 1
+        self._admit(admitted)
+        order = list(self.table.active)
+        counts = self._code_counts(io, order, content)
+        if not io.flag(None if not enc else not content.ended, _NO_ENDS):
+            ended = frozenset(
+                s for s in order if io.flag(None if not enc else s in content.ended, _ENDS)
+            )
+        else:
+            ended = frozenset()
+        tokens: dict[int, list[int]] = {s: [] for s in order}
+        for round_streams in self._rounds(order, counts):
+            fed: dict[int, int] = {}
+            for s in round_streams:
+                state = self.table.active[s]
+                want = content.tokens[s][len(tokens[s])] if enc else None
+                pred = predict(self.weak.logits[s], state.context(), self.calibration)
+                token = io.token(want, pred)
+                if not 0 <= token < self.config.n_vocab:
+                    raise CodecError(f"decoded token {token} outside the vocabulary")
+                tokens[s].append(token)
+                self.table.append_token(state, token)
+                if not state.finished:
+                    fed[s] = token
+            if fed:
+                self.weak.feed(fed)
+        # What the encoder's uniform n is (the longest stream's count), for raw frames too.
+        self.last_count = max(map(len, tokens.values()), default=0)
+        return FrameContent(admitted, {s: tuple(t) for s, t in tokens.items() if t}, ended)
+
+    def _admit(self, count: int) -> None:
+        if count > len(self.table.pending):
+            raise CodecError(f"frame admits {count} streams, {len(self.table.pending)} pending")
+        for state in self.table.admit(count):
+            self.weak.start(state.spec)
+
+    def _code_counts(
+        self, io: _Coder, order: list[int], content: FrameContent | None
+    ) -> dict[int, int]:
+        """How many tokens each active stream may carry (a stream stops early at EOS)."""
+        k = self.config.max_tokens_per_stream
+        remaining = {s: self.table.active[s].remaining for s in order}
+        uniform_n = None
+        if content is not None:
+            if any(len(t) > min(k, remaining.get(s, -1)) for s, t in content.tokens.items()):
+                raise ConfigError("frame content exceeds a stream's limit or names an unknown one")
+            uniform_n = _uniform_count(content, order, remaining, self.table.eos_ids, k)
+        if io.flag(None if content is None else uniform_n is not None, _UNIFORM_COUNTS):
+            if io.flag(None if content is None else uniform_n == self.last_count, _SAME_COUNT):
+                n = self.last_count
+            else:
+                n = io.uniform(uniform_n, self.config.count_bits)
+            if n > k:
+                raise CodecError(f"frame count {n} exceeds {k}")
+            return {s: min(n, remaining[s]) for s in order}
+        table = self.config.count_table()
+        counts = {}
+        for s in order:
+            want = None if content is None else len(content.tokens.get(s, ()))
+            counts[s] = io.symbol(want, table)
+            if counts[s] > remaining[s]:
+                raise CodecError(f"frame gives stream {s} more tokens than it may have")
+        return counts
+
+    def _rounds(self, order: list[int], counts: dict[int, int]) -> Iterator[list[int]]:
+        """Round r: the streams that still code an r-th token (not finished, count > r)."""
+        for r in range(max(counts.values(), default=0)):
+            streams = [s for s in order if counts[s] > r and not self.table.active[s].finished]
+            if not streams:
+                return
+            yield streams
+
+    def _mark(self) -> _Mark:
+        """Enough of the state to undo a frame that failed half-way."""
+        table = self.table
+        lengths = {s: (len(st.tokens), st.finished) for s, st in table.active.items()}
+        return (
+            tuple(table.pending),
+            dict(table.active),
+            lengths,
+            self.weak.mark(),
+            self.last_count,
+        )
+
+    def _rollback(self, mark: _Mark) -> None:
+        pending, active, lengths, weak, self.last_count = mark
+        self.table.pending.clear()
+        self.table.pending.extend(pending)
+        self.table.active = active
+        for s, (n, finished) in lengths.items():
+            del active[s].tokens[n:]
+            active[s].finished = finished
+        self.weak.rollback(weak)
+
+    def _retire(self, content: FrameContent) -> None:
+        """After a frame: streams that finished or were ended leave the table."""
+        for s in list(self.table.active):
+            if self.table.active[s].finished or s in content.ended:
+                self.table.remove(s)
+                if s in self.weak.seq:
+                    self.weak.stop(s)
+
+
+def _uniform_count(
+    content: FrameContent, order: list[int], remaining: dict[int, int], eos: frozenset[int], k: int
+) -> int | None:
+    """The n for which every stream has min(n, remaining) tokens or stops at EOS, if any."""
+    n = max((len(t) for t in content.tokens.values()), default=0)
+    for s in order:
+        toks = content.tokens.get(s, ())
+        full = len(toks) == min(n, remaining[s])
+        if not (full or (toks and toks[-1] in eos)):
+            return None
+    return n if n <= k else None
+
+
+class _RawReader(_Reader):
+    """Reads a raw resend: the same grammar, tokens as plain `token_bits`-bit numbers."""
+
+    def __init__(self, data: bytes, token_bits: int) -> None:
+        super().__init__(data)
+        self.token_bits = token_bits
+
+    def token(self, value: int | None, pred: Prediction) -> int:
+        return self.dec.decode_uniform(self.token_bits)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What the encoder keeps of a sent frame, to resend it raw."""
+
+    frame_no: int
+    order: tuple[int, ...]  # active streams after admission, in coding order
+    content: FrameContent
+
+
+class FrameEncoder(_FrameSide):
+    """Inner side: frame contents -> coded bytes, against the weak model."""
+
+    def __init__(self, *args: object, history: int = 256, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._history: dict[int, _Sent] = {}
+        self._history_limit = history
+
+    def encode(self, content: FrameContent) -> tuple[bytes, FrameStats]:
+        io = _Writer()
+        io.flag(False, _RAW)
+        mark = self._mark()
+        try:
+            coded = self._walk(io, content)
+            if coded != _normalized(content):
+                raise ConfigError("frame content is not consistent with the stream table")
+        except (CodecError, ConfigError, KeyError, IndexError) as e:
+            self._rollback(mark)
+            raise ConfigError(f"cannot encode frame {self.frame_no}: {e}") from e
+        order = list(self.table.active)
+        io.uniform(_check_value(self.frame_no, False, order, coded), CHECK_BITS)
+        n_bits = io.enc.n_bits
+        data = io.enc.finish()
+        stats = FrameStats(
+            self.frame_no,
+            False,
+            len(data),
+            n_bits,
+            io.token_bits,
+            sum(len(t) for t in coded.tokens.values()),
+            io.hits,
+        )
+        self._history[self.frame_no] = _Sent(self.frame_no, tuple(order), coded)
+        self._history.pop(self.frame_no - self._history_limit, None)
+        self._retire(coded)
+        self.frame_no += 1
+        return data, stats
+
+    def resend(self, first: int) -> list[bytes]:
+        """Raw copies of frames `first` .. latest, after the decoder rejected `first`."""
+        if first not in self._history and first != self.frame_no:
+            raise ConfigError(f"frame {first} is not in the resend history")
+        self.mismatches += 1
+        return [self._raw(self._history[n]) for n in range(first, self.frame_no)]
+
+    def _raw(self, sent: _Sent) -> bytes:
+        """Mirror of `_walk` as `_RawReader` reads it: counts per stream, tokens in raw bits."""
+        io, c, order = _Writer(), sent.content, sent.order
+        io.flag(True, _RAW)
+        io.uniform(sent.frame_no, FRAME_NO_BITS)
+        if not io.flag(c.admitted == 0, _NONE_ADMITTED):
+            io.uniform(c.admitted - 1, ADMIT_BITS)
+        io.flag(False, _UNIFORM_COUNTS)
+        table = self.config.count_table()
+        for s in order:
+            io.symbol(len(c.tokens.get(s, ())), table)
+        if not io.flag(not c.ended, _NO_ENDS):
+            for s in order:
+                io.flag(s in c.ended, _ENDS)
+        for r in range(max((len(t) for t in c.tokens.values()), default=0)):
+            for s in order:
+                if len(c.tokens.get(s, ())) > r:
+                    io.uniform(c.tokens[s][r], self.config.token_bits)
+        io.uniform(_check_value(sent.frame_no, True, list(order), c), CHECK_BITS)
+        return io.enc.finish()
+
+
+def _normalized(content: FrameContent) -> FrameContent:
+    tokens = {s: tuple(t) for s, t in content.tokens.items() if t}
+    return FrameContent(content.admitted, tokens, frozenset(content.ended))
+
+
+class FrameDecoder(_FrameSide):
+    """Outer side: coded bytes -> frame contents, or DecodeMismatch with state rolled back."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.awaiting_resend: int | None = None
+        self.rejected = 0  # frames dropped while waiting for a resend
+
+    def decode(self, data: bytes) -> tuple[FrameContent, FrameStats]:
+        """Decode and apply one frame.
+
+        Raises DecodeMismatch (state unchanged, `awaiting_resend` set to the frame number the
+        inner side must resend from) if the frame fails any check.
+        """
+        mark = self._mark()
+        try:
+            content, raw = self._decode(data)
+        except (CodecError, ConfigError) as e:
+            self._rollback(mark)
+            if self.awaiting_resend is None:
+                self.mismatches += 1
+                self.awaiting_resend = self.frame_no
+            else:
+                self.rejected += 1
+            raise DecodeMismatch(f"frame {self.frame_no} rejected: {e}") from e
+        self._retire(content)
+        stats = FrameStats(self.frame_no, raw, len(data), 8 * len(data))
+        stats.tokens = sum(len(t) for t in content.tokens.values())
+        self.awaiting_resend = None
+        self.frame_no += 1
+        return content, stats
+
+    def _decode(self, data: bytes) -> tuple[FrameContent, bool]:
+        io: _Reader = _Reader(data)
+        raw = io.flag(None, _RAW)
+        if raw:
+            io = _RawReader(data, self.config.token_bits)
+            io.flag(None, _RAW)
+            number = io.uniform(None, FRAME_NO_BITS)
+            if number != self.frame_no:
+                raise CodecError(f"raw frame {number} where frame {self.frame_no} was expected")
+        elif self.awaiting_resend is not None:
+            raise CodecError(f"waiting for a raw resend of frame {self.awaiting_resend}")
+        content = self._walk(io, None)
+        check = io.uniform(None, CHECK_BITS)
+        if check != _check_value(self.frame_no, raw, list(self.table.active), content):
+            raise CodecError("integrity check failed")
+        io.dec.finish()
+        return content, raw
+
+    def _order_of(self, content: FrameContent) -> list[int]:
+        return list(self.table.active)

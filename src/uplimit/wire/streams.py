@@ -1,0 +1,88 @@
+"""The active-stream table that both sides keep, so that frames need no stream ids.
+
+The outer side creates streams (one per request candidate) and sends their specs down in
+creation order; both sides append them to `pending`. Only the inner side changes which
+streams are active, and it says so inside frames: "admit the next k pending streams",
+"these streams ended". A stream also ends, on both sides without a word, when it emits an
+end-of-sequence token or reaches its `max_tokens`. Both sides apply the same changes in the
+same order, so "the i-th active stream" means the same stream on both.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from uplimit.coding.codec import StepContext
+from uplimit.coding.sampling import SamplingParams
+from uplimit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the outer side sent down for one stream."""
+
+    stream_id: int
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    max_tokens: int
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ConfigError("a stream needs a non-empty prompt")
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.seed < 1 << 64:
+            raise ConfigError("seed must be in [0, 2**64)")
+
+
+@dataclass
+class StreamState:
+    spec: StreamSpec
+    tokens: list[int] = field(default_factory=list)  # coded so far
+    finished: bool = False  # emitted an end-of-sequence token or reached max_tokens
+
+    @property
+    def remaining(self) -> int:
+        return 0 if self.finished else self.spec.max_tokens - len(self.tokens)
+
+    def context(self) -> StepContext:
+        return StepContext(self.spec.params, self.spec.seed, len(self.tokens))
+
+
+class StreamTable:
+    """Pending and active streams, in the order both sides agree on."""
+
+    def __init__(self, eos_ids: Iterable[int]) -> None:
+        self.eos_ids = frozenset(eos_ids)
+        self.pending: deque[StreamSpec] = deque()
+        self.active: dict[int, StreamState] = {}  # insertion order = coding order
+        self._ids: set[int] = set()
+
+    def add(self, spec: StreamSpec) -> None:
+        if spec.stream_id in self._ids:
+            raise ConfigError(f"stream {spec.stream_id} was already added")
+        self._ids.add(spec.stream_id)
+        self.pending.append(spec)
+
+    def admit(self, count: int) -> list[StreamState]:
+        if count > len(self.pending):
+            raise ConfigError(f"cannot admit {count} streams: {len(self.pending)} pending")
+        admitted = [StreamState(self.pending.popleft()) for _ in range(count)]
+        for state in admitted:
+            self.active[state.spec.stream_id] = state
+        return admitted
+
+    def peek_pending(self, count: int) -> Sequence[StreamSpec]:
+        return [self.pending[i] for i in range(min(count, len(self.pending)))]
+
+    def append_token(self, state: StreamState, token: int) -> None:
+        """Record a coded token; the stream finishes on end-of-sequence or at max_tokens."""
+        state.tokens.append(token)
+        if token in self.eos_ids or len(state.tokens) >= state.spec.max_tokens:
+            state.finished = True
+
+    def remove(self, stream_id: int) -> StreamState:
+        return self.active.pop(stream_id)

@@ -1,0 +1,175 @@
+"""Fixtures shared by all tests.
+
+Model fixtures import torch lazily, so tests that need no model do not pay for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from uplimit.models.hf import HFModel
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(strong_dir, weak_dir) of the tiny test pair, built once per run (well under a second)."""
+    import torch
+
+    from uplimit.models.tiny import build_tiny_pair
+
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    # spin-waiting made each step ~50x slower (55 ms instead of 1 ms).
+    torch.set_num_threads(1)
+    return build_tiny_pair(tmp_path_factory.mktemp("tiny-pair"))
+
+
+@pytest.fixture(scope="session")
+def tiny_strong(tiny_pair_dirs: tuple[Path, Path]) -> Iterator[HFModel]:
+    from uplimit.models.hf import HFModel
+
+    model = HFModel(tiny_pair_dirs[0])
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_weak(tiny_pair_dirs: tuple[Path, Path]) -> Iterator[HFModel]:
+    from uplimit.models.hf import HFModel
+
+    model = HFModel(tiny_pair_dirs[1])
+    yield model
+    model.close()
+
+
+# --- link layer: ledger backends, a throwaway PostgreSQL server, the kernel meter -----------
+# Self-contained: imports are local so this block can move or go without touching the rest.
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_bindir() -> Path | None:
+    import glob
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: p.split("/")[4])
+    return Path(versions[-1]).parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server (Debian's binaries) on 127.0.0.1 and a random port.
+
+    Runs as user `postgres` when we are root (the server refuses root); fsync stays on, as a
+    ledger requires. Stopped and deleted at the end of the session.
+    """
+    import os
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install psycopg)")
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="uplimit-pg-"))
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(root)
+            pytest.skip("running as root and there is no `postgres` user to run the server")
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", _free_port()
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run(
+            [*as_user, str(bindir / tool), *args], check=True, capture_output=True, timeout=120
+        )
+
+    try:
+        pg("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root}"
+        pg("pg_ctl", "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "start")
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"could not start PostgreSQL: {e.stderr.decode(errors='replace')}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class LedgerTarget:
+    """Where one test's ledger lives. Each `open` is a new connection: closing one and opening
+    another is a restart; opening several is several links (or threads) sharing a budget."""
+
+    def __init__(self, kind: str, where: str, name: str) -> None:
+        self.kind, self.where, self.name = kind, where, name
+        self._opened: list = []
+
+    def open(self, budgets=None, **kwargs):
+        from uplimit.link.ledger import open_ledger
+
+        ledger = open_ledger(self.where, budgets, name=self.name, **kwargs)
+        self._opened.append(ledger)
+        return ledger
+
+    def close_all(self) -> None:
+        for ledger in self._opened:
+            ledger.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
+    """A fresh budget on SQLite (a file) and on PostgreSQL (a new budget name, same server)."""
+    import uuid
+
+    if request.param == "postgres":
+        where = request.getfixturevalue("postgres_url")
+    else:
+        where = str(tmp_path / "ledger.db")
+    target = LedgerTarget(request.param, where, f"test-{uuid.uuid4().hex[:12]}")
+    yield target
+    target.close_all()
+
+
+@pytest.fixture
+def kernel_meter() -> Iterator:
+    """factory(quota_bytes) -> a created `KernelMeter` in namespace uplimit-test-<hex>, torn down
+    after the test, pass or fail. Skips, saying why, where there is no root or no nft."""
+    import uuid
+
+    from uplimit.link.kernel import KernelMeter, available
+
+    can = available()
+    if not can.ok:
+        pytest.skip(f"kernel meter unavailable: {can.reason}")
+    made: list[KernelMeter] = []
+
+    def make(quota_bytes: int) -> KernelMeter:
+        meter = KernelMeter(f"test-{uuid.uuid4().hex[:5]}", quota_bytes)
+        made.append(meter)
+        meter.create()
+        return meter
+
+    yield make
+    for meter in made:
+        meter.teardown()

@@ -18,6 +18,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,19 @@ class Calibration:
         data = asdict(self)
         data.pop("note")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def for_pair(strong_sha256: str, weak_sha256: str) -> Calibration:
+    """The calibration shipped for this model pair, or uninformed defaults if none is."""
+    name = calibration_name(strong_sha256, weak_sha256)
+    shipped = resources.files("uplimit.coding").joinpath("calibrations", name)
+    if shipped.is_file():
+        return Calibration.from_json(shipped.read_text())
+    return Calibration()
+
+
+def calibration_name(strong_sha256: str, weak_sha256: str) -> str:
+    return f"strong-{strong_sha256[:16]}_weak-{weak_sha256[:16]}.json"
 
 
 def _flag(raw: dict) -> FlagModel:

@@ -1,0 +1,174 @@
+"""Seeded sampling is exact; the token codec round-trips and costs what it says."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from uplimit.coding.arith import ArithmeticDecoder, ArithmeticEncoder
+from uplimit.coding.calibration import Calibration, FlagModel, fit_flag
+from uplimit.coding.codec import StepContext, decode_token, encode_token, predict
+from uplimit.coding.noise import gumbel, position_key, uniforms
+from uplimit.coding.sampling import SamplingParams, sample, support
+from uplimit.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_logits(tiny_strong, tiny_weak):
+    """Next-token logits of both tiny models after a short chat prompt."""
+    prompt = tiny_strong.chat_tokens([{"role": "user", "content": "def total(values):"}])
+    with tiny_strong.session(1, 256) as s, tiny_weak.session(1, 256) as w:
+        return s.prefill(prompt)[1], w.prefill(prompt)[1]
+
+
+def test_uniforms_are_a_pure_function_of_seed_position_token():
+    tokens = np.arange(1000, dtype=np.int64)
+    a = uniforms(7, 3, tokens)
+    assert np.array_equal(a, uniforms(7, 3, tokens))
+    assert np.array_equal(a[[5, 900]], uniforms(7, 3, np.array([5, 900])))  # random access
+    assert not np.array_equal(a, uniforms(7, 4, tokens))
+    assert not np.array_equal(a, uniforms(8, 3, tokens))
+    assert a.min() > 0.0 and a.max() < 1.0
+
+
+def test_uniforms_look_uniform():
+    u = uniforms(12345, 0, np.arange(200_000, dtype=np.int64))
+    # Kolmogorov-Smirnov distance: the 0.999 critical value for n=200k is about 0.0044
+    ks = np.abs(np.sort(u) - (np.arange(u.size) + 0.5) / u.size).max()
+    assert ks < 0.0044
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.01
+
+
+def test_position_keys_reject_bad_input():
+    with pytest.raises(ValueError):
+        position_key(-1, 0)
+    with pytest.raises(ValueError):
+        position_key(1 << 64, 0)
+    with pytest.raises(ValueError):
+        position_key(0, -1)
+
+
+def _chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Upper tail of a chi-square test, cells with expected count < 5 pooled."""
+    from scipy.stats import chi2
+
+    big = expected >= 5
+    obs = np.append(observed[big], observed[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    assert keep.sum() >= 3, "too few cells for a meaningful test"
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    return float(chi2.sf(stat, keep.sum() - 1))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=1.3, top_k=20),
+    ],
+)
+def test_gumbel_max_samples_the_strong_distribution_exactly(tiny_logits, params):
+    """Users get exact samples of softmax(logits / T) over the top-k/top-p support."""
+    # The tiny model is very sure of itself (p_top ~ 0.99); flattened, its logits give many
+    # tokens enough mass for a chi-square test to see a biased sampler.
+    logits = (tiny_logits[0] * 0.2).astype(np.float32)
+    draws = 20_000
+    counts = np.zeros(logits.size)
+    for seed in range(draws):
+        counts[sample(logits, params, gumbel(seed, 0, logits.size))] += 1
+    allowed = support(logits, params)
+    p = np.exp(logits.astype(np.float64) / params.temperature)
+    p[np.setdiff1d(np.arange(logits.size), allowed)] = 0.0
+    p /= p.sum()
+    assert counts[p == 0].sum() == 0, "sampled outside the support"
+    assert _chi_square_p(counts, p * draws) > 1e-4
+
+
+def test_support_is_top_k_then_top_p(tiny_logits):
+    logits = tiny_logits[0]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    nucleus = support(logits, SamplingParams(temperature=1.0, top_p=0.5))
+    cut = int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1
+    assert list(nucleus) == list(order[:cut])
+    assert list(support(logits, SamplingParams(temperature=1.0, top_k=3))) == list(order[:3])
+    assert support(logits, SamplingParams(temperature=1.0)).size == logits.size
+
+
+def test_sampling_params_are_validated():
+    for bad in ({"temperature": -0.1}, {"temperature": math.nan}, {"top_p": 0.0},
+                {"top_p": 1.5}, {"top_k": -1}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            SamplingParams(**bad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    temperature=st.sampled_from([0.0, 0.5, 1.0, 1.5]),
+    top_p=st.sampled_from([1.0, 0.8]),
+    seed=st.integers(0, 2**64 - 1),
+    tokens=st.lists(st.integers(0, 10_000), min_size=1, max_size=12),
+)
+def test_token_codec_round_trips_and_costs_what_it_reports(
+    tiny_logits, temperature, top_p, seed, tokens
+):
+    """Random tokens (likely or not), each against the weak logits at its own position."""
+    weak = tiny_logits[1]
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    calibration = Calibration()
+    tokens = [t % weak.size for t in tokens]
+    enc = ArithmeticEncoder()
+    ideal = 0.0
+    for position, token in enumerate(tokens):
+        pred = predict(weak, StepContext(params, seed, position), calibration)
+        ideal += encode_token(enc, token, pred).bits
+    n_bits = enc.n_bits
+    data = enc.finish()
+    assert n_bits <= ideal * 1.01 + 2
+    dec = ArithmeticDecoder(data)
+    decoded = [
+        decode_token(dec, predict(weak, StepContext(params, seed, p), calibration))
+        for p in range(len(tokens))
+    ]
+    dec.finish()
+    assert decoded == tokens
+
+
+def test_coupling_makes_the_weak_guess_hit_when_the_models_agree(tiny_logits):
+    """Same logits on both sides: the guess is always the sampled token (cost ~0)."""
+    strong = tiny_logits[0]
+    params = SamplingParams(temperature=1.0)
+    for seed in range(50):
+        ctx = StepContext(params, seed, 0)
+        noise = ctx.noise(strong.size)
+        pred = predict(strong, ctx, Calibration(), noise)
+        assert pred.guess == sample(strong, params, noise)
+
+
+def test_fit_flag_is_monotone_and_never_certain():
+    rng = np.random.default_rng(0)
+    margins = rng.uniform(-1, 12, 5000)
+    hits = rng.random(5000) < 1 / (1 + np.exp(-margins))
+    flag = fit_flag(margins.tolist(), hits.tolist())
+    assert list(flag.hit_counts) == sorted(flag.hit_counts)
+    assert min(flag.hit_counts) >= 1 and max(flag.hit_counts) <= 65535
+    assert flag.hit_count(10.0) > flag.hit_count(0.1)
+
+
+def test_calibration_json_round_trip_and_digest():
+    cal = Calibration(greedy_miss_scale=0.8, note="x")
+    again = Calibration.from_json(cal.to_json())
+    assert again == cal
+    assert again.digest() == Calibration(greedy_miss_scale=0.8, note="y").digest()
+    assert cal.digest() != Calibration().digest()
+    with pytest.raises(ConfigError):
+        Calibration.from_json('{"greedy_flag": 1}')
+    with pytest.raises(ConfigError):
+        FlagModel((1.0, 0.5), (1, 2, 3))

@@ -1,0 +1,246 @@
+"""Frames round-trip exactly, or are rejected and recovered; nothing wrong is ever delivered."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from uplimit.coding.calibration import Calibration
+from uplimit.coding.sampling import SamplingParams
+from uplimit.errors import ConfigError, DecodeMismatch
+from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
+from uplimit.wire.streams import StreamSpec
+
+K = 6  # tokens per stream per frame
+PROMPTS = ["def total(values):", "Hello!", "Explain recursion.", "x = [1, 2, 3]", "café ✓"]
+
+
+@contextmanager
+def link(encoder_model, decoder_model, specs, k=K) -> Iterator[tuple[FrameEncoder, FrameDecoder]]:
+    config = FrameConfig(k, encoder_model.info.n_vocab)
+    n = max(len(specs), 1)
+    with encoder_model.session(n, 512) as es, decoder_model.session(n, 512) as ds:
+        enc = FrameEncoder(es, encoder_model.info.eos_ids, Calibration(), config)
+        dec = FrameDecoder(ds, decoder_model.info.eos_ids, Calibration(), config)
+        for spec in specs:
+            enc.add_stream(spec)
+            dec.add_stream(spec)
+        yield enc, dec
+
+
+def make_specs(model, n, rng, max_tokens=20) -> list[StreamSpec]:
+    specs = []
+    for i in range(n):
+        params = SamplingParams(
+            temperature=rng.choice([0.0, 0.0, 0.7, 1.0]),
+            top_p=rng.choice([1.0, 0.9]),
+            top_k=rng.choice([0, 0, 5]),
+        )
+        prompt = model.chat_tokens([{"role": "user", "content": rng.choice(PROMPTS)}])
+        specs.append(StreamSpec(i, tuple(prompt), params, rng.getrandbits(64), max_tokens))
+    return specs
+
+
+def schedule(specs, rng, eos, n_vocab) -> list[FrameContent]:
+    """A random but valid sequence of frames: streams join late, counts vary, some streams end
+    by EOS, by max_tokens or explicitly, and tokens are random ids (likely or not)."""
+    frames, pending, active, length = [], list(range(len(specs))), [], {}
+    while pending or active:
+        admitted = rng.randint(0, len(pending)) if active else max(1, rng.randint(0, len(pending)))
+        for s in pending[:admitted]:
+            active.append(s)
+            length[s] = 0
+        pending = pending[admitted:]
+        tokens, ended = {}, set()
+        uniform = rng.random() < 0.5
+        n_all = rng.randint(0, K)
+        for s in active:
+            room = specs[s].max_tokens - length[s]
+            n = min(n_all if uniform else rng.randint(0, K), room)
+            toks = []
+            for _ in range(n):
+                t = rng.choice(sorted(eos)) if rng.random() < 0.03 else rng.randrange(n_vocab)
+                toks.append(t)
+                if t in eos:
+                    break
+            if toks:
+                tokens[s] = tuple(toks)
+            length[s] += len(toks)
+            finished = (toks and toks[-1] in eos) or length[s] >= specs[s].max_tokens
+            if not finished and rng.random() < 0.05:
+                ended.add(s)
+        frames.append(FrameContent(admitted, tokens, frozenset(ended)))
+        active = [
+            s for s in active
+            if s not in ended
+            and not (s in tokens and tokens[s][-1] in eos)
+            and length[s] < specs[s].max_tokens
+        ]  # fmt: skip
+    return frames
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_streams=st.integers(1, 5))
+def test_random_schedules_round_trip(tiny_weak, seed, n_streams):
+    rng = random.Random(seed)
+    specs = make_specs(tiny_weak, n_streams, rng)
+    frames = schedule(specs, rng, tiny_weak.info.eos_ids, tiny_weak.info.n_vocab)
+    with link(tiny_weak, tiny_weak, specs) as (enc, dec):
+        for content in frames:
+            data, stats = enc.encode(content)
+            decoded, _ = dec.decode(data)
+            assert decoded == content
+            assert stats.bits <= 8 * len(data) < stats.bits + 8
+        assert not enc.table.active and not dec.table.active
+        assert not enc.table.pending and not dec.table.pending
+
+
+def likely_frames(strong, specs, k=K) -> list[FrameContent]:
+    """Frames of real generations of the tiny strong model (mostly likely tokens)."""
+    from uplimit.inner.generate import Request, generate
+
+    gens, _ = generate(
+        strong,
+        [Request(s.prompt, s.params, s.seed, s.max_tokens) for s in specs],
+        max_context=512,
+    )
+    out = []
+    for start in range(0, max(len(g.tokens) for g in gens), k):
+        tokens = {i: tuple(g.tokens[start : start + k]) for i, g in enumerate(gens)}
+        out.append(
+            FrameContent(len(specs) if start == 0 else 0, {i: t for i, t in tokens.items() if t})
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_strong, tiny_weak):
+    specs = make_specs(tiny_weak, 4, random.Random(1), max_tokens=30)
+    return specs, likely_frames(tiny_strong, specs)
+
+
+def test_every_single_bit_flip_is_rejected_or_harmless(tiny_weak, scenario):
+    """No corrupted frame is ever delivered with different content."""
+    specs, frames = scenario
+    with link(tiny_weak, tiny_weak, specs) as (enc, _):
+        encoded = [enc.encode(c)[0] for c in frames]
+    target = 1
+    flips = 0
+    for bit in range(8 * len(encoded[target])):
+        corrupt = bytearray(encoded[target])
+        corrupt[bit // 8] ^= 1 << (bit % 8)
+        with link(tiny_weak, tiny_weak, specs) as (_, dec):
+            dec.decode(encoded[0])
+            try:
+                decoded, _ = dec.decode(bytes(corrupt))
+            except DecodeMismatch:
+                flips += 1
+                assert dec.awaiting_resend == target
+                continue
+            assert decoded == frames[target], f"bit {bit}: wrong content delivered"
+    assert flips == 8 * len(encoded[target])  # the canonical-message check catches them all
+
+
+@pytest.mark.parametrize("damage", ["truncate", "append", "replay", "swap", "empty"])
+def test_malformed_frames_are_rejected_and_state_is_kept(tiny_weak, scenario, damage):
+    specs, frames = scenario
+    with link(tiny_weak, tiny_weak, specs) as (enc, dec):
+        encoded = [enc.encode(c)[0] for c in frames]
+        dec.decode(encoded[0])
+        bad = {
+            "truncate": encoded[1][:-1],
+            "append": encoded[1] + b"\x01",
+            "replay": encoded[0],
+            "swap": encoded[2],
+            "empty": b"",
+        }[damage]
+        before = {s: list(st.tokens) for s, st in dec.table.active.items()}
+        with pytest.raises(DecodeMismatch):
+            dec.decode(bad)
+        assert {s: list(st.tokens) for s, st in dec.table.active.items()} == before
+        assert dec.mismatches == 1
+
+
+def test_resend_recovers_after_a_rejected_frame(tiny_weak, scenario):
+    specs, frames = scenario
+    with link(tiny_weak, tiny_weak, specs) as (enc, dec):
+        encoded = [enc.encode(c)[0] for c in frames]
+        dec.decode(encoded[0])
+        corrupt = bytearray(encoded[1])
+        corrupt[0] ^= 0x80
+        with pytest.raises(DecodeMismatch):
+            dec.decode(bytes(corrupt))
+        # Frames already in flight are refused until the resend arrives...
+        with pytest.raises(DecodeMismatch):
+            dec.decode(encoded[2])
+        assert dec.rejected == 1
+        # ...then the raw copies of frames 1.. bring the decoder back in step,
+        resent = enc.resend(dec.awaiting_resend)
+        assert len(resent) == len(frames) - 1
+        got = [dec.decode(r)[0] for r in resent]
+        assert got == frames[1:]
+        assert sum(map(len, resent)) > sum(map(len, encoded[1:]))  # raw costs more
+        assert enc.mismatches == 1 and dec.mismatches == 1
+
+
+def test_a_decoder_with_a_different_weak_model_is_detected(tiny_strong, tiny_weak, scenario):
+    """The derailment the integrity check exists for: the sides' models disagree."""
+    specs, frames = scenario
+    with link(tiny_weak, tiny_strong, specs) as (enc, dec):
+        rejected = 0
+        for content in frames:
+            data, _ = enc.encode(content)
+            if dec.awaiting_resend is not None:
+                continue
+            try:
+                decoded, _ = dec.decode(data)
+                assert decoded == content
+            except DecodeMismatch:
+                rejected += 1
+        assert rejected == 1 and dec.mismatches == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        FrameContent(admitted=9),  # more than pending
+        FrameContent(admitted=4, tokens={0: tuple(range(K + 1))}),  # over K
+        FrameContent(admitted=4, tokens={7: (1,)}),  # unknown stream
+        FrameContent(admitted=4, ended=frozenset({7})),  # unknown stream ended
+    ],
+)
+def test_encoder_rejects_inconsistent_content_without_changing_state(tiny_weak, scenario, content):
+    specs, frames = scenario
+    with link(tiny_weak, tiny_weak, specs) as (enc, dec):
+        with pytest.raises(ConfigError):
+            enc.encode(content)
+        assert enc.frame_no == 0 and len(enc.table.pending) == len(specs)
+        data, _ = enc.encode(frames[0])  # still usable
+        assert dec.decode(data)[0] == frames[0]
+
+
+def test_tokens_after_end_of_sequence_are_refused(tiny_weak, scenario):
+    specs, _ = scenario
+    eos = min(tiny_weak.info.eos_ids)
+    with link(tiny_weak, tiny_weak, specs[:1]) as (enc, _), pytest.raises(ConfigError):
+        enc.encode(FrameContent(admitted=1, tokens={0: (5, eos, 6)}))
+
+
+def test_frame_overhead_is_small_for_many_streams(tiny_strong, tiny_weak):
+    """64 streams x 6 tokens: headers, counts, check and termination stay a few dozen bits."""
+    rng = random.Random(3)
+    specs = make_specs(tiny_weak, 64, rng, max_tokens=12)
+    frames = likely_frames(tiny_strong, specs)
+    overheads = []
+    with link(tiny_weak, tiny_weak, specs) as (enc, dec):
+        for content in frames:
+            data, stats = enc.encode(content)
+            assert dec.decode(data)[0] == content
+            overheads.append(8 * len(data) - stats.token_bits)
+    # 16 check bits, <= 1 termination bit, < 8 padding bits, the rest a few flags
+    assert len(overheads) >= 2 and max(overheads) < 40

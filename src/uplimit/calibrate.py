@@ -1,0 +1,149 @@
+"""`uplimit calibrate`: fit the coder's calibration for a model pair on training prompts.
+
+For each temperature, the strong model answers the training prompts; the weak model is run
+along every answer, one token per step as the codec runs it; at every position we record
+the decoder's view: its guess's margin, whether the guess hit, and on a miss the cost of the
+true token under each candidate miss scale. Then `Calibration` gets, per regime (T = 0 and
+T > 0), the hit probability as a monotone step function of the margin and the miss scale
+with the lowest total cost. Fitting is in floating point: only its output, a JSON file of
+integers and a few floats, must be identical on both sides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from uplimit.coding.calibration import Calibration, fit_flag
+from uplimit.coding.codec import StepContext, predict
+from uplimit.coding.sampling import SamplingParams
+from uplimit.inner.generate import Request, generate
+from uplimit.models.base import LanguageModel
+from uplimit.prompts import Prompt
+
+Progress = Callable[[str, int, int], None]
+MISS_SCALES = tuple(round(0.2 * 1.2**i, 4) for i in range(16))  # 0.2 .. 3.1
+
+
+@dataclass
+class Observations:
+    """The decoder's view at every position of the training answers, for one regime."""
+
+    margins: list[float] = field(default_factory=list)
+    hits: list[bool] = field(default_factory=list)
+    miss_costs: list[np.ndarray] = field(default_factory=list)  # bits per MISS_SCALES entry
+
+    def add(self, margin: float, hit: bool, miss_cost: np.ndarray | None) -> None:
+        self.margins.append(margin)
+        self.hits.append(hit)
+        if miss_cost is not None:
+            self.miss_costs.append(miss_cost)
+
+
+def miss_costs(scores: np.ndarray, guess: int, token: int) -> np.ndarray:
+    """-log2 softmax(scale * scores)[token] over all tokens but the guess, for each scale."""
+    out = np.empty(len(MISS_SCALES))
+    rest = scores.copy()
+    rest[guess] = -np.inf
+    top = rest.max()
+    for i, scale in enumerate(MISS_SCALES):
+        x = scale * (rest - top)
+        out[i] = (math.log(np.exp(x).sum()) - x[token]) / math.log(2)
+    return out
+
+
+def observe(
+    strong: LanguageModel,
+    weak: LanguageModel,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
+    max_tokens: int,
+    seed: int,
+    progress: Progress,
+) -> Observations:
+    requests = [
+        Request(tuple(strong.chat_tokens(p.messages)), params, seed + i, max_tokens)
+        for i, p in enumerate(prompts)
+    ]
+    context = max(len(r.prompt) for r in requests) + max_tokens + 1
+    label = f"T={params.temperature}"
+    gens, _ = generate(
+        strong,
+        requests,
+        max_context=context,
+        on_step=lambda n: progress(f"{label}: strong answers", n, len(requests) * max_tokens),
+    )
+    obs = Observations()
+    neutral = Calibration()  # the guess and margin do not depend on the calibration
+    with weak.session(len(requests), context) as session:
+        live = {}
+        for i, r in enumerate(requests):
+            seq, logits = session.prefill(r.prompt)
+            live[i] = (seq, logits)
+        position = 0
+        done = 0
+        while live:
+            feed = {}
+            for i, (seq, logits) in list(live.items()):
+                tokens = gens[i].tokens
+                token = tokens[position]
+                ctx = StepContext(params, requests[i].seed, position)
+                pred = predict(logits, ctx, neutral)
+                hit = token == pred.guess
+                obs.add(
+                    pred.margin, hit, None if hit else miss_costs(pred.scores, pred.guess, token)
+                )
+                done += 1
+                if position + 1 < len(tokens):
+                    feed[seq] = token
+                else:
+                    del live[i]
+                    session.drop(seq)
+            if feed:
+                out = session.step(feed)
+                for i, (seq, _) in list(live.items()):
+                    live[i] = (seq, out[seq])
+            position += 1
+            progress(f"{label}: weak model's view", done, sum(len(g.tokens) for g in gens))
+    return obs
+
+
+@dataclass(frozen=True)
+class FitReport:
+    regime: str
+    tokens: int
+    hit_rate: float
+    miss_scale: float
+    bits_per_token: float  # on the training data, with the fitted calibration (ideal code)
+
+
+def fit(
+    greedy: Observations, sampled: Observations, note: str
+) -> tuple[Calibration, list[FitReport]]:
+    flags, scales, reports = {}, {}, []
+    for regime, obs in (("greedy", greedy), ("sampled", sampled)):
+        flag = fit_flag(obs.margins, obs.hits)
+        totals = np.sum(obs.miss_costs, axis=0) if obs.miss_costs else np.zeros(len(MISS_SCALES))
+        best = int(np.argmin(totals))
+        flag_bits = sum(
+            -math.log2((c if h else 65536 - c) / 65536)
+            for m, h in zip(obs.margins, obs.hits, strict=True)
+            for c in (flag.hit_count(m),)
+        )
+        n = len(obs.hits)
+        flags[regime], scales[regime] = flag, MISS_SCALES[best]
+        reports.append(
+            FitReport(regime, n, sum(obs.hits) / max(n, 1), MISS_SCALES[best],
+                      (flag_bits + float(totals[best])) / max(n, 1))
+        )  # fmt: skip
+    calibration = Calibration(
+        greedy_flag=flags["greedy"],
+        greedy_miss_scale=scales["greedy"],
+        sampled_flag=flags["sampled"],
+        sampled_miss_scale=scales["sampled"],
+        note=note,
+    )
+    return calibration, reports

@@ -21,8 +21,8 @@ import numpy.typing as npt
 from uplimit.coding.arith import ArithmeticDecoder, ArithmeticEncoder
 from uplimit.coding.calibration import FLAG_BITS, FLAG_TOTAL, Calibration
 from uplimit.coding.freqs import FrequencyTable
-from uplimit.coding.noise import gumbel
-from uplimit.coding.sampling import SamplingParams, perturbed_scores, support
+from uplimit.coding.noise import EULER_GAMMA, PositionNoise
+from uplimit.coding.sampling import SamplingParams, support
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,10 @@ class StepContext:
     seed: int
     position: int  # index of the token among the generated ones (0 = first)
 
-    def noise(self, n_vocab: int) -> npt.NDArray[np.float64] | None:
+    def noise(self, n_vocab: int) -> PositionNoise | None:
         if self.params.greedy:
             return None
-        return gumbel(self.seed, self.position, n_vocab)
+        return PositionNoise.draw(self.seed, self.position, n_vocab)
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,25 @@ def predict(
     weak_logits: npt.NDArray[np.float32],
     ctx: StepContext,
     calibration: Calibration,
-    noise: npt.NDArray[np.float64] | None = None,
+    noise: PositionNoise | None = None,
 ) -> Prediction:
-    """The decoder's guess and coding distributions; `noise` may be passed if already drawn."""
+    """The decoder's guess and coding distributions; `noise` may be passed if already drawn.
+
+    At T > 0 the scores are x + g for the tokens whose noise was drawn (every token that
+    could have won) and x + E[g] for the rest: a coding distribution only has to be the same
+    on both sides, and drawing g for every token would cost more than the model step.
+    """
     if ctx.params.greedy:
         scores = weak_logits.astype(np.float64)
         guess = int(np.argmax(scores))
         flag, scale = calibration.greedy_flag, calibration.greedy_miss_scale
     else:
         if noise is None:
-            noise = ctx.noise(weak_logits.size)
-        scores = perturbed_scores(weak_logits, ctx.params, noise)
-        allowed = support(weak_logits, ctx.params)
-        guess = int(allowed[np.argmax(scores[allowed])])
+            noise = PositionNoise.draw(ctx.seed, ctx.position, weak_logits.size)
+        x = weak_logits.astype(np.float64) / ctx.params.temperature
+        guess, drawn, g = noise.perturbed_argmax(x, support(weak_logits, ctx.params))
+        scores = x + EULER_GAMMA
+        scores[drawn] = x[drawn] + g
         flag, scale = calibration.sampled_flag, calibration.sampled_miss_scale
     best = scores[guess]
     scores[guess] = -np.inf

@@ -2,7 +2,7 @@
 
 The inner side samples the strong model's token as
 
-    argmax_{i in S} (logits_i / T + g_i),   g = noise.gumbel(seed, position)
+    argmax_{i in S} (logits_i / T + g_i),   g: the position's Gumbel noise (coding.noise)
 
 where S is the support left by top-k then top-p (OpenAI/HF order). With Gumbel noise this is
 an exact sample of softmax(logits / T) restricted to S. T = 0 means greedy (argmax).
@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from uplimit.coding.noise import PositionNoise
 from uplimit.errors import ConfigError
 
-# Nucleus candidates are first looked for among this many most probable tokens; a full sort
-# of a 152k vocabulary costs ~10 ms, a partition ~1 ms. Falls back to the full sort.
-_NUCLEUS_PREFIX = 1024
+# Nucleus candidates are first looked for among the tokens within this many units of x = logits/T
+# of the top one (a comparison over the vocabulary instead of a partition); the full sort is
+# the fallback when they do not hold top_p of the mass.
+_NUCLEUS_WINDOW = 20.0
 
 
 @dataclass(frozen=True)
@@ -44,53 +46,47 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def support(logits: npt.NDArray[np.floating], params: SamplingParams) -> npt.NDArray[np.int64]:
-    """Token ids that top-k and top-p leave, most probable first (ties: lower id first)."""
-    scaled = logits.astype(np.float64) / params.temperature
-    n = scaled.size
+def support(
+    logits: npt.NDArray[np.floating], params: SamplingParams
+) -> npt.NDArray[np.int64] | None:
+    """Token ids that top-k and top-p leave, most probable first (ties: lower id first);
+    None when they leave the whole vocabulary."""
+    n = logits.size
     k = params.top_k if 0 < params.top_k < n else n
     if params.top_p >= 1.0 and k == n:
-        return np.arange(n, dtype=np.int64)
-    probs = np.exp(scaled - scaled.max())
+        return None
+    x = logits.astype(np.float64) / params.temperature
+    top = x.max()
+    window = np.flatnonzero(x > top - _NUCLEUS_WINDOW)
+    if params.top_p >= 1.0:
+        pool = window if window.size >= k else np.arange(n)
+        return _by_probability(x, pool)[:k]
+    probs = np.exp(x - top)
     probs /= probs.sum()
-    prefix = min(k, _NUCLEUS_PREFIX) if params.top_p < 1.0 else k
-    while True:
-        cand = _top(probs, prefix)
-        if params.top_p >= 1.0:
-            return cand
+    for pool in (window, np.arange(n)):
+        cand = _by_probability(probs, pool)[:k]
         cum = np.cumsum(probs[cand])
         cut = int(np.searchsorted(cum, params.top_p)) + 1  # smallest prefix reaching top_p
         if cut <= cand.size:
             return cand[:cut]
-        if prefix == k:  # rounding left the sum just short of top_p: keep everything
+        if cand.size == k:  # top-k binds before top_p is reached
             return cand
-        prefix = k  # the prefix was too short: sort everything top-k allows
+    return cand  # rounding left the whole vocabulary just short of top_p
 
 
-def _top(probs: npt.NDArray[np.float64], m: int) -> npt.NDArray[np.int64]:
-    """The m most probable ids, sorted by descending probability then ascending id."""
-    ids = np.arange(probs.size) if m >= probs.size else np.argpartition(-probs, m - 1)[:m]
-    ids = np.sort(ids)  # so that the stable sort below breaks ties by id
-    return ids[np.argsort(-probs[ids], kind="stable")].astype(np.int64)
-
-
-def perturbed_scores(
-    logits: npt.NDArray[np.floating], params: SamplingParams, noise: npt.NDArray[np.float64]
-) -> npt.NDArray[np.float64]:
-    """logits / T + g over the whole vocabulary (the support is applied by the caller)."""
-    return logits.astype(np.float64) / params.temperature + noise
+def _by_probability(score: npt.NDArray[np.float64], pool: npt.NDArray[np.int64]):
+    """`pool` (ascending ids) sorted by descending score; the stable sort breaks ties by id."""
+    return pool[np.argsort(-score[pool], kind="stable")].astype(np.int64)
 
 
 def sample(
-    logits: npt.NDArray[np.floating],
-    params: SamplingParams,
-    noise: npt.NDArray[np.float64] | None,
+    logits: npt.NDArray[np.floating], params: SamplingParams, noise: PositionNoise | None
 ) -> int:
     """The token the inner side emits: greedy for T = 0, else seeded Gumbel-max over the support."""
     if params.greedy:
         return int(np.argmax(logits))
     if noise is None:
         raise ConfigError("sampling at T > 0 needs the position's noise")
-    allowed = support(logits, params)
-    scores = perturbed_scores(logits, params, noise)
-    return int(allowed[np.argmax(scores[allowed])])
+    x = logits.astype(np.float64) / params.temperature
+    winner, _, _ = noise.perturbed_argmax(x, support(logits, params))
+    return winner

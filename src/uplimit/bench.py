@@ -10,6 +10,7 @@ its own, as a link that must deliver each response promptly would have to.
 from __future__ import annotations
 
 import bz2
+import gzip
 import hashlib
 import lzma
 import time
@@ -21,7 +22,7 @@ import brotli
 import zstandard
 
 from uplimit.coding.calibration import Calibration
-from uplimit.coding.codec import plain_cost_bits
+from uplimit.coding.codec import Prediction, cost_bits, plain_cost_bits
 from uplimit.coding.sampling import SamplingParams
 from uplimit.inner.generate import Request, generate
 from uplimit.models.base import LanguageModel, Logits, SeqId, Session
@@ -177,10 +178,15 @@ def run_bench(
             {
                 "id": p.id,
                 "tokens": len(r),
-                "text": t,
                 "finish_reason": g.finish_reason,
+                "payload_bits": enc_out["stream_bits"].get(i, 0.0),
+                # frame overhead shared out per token
+                "bits": enc_out["stream_bits"].get(i, 0.0)
+                + (frame_bits - enc_out["token_bits"]) * len(r) / max(n_tokens, 1),
+                "gzip_bits": 8 * len(gzip.compress(t.encode(), 9)),
+                "text": t,
             }
-            for p, r, t, g in zip(prompts, responses, texts, gens, strict=True)
+            for i, (p, r, t, g) in enumerate(zip(prompts, responses, texts, gens, strict=True))
         ],
     }
 
@@ -213,12 +219,12 @@ def _encode(
     report: Progress,
 ) -> dict:
     max_context = max(len(s.prompt) for s in specs) + settings.max_tokens + 1
-    plain = _PlainCost()
+    costs = _Costs()
     total = sum(len(t) for c in contents for t in c.tokens.values())
     with weak.session(len(specs), max_context) as raw_session:
         session = TimedSession(raw_session)
         encoder = FrameEncoder(session, weak.info.eos_ids, calibration, config)
-        encoder.observe = plain
+        encoder.observe = costs
         for spec in specs:
             encoder.add_stream(spec)
         frames, token_bits, hits, done = [], 0.0, 0, 0
@@ -230,11 +236,12 @@ def _encode(
             hits += stats.hits
             done += stats.tokens
             report("encoding", done, total)
-        seconds = time.perf_counter() - t0 - plain.seconds  # the measurement is not encoding
+        seconds = time.perf_counter() - t0 - costs.seconds
     return {
         "frames": frames,
         "token_bits": token_bits,
-        "plain_bits": plain.bits,
+        "plain_bits": costs.plain_bits,
+        "stream_bits": costs.stream_bits,
         "hits": hits,
         "seconds": seconds,
         "model_s": session.seconds,
@@ -242,16 +249,19 @@ def _encode(
     }
 
 
-class _PlainCost:
-    """Frame observer: the cost of each token under plain weak-model coding (seed post)."""
+class _Costs:
+    """Frame observer: each stream's coded bits, and its cost under plain weak-model coding."""
 
     def __init__(self) -> None:
-        self.bits = 0.0
-        self.seconds = 0.0
+        self.plain_bits = 0.0
+        self.stream_bits: dict[int, float] = {}
+        self.seconds = 0.0  # spent measuring, not encoding
 
-    def __call__(self, state: StreamState, logits: Logits, token: int) -> None:
+    def __call__(self, state: StreamState, logits: Logits, pred: Prediction, token: int) -> None:
         t0 = time.perf_counter()
-        self.bits += plain_cost_bits(logits, token, state.spec.params)
+        self.plain_bits += plain_cost_bits(logits, token, state.spec.params)
+        sid = state.spec.stream_id
+        self.stream_bits[sid] = self.stream_bits.get(sid, 0.0) + cost_bits(pred, token)
         self.seconds += time.perf_counter() - t0
 
 

@@ -13,6 +13,7 @@ guess removed. Cost = -log2 of the coded probabilities, which `TokenCost` report
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,17 +93,25 @@ class TokenCost:
     margin: float
 
 
+def cost_bits(pred: Prediction, token: int) -> float:
+    """What coding `token` costs under `pred`: -log2 of the probabilities coded."""
+    if token == pred.guess:
+        return FLAG_BITS - math.log2(pred.hit_count)
+    table = pred.miss_table()
+    return FLAG_BITS - math.log2(FLAG_TOTAL - pred.hit_count) + table.cost_bits(token)
+
+
 def encode_token(enc: ArithmeticEncoder, token: int, pred: Prediction) -> TokenCost:
     hit = token == pred.guess
     if hit:
         enc.encode(0, pred.hit_count, FLAG_TOTAL)
-        return TokenCost(FLAG_BITS - np.log2(pred.hit_count), True, pred.margin)
+        return TokenCost(FLAG_BITS - math.log2(pred.hit_count), True, pred.margin)
     enc.encode(pred.hit_count, FLAG_TOTAL - pred.hit_count, FLAG_TOTAL)
     table = pred.miss_table()
     low, freq = table.interval(token)
     enc.encode(low, freq, table.total)
-    flag_bits = FLAG_BITS - np.log2(FLAG_TOTAL - pred.hit_count)
-    return TokenCost(float(flag_bits + table.cost_bits(token)), False, pred.margin)
+    flag_bits = FLAG_BITS - math.log2(FLAG_TOTAL - pred.hit_count)
+    return TokenCost(flag_bits + table.cost_bits(token), False, pred.margin)
 
 
 def decode_token(dec: ArithmeticDecoder, pred: Prediction) -> int:

@@ -239,9 +239,9 @@ class _FrameSide:
         self.frame_no = 0
         self.last_count = 0  # tokens of the longest stream in the last frame: likely again
         self.mismatches = 0
-        # Called with (stream, weak logits, token) for every token coded or decoded, for
-        # measurements (e.g. the cost under another scheme) and per-stream monitoring.
-        self.observe: Callable[[StreamState, Logits, int], None] | None = None
+        # Called with (stream, weak logits, prediction, token) for every token coded or
+        # decoded: for measurements (e.g. per-stream cost) and monitoring.
+        self.observe: Callable[[StreamState, Logits, Prediction, int], None] | None = None
 
     def add_stream(self, spec: StreamSpec) -> None:
         self.table.add(spec)
@@ -268,11 +268,12 @@ class _FrameSide:
                 state = self.table.active[s]
                 want = content.tokens[s][len(tokens[s])] if enc else None
                 logits = self.weak.logits[s]
-                token = io.token(want, predict(logits, state.context(), self.calibration))
+                pred = predict(logits, state.context(), self.calibration)
+                token = io.token(want, pred)
                 if not 0 <= token < self.config.n_vocab:
                     raise CodecError(f"decoded token {token} outside the vocabulary")
                 if self.observe:
-                    self.observe(state, logits, token)
+                    self.observe(state, logits, pred, token)
                 tokens[s].append(token)
                 self.table.append_token(state, token)
                 if not state.finished:

@@ -73,8 +73,9 @@ def _postgres_bindir() -> Path | None:
 def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL server (Debian's binaries) on 127.0.0.1 and a random port.
 
-    Runs as user `postgres` when we are root (the server refuses root); fsync stays on, as a
-    ledger requires. Stopped and deleted at the end of the session.
+    Runs as user `postgres` when we are root (the server refuses root). fsync is left at its
+    default (on), as a ledger requires, and not pinned on the command line so a test can turn
+    it off with ALTER SYSTEM. Stopped and deleted at the end of the session.
     """
     import os
     import pwd

@@ -1,0 +1,598 @@
+"""The durable upload ledger: every uplink byte is charged here before it is written.
+
+Contract of `Ledger.charge(n_bytes, timing_bytes=..., note=...)`:
+
+* One transaction checks every budget (`budget.decide`) and records the charge; the
+  transaction is durable (fsync'd) before `charge` returns. The caller writes the bytes only
+  after that, so a crash at any instant can leave bytes charged and unsent (over-charge), never
+  sent and uncharged.
+* Refused charges raise `BudgetExhausted` naming the budget. The first refusal latches the
+  ledger: it is stored with the state, raises an alarm, and every later charge is refused, across
+  restarts, until an operator calls `raise_budget` (audited: who, when, why, old and new).
+* Concurrent chargers of one budget serialise on it, so the lifetime total can never pass the
+  budget, not by one byte: SQLite takes the write lock first (`BEGIN IMMEDIATE`), PostgreSQL
+  locks the budget's row (`SELECT ... FOR UPDATE`). The database itself also refuses a lifetime
+  total above the budget (a CHECK constraint) should the code ever be wrong.
+
+`SqliteLedger` keeps one link's budget in a file (WAL, `synchronous=FULL`: each commit is
+fsync'd). `PostgresLedger` keeps named budgets that several links share (fsync must be on,
+`synchronous_commit=on`). `open_ledger` picks one from a path or a `postgresql://` URL.
+
+Times are unix seconds. SQLite uses the local clock; PostgreSQL the server's clock, so links
+sharing a budget agree on windows (a clock can be injected for tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from uplimit.errors import BudgetExhausted, ConfigError, LedgerError
+from uplimit.link._sqlite import LOCK_WAIT_S, connect_durable
+from uplimit.link.budget import Budgets, Limit, Usage, decide
+
+__all__ = [
+    "Alarm",
+    "BudgetChange",
+    "ChargeReceipt",
+    "ChargeRecord",
+    "Ledger",
+    "LedgerState",
+    "PostgresLedger",
+    "SqliteLedger",
+    "open_ledger",
+]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class ChargeReceipt:
+    """A recorded charge; `lifetime_bytes` is the budget's total after it."""
+
+    seq: int
+    n_bytes: int  # bytes the caller will write
+    timing_bytes: int  # timing-channel surcharge (never written)
+    at: float
+    lifetime_bytes: int
+    remaining_bytes: int  # lifetime budget left
+
+
+@dataclass(frozen=True)
+class ChargeRecord:
+    seq: int
+    link: str
+    at: float
+    n_bytes: int
+    timing_bytes: int
+    note: str
+
+
+@dataclass(frozen=True)
+class LedgerState:
+    """One budget's state; `wire_bytes + timing_bytes == usage.lifetime_bytes`."""
+
+    name: str
+    budgets: Budgets
+    usage: Usage
+    wire_bytes: int
+    timing_bytes: int
+    charges: int
+    exhausted_by: Limit | None
+    exhausted_at: float | None
+
+    @property
+    def remaining_bytes(self) -> int:
+        return self.budgets.lifetime_bytes - self.usage.lifetime_bytes
+
+
+@dataclass(frozen=True)
+class Alarm:
+    seq: int
+    at: float
+    link: str
+    kind: str  # "budget-exhausted" | "budget-changed"
+    message: str
+
+
+@dataclass(frozen=True)
+class BudgetChange:
+    seq: int
+    at: float
+    who: str
+    reason: str
+    old: Budgets
+    new: Budgets
+    rearmed: Limit | None  # the latch this change cleared
+
+
+AlarmHook = Callable[[Alarm], None]
+
+
+class Ledger(Protocol):
+    def charge(self, n_bytes: int, *, timing_bytes: int = 0, note: str = "") -> ChargeReceipt:
+        """Check and durably record a charge, or raise `BudgetExhausted` (module doc)."""
+        ...
+
+    def usage(self) -> LedgerState: ...
+
+    def raise_budget(self, budgets: Budgets, *, who: str, reason: str) -> BudgetChange:
+        """Operator action: set new budgets and clear the latch; audited and alarmed."""
+        ...
+
+    def alarms(self) -> list[Alarm]: ...
+
+    def budget_changes(self) -> list[BudgetChange]: ...
+
+    def charge_log(self, last: int | None = None) -> list[ChargeRecord]: ...
+
+    def close(self) -> None: ...
+
+
+# One schema for both databases: BIGINT has INTEGER affinity in SQLite, DOUBLE PRECISION REAL.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uplimit_budget (
+    name TEXT PRIMARY KEY,
+    lifetime_limit BIGINT NOT NULL CHECK (lifetime_limit >= 0),
+    per_day_limit BIGINT CHECK (per_day_limit >= 0),
+    per_second_limit BIGINT CHECK (per_second_limit >= 0),
+    lifetime_bytes BIGINT NOT NULL DEFAULT 0,
+    wire_bytes BIGINT NOT NULL DEFAULT 0,
+    timing_bytes BIGINT NOT NULL DEFAULT 0,
+    charges BIGINT NOT NULL DEFAULT 0,
+    day BIGINT NOT NULL DEFAULT 0,
+    day_bytes BIGINT NOT NULL DEFAULT 0,
+    second BIGINT NOT NULL DEFAULT 0,
+    second_bytes BIGINT NOT NULL DEFAULT 0,
+    exhausted_by TEXT,
+    exhausted_at DOUBLE PRECISION,
+    CHECK (lifetime_bytes <= lifetime_limit),
+    CHECK (wire_bytes + timing_bytes = lifetime_bytes)
+);
+CREATE TABLE IF NOT EXISTS uplimit_charges (
+    seq {id}, budget TEXT NOT NULL, link TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+    n_bytes BIGINT NOT NULL, timing_bytes BIGINT NOT NULL, note TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS uplimit_budget_changes (
+    seq {id}, budget TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+    who TEXT NOT NULL, reason TEXT NOT NULL,
+    old_lifetime BIGINT NOT NULL, old_per_day BIGINT, old_per_second BIGINT,
+    new_lifetime BIGINT NOT NULL, new_per_day BIGINT, new_per_second BIGINT,
+    rearmed TEXT
+);
+CREATE TABLE IF NOT EXISTS uplimit_alarms (
+    seq {id}, budget TEXT NOT NULL, link TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+    kind TEXT NOT NULL, message TEXT NOT NULL
+)
+"""
+
+_STATE_COLUMNS = (
+    "lifetime_limit, per_day_limit, per_second_limit, lifetime_bytes, wire_bytes, timing_bytes,"
+    " charges, day, day_bytes, second, second_bytes, exhausted_by, exhausted_at"
+)
+
+
+def _limit_or_none(value: str | None) -> Limit | None:
+    return Limit(value) if value is not None else None
+
+
+def _state(name: str, row: Sequence[Any]) -> LedgerState:
+    lim, per_day, per_s, life, wire, timing, charges, day, day_b, sec, sec_b, by, at = row
+    return LedgerState(
+        name=name,
+        budgets=Budgets(lim, per_day, per_s),
+        usage=Usage(life, day, day_b, sec, sec_b),
+        wire_bytes=wire,
+        timing_bytes=timing,
+        charges=charges,
+        exhausted_by=_limit_or_none(by),
+        exhausted_at=at,
+    )
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def _limits(b: Budgets) -> tuple[int, int | None, int | None]:
+    return b.lifetime_bytes, b.per_day_bytes, b.per_second_bytes
+
+
+def _fmt(n: int | None) -> str:
+    return "none" if n is None else f"{n:,}"
+
+
+def _describe(b: Budgets) -> str:
+    return (
+        f"lifetime {_fmt(b.lifetime_bytes)}, per day {_fmt(b.per_day_bytes)},"
+        f" per second {_fmt(b.per_second_bytes)} bytes"
+    )
+
+
+Execute = Callable[[str, Sequence[Any]], Any]  # (sql with ? placeholders, params) -> cursor
+
+
+class _SqlLedger(ABC):
+    """The ledger logic, on any database that provides `_transaction` and `_now`."""
+
+    _lock_row = ""  # appended to the state SELECT to lock the row (PostgreSQL)
+
+    def __init__(self, *, name: str, link: str | None, on_alarm: AlarmHook | None) -> None:
+        if not name:
+            raise ConfigError("a budget needs a name")
+        self.name = name
+        self.link = link if link is not None else socket.gethostname()
+        self._on_alarm = on_alarm
+        self._lock = threading.Lock()  # one connection per ledger object; threads take turns
+
+    # -- provided by each database --
+
+    @abstractmethod
+    def _transaction(self, *, write: bool = True) -> AbstractContextManager[Execute]:
+        """A transaction (holding the database's write lock when `write`), committed on exit."""
+
+    @abstractmethod
+    def _now(self, execute: Execute) -> float:
+        """Unix time for windows and records."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- shared --
+
+    def __enter__(self) -> _SqlLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _init_budget(self, execute: Execute, budgets: Budgets | None) -> None:
+        """Create this budget's row, or check the stored one matches `budgets`."""
+        row = execute(
+            f"SELECT {_STATE_COLUMNS} FROM uplimit_budget WHERE name = ?", (self.name,)
+        ).fetchone()
+        if row is None:
+            if budgets is None:
+                raise ConfigError(f"ledger has no budget {self.name!r} yet: give its budgets")
+            execute(
+                "INSERT INTO uplimit_budget (name, lifetime_limit, per_day_limit,"
+                " per_second_limit) VALUES (?, ?, ?, ?)",
+                (self.name, *_limits(budgets)),
+            )
+            return
+        stored = _state(self.name, row).budgets
+        if budgets is not None and budgets != stored:
+            # Never change a budget on open: that would make a config edit an unlogged raise.
+            raise ConfigError(
+                f"ledger budget {self.name!r} is {_describe(stored)}, not {_describe(budgets)};"
+                " change it with raise_budget (an audited operator action)"
+            )
+
+    def _read(self, execute: Execute, *, lock: bool) -> LedgerState:
+        sql = f"SELECT {_STATE_COLUMNS} FROM uplimit_budget WHERE name = ?"
+        row = execute(sql + (self._lock_row if lock else ""), (self.name,)).fetchone()
+        if row is None:
+            raise LedgerError(f"budget {self.name!r} is missing from the ledger")
+        return _state(self.name, row)
+
+    def _alarm(self, execute: Execute, at: float, kind: str, message: str) -> Alarm:
+        seq = execute(
+            "INSERT INTO uplimit_alarms (budget, link, at, kind, message) VALUES (?, ?, ?, ?, ?)"
+            " RETURNING seq",
+            (self.name, self.link, at, kind, message),
+        ).fetchone()[0]
+        return Alarm(seq, at, self.link, kind, message)
+
+    def _raise_alarm(self, alarm: Alarm) -> None:
+        """After commit: log it and tell the hook (which must not raise)."""
+        log.error("ALARM %s on budget %r: %s", alarm.kind, self.name, alarm.message)
+        if self._on_alarm is not None:
+            self._on_alarm(alarm)
+
+    def charge(self, n_bytes: int, *, timing_bytes: int = 0, note: str = "") -> ChargeReceipt:
+        """Check and durably record a charge of `n_bytes + timing_bytes` (module doc)."""
+        if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 0:
+            raise ConfigError(f"n_bytes must be an int >= 0, got {n_bytes!r}")
+        if isinstance(timing_bytes, bool) or not isinstance(timing_bytes, int) or timing_bytes < 0:
+            raise ConfigError(f"timing_bytes must be an int >= 0, got {timing_bytes!r}")
+        total = n_bytes + timing_bytes
+        if total == 0:
+            raise ConfigError("a charge must be at least one byte")
+        alarm = None
+        with self._lock, self._transaction() as execute:
+            state = self._read(execute, lock=True)
+            now = self._now(execute)
+            latched = state.exhausted_by is not None
+            decision = decide(state.budgets, state.usage, total, now)
+            refused = state.exhausted_by if latched else decision.refused
+            if refused is None:
+                u = decision.usage
+                execute(
+                    "UPDATE uplimit_budget SET lifetime_bytes = ?, wire_bytes = wire_bytes + ?,"
+                    " timing_bytes = timing_bytes + ?, charges = charges + 1,"
+                    " day = ?, day_bytes = ?, second = ?, second_bytes = ? WHERE name = ?",
+                    (
+                        u.lifetime_bytes,
+                        n_bytes,
+                        timing_bytes,
+                        u.day,
+                        u.day_bytes,
+                        u.second,
+                        u.second_bytes,
+                        self.name,
+                    ),
+                )
+                seq = execute(
+                    "INSERT INTO uplimit_charges (budget, link, at, n_bytes, timing_bytes, note)"
+                    " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+                    (self.name, self.link, now, n_bytes, timing_bytes, note),
+                ).fetchone()[0]
+            elif not latched:
+                used = decision.usage.used(refused)
+                message = (
+                    f"upload budget exhausted: {refused.label} budget of"
+                    f" {state.budgets.limit(refused):,} bytes, {used:,} used, refused a charge"
+                    f" of {total:,} bytes ({note or 'no note'}); the uplink sends nothing more"
+                    " until an operator raises the budget"
+                )
+                execute(
+                    "UPDATE uplimit_budget SET exhausted_by = ?, exhausted_at = ? WHERE name = ?",
+                    (refused.value, now, self.name),
+                )
+                alarm = self._alarm(execute, now, "budget-exhausted", message)
+        if alarm is not None:
+            self._raise_alarm(alarm)
+            raise BudgetExhausted(alarm.message, limit=refused.value)
+        if refused is not None:
+            raise BudgetExhausted(
+                f"upload budget exhausted ({refused.label} budget, since"
+                f" {_iso(state.exhausted_at)}); an operator must raise the budget",
+                limit=refused.value,
+            )
+        return ChargeReceipt(
+            seq=seq,
+            n_bytes=n_bytes,
+            timing_bytes=timing_bytes,
+            at=now,
+            lifetime_bytes=u.lifetime_bytes,
+            remaining_bytes=state.budgets.lifetime_bytes - u.lifetime_bytes,
+        )
+
+    def usage(self) -> LedgerState:
+        with self._lock, self._transaction(write=False) as execute:
+            return self._read(execute, lock=False)
+
+    def raise_budget(self, budgets: Budgets, *, who: str, reason: str) -> BudgetChange:
+        """Operator action: set `budgets` (raising or lowering) and clear the latch.
+
+        Written to the audit table with who, when, why, old and new budgets, and raised as an
+        alarm: raising a budget is the one way to let more out, so someone must see each one.
+        """
+        if not isinstance(budgets, Budgets):
+            raise ConfigError(f"budgets must be Budgets, got {budgets!r}")
+        if not who.strip() or not reason.strip():
+            raise ConfigError("raising a budget needs who and why")
+        with self._lock, self._transaction() as execute:
+            state = self._read(execute, lock=True)
+            if budgets.lifetime_bytes < state.usage.lifetime_bytes:
+                raise ConfigError(
+                    f"lifetime budget {budgets.lifetime_bytes:,} is below what is already"
+                    f" charged ({state.usage.lifetime_bytes:,})"
+                )
+            now = self._now(execute)
+            old = state.budgets
+            execute(
+                "UPDATE uplimit_budget SET lifetime_limit = ?, per_day_limit = ?,"
+                " per_second_limit = ?, exhausted_by = NULL, exhausted_at = NULL WHERE name = ?",
+                (*_limits(budgets), self.name),
+            )
+            rearmed = state.exhausted_by
+            seq = execute(
+                "INSERT INTO uplimit_budget_changes (budget, at, who, reason, old_lifetime,"
+                " old_per_day, old_per_second, new_lifetime, new_per_day, new_per_second,"
+                " rearmed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                (
+                    self.name,
+                    now,
+                    who,
+                    reason,
+                    *_limits(old),
+                    *_limits(budgets),
+                    rearmed.value if rearmed else None,
+                ),
+            ).fetchone()[0]
+            rearming = f", re-arming it after the {rearmed.label} budget ran out" if rearmed else ""
+            message = (
+                f"{who} changed the budget from {_describe(old)} to {_describe(budgets)}"
+                f"{rearming}: {reason}"
+            )
+            alarm = self._alarm(execute, now, "budget-changed", message)
+        self._raise_alarm(alarm)
+        return BudgetChange(seq, now, who, reason, old, budgets, rearmed)
+
+    def alarms(self) -> list[Alarm]:
+        with self._lock, self._transaction(write=False) as execute:
+            rows = execute(
+                "SELECT seq, at, link, kind, message FROM uplimit_alarms WHERE budget = ?"
+                " ORDER BY seq",
+                (self.name,),
+            ).fetchall()
+        return [Alarm(*r) for r in rows]
+
+    def budget_changes(self) -> list[BudgetChange]:
+        with self._lock, self._transaction(write=False) as execute:
+            rows = execute(
+                "SELECT seq, at, who, reason, old_lifetime, old_per_day, old_per_second,"
+                " new_lifetime, new_per_day, new_per_second, rearmed"
+                " FROM uplimit_budget_changes WHERE budget = ? ORDER BY seq",
+                (self.name,),
+            ).fetchall()
+        return [
+            BudgetChange(
+                r[0], r[1], r[2], r[3], Budgets(*r[4:7]), Budgets(*r[7:10]), _limit_or_none(r[10])
+            )
+            for r in rows
+        ]
+
+    def charge_log(self, last: int | None = None) -> list[ChargeRecord]:
+        """Recorded charges in order; only the `last` ones if given."""
+        sql = (
+            "SELECT seq, link, at, n_bytes, timing_bytes, note FROM uplimit_charges"
+            " WHERE budget = ? ORDER BY seq DESC"
+        )
+        params: tuple[Any, ...] = (self.name,)
+        if last is not None:
+            sql, params = sql + " LIMIT ?", (self.name, last)
+        with self._lock, self._transaction(write=False) as execute:
+            rows = execute(sql, params).fetchall()
+        return [ChargeRecord(*r) for r in reversed(rows)]
+
+
+class SqliteLedger(_SqlLedger):
+    """One budget in a SQLite file: WAL journal, every commit fsync'd (`synchronous=FULL`).
+
+    Safe to share between threads (one connection, used in turn) and between processes
+    (each opens the file; `BEGIN IMMEDIATE` serialises the chargers).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        budgets: Budgets | None = None,
+        *,
+        name: str = "link",
+        link: str | None = None,
+        clock: Clock | None = None,
+        on_alarm: AlarmHook | None = None,
+    ) -> None:
+        super().__init__(name=name, link=link, on_alarm=on_alarm)
+        self.path = Path(path)
+        self._clock = clock or time.time
+        self._db = connect_durable(self.path)
+        try:
+            with self._transaction() as execute:
+                for statement in _SCHEMA.format(id="INTEGER PRIMARY KEY").split(";"):
+                    execute(statement, ())
+                self._init_budget(execute, budgets)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @contextmanager
+    def _transaction(self, *, write: bool = True) -> Iterator[Execute]:
+        try:
+            # IMMEDIATE takes the write lock before reading, so a charge decides on the latest
+            # total; a plain BEGIN reads a snapshot (WAL) without blocking chargers.
+            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield self._db.execute
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise LedgerError(f"ledger {self.path}: {e}") from e
+
+    def _now(self, execute: Execute) -> float:
+        return self._clock()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+_SCHEMA_LOCK = int.from_bytes(b"uplimit")  # advisory lock key for schema creation
+
+
+class PostgresLedger(_SqlLedger):
+    """Named budgets in PostgreSQL, shared by any number of links (processes, hosts).
+
+    Each charge locks its budget's row (`SELECT ... FOR UPDATE`), decides, and commits with
+    `synchronous_commit=on`; the server must run with `fsync=on` or the ledger refuses to open.
+    Windows use the server's clock unless `clock` is given.
+    """
+
+    _lock_row = " FOR UPDATE"
+
+    def __init__(
+        self,
+        url: str,
+        budgets: Budgets | None = None,
+        *,
+        name: str = "global",
+        link: str | None = None,
+        clock: Clock | None = None,
+        on_alarm: AlarmHook | None = None,
+    ) -> None:
+        super().__init__(name=name, link=link, on_alarm=on_alarm)
+        try:
+            import psycopg
+        except ImportError as e:
+            raise ConfigError("a PostgreSQL ledger needs psycopg: pip install 'psycopg'") from e
+        self._psycopg = psycopg
+        self._clock = clock
+        self._sql: dict[str, str] = {}
+        try:
+            self._db = psycopg.connect(
+                url, autocommit=True, connect_timeout=int(LOCK_WAIT_S), application_name="uplimit"
+            )
+            self._db.execute("SET synchronous_commit = on")
+            self._db.execute(f"SET lock_timeout = '{int(LOCK_WAIT_S)}s'")
+            fsync = self._db.execute("SHOW fsync").fetchone()[0]
+        except psycopg.Error as e:
+            raise LedgerError(f"cannot open PostgreSQL ledger: {e}") from e
+        if fsync != "on":
+            self._db.close()
+            raise LedgerError("PostgreSQL runs with fsync=off: charges would not be durable")
+        try:
+            with self._transaction() as execute:
+                # Serialise schema creation: CREATE TABLE IF NOT EXISTS races between sessions.
+                execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+                schema = _SCHEMA.format(id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
+                for statement in schema.split(";"):
+                    execute(statement, ())
+                self._init_budget(execute, budgets)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _execute(self, sql: str, params: Sequence[Any]) -> Any:
+        if sql not in self._sql:
+            self._sql[sql] = sql.replace("?", "%s")  # the shared SQL has no literal '?'
+        return self._db.execute(self._sql[sql], params)
+
+    @contextmanager
+    def _transaction(self, *, write: bool = True) -> Iterator[Execute]:
+        # Writers lock the budget's row themselves (`_lock_row`); reads see committed data.
+        try:
+            with self._db.transaction():
+                yield self._execute
+        except self._psycopg.Error as e:
+            raise LedgerError(f"PostgreSQL ledger: {e}") from e
+
+    def _now(self, execute: Execute) -> float:
+        if self._clock is not None:
+            return self._clock()
+        return float(execute("SELECT extract(epoch FROM clock_timestamp())", ()).fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_ledger(where: str | Path, budgets: Budgets | None = None, **kwargs: Any) -> Ledger:
+    """A `PostgresLedger` for a `postgresql://` (or `postgres://`) URL, else a `SqliteLedger`."""
+    text = str(where)
+    if text.startswith(("postgresql://", "postgres://")):
+        return PostgresLedger(text, budgets, **kwargs)
+    return SqliteLedger(where, budgets, **kwargs)

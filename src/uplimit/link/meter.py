@@ -1,0 +1,251 @@
+"""Meters at both ends of the uplink: the inner's charged writer, the outer's own count.
+
+`MeteredWriter` is the only way the inner side writes to the uplink. Each `send(frame)`:
+
+1. picks the next tick (one frame per tick, `budget.DEFAULT_TICK_S`);
+2. charges the ledger `len(frame)` plus the timing surcharge for that tick, durably (and, if
+   that took past the tick's start, the extra timing cost of the later tick it will use);
+3. only then, at the tick's start, writes the frame and drains it.
+
+If the charge fails for any reason (a budget refused, the ledger failed, the task was
+cancelled) nothing is written and the uplink is closed for good: fail closed. A crash between
+2 and 3 leaves bytes charged and unsent, so the ledger can over-charge, never under-charge.
+`MeteredWriter.connect` charges `CONNECT_CHARGE_BYTES` before it connects (the instant of a
+connection is a signal too; see `budget`).
+
+Frames must be self-delimiting (the wire format says where each ends); the timing charge
+relies on it (see `budget`).
+
+`ReceiveCounter` is the outer side's count of uplink bytes received, in its own SQLite file.
+`MeteredReader` commits each chunk's size (fsync) before it returns the chunk, so nothing the
+outer acts upon goes uncounted: after a crash the count can only miss bytes the outer had
+received from the kernel but not yet handed on (the kernel meter counts those). At the uplink's
+rate (a frame per 100 ms tick) an fsync per chunk costs nothing worth batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from uplimit.errors import ConfigError, LedgerError, LinkClosed
+from uplimit.link._sqlite import connect_durable
+from uplimit.link.budget import (
+    CONNECT_CHARGE_BYTES,
+    DEFAULT_TICK_S,
+    TimingState,
+    timing_charge,
+)
+from uplimit.link.ledger import ChargeReceipt, Ledger
+
+__all__ = ["MeteredReader", "MeteredWriter", "ReceiveCounter"]
+
+
+class MeteredWriter:
+    """Charged, tick-paced frame writer for the inner side (module doc).
+
+    Build it with `connect`; wrapping an already-open writer skips the connection charge.
+    """
+
+    def __init__(
+        self,
+        writer: asyncio.StreamWriter,
+        ledger: Ledger,
+        *,
+        tick_s: float = DEFAULT_TICK_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not tick_s > 0:
+            raise ConfigError(f"tick length must be > 0 s, got {tick_s!r}")
+        self._writer = writer
+        self._ledger = ledger
+        self._tick_s = tick_s
+        self._clock = clock
+        self._t0 = clock()  # tick 0: the connection
+        self._timing = TimingState()
+        self._lock = asyncio.Lock()  # one frame at a time, in tick order
+        self._failure: BaseException | None = None
+        self.sent_bytes = 0
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        ledger: Ledger,
+        *,
+        tick_s: float = DEFAULT_TICK_S,
+        clock: Callable[[], float] = time.monotonic,
+        **open_kwargs: Any,
+    ) -> MeteredWriter:
+        """Charge the connection, then open it (`asyncio.open_connection(host, port, ...)`)."""
+        await asyncio.to_thread(
+            ledger.charge, 0, timing_bytes=CONNECT_CHARGE_BYTES, note=f"connect {host}:{port}"
+        )
+        try:
+            _, writer = await asyncio.open_connection(host, port, **open_kwargs)
+        except OSError as e:
+            raise LinkClosed(f"cannot connect the uplink to {host}:{port}: {e}") from e
+        return cls(writer, ledger, tick_s=tick_s, clock=clock)
+
+    @property
+    def closed(self) -> bool:
+        return self._failure is not None
+
+    @property
+    def last_tick(self) -> int:
+        """The tick of the last frame written (0: none yet; tick 0 is the connection)."""
+        return self._timing.last_tick
+
+    def tick_time(self, tick: int) -> float:
+        """When `tick` begins, on this writer's clock."""
+        return self._t0 + tick * self._tick_s
+
+    def _next_tick(self) -> int:
+        now = self._clock()
+        return max(self._timing.last_tick + 1, math.ceil((now - self._t0) / self._tick_s))
+
+    async def _charge(self, n_bytes: int, timing_bytes: int, note: str) -> ChargeReceipt:
+        try:
+            # In a thread: the commit waits for an fsync. If this task is cancelled the charge
+            # still completes and nothing is written: an over-charge.
+            return await asyncio.to_thread(
+                self._ledger.charge, n_bytes, timing_bytes=timing_bytes, note=note
+            )
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    async def send(self, frame: bytes | bytearray | memoryview, *, note: str = "") -> ChargeReceipt:
+        """Charge, then write, one frame at the next tick; on any failure close the uplink."""
+        if not isinstance(frame, bytes | bytearray | memoryview):
+            raise ConfigError(f"a frame is bytes, not {type(frame).__name__}")
+        # An immutable copy: what is written is exactly what was charged, even if the caller's
+        # buffer changes while the charge is committed (and a memoryview's len() is not bytes).
+        frame = bytes(frame)
+        if not frame:
+            raise ConfigError("a frame is at least one byte")
+        async with self._lock:
+            if self._failure is not None:
+                raise LinkClosed(f"uplink closed: {self._failure!r}") from self._failure
+            # Charge before the boundary, so the frame leaves on it rather than an fsync later.
+            tick = self._next_tick()
+            paid, timing = timing_charge(self._timing, tick)
+            receipt = await self._charge(len(frame), paid, note)
+            # If the charge overran the boundary the frame goes at a later tick, after a longer
+            # silence that costs more: pay the difference first (rare: an fsync takes
+            # milliseconds, a tick 100).
+            while (late := self._next_tick()) > tick:
+                tick = late
+                owed, timing = timing_charge(self._timing, tick)
+                if owed > paid:
+                    await self._charge(0, owed - paid, f"{note} (late by a tick)")
+                    paid = owed
+            delay = self.tick_time(tick) - self._clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._timing = timing
+            self._writer.write(frame)
+            try:
+                await self._writer.drain()
+            except (ConnectionError, OSError) as e:
+                self._fail(e)
+                raise LinkClosed(f"uplink write failed: {e}") from e
+            self.sent_bytes += len(frame)
+            return receipt
+
+    def _fail(self, cause: BaseException) -> None:
+        # Everything already written was charged, so flushing it on close is fine.
+        self._failure = cause
+        self._writer.close()
+
+    async def aclose(self) -> None:
+        """Close the uplink (no more frames); waits until the connection is closed."""
+        async with self._lock:
+            if self._failure is None:
+                self._failure = LinkClosed("closed by its owner")
+            self._writer.close()
+        # The peer may have gone first; nothing is left to flush either way.
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+
+class ReceiveCounter:
+    """Durable count of uplink bytes the outer side received, in its own SQLite file."""
+
+    def __init__(self, path: str | Path, *, name: str = "uplink") -> None:
+        self.path = Path(path)
+        self.name = name
+        self._lock = threading.Lock()
+        self._db = connect_durable(self.path)
+        self._write(
+            "CREATE TABLE IF NOT EXISTS uplimit_received (name TEXT PRIMARY KEY,"
+            " bytes BIGINT NOT NULL, chunks BIGINT NOT NULL, updated_at DOUBLE PRECISION)",
+            (),
+        )
+        self._write(
+            "INSERT INTO uplimit_received VALUES (?, 0, 0, NULL) ON CONFLICT (name) DO NOTHING",
+            (name,),
+        )
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(sql, params)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise LedgerError(f"receive counter {self.path}: {e}") from e
+
+    def add(self, n_bytes: int) -> None:
+        """Count `n_bytes` received; durable (fsync'd) when this returns."""
+        if n_bytes < 0:
+            raise ConfigError(f"cannot count {n_bytes} bytes")
+        self._write(
+            "UPDATE uplimit_received SET bytes = bytes + ?, chunks = chunks + 1, updated_at = ?"
+            " WHERE name = ?",
+            (n_bytes, time.time(), self.name),
+        )
+
+    def total(self) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT bytes FROM uplimit_received WHERE name = ?", (self.name,)
+            ).fetchone()
+        return row[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class MeteredReader:
+    """The outer side's uplink reader: counts each chunk durably before returning it."""
+
+    def __init__(self, reader: asyncio.StreamReader, counter: ReceiveCounter) -> None:
+        self._reader = reader
+        self._counter = counter
+
+    async def _count(self, data: bytes) -> bytes:
+        if data:
+            await asyncio.to_thread(self._counter.add, len(data))
+        return data
+
+    async def read(self, n: int = 1 << 16) -> bytes:
+        """Up to `n` bytes (b"" at end of stream), counted."""
+        return await self._count(await self._reader.read(n))
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly `n` bytes, counted; a short read at end of stream is counted, then raised."""
+        try:
+            data = await self._reader.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            await self._count(e.partial)
+            raise
+        return await self._count(data)

@@ -83,6 +83,9 @@ def bench(
     top_k: int = typer.Option(0, help="Keep only the k most probable tokens (0: off)."),
     max_tokens: int = typer.Option(128, help="Tokens generated per prompt at most."),
     limit: int | None = typer.Option(None, help="Use only the first K prompts."),
+    streams: int | None = typer.Option(
+        None, help="Run this many concurrent streams, cycling through the prompts (new seeds)."
+    ),
     frame_tokens: int = typer.Option(16, help="Tokens per stream per frame."),
     seed: int = typer.Option(0, help="Base of the per-prompt sampling seeds."),
     calibration: Path | None = typer.Option(
@@ -97,15 +100,21 @@ def bench(
     Prints bits per token (all-in, payload, plain weak-model coding, general-purpose
     compressors), the decoder's guess rate, exactness and coding speed.
     """
+    import itertools
     import json
 
     from uplimit.bench import BenchSettings, run_bench, summary_rows
     from uplimit.coding.calibration import Calibration, for_pair
     from uplimit.coding.sampling import SamplingParams
     from uplimit.models.loading import ModelPair, load_model
-    from uplimit.prompts import load_jsonl
+    from uplimit.prompts import Prompt, load_jsonl
 
     records = load_jsonl(prompts)[:limit]
+    if streams:
+        records = [
+            Prompt(f"{p.id}#{i // len(records)}", p.messages)
+            for i, p in zip(range(streams), itertools.cycle(records), strict=False)
+        ]
     settings = BenchSettings(
         SamplingParams(temperature, top_p, top_k), max_tokens, frame_tokens, seed
     )
@@ -257,6 +266,246 @@ def gauge_verify(
         console.print("[red]NOT equivalent:[/red] B is not a gauge transform of A")
         raise typer.Exit(1)
     console.print("[green]equivalent[/green] within tolerance")
+
+
+# --- uplimit meters: the three independent upload meters side by side -----------------------
+# Self-contained: imports are local so this block can move or go without touching the rest.
+
+
+@app.command()
+def meters(
+    ledger: str | None = typer.Option(None, help="Inner ledger: SQLite file or PostgreSQL URL."),
+    budget: str | None = typer.Option(None, help="Budget name [SQLite: link, PostgreSQL: global]."),
+    received: Path | None = typer.Option(None, help="The outer's receive-counter file."),
+    counter: str = typer.Option("uplink", help="Count name in the receive-counter file."),
+    kernel: str | None = typer.Option(None, help="Kernel meter name (namespace uplimit-NAME)."),
+    slack: int = typer.Option(0, help="Bytes of disagreement to accept (TCP retransmissions)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Ledger, outer count and kernel count side by side; exit 1 if they disagree.
+
+    Overhead (IP/TCP headers; ACKs the inner sends for downlink traffic) is shown apart.
+    """
+    import json
+
+    from uplimit.link.agreement import as_json, checks, figures, read_meters
+
+    readings = read_meters(
+        ledger=ledger, budget=budget, received=received, counter=counter, kernel=kernel
+    )
+    found = checks(readings, slack)
+    if json_out:
+        print(json.dumps(as_json(readings, found), indent=2))
+    else:
+        table = Table("meter", "bytes", "", title="uplimit meters")
+        for row in figures(readings):
+            table.add_row(*row)
+        Console().print(table)
+        for c in found:
+            mark = "[green]agree[/green]" if c.ok else "[red]DISAGREE[/red]"
+            Console().print(f"{mark}  {c.name}: {c.detail}")
+    if not all(c.ok for c in found):
+        raise typer.Exit(1)
+
+
+# --- uplimit serve | plan | audit: the running system (docs/serving.md) ----------------------
+# Self-contained: imports are local so this block can move or go without touching the rest.
+serve_app = typer.Typer(
+    help="Run the inner side, the outer side, or both (docs/serving.md).", no_args_is_help=True
+)
+app.add_typer(serve_app, name="serve")
+audit_app = typer.Typer(help="Query the inner side's audit store.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+_CONFIG_HELP = "TOML config file (docs/serving.md); UPLIMIT_<SECTION>_<KEY> overrides it."
+
+
+def _load_service_models(config, which: tuple[str, ...]):
+    from uplimit.models.loading import ModelPair, load_model
+
+    m = config.models
+    options = {"n_threads": m.threads} if m.threads and m.backend != "hf" else {}
+    backend = m.backend or None
+    with console.status(f"loading the {' and '.join(which)} model(s)"):
+        loaded = {role: load_model(getattr(m, role), backend=backend, **options) for role in which}
+    if len(which) == 2:
+        ModelPair(loaded["strong"], loaded["weak"])  # checks the shared tokenizer
+    return loaded
+
+
+@serve_app.command("inner")
+def serve_inner_cmd(
+    config: Path | None = typer.Option(None, help=_CONFIG_HELP),
+    host: str | None = typer.Option(None, help="The outer's link address [link.host]."),
+) -> None:
+    """The inner side: strong model, encoder, ledger, audit store; connects to the outer."""
+    import asyncio
+
+    from uplimit.config import load_config
+    from uplimit.inner.serve import serve_inner
+
+    cfg = load_config(config)
+    models = _load_service_models(cfg, ("strong", "weak"))
+    console.print(f"inner: connecting to {host or cfg.link.host}:{cfg.link.downlink_port}")
+    reason = asyncio.run(serve_inner(cfg, models["strong"], models["weak"], host=host))
+    console.print(f"inner: link ended ({reason.name.lower()})")
+
+
+@serve_app.command("outer")
+def serve_outer_cmd(
+    config: Path | None = typer.Option(None, help=_CONFIG_HELP),
+) -> None:
+    """The outer side: OpenAI-compatible API, decoder; listens for the inner."""
+    import asyncio
+
+    from uplimit.config import load_config
+    from uplimit.outer.serve import serve_outer
+
+    cfg = load_config(config)
+    weak = _load_service_models(cfg, ("weak",))["weak"]
+
+    def listening() -> None:
+        console.print(f"outer: API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
+
+    asyncio.run(serve_outer(cfg, weak, on_listening=listening))
+
+
+@serve_app.command("both")
+def serve_both_cmd(
+    config: Path | None = typer.Option(None, help=_CONFIG_HELP),
+) -> None:
+    """Both sides in one process, joined by the real (metered) link over loopback."""
+    import asyncio
+
+    from uplimit.config import load_config
+    from uplimit.inner.serve import serve_inner
+    from uplimit.models.loading import load_model
+    from uplimit.outer.serve import serve_outer
+
+    cfg = load_config(config)
+    models = _load_service_models(cfg, ("strong", "weak"))
+    m = cfg.models
+    options = {"n_threads": m.threads} if m.threads and m.backend != "hf" else {}
+    outer_weak = load_model(m.weak, backend=m.backend or None, **options)  # the outer's own copy
+
+    async def both() -> None:
+        inner = asyncio.create_task(serve_inner(cfg, models["strong"], models["weak"]))
+        try:
+            await serve_outer(
+                cfg,
+                outer_weak,
+                on_listening=lambda: console.print(
+                    f"API on http://{cfg.outer.host}:{cfg.outer.port}/v1"
+                ),
+            )
+        finally:
+            await asyncio.wait_for(inner, timeout=30)
+
+    asyncio.run(both())
+
+
+@app.command()
+def plan(
+    weights_bytes: float | None = typer.Option(None, help="Size of the strong weights, bytes."),
+    parameters: float | None = typer.Option(None, help="Or: parameter count ..."),
+    bytes_per_parameter: float = typer.Option(2.0, help="... times bytes per parameter."),
+    tokens_per_day: float = typer.Option(..., help="Tokens served per day."),
+    bits_per_token: float | None = typer.Option(None, help="Uplink bits per token (assumed)."),
+    bench: Path | None = typer.Option(None, help="Or: take bits/token from a bench --json file."),
+    attacker_share: float = typer.Option(1.0, help="Share of uplink bytes an attacker can use."),
+    days: float = typer.Option(365.0, help="How long the service runs."),
+    lifetime_budget: float | None = typer.Option(None, help="Lifetime upload budget, bytes."),
+    per_day_budget: float | None = typer.Option(None, help="Per-day upload budget, bytes."),
+    target_days: float | None = typer.Option(None, help="Budget needed to hold out this long."),
+) -> None:
+    """The seed post's arithmetic: upload volume, time to exfiltrate, budgets (uplimit.plan)."""
+    import json
+
+    from uplimit.errors import ConfigError
+    from uplimit.plan import Plan, budget_for
+    from uplimit.plan import plan as compute
+    from uplimit.plan import weights_bytes as from_parameters
+
+    if (weights_bytes is None) == (parameters is None):
+        raise ConfigError("give --weights-bytes or --parameters (with --bytes-per-parameter)")
+    weights = weights_bytes or from_parameters(parameters, bytes_per_parameter)
+    if bench is not None:
+        bits_per_token = json.loads(bench.read_text())["bits_per_token"]
+    if bits_per_token is None:
+        raise ConfigError("give --bits-per-token or --bench")
+    p = Plan(weights, tokens_per_day, bits_per_token, attacker_share, days,
+             lifetime_budget, per_day_budget)  # fmt: skip
+    r = compute(p)
+    table = Table("", "value", title="uplimit plan")
+    table.add_row("weights", f"{weights:.3g} bytes")
+    table.add_row("bits per token", f"{bits_per_token:g}")
+    table.add_row("uploaded per day", f"{r.upload_bytes_per_day:.3g} bytes")
+    table.add_row(f"uploaded in {days:g} days", f"{r.upload_bytes_total:.3g} bytes "
+                  f"({100 * r.upload_fraction_of_weights:.3g} % of the weights)")  # fmt: skip
+    table.add_row("attacker's rate", f"{r.attacker_bytes_per_day:.3g} bytes/day")
+    table.add_row("time to exfiltrate at that rate", f"{r.days_to_exfiltrate:.3g} days "
+                  f"({r.days_to_exfiltrate / 365.25:.3g} years)")  # fmt: skip
+    if r.lifetime_stops_attacker is not None:
+        verdict = "never: the lifetime budget stops it" if r.lifetime_stops_attacker else "yes"
+        table.add_row("can the weights get out?", f"{verdict} (at most "
+                      f"{100 * r.attacker_max_fraction:.3g} % of them)")  # fmt: skip
+    if r.budget_fits_traffic is not None:
+        table.add_row("budgets fit the honest traffic", "yes" if r.budget_fits_traffic else "NO")
+    if target_days is not None:
+        need = budget_for(p, target_days)
+        table.add_row(f"per-day budget for {target_days:g} days", f"{need.per_day_bytes:.3g} "
+                      f"bytes ({need.headroom:.3g} x the honest traffic)")  # fmt: skip
+        table.add_row("lifetime budget that never lets them out", f"< {need.lifetime_bytes:.3g}")
+    Console().print(table)
+
+
+def _open_audit(config: Path | None, db: Path | None):
+    from uplimit.config import load_config
+    from uplimit.inner.audit import AuditStore
+
+    cfg = load_config(config)
+    return AuditStore(db or cfg.path(cfg.inner.audit, "audit.db"))
+
+
+@audit_app.command("list")
+def audit_list(
+    last: int = typer.Option(20, help="How many records."),
+    config: Path | None = typer.Option(None, help=_CONFIG_HELP),
+    db: Path | None = typer.Option(None, help="Audit store file [inner.audit]."),
+) -> None:
+    """The latest generations: chosen and discarded candidates, retrievals."""
+    import datetime
+
+    store = _open_audit(config, db)
+    table = Table("when", "request", "stream", "cand.", "chosen", "tokens", "uploaded",
+                  "withheld", "finish", "bits")  # fmt: skip
+    for r in store.query(last=last):
+        when = datetime.datetime.fromtimestamp(r.t_received).strftime("%m-%d %H:%M:%S")
+        bits = "" if r.bits_uploaded is None else f"{r.bits_uploaded:.0f}"
+        table.add_row(when, r.request_id, str(r.stream_id), str(r.candidate),
+                      "yes" if r.chosen else "", str(len(r.tokens)), str(len(r.uploaded)),
+                      str(len(r.withheld)), r.finish_reason, bits)  # fmt: skip
+    store.close()
+    Console().print(table)
+
+
+@audit_app.command("show")
+def audit_show(
+    request_id: str = typer.Argument(..., help="A request id (or a withheld id with --withheld)."),
+    withheld: bool = typer.Option(False, help="Look up a withheld-reasoning id instead."),
+    config: Path | None = typer.Option(None, help=_CONFIG_HELP),
+    db: Path | None = typer.Option(None, help="Audit store file [inner.audit]."),
+) -> None:
+    """Every record of one request, as JSON: seeds, tokens, texts, withheld reasoning, timings."""
+    import dataclasses
+    import json
+
+    store = _open_audit(config, db)
+    found = store.query(withheld_id=request_id) if withheld else store.query(request_id=request_id)
+    store.close()
+    if not found:
+        console.print(f"no records for {request_id!r}")
+        raise typer.Exit(1)
+    print(json.dumps([dataclasses.asdict(r) for r in found], indent=1))
 
 
 def main() -> None:

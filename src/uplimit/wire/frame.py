@@ -409,6 +409,9 @@ class FrameEncoder(_FrameSide):
         except (CodecError, ConfigError, KeyError, IndexError) as e:
             self._rollback(mark)
             raise ConfigError(f"cannot encode frame {self.frame_no}: {e}") from e
+        except BaseException:
+            self._rollback(mark)  # e.g. a backend failure: leave the state as it was
+            raise
         order = list(self.table.active)
         io.uniform(_check_value(self.frame_no, False, order, coded), CHECK_BITS)
         n_bits = io.enc.n_bits
@@ -487,6 +490,9 @@ class FrameDecoder(_FrameSide):
             else:
                 self.rejected += 1
             raise DecodeMismatch(f"frame {self.frame_no} rejected: {e}") from e
+        except BaseException:
+            self._rollback(mark)
+            raise
         self._retire(content)
         stats = FrameStats(self.frame_no, raw, len(data), 8 * len(data))
         stats.tokens = sum(len(t) for t in content.tokens.values())

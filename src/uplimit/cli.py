@@ -193,17 +193,15 @@ def calibrate(
 def demo(
     max_tokens: int = typer.Option(96, help="Tokens per answer at most."),
 ) -> None:
-    """Answer a few prompts with the real pair and show every uploaded bit (`make demo`)."""
-    from uplimit.coding.calibration import for_pair
-    from uplimit.demo import run_demo
-    from uplimit.models.loading import ModelPair, load_model
+    """Serve a few prompts through the real inner/outer processes; show every uploaded bit.
 
-    with console.status("loading the strong model and two copies of the weak one"):
-        pair = ModelPair(load_model("strong"), load_model("weak"))
-        decoder_weak = load_model("weak")
-    calibration = for_pair(pair.strong.info.file_sha256, pair.weak.info.file_sha256)
-    with _progress() as update:
-        run_demo(pair.strong, pair.weak, decoder_weak, calibration, Console(), update, max_tokens)
+    Starts both sides on loopback (the inner behind the kernel quota in its own network
+    namespace when root), asks through the official `openai` client at T=0 and T=0.7, and
+    prints each answer with its uploaded bits and what gzip would need (`make demo`).
+    """
+    from uplimit.outer.demo import run_service_demo
+
+    run_service_demo(Console(), max_tokens=max_tokens)
 
 
 # --- uplimit gauge: relabel the strong model's weights without changing its function --------

@@ -1,0 +1,186 @@
+"""Service configuration: one TOML file for both sides, with environment overrides.
+
+Every key has a default, so an empty file (or none) runs the pinned pair on loopback. A key
+`k` of section `s` is overridden by the environment variable `UPLIMIT_<S>_<K>` (upper case),
+e.g. `UPLIMIT_OUTER_PORT=9000`; values are parsed as the key's type. Unknown sections or keys
+are errors, so a typo never silently falls back to a default.
+
+Both sides must agree on [coding] (frame size, weak-session sizes): the codec fingerprint
+checks what changes coded bytes; the rest only has to fit.
+
+    [models]  strong, weak ("strong"/"weak": the pinned pair; or a GGUF file / HF directory),
+              backend ("" = llama.cpp for files, HF for directories), threads, calibration
+    [coding]  frame_tokens, max_streams, max_context
+    [link]    host, downlink_port, uplink_port, tick_s, ledger, lifetime/per-day/per-second
+              budget bytes (lifetime 0 = 1 % of the strong weights), downlink_log,
+              receive_counter
+    [inner]   max_batch, frame_delay_s, best_of, scorer, reasoning_open/_close,
+              max_reasoning_tokens, audit
+    [outer]   host, port, model_name, api_key, max_choices
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_type_hints
+
+from uplimit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from uplimit.coding.calibration import Calibration
+
+__all__ = [
+    "CodingConfig",
+    "Config",
+    "InnerConfig",
+    "LinkConfig",
+    "ModelsConfig",
+    "OuterConfig",
+    "load_calibration",
+    "load_config",
+]
+
+
+def _home() -> Path:
+    return Path(os.environ.get("UPLIMIT_HOME", Path.home() / ".cache" / "uplimit"))
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    strong: str = "strong"
+    weak: str = "weak"
+    backend: str = ""  # "", "llama" or "hf"
+    threads: int = 0  # llama.cpp threads; 0: the backend's default
+    calibration: str = ""  # a calibration JSON; "": the one shipped for the pair
+
+
+@dataclass(frozen=True)
+class CodingConfig:
+    frame_tokens: int = 16  # tokens per stream per frame
+    max_streams: int = 16  # streams in the coding table at once (weak sessions' size)
+    max_context: int = 2048  # prompt + answer, per sequence
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    host: str = "127.0.0.1"  # where the outer listens for the inner's two connections
+    downlink_port: int = 7301
+    uplink_port: int = 7302
+    tick_s: float = 0.1
+    ledger: str = ""  # SQLite path or postgresql:// URL; "": $UPLIMIT_HOME/ledger.db
+    lifetime_budget_bytes: int = 0  # 0: 1 % of the strong weights
+    per_day_budget_bytes: int = 0  # 0: none
+    per_second_budget_bytes: int = 0  # 0: none
+    downlink_log: str = ""  # "": $UPLIMIT_HOME/downlink.jsonl
+    receive_counter: str = ""  # "": $UPLIMIT_HOME/received.db
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    max_batch: int = 8  # strong sequences generated at once
+    frame_delay_s: float = 0.5  # a frame waits this long to fill up (fewer bits, later text)
+    best_of: int = 1  # candidates per stream when the request cannot say (the transport)
+    scorer: str = "mean_logprob"
+    reasoning_open: str = ""  # e.g. "<think>"; "" keeps nothing inside
+    reasoning_close: str = ""  # e.g. "</think>"
+    max_reasoning_tokens: int = 1024
+    audit: str = ""  # "": $UPLIMIT_HOME/audit.db
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "uplimit"
+    api_key: str = ""  # "": no key needed
+    max_choices: int = 8  # n
+
+
+@dataclass(frozen=True)
+class Config:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    coding: CodingConfig = field(default_factory=CodingConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+
+    @property
+    def reasoning(self) -> tuple[str, str] | None:
+        i = self.inner
+        if bool(i.reasoning_open) != bool(i.reasoning_close):
+            raise ConfigError("set both inner.reasoning_open and inner.reasoning_close, or none")
+        return (i.reasoning_open, i.reasoning_close) if i.reasoning_open else None
+
+    def path(self, value: str, default_name: str) -> Path:
+        """A configured file, or its default under $UPLIMIT_HOME (created)."""
+        if value:
+            return Path(value).expanduser()
+        home = _home()
+        home.mkdir(parents=True, exist_ok=True)
+        return home / default_name
+
+
+def _parse(value: Any, kind: type, where: str) -> Any:
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: cannot read {value!r} as {kind.__name__}") from e
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _section(cls: type, raw: Mapping[str, Any], name: str, env: Mapping[str, str]) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[{name}] must be a table")
+    types = get_type_hints(cls)
+    unknown = set(raw) - set(types)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
+    values = {k: _parse(v, types[k], f"{name}.{k}") for k, v in raw.items()}
+    for key, kind in types.items():
+        var = f"UPLIMIT_{name}_{key}".upper()
+        if var in env:
+            values[key] = _parse(env[var], kind, var)
+    return cls(**values)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read `path` (TOML; None: defaults only), then apply `UPLIMIT_*` overrides from `env`."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+    sections = get_type_hints(Config)
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    config = Config(
+        **{name: _section(kind, raw.get(name, {}), name, env) for name, kind in sections.items()}
+    )
+    _ = config.reasoning  # both markers or none
+    return config
+
+
+def load_calibration(config: Config, weak_sha256: str) -> Calibration:
+    """The configured calibration, else the one shipped for the pair (both sides must agree:
+    the fingerprint compares its digest). The outer has no strong model file, so for a pair
+    other than the pinned one it needs `models.calibration`."""
+    from uplimit.coding.calibration import Calibration, for_pair
+    from uplimit.models import store
+
+    if config.models.calibration:
+        return Calibration.load(Path(config.models.calibration).expanduser())
+    if config.models.strong == "strong":
+        return for_pair(store.STRONG.sha256, weak_sha256)
+    return Calibration()

@@ -1,0 +1,138 @@
+"""What the outer side asks of the inner side for one stream, and what both derive from it.
+
+The outer sends one `GenerationRequest` down per stream, in the order it adds the stream to
+its decoder's table: the coding spec in OPEN_STREAM's fields, the rest as JSON in its `extra`.
+Everything in it is the outer's choice (prompt ids, sampling parameters, seed, stop sequences,
+candidates), so the inner cannot choose its own randomness (DESIGN.md, invariant 6). Both sides
+run the same pure functions here:
+
+- seeds: `choice_seed` gives each of a request's n choices its stream seed (choice 0 keeps the
+  request's seed, so a client-supplied seed means what the client expects), and
+  `candidate_seed` each best-of-N candidate's (candidate 0 keeps the stream's seed);
+- stop sequences: `StopMatcher` finds a stop in the bytes of the uploaded tokens. The inner
+  stops generating and ends the stream after the token that completes a stop; the outer,
+  fed the same tokens, stops at the same token and trims the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from uplimit.errors import ConfigError
+from uplimit.wire.streams import StreamSpec
+
+__all__ = [
+    "MAX_STOPS",
+    "MAX_STOP_BYTES",
+    "GenerationRequest",
+    "StopMatcher",
+    "candidate_seed",
+    "choice_seed",
+    "derive_seed",
+]
+
+MAX_STOPS = 4  # OpenAI's limit on stop sequences
+MAX_STOP_BYTES = 256  # bounds the matcher's hold-back, so streaming never stalls on it
+
+
+def derive_seed(seed: int, *labels: object) -> int:
+    """A 64-bit seed for (seed, labels): sha256, so unrelated labels give unrelated noise."""
+    text = "/".join(map(str, (seed, *labels)))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def choice_seed(request_seed: int, index: int) -> int:
+    return request_seed if index == 0 else derive_seed(request_seed, "choice", index)
+
+
+def candidate_seed(stream_seed: int, index: int) -> int:
+    return stream_seed if index == 0 else derive_seed(stream_seed, "candidate", index)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One stream: the coding spec both tables hold, plus what only the services need.
+
+    `withheld_id` set means "upload the reasoning withheld under this id" instead of
+    generating: an operator's retrieval, charged like any other upload.
+    """
+
+    spec: StreamSpec
+    request_id: str
+    stop: tuple[str, ...] = ()
+    best_of: int = 1
+    withheld_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.stop) > MAX_STOPS:
+            raise ConfigError(f"at most {MAX_STOPS} stop sequences, got {len(self.stop)}")
+        for s in self.stop:
+            if not s or len(s.encode()) > MAX_STOP_BYTES:
+                raise ConfigError(f"a stop sequence must have 1..{MAX_STOP_BYTES} bytes")
+        if not 1 <= self.best_of <= 16:
+            raise ConfigError(f"best_of must be in 1..16, got {self.best_of}")
+
+    def extra(self) -> bytes:
+        """Everything but the spec, for OPEN_STREAM's `extra` field (compact JSON)."""
+        fields = {"request_id": self.request_id, "stop": list(self.stop), "best_of": self.best_of}
+        if self.withheld_id is not None:
+            fields["withheld_id"] = self.withheld_id
+        return json.dumps(fields, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_extra(cls, spec: StreamSpec, extra: bytes) -> GenerationRequest:
+        try:
+            d = json.loads(extra)
+            withheld = d.get("withheld_id")
+            return cls(
+                spec,
+                str(d["request_id"]),
+                tuple(str(s) for s in d["stop"]),
+                int(d["best_of"]),
+                None if withheld is None else str(withheld),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"invalid stream options: {e!r}") from e
+
+
+class StopMatcher:
+    """Finds the first stop sequence in a byte stream fed piece by piece.
+
+    `feed` returns the bytes that are safe to show: everything before a stop, and never a tail
+    that could still become one (held back until the next piece settles it).
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s.encode() for s in stops]
+        self._longest = max(map(len, self._stops), default=0)
+        self._held = b""
+        self.stopped = False
+
+    def feed(self, piece: bytes) -> bytes:
+        if self.stopped:
+            return b""
+        buf = self._held + piece
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = b""
+            return buf[: min(hits)]
+        keep = self._partial(buf)
+        self._held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> bytes:
+        """At the end of the stream: the held-back tail was not a stop after all."""
+        out, self._held = self._held, b""
+        return out
+
+    def _partial(self, buf: bytes) -> int:
+        """Length of the longest tail of `buf` that is a proper prefix of some stop."""
+        for k in range(min(len(buf), self._longest - 1), 0, -1):
+            tail = buf[-k:]
+            if any(s.startswith(tail) for s in self._stops):
+                return k
+        return 0

@@ -1,0 +1,532 @@
+"""The inner side's scheduler: continuous batching over the strong model, frame contents per tick.
+
+Two threads drive it, and it does no I/O besides the audit store:
+
+- `step()` (the generation thread) starts waiting candidates (one prefill each, alone), then
+  samples one token for every running candidate and feeds them all to the strong model in one
+  batched `Session.step`. Requests join and leave between steps: continuous batching.
+- `take_frame()` (the frame thread, once per tick) says what the next frame carries: which
+  pending streams it admits, how many tokens each active stream gets, which it ends.
+
+Streams and candidates. Each `GenerationRequest` is one stream (one choice of an API request).
+It has `best_of` candidates, sampled with `candidate_seed(stream seed, j)`; the scorer picks one
+when all are done, and only that one's uploaded tokens are queued for the uplink (all go to the
+audit store). With one candidate, tokens are queued as they are generated (streaming).
+Candidate 0 uses the stream's own seed, so when it wins, the decoder's noise is the noise the
+strong model was sampled with; other winners decode exactly too, at a few more bits per token
+(the decoder's guesses are no longer coupled). At T = 0 all candidates would be identical, so
+best_of is 1 there.
+
+Frame policy. A frame is cheapest when every active stream carries the same number n of
+tokens ("uniform counts", wire/frame.py): then the counts cost well under a bit. So n is the
+smallest number of tokens any active stream has ready (at most K), streams that end within the
+frame by EOS or max_tokens excepted, and a pending stream is admitted once it has a token ready
+(admission is in the outer's order, so a stream that has none yet, e.g. one still reasoning or
+choosing among candidates, holds back the ones after it). Only when some active stream has
+nothing ready (it is reasoning, or was cancelled) does a frame carry unequal counts, since
+waiting for it would stall every other stream.
+
+Frames may also wait (`frame_delay_s`) until they are full or the delay has passed: a frame's
+own overhead (check, flags, padding to a byte: ~3 bytes) is shared by fewer tokens the more
+often frames go out.
+
+Stops: a stream ends implicitly on EOS or at max_tokens (both sides know), and explicitly
+(the frame's end flag) after a stop sequence, on cancellation, or when reasoning used up the
+generation limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from uplimit.coding.noise import PositionNoise
+from uplimit.coding.sampling import sample
+from uplimit.errors import ConfigError
+from uplimit.inner.audit import AuditStore, GenerationRecord
+from uplimit.inner.reasoning import NoiseKeys, Splitter
+from uplimit.inner.request import GenerationRequest, StopMatcher, candidate_seed
+from uplimit.models.base import LanguageModel, Logits, SeqId
+from uplimit.wire.frame import ADMIT_BITS, FrameContent
+
+__all__ = [
+    "SCORERS",
+    "Candidate",
+    "Frame",
+    "Scheduler",
+    "SchedulerConfig",
+    "Scorer",
+    "mean_logprob",
+    "prompt_sha256",
+]
+
+
+class Candidate(Protocol):
+    """What a scorer sees of a finished candidate."""
+
+    tokens: list[int]  # everything generated, reasoning included
+    uploaded: list[int]  # what would be uploaded
+    logprobs: list[float]  # the strong model's log-probability (T = 1) of each token
+
+
+Scorer = Callable[[Candidate], float]
+
+
+def mean_logprob(c: Candidate) -> float:
+    """The default scorer: mean strong log-probability per generated token."""
+    return sum(c.logprobs) / len(c.logprobs) if c.logprobs else -math.inf
+
+
+def sum_logprob(c: Candidate) -> float:
+    return sum(c.logprobs)
+
+
+SCORERS: dict[str, Scorer] = {"mean_logprob": mean_logprob, "sum_logprob": sum_logprob}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch: int = 16  # strong-model sequences (candidates) generated at once
+    max_streams: int = 64  # streams active in the coding table at once (weak sessions' size)
+    max_context: int = 2048  # strong session context per sequence
+    frame_tokens: int = 16  # K: tokens one stream may carry per frame (FrameConfig)
+    reasoning: tuple[str, str] | None = None  # open and close markers of withheld text
+    max_reasoning_tokens: int = 1024  # withheld tokens one candidate may generate
+    prefills_per_step: int = 4  # new candidates started between two batched steps, at most
+    # How long frames wait for an active stream that has no token ready (e.g. one token held
+    # back as a possible reasoning marker) before carrying unequal counts, which cost bits.
+    stall_patience_s: float = 0.5
+    # A frame waits up to this long after the last one unless it is full (K tokens for every
+    # stream): each frame costs ~3 bytes of its own (check, flags, padding), so fuller frames
+    # cost fewer bits per token, at the price of text arriving in larger, later pieces.
+    frame_delay_s: float = 0.0
+    scorer: Scorer = mean_logprob
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_streams", "max_context", "frame_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.reasoning is not None and not all(self.reasoning):
+            raise ConfigError("reasoning markers must be non-empty strings")
+
+
+def prompt_sha256(prompt: Sequence[int]) -> str:
+    return hashlib.sha256(np.asarray(prompt, dtype="<u4").tobytes()).hexdigest()
+
+
+@dataclass(eq=False)
+class _Candidate:
+    stream: _Stream
+    index: int
+    seed: int
+    noise: NoiseKeys
+    splitter: Splitter
+    stop: StopMatcher
+    limit: int  # tokens it may generate in all
+    tokens: list[int] = field(default_factory=list)
+    uploaded: list[int] = field(default_factory=list)
+    withheld: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    seq: SeqId | None = None
+    logits: Logits | None = None
+    done: bool = False
+    finish: str = ""  # "eos" | "length" | "stop" | "cancelled"
+    t_started: float | None = None
+    t_first: float | None = None
+    t_done: float | None = None
+
+
+@dataclass(eq=False)
+class _Stream:
+    request: GenerationRequest
+    t_received: float
+    candidates: list[_Candidate] = field(default_factory=list)
+    upload: list[int] = field(default_factory=list)  # tokens for the uplink, in order
+    sent: int = 0  # of `upload`, already in frames
+    final: bool = False  # `upload` is complete
+    chosen: _Candidate | None = None
+    cancelled: bool = False
+    admitted: bool = False
+    audit_row: int | None = None
+    kind: str = "generate"
+
+    @property
+    def max_tokens(self) -> int:
+        return self.request.spec.max_tokens
+
+
+@dataclass(frozen=True)
+class Frame:
+    content: FrameContent
+    retired: tuple[int, ...]  # streams that leave the table after this frame
+
+
+class Scheduler:
+    def __init__(
+        self,
+        strong: LanguageModel,
+        config: SchedulerConfig,
+        *,
+        audit: AuditStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.model = strong
+        self.config = config
+        self.audit = audit
+        self.clock = clock
+        self.eos = strong.info.eos_ids
+        self.session = strong.session(config.max_batch, config.max_context)
+        self._lock = threading.Lock()
+        self._work = threading.Event()  # set when there may be something to generate
+        self._streams: dict[int, _Stream] = {}
+        self._pending: deque[int] = deque()  # submitted, not admitted: the outer's order
+        self._active: list[int] = []  # admitted, not retired: the coding table's order
+        self._waiting: deque[_Candidate] = deque()
+        self._running: list[_Candidate] = []
+        self._stall_since: float | None = None
+        self._last_frame_at = -math.inf
+        self.generated_tokens = 0
+        self.model_seconds = 0.0
+
+    # --- requests (the downlink) ------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Add a stream, in the order the outer side opened it."""
+        spec = request.spec
+        with self._lock:
+            if spec.stream_id in self._streams:
+                raise ConfigError(f"stream {spec.stream_id} was already submitted")
+            stream = _Stream(request, self.clock())
+            self._streams[spec.stream_id] = stream
+            self._pending.append(spec.stream_id)
+            if request.withheld_id is not None:
+                self._retrieve(stream)
+                return
+            reasoning = self.config.max_reasoning_tokens if self.config.reasoning else 0
+            limit = min(spec.max_tokens + reasoning, self.config.max_context - len(spec.prompt) - 1)
+            best_of = 1 if spec.params.greedy else request.best_of
+            for j in range(best_of):
+                seed = candidate_seed(spec.seed, j)
+                c = _Candidate(
+                    stream,
+                    j,
+                    seed,
+                    NoiseKeys(seed),
+                    Splitter(self.config.reasoning, self.model.token_bytes),
+                    StopMatcher(request.stop),
+                    limit,
+                )
+                stream.candidates.append(c)
+                if limit < 1:  # the prompt leaves no room: nothing to generate
+                    self._finish(c, "length")
+                else:
+                    self._waiting.append(c)
+            if best_of == 1:
+                stream.upload = stream.candidates[0].uploaded  # streams as it is generated
+        self._work.set()
+
+    def cancel(self, stream_id: int) -> None:
+        """The client went away: stop generating; the stream ends at the next frame."""
+        with self._lock:
+            stream = self._streams.get(stream_id)
+            if stream is None or (stream.final and stream.sent == len(stream.upload)):
+                return
+            stream.cancelled = True
+            del stream.upload[stream.sent :]  # what the client will not read
+            for c in stream.candidates:
+                if not c.done:
+                    self._finish(c, "cancelled")
+            stream.final = True
+        self._work.set()
+
+    def _retrieve(self, stream: _Stream) -> None:
+        """An operator's request for withheld reasoning: upload it as the stream's tokens."""
+        stream.kind = "retrieve"
+        found = self.audit.withheld(stream.request.withheld_id) if self.audit else None
+        stream.upload = list(found or [])[: stream.max_tokens]
+        self._complete(stream)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def wait_for_work(self, timeout: float) -> None:
+        self._work.wait(timeout)
+        self._work.clear()
+
+    def step(self) -> bool:
+        """One round: start waiting candidates, then one token for every running one.
+
+        Returns False when there was nothing to do.
+        """
+        with self._lock:
+            dropped = [c for c in self._running if c.done]
+            self._running = [c for c in self._running if not c.done]
+            starts: list[_Candidate] = []
+            while (
+                self._waiting
+                and len(self._running) + len(starts) < self.config.max_batch
+                and len(starts) < self.config.prefills_per_step
+            ):
+                c = self._waiting.popleft()
+                if not c.done:
+                    starts.append(c)
+        t0 = time.perf_counter()
+        for c in dropped:
+            if c.seq is not None:
+                self.session.drop(c.seq)
+        failed = []
+        for c in starts:
+            c.t_started = self.clock()
+            try:
+                c.seq, c.logits = self.session.prefill(c.stream.request.spec.prompt)
+            except ConfigError:  # e.g. a token id outside the vocabulary: end the stream
+                failed.append(c)
+        self.model_seconds += time.perf_counter() - t0
+        with self._lock:
+            for c in failed:
+                starts.remove(c)
+                if not c.done:
+                    self._finish(c, "error")
+            self._running.extend(starts)
+            live = [c for c in self._running if not c.done]
+        sampled = [(c, *self._sample(c)) for c in live]
+        fed: dict[SeqId, int] = {}
+        with self._lock:  # the whole round at once, so frames see every stream's token
+            for c, token, logprob in sampled:
+                if not c.done:  # a cancel may have come in meanwhile
+                    self._accept(c, token, logprob)
+                if c.done:
+                    self.session.drop(c.seq)
+                    c.seq = None
+                else:
+                    fed[c.seq] = token
+        if fed:
+            t0 = time.perf_counter()
+            out = self.session.step(fed)
+            self.model_seconds += time.perf_counter() - t0
+            for c in live:
+                if c.seq in out:
+                    c.logits = out[c.seq]
+        self.generated_tokens += len(live)
+        return bool(dropped or starts or live)
+
+    def _sample(self, c: _Candidate) -> tuple[int, float]:
+        params = c.stream.request.spec.params
+        logits = c.logits
+        assert logits is not None
+        noise = None
+        if not params.greedy:
+            if c.splitter.inside:
+                seed, position = c.noise.withheld()
+            else:
+                seed, position = c.noise.uploaded(len(c.uploaded) + len(c.splitter.held))
+            noise = PositionNoise.draw(seed, position, logits.size)
+        token = sample(logits, params, noise)
+        x = logits.astype(np.float64)
+        top = x.max()
+        logprob = float(x[token] - top - np.log(np.exp(x - top).sum()))
+        return token, logprob
+
+    def _accept(self, c: _Candidate, token: int, logprob: float) -> None:
+        """Record a sampled token: split it, stop on EOS, a stop sequence or a limit."""
+        c.tokens.append(token)
+        c.logprobs.append(logprob)
+        if c.t_first is None:
+            c.t_first = self.clock()
+        if token in self.eos:
+            self._upload(c, [*c.splitter.flush(), token])
+            self._finish(c, "eos")
+            return
+        split = c.splitter.push(token)
+        c.withheld.extend(split.withheld)
+        self._upload(c, split.uploaded)
+        if not c.done and len(c.tokens) >= c.limit:
+            self._upload(c, c.splitter.flush())
+            self._finish(c, "length")
+
+    def _upload(self, c: _Candidate, tokens: list[int]) -> None:
+        """Queue tokens for the uplink, one by one, up to a stop sequence or max_tokens."""
+        for t in tokens:
+            if c.done:
+                return
+            c.uploaded.append(t)
+            if t not in self.eos:
+                c.stop.feed(self.model.token_bytes(t))
+            if c.stop.stopped:
+                self._finish(c, "stop")
+            elif len(c.uploaded) >= c.stream.max_tokens and t not in self.eos:
+                self._finish(c, "length")
+
+    def _finish(self, c: _Candidate, reason: str) -> None:
+        c.done, c.finish, c.t_done = True, reason, self.clock()
+        stream = c.stream
+        if all(x.done for x in stream.candidates) and not stream.final:
+            if not stream.cancelled:
+                stream.chosen = max(stream.candidates, key=self.config.scorer)
+                stream.upload = stream.chosen.uploaded
+            self._complete(stream)
+
+    def _complete(self, stream: _Stream) -> None:
+        """All candidates are done: audit them, then let the frames finish the stream."""
+        if self.audit is not None:
+            records = self._records(stream)
+            ids = self.audit.record(records)
+            chosen = [i for i, r in zip(ids, records, strict=True) if r.chosen]
+            stream.audit_row = chosen[0] if chosen else None
+        stream.final = True
+
+    def _records(self, stream: _Stream) -> list[GenerationRecord]:
+        req, spec = stream.request, stream.request.spec
+        base = {
+            "request_id": req.request_id,
+            "stream_id": spec.stream_id,
+            "prompt_sha256": prompt_sha256(spec.prompt),
+            "prompt_tokens": len(spec.prompt),
+            "params": {**asdict(spec.params), "max_tokens": spec.max_tokens, "stop": req.stop},
+            "t_received": stream.t_received,
+        }
+        if stream.kind == "retrieve":
+            tokens = list(stream.upload)
+            text = self.model.detokenize(tokens)
+            retrieval = GenerationRecord(
+                **base,
+                candidate=0,
+                chosen=True,
+                kind="retrieve",
+                seed=spec.seed,
+                tokens=tokens,
+                uploaded=tokens,
+                withheld=[],
+                withheld_id=req.withheld_id,
+                text=text,
+                score=None,
+                finish_reason="retrieved",
+            )
+            return [retrieval]
+        scored = len(stream.candidates) > 1
+        out = []
+        for c in stream.candidates:
+            chosen = c is stream.chosen
+            kept = withheld_id(req.request_id, spec.stream_id) if chosen and c.withheld else None
+            record = GenerationRecord(
+                **base,
+                candidate=c.index,
+                chosen=chosen,
+                kind="generate",
+                seed=c.seed,
+                tokens=c.tokens,
+                uploaded=c.uploaded if chosen else [],
+                withheld=c.withheld,
+                withheld_id=kept,
+                text=self.model.detokenize(c.tokens),
+                score=self.config.scorer(c) if scored else None,
+                finish_reason=c.finish,
+                t_started=c.t_started,
+                t_first_token=c.t_first,
+                t_done=c.t_done,
+            )
+            out.append(record)
+        return out
+
+    # --- frames -------------------------------------------------------------------------------
+
+    def take_frame(self) -> Frame | None:
+        """What the next frame says, or None when it should say nothing yet (module doc)."""
+        k = self.config.frame_tokens
+        with self._lock:
+            streams = self._streams
+
+            def ready(sid: int) -> int:
+                return len(streams[sid].upload) - streams[sid].sent
+
+            def cap(sid: int) -> int:
+                # A stream that ends by EOS or max_tokens within the frame may carry fewer.
+                return k if self._ends_implicitly(streams[sid]) else min(ready(sid), k)
+
+            admit: list[int] = []
+            room = min(self.config.max_streams - len(self._active), (1 << ADMIT_BITS) - 1)
+            for sid in self._pending:
+                if len(admit) >= room or not (cap(sid) > 0 or streams[sid].final):
+                    break
+                admit.append(sid)
+            order = self._active + admit
+            n = min((cap(sid) for sid in order), default=0)
+            if n == 0 and any(ready(sid) for sid in order):
+                if any(cap(sid) == 0 and streams[sid].final for sid in order):
+                    pass  # streams to end with no tokens: a frame of ends only (n = 0)
+                elif self._stall_patience_over():
+                    n = k  # unequal counts: each stream carries what it has
+                else:
+                    return None  # a stream is about to have tokens: wait for it
+            self._stall_since = None
+            now = time.monotonic()
+            if n < k and now - self._last_frame_at < self.config.frame_delay_s:
+                return None
+            counts = {sid: min(n, ready(sid)) for sid in order}
+            ended = frozenset(
+                sid
+                for sid in order
+                if streams[sid].final
+                and not self._ends_implicitly(streams[sid])
+                and streams[sid].sent + counts[sid] == len(streams[sid].upload)
+            )
+            if not admit and not ended and not any(counts.values()):
+                return None
+            tokens = {}
+            for sid in order:
+                s = streams[sid]
+                if counts[sid]:
+                    tokens[sid] = tuple(s.upload[s.sent : s.sent + counts[sid]])
+                    s.sent += counts[sid]
+            for sid in admit:
+                self._pending.popleft()
+                streams[sid].admitted = True
+            retired = tuple(
+                sid for sid in order if sid in ended or (streams[sid].final and ready(sid) == 0)
+            )
+            self._active = [sid for sid in order if sid not in retired]
+            self._last_frame_at = now
+            return Frame(FrameContent(len(admit), tokens, ended), retired)
+
+    def _stall_patience_over(self) -> bool:
+        now = time.monotonic()
+        if self._stall_since is None:
+            self._stall_since = now
+        return now - self._stall_since >= self.config.stall_patience_s
+
+    def _ends_implicitly(self, s: _Stream) -> bool:
+        """The stream's last queued token ends it on both sides without an end flag."""
+        return (
+            s.final
+            and bool(s.upload)
+            and (s.upload[-1] in self.eos or len(s.upload) >= s.max_tokens)
+        )
+
+    def release(self, stream_id: int, bits: float) -> None:
+        """A retired stream's last frame was sent: note its cost and forget it."""
+        with self._lock:
+            stream = self._streams.pop(stream_id)
+        if self.audit is not None and stream.audit_row is not None:
+            self.audit.mark_uploaded(stream.audit_row, bits, self.clock())
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._streams
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def withheld_id(request_id: str, stream_id: int) -> str:
+    """The id under which a stream's withheld reasoning is kept (the outer knows it too)."""
+    return f"{request_id}/{stream_id}"

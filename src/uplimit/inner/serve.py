@@ -1,0 +1,115 @@
+"""`uplimit serve inner`: load the pair, connect to the outer side, serve until told to stop.
+
+The inner connects out to the outer (both connections: the outer listens), so the inner host
+needs no listening port at all. Until the outer is up, the inner retries the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from uplimit.config import Config, load_calibration
+from uplimit.errors import ConfigError, LinkClosed
+from uplimit.inner.audit import AuditStore
+from uplimit.inner.scheduler import SCORERS, SchedulerConfig
+from uplimit.inner.service import InnerService
+from uplimit.link.budget import Budgets
+from uplimit.link.ledger import Ledger, open_ledger
+from uplimit.link.transport import InnerLink, serve_frames
+from uplimit.models.base import LanguageModel
+from uplimit.wire.fingerprint import codec_fingerprint
+from uplimit.wire.protocol import EndReason
+
+__all__ = ["budgets_for", "scheduler_config", "serve_inner", "weights_bytes"]
+
+log = logging.getLogger(__name__)
+
+CONNECT_RETRY_S = 0.5
+
+
+def weights_bytes(model: LanguageModel) -> int:
+    """Size of a model's weights on disk: the GGUF file, or a directory's weight files."""
+    path = Path(model.info.path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def budgets_for(config: Config, strong: LanguageModel) -> Budgets:
+    link = config.link
+    default = Budgets.default_for(weights_bytes(strong)).lifetime_bytes
+    lifetime = link.lifetime_budget_bytes or default
+    return Budgets(
+        lifetime, link.per_day_budget_bytes or None, link.per_second_budget_bytes or None
+    )
+
+
+def scheduler_config(config: Config) -> SchedulerConfig:
+    if config.inner.scorer not in SCORERS:
+        raise ConfigError(f"unknown scorer {config.inner.scorer!r}: one of {', '.join(SCORERS)}")
+    return SchedulerConfig(
+        max_batch=config.inner.max_batch,
+        max_streams=config.coding.max_streams,
+        max_context=config.coding.max_context,
+        frame_tokens=config.coding.frame_tokens,
+        reasoning=config.reasoning,
+        max_reasoning_tokens=config.inner.max_reasoning_tokens,
+        frame_delay_s=config.inner.frame_delay_s,
+        scorer=SCORERS[config.inner.scorer],
+    )
+
+
+async def serve_inner(
+    config: Config,
+    strong: LanguageModel,
+    weak: LanguageModel,
+    *,
+    host: str | None = None,
+    connect_timeout_s: float = 300.0,
+) -> EndReason:
+    """Serve one link to its end; returns why it ended (SHUTDOWN, or a budget)."""
+    calibration = load_calibration(config, weak.info.file_sha256)
+    audit = AuditStore(config.path(config.inner.audit, "audit.db"))
+    ledger = open_ledger(
+        str(config.path(config.link.ledger, "ledger.db")), budgets_for(config, strong)
+    )
+    service = InnerService(
+        strong, weak, calibration, scheduler_config(config), audit=audit,
+        best_of=config.inner.best_of,
+    )  # fmt: skip
+    try:
+        fingerprint = codec_fingerprint(weak.info, calibration, service.frame_config)
+        link = await _connect(config, host or config.link.host, ledger, fingerprint,
+                              weak.info.n_vocab, connect_timeout_s)  # fmt: skip
+        log.info("inner: link up, serving")
+        service.start()
+        return await serve_frames(link, service)
+    finally:
+        await asyncio.to_thread(service.close)
+        audit.close()
+        ledger.close()
+
+
+async def _connect(
+    config: Config,
+    host: str,
+    ledger: Ledger,
+    fingerprint: dict[str, str],
+    n_vocab: int,
+    timeout_s: float,
+) -> InnerLink:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await InnerLink.connect(
+                host, config.link.downlink_port, config.link.uplink_port, ledger, fingerprint,
+                log_path=config.path(config.link.downlink_log, "downlink.jsonl"),
+                tick_s=config.link.tick_s, n_vocab=n_vocab,
+            )  # fmt: skip
+        except LinkClosed:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(CONNECT_RETRY_S)

@@ -1,0 +1,121 @@
+"""The inner side's service: scheduler + frame encoder, as the link's serving loop drives them.
+
+`InnerService` is a `link.transport.FrameSource`: the serving loop (`serve_frames`, or the
+in-process link in tests) calls `open_stream`, `cancel`, `next_frame` and `resend` one at a
+time from a worker thread, in downlink order, so the encoder and its weak session are only ever
+touched by one thread at a time. The strong model runs in a thread of its own (`start`), so
+generation never waits for a tick and a tick never waits for a model step.
+
+Per-stream uplink cost, for the audit store: the bits the encoder spent on the stream's tokens
+(`coding.codec.cost_bits`), plus the rest of each frame (counts, flags, check, padding) shared
+out by tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from uplimit.coding.calibration import Calibration
+from uplimit.coding.codec import Prediction, cost_bits
+from uplimit.inner.audit import AuditStore
+from uplimit.inner.request import GenerationRequest
+from uplimit.inner.scheduler import Scheduler, SchedulerConfig
+from uplimit.models.base import LanguageModel, Logits
+from uplimit.wire.frame import FrameConfig, FrameEncoder
+from uplimit.wire.streams import StreamSpec, StreamState
+
+__all__ = ["InnerService"]
+
+_IDLE_WAIT_S = 0.05  # how long the generation thread sleeps when there is nothing to do
+
+
+class InnerService:
+    def __init__(
+        self,
+        strong: LanguageModel,
+        weak: LanguageModel,
+        calibration: Calibration,
+        config: SchedulerConfig,
+        *,
+        audit: AuditStore | None = None,
+        best_of: int = 1,
+    ) -> None:
+        self.config = config
+        self.best_of = best_of  # for streams opened without options
+        self.frame_config = FrameConfig(config.frame_tokens, weak.info.n_vocab)
+        self.scheduler = Scheduler(strong, config, audit=audit)
+        max_weak_context = config.max_context + 1
+        self._weak_session = weak.session(config.max_streams, max_weak_context)
+        self.encoder = FrameEncoder(
+            self._weak_session, weak.info.eos_ids, calibration, self.frame_config
+        )
+        self.encoder.observe = self._observe
+        self._bits: dict[int, float] = defaultdict(float)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.failure: BaseException | None = None  # why the generation thread stopped
+        self.frames = 0
+        self.uploaded_bytes = 0
+
+    # --- FrameSource ----------------------------------------------------------------------
+
+    def open_stream(self, spec: StreamSpec, extra: bytes = b"") -> None:
+        """A stream from the transport: the spec, and the request's options in `extra` (a
+        client that sends none gets the configured best_of and no stop sequences)."""
+        if extra:
+            request = GenerationRequest.from_extra(spec, extra)
+        else:
+            request = GenerationRequest(spec, f"stream-{spec.stream_id}", best_of=self.best_of)
+        self.encoder.add_stream(request.spec)
+        self.scheduler.submit(request)
+
+    def cancel(self, stream_id: int) -> None:
+        self.scheduler.cancel(stream_id)
+
+    def next_frame(self) -> bytes | None:
+        if self.failure is not None:
+            raise self.failure  # the serving loop ends the link with END(error)
+        frame = self.scheduler.take_frame()
+        if frame is None:
+            return None
+        data, stats = self.encoder.encode(frame.content)
+        self.frames += 1
+        self.uploaded_bytes += len(data)
+        if stats.tokens:
+            overhead = (8 * len(data) - stats.token_bits) / stats.tokens
+            for sid, toks in frame.content.tokens.items():
+                self._bits[sid] += overhead * len(toks)
+        for sid in frame.retired:
+            self.scheduler.release(sid, self._bits.pop(sid, 0.0))
+        return data
+
+    def resend(self, first: int) -> list[bytes]:
+        frames = self.encoder.resend(first)
+        self.uploaded_bytes += sum(map(len, frames))
+        return frames
+
+    def _observe(self, state: StreamState, logits: Logits, pred: Prediction, token: int) -> None:
+        self._bits[state.spec.stream_id] += cost_bits(pred, token)
+
+    # --- the generation thread ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._generate, name="uplimit-generate")
+        self._thread.start()
+
+    def _generate(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.scheduler.step():
+                    self.scheduler.wait_for_work(_IDLE_WAIT_S)
+        except BaseException as e:  # surfaces at the next tick: the link ends, fail closed
+            self.failure = e
+
+    def close(self) -> None:
+        """Stop generating and free the models' sessions."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.scheduler.close()
+        self._weak_session.close()

@@ -1,0 +1,261 @@
+"""The outer side's request table: API requests in, streams down, decoded text out.
+
+For each API request the service assigns a seed (the client's, taken modulo 2**64, else a
+random one) and one stream per choice (`choice_seed`), sends the streams down, and routes the
+tokens of every decoded frame to the choices they belong to. A choice's events are text deltas
+(as soon as a frame decodes, less any incomplete character or possible stop sequence) and one
+`Finished` event.
+
+A choice finishes when its stream ends on the link (EOS, max_tokens, or the inner's explicit
+end), or earlier when the outer sees a stop sequence: then it also cancels the stream, which
+matters when the link cannot tell the inner about stop sequences (`outer.link`). The reason:
+"stop" for EOS or a stop sequence, "length" otherwise. If the link stops serving, every open
+choice finishes with an error.
+
+Uplink bits per choice: what its tokens cost in the frames (`coding.codec.cost_bits`, from the
+decoder's observer) plus its share, by tokens, of the rest of each frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from uplimit.coding.codec import Prediction, cost_bits
+from uplimit.coding.sampling import SamplingParams
+from uplimit.errors import ConfigError, LinkClosed
+from uplimit.inner.request import GenerationRequest, choice_seed
+from uplimit.models.base import LanguageModel, Logits
+from uplimit.outer.link import Uplink
+from uplimit.outer.text import TextAssembler
+from uplimit.wire.frame import FrameContent, FrameStats
+from uplimit.wire.receiver import LinkState
+from uplimit.wire.streams import StreamSpec, StreamState
+
+__all__ = ["Choice", "Finished", "OuterService", "PromptTooLong", "Submission"]
+
+SEED_MODULUS = 1 << 64
+
+
+class PromptTooLong(ConfigError):
+    """The prompt and the requested tokens do not fit the context."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" | "length" | "error"
+    tokens: int  # uploaded tokens of this choice (a stop sequence's own token included)
+    bits: float  # uplink bits this choice cost, its share of each frame's overhead included
+    payload_bits: float  # of which its tokens' own code
+    error: str = ""  # set when reason is "error"
+
+
+@dataclass
+class Choice:
+    index: int
+    stream_id: int
+    seed: int
+    max_tokens: int
+    text: TextAssembler
+    events: asyncio.Queue[str | Finished] = field(default_factory=asyncio.Queue)
+    finished: Finished | None = None
+    last_token: int | None = None
+    received: int = 0  # tokens decoded for its stream, past a stop sequence too
+    bits: float = 0.0
+    payload_bits: float = 0.0
+
+
+@dataclass(frozen=True)
+class Submission:
+    request_id: str
+    seed: int
+    prompt_tokens: int
+    choices: tuple[Choice, ...]
+
+
+class OuterService:
+    def __init__(
+        self,
+        weak: LanguageModel,
+        uplink: Uplink,
+        *,
+        max_context: int,
+        max_choices: int = 8,
+        reasoning: tuple[str, str] | None = None,
+        max_reasoning_tokens: int = 1024,
+    ) -> None:
+        self.model = weak
+        self.reasoning = reasoning
+        self.max_reasoning_tokens = max_reasoning_tokens
+        self.eos = weak.info.eos_ids
+        self.uplink = uplink
+        self.max_context = max_context
+        self.max_choices = max_choices
+        self._ids = itertools.count()
+        self._open: dict[int, Choice] = {}  # stream id -> choice, until its stream ends
+        self._bits: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+        uplink.decoder.observe = self._observe
+        uplink.set_frame_hook(self._on_frame)
+        self._watch: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Watch the link: when it stops serving, every open choice ends with an error."""
+        self._watch = asyncio.create_task(self._watch_link())
+
+    @property
+    def state(self) -> LinkState:
+        return self.uplink.state
+
+    async def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        request_id: str,
+        max_tokens: int | None,
+        stop: tuple[str, ...] = (),
+        seed: int | None = None,
+        n: int = 1,
+        best_of: int = 1,
+    ) -> Submission:
+        """Send the request's streams down; raises PromptTooLong, ConfigError, LinkClosed."""
+        if not prompt:
+            raise ConfigError("the prompt is empty")
+        if not 1 <= n <= self.max_choices:
+            raise ConfigError(f"n must be in 1..{self.max_choices}, got {n}")
+        room = self.max_context - len(prompt) - 1
+        if max_tokens is None:
+            max_tokens = room
+        if max_tokens < 1 or max_tokens > room:
+            raise PromptTooLong(
+                f"this model's context is {self.max_context} tokens; the prompt has"
+                f" {len(prompt)} and {max_tokens} were asked for"
+            )
+        self._require_serving()
+        base = secrets.randbits(64) if seed is None else seed % SEED_MODULUS
+        choices = []
+        for i in range(n):
+            sid = next(self._ids)
+            spec = StreamSpec(sid, tuple(prompt), params, choice_seed(base, i), max_tokens)
+            request = GenerationRequest(spec, request_id, stop, best_of)
+            choice = Choice(
+                i, sid, spec.seed, max_tokens, TextAssembler(self.model.token_bytes, self.eos, stop)
+            )
+            self._open[sid] = choice
+            try:
+                await self.uplink.open(request)
+            except BaseException:
+                del self._open[sid]
+                for c in choices:
+                    await self.cancel(c)
+                raise
+            choices.append(choice)
+        return Submission(request_id, base, len(prompt), tuple(choices))
+
+    async def retrieve(self, withheld_id: str) -> Submission:
+        """Ask the inner for the reasoning it withheld under `withheld_id` (an upload).
+
+        The stream's prompt is the open marker, so the weak model codes the reasoning as
+        reasoning; greedy parameters, since there is nothing to sample.
+        """
+        if self.reasoning is None:
+            raise ConfigError("this server does not keep reasoning inside")
+        self._require_serving()
+        sid = next(self._ids)
+        prompt = tuple(self.model.tokenize(self.reasoning[0]))
+        spec = StreamSpec(sid, prompt, SamplingParams(), 0, self.max_reasoning_tokens)
+        request_id = f"withheld-{withheld_id}"
+        request = GenerationRequest(spec, request_id, withheld_id=withheld_id)
+        choice = Choice(0, sid, 0, spec.max_tokens, TextAssembler(self.model.token_bytes, (), ()))
+        self._open[sid] = choice
+        try:
+            await self.uplink.open(request)
+        except BaseException:
+            del self._open[sid]
+            raise
+        return Submission(request_id, 0, len(prompt), (choice,))
+
+    async def cancel(self, choice: Choice) -> None:
+        """The client went away: stop the stream (the inner ends it at its next frame)."""
+        if choice.finished is None:
+            self._finish(choice, "length")
+        if choice.stream_id in self._open:
+            await self.uplink.cancel(choice.stream_id)
+
+    def _require_serving(self) -> None:
+        if self.uplink.state is not LinkState.SERVING:
+            raise LinkClosed(f"link {self.uplink.state}: {self.uplink.reason}")
+
+    # --- decoded frames ---------------------------------------------------------------------
+
+    def _observe(self, state: StreamState, logits: Logits, pred: Prediction, token: int) -> None:
+        # In the decoding thread; bits are keyed by frame, since a rejected frame is observed
+        # too but never delivered.
+        frame_no = self.uplink.decoder.frame_no
+        self._bits[frame_no][state.spec.stream_id] += cost_bits(pred, token)
+
+    def _on_frame(self, content: FrameContent, stats: FrameStats) -> None:
+        bits = self._bits.pop(stats.frame_no, {})
+        for stale in [f for f in list(self._bits) if f < stats.frame_no]:
+            del self._bits[stale]
+        n_tokens = sum(map(len, content.tokens.values()))
+        token_bits = 0.0 if stats.raw else sum(bits.values())
+        shared = (8 * stats.bytes - token_bits) / n_tokens if n_tokens else 0.0
+        for sid, toks in content.tokens.items():
+            choice = self._open.get(sid)
+            if choice is None:
+                continue
+            payload = 0.0 if stats.raw else bits.get(sid, 0.0)
+            self._deliver(choice, toks, payload, shared * len(toks))
+        for sid in list(self._open):
+            choice = self._open[sid]
+            if sid in content.ended or self._ends_implicitly(choice):
+                del self._open[sid]
+                if choice.finished is None:
+                    self._finish(choice, "stop" if choice.last_token in self.eos else "length")
+
+    def _deliver(
+        self, choice: Choice, tokens: tuple[int, ...], payload: float, overhead: float
+    ) -> None:
+        choice.last_token = tokens[-1]
+        choice.received += len(tokens)
+        choice.payload_bits += payload
+        choice.bits += payload + overhead
+        if choice.finished is not None:
+            return  # stopped already: the inner uploaded past the stop before it knew
+        text = choice.text.feed(tokens)
+        if text:
+            choice.events.put_nowait(text)
+        if choice.text.stopped:
+            self._finish(choice, "stop")
+            task = asyncio.ensure_future(self.uplink.cancel(choice.stream_id))
+            task.add_done_callback(lambda t: t.exception())
+
+    def _ends_implicitly(self, choice: Choice) -> bool:
+        return choice.last_token in self.eos or choice.received >= choice.max_tokens
+
+    def _finish(self, choice: Choice, reason: str, error: str = "") -> None:
+        tail = choice.text.finish()
+        if tail and reason != "error":
+            choice.events.put_nowait(tail)
+        choice.finished = Finished(
+            reason, choice.text.tokens, choice.bits, choice.payload_bits, error
+        )
+        choice.events.put_nowait(choice.finished)
+
+    async def _watch_link(self) -> None:
+        state = await self.uplink.wait_final()
+        for choice in self._open.values():
+            if choice.finished is None:
+                self._finish(choice, "error", f"link {state}: {self.uplink.reason}")
+        self._open.clear()
+
+    async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch

@@ -1,0 +1,617 @@
+"""The link's two byte streams, sans-IO: message types, encoders, strict incremental parsers.
+
+Two TCP connections join the inner and the outer side. Each carries one direction only:
+
+    downlink  outer -> inner   not budgeted, but size- and rate-limited, and logged inside
+    uplink    inner -> outer   every byte charged to the ledger before it is written
+
+The inner never writes to the downlink connection; the outer treats any byte from it as an
+upload that bypassed the meter.
+
+Downlink byte layout (integers: `uv` = unsigned LEB128 varint, minimal encoding only;
+`u64` = 8 bytes big-endian; `f64` = IEEE 754 double, big-endian)::
+
+    preamble   "UPLD" version:u8 (= 1)
+    message    type:u8 length:u32be body[length]         length <= max_message_bytes
+    HELLO        1   uv n, then n x (uv len, key, uv len, value)   keys sorted, unique;
+                     the outer's codec fingerprint; first message, exactly once
+    OPEN_STREAM  2   uv stream_id, u64 seed, uv max_tokens, f64 temperature, f64 top_p,
+                     uv top_k, uv n, n x uv token, uv m, extra[m]
+                     (extra: what the inner's services need besides the coding spec, e.g.
+                     a request id, stop sequences, best-of; opaque to the link)
+    CANCEL       3   uv stream_id
+    RESEND       4   uv frame_no      (the decoder's `awaiting_resend`)
+    SHUTDOWN     5   (empty)          last message: the outer wants the inner to stop
+
+Uplink byte layout, as small as it can be, since every byte is budgeted::
+
+    verdict    0x11 digest[4]                       accept, protocol 1: the first 4 bytes of
+                                                    the sha256 of the inner's fingerprint
+             | 0x12 n:u8 n x (index:u8 len:u8 value[len])
+                                                    refuse, protocol 1: the fields that differ,
+                                                    by index into the outer's sorted HELLO keys,
+                                                    with the inner's value (index = number of
+                                                    keys: names of fields only the inner has)
+    message    uv L (1 <= L <= max_frame_bytes) frame[L]     one coded frame
+             | 0x00 reason:u8                                END: nothing follows, ever
+
+The verdict's first byte is the uplink's version byte: high nibble the protocol version,
+low nibble the verdict. Frame numbers are implicit: both sides count frames, and the frame's
+own check covers its number (`wire.frame`), so a replayed or reordered frame fails to decode.
+The uplink's messages form a prefix-free code (a verdict, then length-prefixed frames or an
+END), which the timing charge relies on (`link.budget`). An idle tick sends nothing.
+
+Parsers take bytes in any chunking (`feed`) and return complete messages; anything malformed,
+oversized, non-minimal, of unknown type, out of order or after the last message raises
+`ProtocolError`, and the parser stays in its ERROR state: every later `feed` raises too.
+`eof()` raises if the stream ended inside a message.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import TypeAlias
+
+from uplimit.coding.sampling import SamplingParams
+from uplimit.errors import ConfigError, LinkError
+from uplimit.wire.streams import StreamSpec
+
+__all__ = [
+    "DOWNLINK_PREAMBLE",
+    "MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "Accept",
+    "ByteRate",
+    "Cancel",
+    "DownlinkLimits",
+    "DownlinkMessage",
+    "DownlinkParser",
+    "End",
+    "EndReason",
+    "Frame",
+    "Hello",
+    "OpenStream",
+    "ProtocolError",
+    "Refuse",
+    "Resend",
+    "Shutdown",
+    "UplinkMessage",
+    "UplinkParser",
+    "encode_downlink",
+    "encode_uplink",
+]
+
+PROTOCOL_VERSION = 1
+DOWNLINK_PREAMBLE = b"UPLD" + bytes([PROTOCOL_VERSION])
+_ACCEPT = PROTOCOL_VERSION << 4 | 1
+_REFUSE = PROTOCOL_VERSION << 4 | 2
+DIGEST_BYTES = 4  # an accidental match of two different fingerprints: 2**-32
+
+# Limits, each with its reason.
+# A frame is buffered whole before it is decoded. The largest honest frame is a raw resend:
+# 1,024 active streams x 255 tokens x 18 bits is 588 kB.
+MAX_FRAME_BYTES = 1 << 20
+# Refusal fields are indexed by one byte; the fingerprint has about a dozen.
+MAX_FIELDS = 64
+MAX_KEY_BYTES = 64
+MAX_VALUE_BYTES = 4096  # a llama.cpp build string with its CPU features is a few hundred
+MAX_REFUSE_VALUE_BYTES = 255  # one length byte; longer values are shortened (fingerprint)
+# Qwen2.5's longest context; also bounds max_tokens of one stream.
+MAX_PROMPT_TOKENS = 131_072
+MAX_STREAM_TOKENS = 131_072
+# An OPEN_STREAM's service fields: 4 stop sequences of 256 bytes and a few ids, as JSON.
+MAX_EXTRA_BYTES = 1 << 16
+MAX_STREAM_ID = (1 << 63) - 1
+MAX_TOP_K = 1 << 32
+MAX_FRAME_NO = (1 << 32) - 1  # raw resends carry the frame number in 32 bits (wire.frame)
+
+
+class ProtocolError(LinkError):
+    """The peer sent bytes that break the link protocol; the connection is closed.
+
+    (Belongs in `uplimit.errors` under `LinkError`: remote misbehaviour, fail closed.)
+    """
+
+
+class EndReason(IntEnum):
+    """Why the inner stops sending (the END message's reason byte)."""
+
+    LIFETIME = 1  # the lifetime budget cannot pay for another frame
+    PER_DAY = 2  # today's budget cannot
+    PER_SECOND = 3  # a frame is larger than one second's budget
+    SHUTDOWN = 4  # the outer asked (SHUTDOWN) or the inner is being stopped
+    ERROR = 5  # the inner failed
+
+    @property
+    def exhausted(self) -> bool:
+        return self in (EndReason.LIFETIME, EndReason.PER_DAY, EndReason.PER_SECOND)
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The outer's codec fingerprint, sorted by key."""
+
+    fields: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, fingerprint: dict[str, str]) -> Hello:
+        return cls(tuple(sorted(fingerprint.items())))
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.fields)
+
+
+@dataclass(frozen=True)
+class OpenStream:
+    spec: StreamSpec
+    extra: bytes = b""  # service fields, opaque to the link (protocol doc)
+
+
+@dataclass(frozen=True)
+class Cancel:
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class Resend:
+    frame_no: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+DownlinkMessage: TypeAlias = Hello | OpenStream | Cancel | Resend | Shutdown
+
+
+@dataclass(frozen=True)
+class Accept:
+    digest: bytes  # DIGEST_BYTES of the inner's fingerprint digest
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """(index into the outer's sorted keys, the inner's value), by increasing index."""
+
+    fields: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True)
+class Frame:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class End:
+    reason: EndReason
+
+
+UplinkMessage: TypeAlias = Accept | Refuse | Frame | End
+
+
+class _Type(IntEnum):
+    HELLO = 1
+    OPEN_STREAM = 2
+    CANCEL = 3
+    RESEND = 4
+    SHUTDOWN = 5
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def _uvarint(n: int) -> bytes:
+    if n < 0:
+        raise ConfigError(f"varints are unsigned, got {n}")
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _text(s: str, limit: int, what: str) -> bytes:
+    data = s.encode()
+    if len(data) > limit:
+        raise ConfigError(f"{what} is {len(data)} bytes, at most {limit}")
+    if not s.isprintable():  # values end up in logs and alarms
+        raise ConfigError(f"{what} {s!r} has control characters")
+    return data
+
+
+def _check_key(key: str) -> None:
+    if not (key and all(c.isascii() and (c.isalnum() or c in "._-") for c in key)):
+        raise ConfigError(f"fingerprint key {key!r} must be 1.. of [A-Za-z0-9._-]")
+
+
+def _body(msg: DownlinkMessage) -> tuple[_Type, bytes]:
+    match msg:
+        case Hello(fields):
+            keys = [k for k, _ in fields]
+            if keys != sorted(set(keys)) or len(keys) > MAX_FIELDS:
+                raise ConfigError(f"HELLO needs at most {MAX_FIELDS} sorted, unique keys")
+            parts = [_uvarint(len(fields))]
+            for key, value in fields:
+                _check_key(key)
+                k, v = _text(key, MAX_KEY_BYTES, "key"), _text(value, MAX_VALUE_BYTES, "value")
+                parts += [_uvarint(len(k)), k, _uvarint(len(v)), v]
+            return _Type.HELLO, b"".join(parts)
+        case OpenStream(spec, extra):
+            if len(extra) > MAX_EXTRA_BYTES:
+                raise ConfigError(f"OPEN_STREAM extra is over {MAX_EXTRA_BYTES:,} bytes")
+            p = spec.params
+            return _Type.OPEN_STREAM, b"".join(
+                [
+                    _uvarint(spec.stream_id),
+                    struct.pack(">Q", spec.seed),
+                    _uvarint(spec.max_tokens),
+                    struct.pack(">dd", p.temperature, p.top_p),
+                    _uvarint(p.top_k),
+                    _uvarint(len(spec.prompt)),
+                    *map(_uvarint, spec.prompt),
+                    _uvarint(len(extra)),
+                    extra,
+                ]
+            )
+        case Cancel(stream_id):
+            return _Type.CANCEL, _uvarint(stream_id)
+        case Resend(frame_no):
+            return _Type.RESEND, _uvarint(frame_no)
+        case Shutdown():
+            return _Type.SHUTDOWN, b""
+    raise ConfigError(f"not a downlink message: {msg!r}")
+
+
+def encode_downlink(msg: DownlinkMessage) -> bytes:
+    """One downlink message as bytes (the connection starts with `DOWNLINK_PREAMBLE`)."""
+    kind, body = _body(msg)
+    return struct.pack(">BI", kind, len(body)) + body
+
+
+def encode_uplink(msg: UplinkMessage) -> bytes:
+    """One uplink message as bytes: what `MeteredWriter.send` is given, one per tick."""
+    match msg:
+        case Accept(digest):
+            if len(digest) != DIGEST_BYTES:
+                raise ConfigError(f"an accept carries {DIGEST_BYTES} digest bytes")
+            return bytes([_ACCEPT]) + digest
+        case Refuse(fields):
+            indices = [i for i, _ in fields]
+            if not fields or indices != sorted(set(indices)) or indices[-1] > MAX_FIELDS:
+                raise ConfigError("a refusal names 1.. fields by increasing index")
+            out = bytearray([_REFUSE, len(fields)])
+            for index, value in fields:
+                v = _text(value, MAX_REFUSE_VALUE_BYTES, "refused value")
+                out += bytes([index, len(v)]) + v
+            return bytes(out)
+        case Frame(data):
+            if not 1 <= len(data) <= MAX_FRAME_BYTES:
+                raise ConfigError(f"a frame is 1..{MAX_FRAME_BYTES} bytes, got {len(data)}")
+            return _uvarint(len(data)) + data
+        case End(reason):
+            return bytes([0, EndReason(reason)])
+    raise ConfigError(f"not an uplink message: {msg!r}")
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def _read_uvarint(
+    buf: bytes | bytearray, pos: int, limit: int, what: str
+) -> tuple[int, int] | None:
+    """(value, position after it), or None if `buf` ends inside it. Raises if the value
+    exceeds `limit` or is not minimally encoded (one value, one encoding)."""
+    value = 0
+    for i in range(max(1, -(-limit.bit_length() // 7))):
+        if pos + i >= len(buf):
+            return None
+        byte = buf[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if value > limit:
+            raise ProtocolError(f"{what} exceeds {limit}")
+        if not byte & 0x80:
+            if byte == 0 and i > 0:
+                raise ProtocolError(f"{what} is not minimally encoded")
+            return value, pos + i + 1
+    raise ProtocolError(f"{what} is longer than any value up to {limit} needs")
+
+
+class _Cursor:
+    """Reads one complete message body; running short or leaving bytes over is an error."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ProtocolError(f"{self.what} is truncated")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def uvarint(self, limit: int, what: str) -> int:
+        got = _read_uvarint(self.data, self.pos, limit, f"{self.what}: {what}")
+        if got is None:
+            raise ProtocolError(f"{self.what} is truncated")
+        value, self.pos = got
+        return value
+
+    def text(self, limit: int, what: str) -> str:
+        raw = self.take(self.uvarint(limit, f"{what} length"))
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"{self.what}: {what} is not UTF-8") from e
+        if not text.isprintable():
+            raise ProtocolError(f"{self.what}: {what} has control characters")
+        return text
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise ProtocolError(f"{self.what} has {len(self.data) - self.pos} bytes left over")
+
+
+class _State(StrEnum):
+    START = "start"  # before the preamble / verdict
+    FIRST = "first"  # downlink: preamble read, HELLO expected
+    OPEN = "open"  # messages flow
+    DONE = "done"  # after the last message (SHUTDOWN, END, refusal): nothing may follow
+    ERROR = "error"
+
+
+class _Parser:
+    """Buffering, the ERROR latch and `eof`, shared by both directions."""
+
+    def __init__(self) -> None:
+        self.state = _State.START
+        self._buf = bytearray()
+        self._error: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> list:
+        if self._error is not None:
+            raise ProtocolError(f"parser is in ERROR after: {self._error}") from self._error
+        self._buf += data
+        out = []
+        try:
+            while self._buf:
+                if self.state is _State.DONE:
+                    raise ProtocolError(f"{len(self._buf)} bytes after the last message")
+                got = self._next()
+                if got is None:
+                    break
+                msg, used = got
+                del self._buf[:used]
+                if msg is not None:  # None: a preamble, consumed without a message
+                    out.append(msg)
+        except ProtocolError as e:
+            self._fail(e)
+            raise
+        return out
+
+    def eof(self) -> None:
+        """The connection ended: fine between messages, an error inside one."""
+        if self._error is not None:
+            raise ProtocolError(f"parser is in ERROR after: {self._error}") from self._error
+        if self._buf:
+            error = ProtocolError(f"stream ended inside a message ({len(self._buf)} bytes)")
+            self._fail(error)
+            raise error
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def _fail(self, e: ProtocolError) -> None:
+        self._error = e
+        self.state = _State.ERROR
+        self._buf.clear()
+
+    def _next(self) -> tuple[object | None, int] | None:
+        """The next message and the bytes it used, or None until more bytes arrive."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DownlinkLimits:
+    """What the inner accepts from the outer (the downlink is not budgeted, but bounded)."""
+
+    # One message is buffered whole: the longest prompt (MAX_PROMPT_TOKENS x 3 varint bytes,
+    # ids < 2**21) is 393 kB, a HELLO at most MAX_FIELDS x ~4 kB.
+    max_message_bytes: int = 1 << 20
+    # Every ~2 downlink segments make the inner send a 52-byte ACK, which counts against the
+    # kernel quota: bounding the downlink's rate bounds that cost (and the log's growth).
+    bytes_per_s: float = float(1 << 20)
+    burst_bytes: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.max_message_bytes <= 1 << 24:
+            raise ConfigError("max_message_bytes must be in 16..2**24")
+        if not (self.bytes_per_s > 0 and self.burst_bytes >= self.max_message_bytes):
+            raise ConfigError("the downlink rate must be > 0, its burst >= one message")
+
+
+class DownlinkParser(_Parser):
+    """The inner side's parser of the downlink: preamble, HELLO, then the other messages."""
+
+    def __init__(self, limits: DownlinkLimits | None = None, *, n_vocab: int | None = None):
+        super().__init__()
+        self.limits = limits or DownlinkLimits()
+        self.n_vocab = n_vocab  # prompt token ids must be below it, when known
+
+    def feed(self, data: bytes) -> list[DownlinkMessage]:
+        return super().feed(data)
+
+    def _next(self) -> tuple[DownlinkMessage | None, int] | None:
+        buf = self._buf
+        if self.state is _State.START:
+            n = len(DOWNLINK_PREAMBLE)
+            if buf[:n] != DOWNLINK_PREAMBLE[: len(buf)]:
+                raise ProtocolError(f"downlink preamble {bytes(buf[:n])!r} is not protocol 1")
+            if len(buf) < n:
+                return None
+            self.state = _State.FIRST
+            return None, n
+        if len(buf) < 5:
+            return None
+        code, length = struct.unpack_from(">BI", buf)
+        try:
+            kind = _Type(code)
+        except ValueError:
+            raise ProtocolError(f"unknown downlink message type {code}") from None
+        if length > self.limits.max_message_bytes:
+            raise ProtocolError(
+                f"downlink message of {length:,} bytes; the limit is"
+                f" {self.limits.max_message_bytes:,}"
+            )
+        if len(buf) < 5 + length:
+            return None
+        if (kind is _Type.HELLO) != (self.state is _State.FIRST):
+            raise ProtocolError("HELLO must be the first downlink message, and only once")
+        msg = self._message(kind, _Cursor(bytes(buf[5 : 5 + length]), kind.name))
+        self.state = _State.DONE if kind is _Type.SHUTDOWN else _State.OPEN
+        return msg, 5 + length
+
+    def _message(self, kind: _Type, c: _Cursor) -> DownlinkMessage:
+        msg: DownlinkMessage
+        if kind is _Type.HELLO:
+            n = c.uvarint(MAX_FIELDS, "field count")
+            fields = tuple(
+                (c.text(MAX_KEY_BYTES, "key"), c.text(MAX_VALUE_BYTES, "value")) for _ in range(n)
+            )
+            keys = [k for k, _ in fields]
+            if keys != sorted(set(keys)):
+                raise ProtocolError("HELLO keys are not sorted and unique")
+            try:
+                for key in keys:
+                    _check_key(key)
+            except ConfigError as e:
+                raise ProtocolError(f"HELLO: {e}") from e
+            msg = Hello(fields)
+        elif kind is _Type.OPEN_STREAM:
+            spec = self._spec(c)
+            msg = OpenStream(spec, c.take(c.uvarint(MAX_EXTRA_BYTES, "extra length")))
+        elif kind is _Type.CANCEL:
+            msg = Cancel(c.uvarint(MAX_STREAM_ID, "stream id"))
+        elif kind is _Type.RESEND:
+            msg = Resend(c.uvarint(MAX_FRAME_NO, "frame number"))
+        else:
+            msg = Shutdown()
+        c.done()
+        return msg
+
+    def _spec(self, c: _Cursor) -> StreamSpec:
+        stream_id = c.uvarint(MAX_STREAM_ID, "stream id")
+        (seed,) = struct.unpack(">Q", c.take(8))
+        max_tokens = c.uvarint(MAX_STREAM_TOKENS, "max_tokens")
+        temperature, top_p = struct.unpack(">dd", c.take(16))
+        top_k = c.uvarint(MAX_TOP_K, "top_k")
+        n = c.uvarint(MAX_PROMPT_TOKENS, "prompt length")
+        token_limit = (self.n_vocab or 1 << 32) - 1
+        prompt = tuple(c.uvarint(token_limit, "prompt token") for _ in range(n))
+        if not (math.isfinite(temperature) and math.isfinite(top_p)):
+            raise ProtocolError("OPEN_STREAM: sampling parameters must be finite")
+        try:
+            params = SamplingParams(temperature, top_p, top_k)
+            return StreamSpec(stream_id, prompt, params, seed, max_tokens)
+        except ConfigError as e:
+            raise ProtocolError(f"OPEN_STREAM: {e}") from e
+
+
+class UplinkParser(_Parser):
+    """The outer side's parser of the uplink: a verdict, then frames, then maybe END.
+
+    `field_count` is the number of keys the outer sent in HELLO (a refusal indexes them).
+    """
+
+    def __init__(self, field_count: int, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        super().__init__()
+        if not 0 <= field_count <= MAX_FIELDS:
+            raise ConfigError(f"field_count must be in 0..{MAX_FIELDS}")
+        if not 1 <= max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ConfigError(f"max_frame_bytes must be in 1..{MAX_FRAME_BYTES}")
+        self.field_count = field_count
+        self.max_frame_bytes = max_frame_bytes
+
+    def feed(self, data: bytes) -> list[UplinkMessage]:
+        return super().feed(data)
+
+    def _next(self) -> tuple[UplinkMessage, int] | None:
+        buf = self._buf
+        if self.state is _State.START:
+            if buf[0] == _ACCEPT:
+                if len(buf) < 1 + DIGEST_BYTES:
+                    return None
+                self.state = _State.OPEN
+                return Accept(bytes(buf[1 : 1 + DIGEST_BYTES])), 1 + DIGEST_BYTES
+            if buf[0] == _REFUSE:
+                return self._refusal()
+            raise ProtocolError(f"uplink verdict byte {buf[0]:#04x} is not protocol 1")
+        got = _read_uvarint(buf, 0, self.max_frame_bytes, "frame length")
+        if got is None:
+            return None
+        length, pos = got
+        if length == 0:  # END
+            if len(buf) < 2:
+                return None
+            try:
+                reason = EndReason(buf[1])
+            except ValueError:
+                raise ProtocolError(f"unknown END reason {buf[1]}") from None
+            self.state = _State.DONE
+            return End(reason), 2
+        if len(buf) < pos + length:
+            return None
+        return Frame(bytes(buf[pos : pos + length])), pos + length
+
+    def _refusal(self) -> tuple[Refuse, int] | None:
+        buf, pos = self._buf, 1
+        if len(buf) < 2:
+            return None
+        n = buf[pos]
+        pos += 1
+        if not 1 <= n <= self.field_count + 1:
+            raise ProtocolError(f"a refusal names {n} fields; the outer sent {self.field_count}")
+        fields = []
+        for _ in range(n):
+            if len(buf) < pos + 2:
+                return None
+            index, length = buf[pos], buf[pos + 1]
+            if index > self.field_count or (fields and index <= fields[-1][0]):
+                raise ProtocolError(f"refused field index {index} is out of order or range")
+            if len(buf) < pos + 2 + length:
+                return None
+            try:
+                value = bytes(buf[pos + 2 : pos + 2 + length]).decode()
+            except UnicodeDecodeError as e:
+                raise ProtocolError("a refused value is not UTF-8") from e
+            if not value.isprintable():
+                raise ProtocolError("a refused value has control characters")
+            fields.append((index, value))
+            pos += 2 + length
+        self.state = _State.DONE
+        return Refuse(tuple(fields)), pos
+
+
+class ByteRate:
+    """Token bucket over the downlink's bytes (sans-IO: the caller passes the time)."""
+
+    def __init__(self, bytes_per_s: float, burst_bytes: int, now: float) -> None:
+        self.rate, self.burst = bytes_per_s, burst_bytes
+        self._level, self._at = float(burst_bytes), now
+
+    def take(self, n: int, now: float) -> bool:
+        """Spend `n` bytes at `now`; False (nothing spent) if that exceeds the rate."""
+        self._level = min(self.burst, self._level + max(0.0, now - self._at) * self.rate)
+        self._at = max(self._at, now)
+        if n > self._level:
+            return False
+        self._level -= n
+        return True

@@ -1,0 +1,262 @@
+"""The outer side's uplink, sans-IO: bytes in, events out, and the link's state.
+
+`UplinkReceiver` runs the strict `UplinkParser`, checks the handshake verdict against the
+outer's fingerprint, and hands each frame to the frame decoder. It never raises on anything
+the inner sends: every problem becomes an event, and the state says what the link is now.
+
+    state        meaning                                   what the outer does
+    handshaking  waiting for the inner's verdict
+    serving      frames flow
+    exhausted    the inner said (END) its budget is spent   answer "upload budget exhausted"
+    closed       the inner stopped as asked (END shutdown)
+    failed       anything else: a protocol violation, a     alarm; close both connections;
+                 refusal, decoding that keeps failing,      answer 503
+                 an uplink closed without END
+
+Events: `Accepted`, `Delivered` (a decoded frame: the only source of text), `Rejected` (a frame
+that failed its check: nothing of it is delivered; `resend_from` is set when the outer must
+send RESEND), `Ended`, `Failed` (with an alarm kind). Malformed, truncated, oversized input
+fails the link; a replayed, reordered or corrupted frame fails the decoder's check and is
+recovered by a raw resend. Every failure is final: the parser and this object stay failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol, TypeAlias
+
+from uplimit.errors import DecodeMismatch
+from uplimit.wire.fingerprint import fingerprint_digest, refused_differences
+from uplimit.wire.frame import FrameContent, FrameStats
+from uplimit.wire.protocol import (
+    MAX_FRAME_BYTES,
+    Accept,
+    End,
+    EndReason,
+    Frame,
+    ProtocolError,
+    Refuse,
+    UplinkParser,
+    encode_uplink,
+)
+from uplimit.wire.streams import StreamSpec
+
+__all__ = [
+    "Accepted",
+    "AlarmKind",
+    "Delivered",
+    "Ended",
+    "Failed",
+    "FrameSink",
+    "LinkState",
+    "ReceiverEvent",
+    "Rejected",
+    "UplinkReceiver",
+]
+
+# Decoding that fails again and again (each time recovered by a raw resend) means the sides
+# do not compute the same weak-model numbers: stop rather than resend raw frames forever.
+MAX_MISMATCHES_IN_A_ROW = 3
+# Frames the inner had sent before it saw a RESEND are rejected as they arrive: a second of
+# frames at a 100 ms tick, well over the round trip. More means the inner ignores RESEND.
+MAX_REJECTED_WHILE_WAITING = 64
+
+
+class LinkState(StrEnum):
+    HANDSHAKING = "handshaking"
+    SERVING = "serving"
+    EXHAUSTED = "exhausted"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (LinkState.EXHAUSTED, LinkState.CLOSED, LinkState.FAILED)
+
+
+class AlarmKind(StrEnum):
+    PROTOCOL = "protocol"  # malformed, truncated, oversized uplink bytes, or bytes after END
+    FINGERPRINT = "fingerprint"  # refused, or accepted with another fingerprint
+    MISMATCH = "mismatch"  # a frame failed its check (replayed, reordered, corrupted)
+    DECODER = "decoder"  # mismatches keep coming, or the inner ignores RESEND
+    CLOSED = "closed"  # the uplink ended without END
+    INNER_ERROR = "inner-error"  # the inner ended with END(error)
+    DOWNLINK_UPLOAD = "downlink-upload"  # the inner wrote on the downlink: an unmetered upload
+    CONNECTION = "connection"  # a connection the link did not expect
+    TIMEOUT = "timeout"  # no verdict in time
+    INTERNAL = "internal"  # a bug on the outer side; fail closed
+
+
+class FrameSink(Protocol):
+    """A frame decoder, as the outer uses it (`wire.frame.FrameDecoder`)."""
+
+    frame_no: int
+    awaiting_resend: int | None
+
+    def add_stream(self, spec: StreamSpec) -> None: ...
+
+    def decode(self, data: bytes) -> tuple[FrameContent, FrameStats]: ...
+
+
+@dataclass(frozen=True)
+class Accepted:
+    pass
+
+
+@dataclass(frozen=True)
+class Delivered:
+    content: FrameContent
+    stats: FrameStats
+    wire_bytes: int  # uplink bytes of this frame, its length prefix included
+
+
+@dataclass(frozen=True)
+class Rejected:
+    frame_no: int
+    reason: str
+    resend_from: int | None  # set when this rejection starts a mismatch: send RESEND(it)
+
+
+@dataclass(frozen=True)
+class Ended:
+    reason: EndReason
+
+
+@dataclass(frozen=True)
+class Failed:
+    kind: AlarmKind
+    message: str
+
+
+ReceiverEvent: TypeAlias = Accepted | Delivered | Rejected | Ended | Failed
+
+
+class UplinkReceiver:
+    """Uplink bytes -> events, for one connection (module doc). Not thread-safe: one caller."""
+
+    def __init__(
+        self,
+        fingerprint: dict[str, str],
+        decoder: FrameSink,
+        *,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+    ) -> None:
+        self.fingerprint = dict(fingerprint)
+        self.decoder = decoder
+        self._parser = UplinkParser(len(fingerprint), max_frame_bytes=max_frame_bytes)
+        self.state = LinkState.HANDSHAKING
+        self.reason = "waiting for the inner's verdict"
+        self.delivered = 0
+        self.rejected = 0
+        self.mismatches = 0
+        self._mismatch_run = 0  # mismatches since the last coded frame decoded
+        self._rejected_waiting = 0
+
+    def receive(self, data: bytes) -> list[ReceiverEvent]:
+        """Feed uplink bytes; the events they complete, in order."""
+        if self.state is LinkState.FAILED:
+            return []
+        try:
+            messages = self._parser.feed(data)
+        except ProtocolError as e:
+            # Messages complete before the bad bytes are dropped with them: the stream is
+            # not trusted past an error, and nothing from it is delivered.
+            return self.fail(AlarmKind.PROTOCOL, f"malformed uplink: {e}")
+        events: list[ReceiverEvent] = []
+        for msg in messages:
+            events += self._message(msg)
+            if self.state is LinkState.FAILED:
+                break
+        return events
+
+    def eof(self) -> list[ReceiverEvent]:
+        """The uplink connection ended."""
+        if self.state is LinkState.FAILED:
+            return []
+        try:
+            self._parser.eof()
+        except ProtocolError as e:
+            return self.fail(AlarmKind.PROTOCOL, f"truncated uplink: {e}")
+        if self.state is LinkState.HANDSHAKING:
+            return self.fail(AlarmKind.CLOSED, "the uplink closed before the inner's verdict")
+        if self.state is LinkState.SERVING:
+            return self.fail(
+                AlarmKind.CLOSED,
+                "the uplink closed without END: the inner stopped (crashed, was killed, or a"
+                " budget refused a charge before it could say so)",
+            )
+        return []
+
+    def fail(self, kind: AlarmKind, message: str) -> list[ReceiverEvent]:
+        """Fail the link (also for reasons the caller saw, e.g. bytes on the downlink)."""
+        if self.state is LinkState.FAILED:
+            return []
+        self.state, self.reason = LinkState.FAILED, message
+        return [Failed(kind, message)]
+
+    def _message(self, msg: object) -> list[ReceiverEvent]:
+        # The parser allows a verdict only first, and nothing after a refusal or END.
+        if isinstance(msg, Frame):
+            return self._frame(msg.data)
+        if isinstance(msg, End):
+            return self._end(msg.reason)
+        if isinstance(msg, Refuse):
+            lines = refused_differences(self.fingerprint, msg.fields)
+            return self.fail(
+                AlarmKind.FINGERPRINT,
+                "the inner refused to serve: codec fingerprints differ: " + "; ".join(lines),
+            )
+        assert isinstance(msg, Accept)
+        ours = fingerprint_digest(self.fingerprint)
+        if msg.digest != ours:
+            return self.fail(
+                AlarmKind.FINGERPRINT,
+                f"the inner accepted, but its fingerprint digest {msg.digest.hex()} is not"
+                f" ours ({ours.hex()}): decoding would not be exact",
+            )
+        self.state, self.reason = LinkState.SERVING, "serving"
+        return [Accepted()]
+
+    def _frame(self, data: bytes) -> list[ReceiverEvent]:
+        frame_no = self.decoder.frame_no
+        waiting = self.decoder.awaiting_resend
+        try:
+            content, stats = self.decoder.decode(data)
+        except DecodeMismatch as e:
+            self.rejected += 1
+            if waiting is not None:
+                self._rejected_waiting += 1
+                if self._rejected_waiting > MAX_REJECTED_WHILE_WAITING:
+                    return self.fail(
+                        AlarmKind.DECODER,
+                        f"{self._rejected_waiting} frames rejected while waiting for a resend"
+                        f" of frame {waiting}: the inner does not resend",
+                    )
+                return [Rejected(frame_no, str(e), None)]
+            self.mismatches += 1
+            self._mismatch_run += 1
+            self._rejected_waiting = 0
+            if self._mismatch_run > MAX_MISMATCHES_IN_A_ROW:
+                return self.fail(
+                    AlarmKind.DECODER,
+                    f"{self._mismatch_run} decode mismatches in a row, each after a resend: the"
+                    f" two sides do not compute the same weak-model numbers ({e})",
+                )
+            return [Rejected(frame_no, str(e), self.decoder.awaiting_resend)]
+        except Exception as e:  # a decoder bug must not take the outer down: fail closed
+            return self.fail(AlarmKind.INTERNAL, f"frame {frame_no}: decoder failed: {e!r}")
+        if not stats.raw:
+            self._mismatch_run = 0
+        self.delivered += 1
+        return [Delivered(content, stats, len(encode_uplink(Frame(data))))]
+
+    def _end(self, reason: EndReason) -> list[ReceiverEvent]:
+        if reason is EndReason.ERROR:
+            return [Ended(reason), *self.fail(AlarmKind.INNER_ERROR, "the inner failed (END)")]
+        if reason.exhausted:
+            self.state = LinkState.EXHAUSTED
+            self.reason = f"upload budget exhausted ({reason.name.lower().replace('_', '-')})"
+        else:
+            self.state, self.reason = LinkState.CLOSED, "the inner stopped as asked"
+        return [Ended(reason)]

@@ -1,0 +1,287 @@
+"""The OpenAI-compatible gateway end to end, with the official openai client, on the tiny pair:
+inner service + in-process link + outer service + uvicorn on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from uplimit.coding.calibration import Calibration
+from uplimit.inner.audit import AuditStore
+from uplimit.inner.scheduler import SchedulerConfig
+from uplimit.inner.service import InnerService
+from uplimit.link.budget import Budgets
+from uplimit.link.ledger import SqliteLedger
+from uplimit.outer.app import ApiSettings, create_app
+from uplimit.outer.link import LocalUplink
+from uplimit.outer.service import OuterService
+from uplimit.wire.frame import FrameConfig, FrameDecoder
+
+MODEL = "tiny-strong"
+THINK = ("<think>", "</think>")
+
+
+@dataclass
+class Stack:
+    client: openai.AsyncOpenAI
+    url: str
+    uplink: LocalUplink
+    audit: AuditStore
+    ledger: SqliteLedger | None
+
+
+@contextlib.asynccontextmanager
+async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=None,
+                **config) -> AsyncIterator[Stack]:  # fmt: skip
+    cfg = SchedulerConfig(**{"max_batch": 8, "max_context": 256, "frame_tokens": 4,
+                             "reasoning": reasoning, **config})  # fmt: skip
+    audit = AuditStore(tmp_path / "audit.db")
+    ledger = SqliteLedger(tmp_path / "ledger.db", Budgets(budget)) if budget else None
+    inner = InnerService(strong, weak, Calibration(), cfg, audit=audit)
+    session = weak.session(cfg.max_streams, cfg.max_context + 1)
+    fc = FrameConfig(cfg.frame_tokens, weak.info.n_vocab)
+    decoder = FrameDecoder(session, weak.info.eos_ids, Calibration(), fc)
+    uplink = LocalUplink(inner, decoder, tick_s=0.002, ledger=ledger)
+    service = OuterService(weak, uplink, max_context=cfg.max_context, reasoning=reasoning)
+    settings = ApiSettings(model_name=MODEL, api_key=api_key, reasoning=reasoning is not None)
+    app = create_app(service, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    uplink.start()
+    service.start()
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    client = openai.AsyncOpenAI(base_url=url, api_key=api_key or "none", max_retries=0)
+    try:
+        yield Stack(client, url, uplink, audit, ledger)
+    finally:
+        await client.close()
+        server.should_exit = True
+        await serving
+        await service.aclose()
+        await uplink.aclose()
+        session.close()
+        audit.close()
+        if ledger:
+            ledger.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+CHAT = [{"role": "user", "content": "Hello!"}]
+
+
+def test_chat_and_completions_round_trip(tiny_strong, tiny_weak, tmp_path):
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path) as s:
+            models = await s.client.models.list()
+            assert [m.id for m in models.data] == [MODEL]
+            r = await s.client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=20, temperature=0.7, seed=5
+            )
+            assert r.choices[0].finish_reason in ("stop", "length")
+            assert r.usage.completion_tokens <= 20
+            extra = r.model_extra["uplimit"]
+            assert extra["seed"] == 5 and extra["uploaded_bits"] > 0
+            (rec,) = s.audit.query(request_id=r.id)
+            assert rec.seed == 5
+            assert (
+                tiny_strong.detokenize(
+                    [t for t in rec.uploaded if t not in tiny_strong.info.eos_ids]
+                )
+                == r.choices[0].message.content
+            )
+            # Same seed, same answer; the audit's bits are what the outer counted.
+            again = await s.client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=20, temperature=0.7, seed=5
+            )
+            assert again.choices[0].message.content == r.choices[0].message.content
+            assert rec.bits_uploaded == pytest.approx(extra["uploaded_bits"], abs=1e-2)
+            c = await s.client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=8,
+                                                  temperature=0)  # fmt: skip
+            assert c.object == "text_completion" and c.usage.completion_tokens <= 8
+
+    run(main())
+
+
+def test_streaming_matches_the_audit_record(tiny_strong, tiny_weak, tmp_path):
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path) as s:
+            stream = await s.client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=30, temperature=1.0, stream=True,
+                stream_options={"include_usage": True},
+            )  # fmt: skip
+            text, finish, chunks, usage = "", None, 0, None
+            async for chunk in stream:
+                chunks += 1
+                if chunk.usage:
+                    usage = chunk.usage
+                for ch in chunk.choices:
+                    text += ch.delta.content or ""
+                    finish = ch.finish_reason or finish
+            assert finish in ("stop", "length") and chunks > 3
+            (rec,) = s.audit.query(request_id=chunk.id)
+            expected = b"".join(
+                tiny_strong.token_bytes(t) for t in rec.uploaded
+                if t not in tiny_strong.info.eos_ids
+            ).decode("utf-8", errors="replace")  # fmt: skip
+            assert text == expected
+            assert usage.completion_tokens == len(rec.uploaded)
+
+    run(main())
+
+
+def test_64_concurrent_streaming_clients(tiny_strong, tiny_weak, tmp_path):
+    """Every response is byte-identical to the inner's audit record; nothing is lost."""
+
+    async def one(s, i):
+        stream = await s.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Question {i}?"}],
+            max_tokens=5 + i % 20, temperature=[0.0, 0.7, 1.0][i % 3], seed=i, stream=True,
+            stop=["e!"] if i % 7 == 0 else None,
+        )  # fmt: skip
+        text, rid, finish = "", None, None
+        async for chunk in stream:
+            rid = chunk.id
+            for ch in chunk.choices:
+                text += ch.delta.content or ""
+                finish = ch.finish_reason or finish
+        return rid, text, finish
+
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path, max_batch=16, max_streams=64) as s:
+            results = await asyncio.gather(*(one(s, i) for i in range(64)))
+            assert len({rid for rid, _, _ in results}) == 64
+            for i, (rid, text, finish) in enumerate(results):
+                (rec,) = s.audit.query(request_id=rid)
+                data = b"".join(
+                    tiny_strong.token_bytes(t) for t in rec.uploaded
+                    if t not in tiny_strong.info.eos_ids
+                )  # fmt: skip
+                if i % 7 == 0 and b"e!" in data:
+                    assert finish == "stop"
+                    data = data[: data.index(b"e!")]
+                assert text == data.decode("utf-8", errors="replace"), i
+                assert rec.seed == i and rec.bits_uploaded is not None
+            total = sum(r.bits_uploaded for r in s.audit.query(last=100))
+            assert total == pytest.approx(8 * sum(map(len, s.uplink.frames)), rel=1e-6)
+
+    run(main())
+
+
+def test_n_choices_and_best_of(tiny_strong, tiny_weak, tmp_path):
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path) as s:
+            r = await s.client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=10, temperature=1.0, n=3, seed=11,
+                extra_body={"best_of": 3},
+            )  # fmt: skip
+            assert len(r.choices) == 3
+            recs = s.audit.query(request_id=r.id)
+            assert len(recs) == 9 and sum(x.chosen for x in recs) == 3
+            uploaded = [x for x in recs if x.chosen]
+            assert len(s.uplink.frames) > 0
+            for ch in r.choices:
+                rec = uploaded[ch.index]
+                assert ch.message.content == tiny_strong.detokenize(
+                    [t for t in rec.uploaded if t not in tiny_strong.info.eos_ids]
+                )
+
+    run(main())
+
+
+def test_reasoning_stays_inside_and_can_be_retrieved(tiny_strong, tiny_weak, tmp_path):
+    from test_services_scheduler import ScriptedModel  # tests/unit is on sys.path
+
+    script = tiny_strong.tokenize("<think>the secret plan</think>Answer:")
+    strong = ScriptedModel(tiny_strong, script)
+
+    async def main():
+        async with stack(strong, tiny_weak, tmp_path, reasoning=THINK) as s:
+            r = await s.client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=6, temperature=0.7
+            )
+            text = r.choices[0].message.content
+            assert text.startswith("Answer:") and "secret" not in text
+            wid = r.model_extra["uplimit"]["choices"][0]["withheld_id"]
+            crossed = len(s.uplink.frames)
+            async with httpx.AsyncClient() as http:
+                got = await http.post(f"{s.url}/uplimit/withheld", json={"id": wid})
+            assert got.status_code == 200
+            assert "the secret plan" in got.json()["text"]
+            assert got.json()["uplimit"]["uploaded_bits"] > 0
+            assert len(s.uplink.frames) > crossed  # it crossed the uplink, charged
+
+    run(main())
+
+
+def test_bad_inputs_give_openai_errors(tiny_strong, tiny_weak, tmp_path):
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path) as s:
+            c = s.client
+            with pytest.raises(openai.NotFoundError) as e:
+                await c.chat.completions.create(model="gpt-9", messages=CHAT)
+            assert e.value.code == "model_not_found"
+            for kwargs, param in (
+                ({"temperature": 2.5}, "temperature"),
+                ({"top_p": 0}, "top_p"),
+                ({"n": 0}, "n"),
+                ({"max_tokens": 0}, "max_tokens"),
+                ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+                ({"logprobs": True}, "logprobs"),
+                ({"extra_body": {"best_of": 100}}, "best_of"),
+            ):
+                with pytest.raises(openai.BadRequestError) as e:
+                    await c.chat.completions.create(model=MODEL, messages=CHAT, **kwargs)
+                assert e.value.code == "invalid_value" and e.value.param == param, kwargs
+            with pytest.raises(openai.BadRequestError) as e:
+                await c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=100_000)
+            assert e.value.code == "context_length_exceeded"
+            with pytest.raises(openai.BadRequestError) as e:
+                await c.chat.completions.create(model=MODEL, messages=[])
+            with pytest.raises(openai.BadRequestError) as e:
+                await c.completions.create(model=MODEL, prompt=[10**9])
+            assert e.value.param == "prompt"
+
+    run(main())
+
+
+def test_api_key(tiny_strong, tiny_weak, tmp_path):
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path, api_key="sesame") as s:
+            bad = openai.AsyncOpenAI(base_url=s.url, api_key="wrong", max_retries=0)
+            with pytest.raises(openai.AuthenticationError):
+                await bad.models.list()
+            await bad.close()
+            assert (await s.client.models.list()).data
+
+    run(main())
+
+
+def test_budget_exhausted_is_a_503(tiny_strong, tiny_weak, tmp_path):
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path, budget=200) as s:
+            with pytest.raises(openai.APIStatusError) as e:
+                for _ in range(50):
+                    await s.client.chat.completions.create(
+                        model=MODEL, messages=CHAT, max_tokens=60, temperature=1.0
+                    )
+            assert e.value.status_code == 503
+            assert e.value.code == "upload_budget_exhausted"
+            assert s.ledger.usage().usage.lifetime_bytes <= 200
+            async with httpx.AsyncClient() as http:
+                health = await http.get(s.url.removesuffix("/v1") + "/health")
+            assert health.status_code == 503 and health.json()["link"] == "exhausted"
+
+    run(main())

@@ -1,0 +1,330 @@
+"""The inner scheduler, synchronously: frames decode to exactly what the audit store says was
+uploaded; best-of-N uploads one candidate; reasoning never reaches a frame; stops and cancels."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pytest
+
+from uplimit.coding.calibration import Calibration
+from uplimit.coding.sampling import SamplingParams
+from uplimit.inner.audit import AuditStore
+from uplimit.inner.request import GenerationRequest, StopMatcher, candidate_seed
+from uplimit.inner.scheduler import Scheduler, SchedulerConfig, mean_logprob
+from uplimit.models.base import LanguageModel, Logits, SeqId, Session
+from uplimit.wire.frame import FrameConfig, FrameDecoder, FrameEncoder
+from uplimit.wire.streams import StreamSpec
+
+K = 4
+
+
+class Link:
+    """Scheduler -> encoder -> bytes -> decoder, in one thread."""
+
+    def __init__(self, strong, weak, config: SchedulerConfig, audit=None) -> None:
+        self.sched = Scheduler(strong, config, audit=audit)
+        fc = FrameConfig(config.frame_tokens, weak.info.n_vocab)
+        self._es = weak.session(config.max_streams, config.max_context)
+        self._ds = weak.session(config.max_streams, config.max_context)
+        self.enc = FrameEncoder(self._es, weak.info.eos_ids, Calibration(), fc)
+        self.dec = FrameDecoder(self._ds, weak.info.eos_ids, Calibration(), fc)
+        self.frames: list[bytes] = []
+        self.decoded: dict[int, list[int]] = {}
+        self.ended: set[int] = set()
+        self.bits = 0
+
+    def submit(self, request: GenerationRequest) -> None:
+        self.enc.add_stream(request.spec)
+        self.dec.add_stream(request.spec)
+        self.sched.submit(request)
+
+    def tick(self) -> bool:
+        frame = self.sched.take_frame()
+        if frame is None:
+            return False
+        data, _ = self.enc.encode(frame.content)
+        self.frames.append(data)
+        self.bits += 8 * len(data)
+        content, _ = self.dec.decode(data)
+        for s, toks in content.tokens.items():
+            self.decoded.setdefault(s, []).extend(toks)
+        for s in frame.retired:
+            self.sched.release(s, 0.0)
+            self.ended.add(s)
+        assert set(self.dec.table.active) == set(self.enc.table.active)
+        return True
+
+    def run(self, max_rounds: int = 5000, between=None) -> None:
+        for i in range(max_rounds):
+            worked = self.sched.step()
+            self.tick()
+            if between:
+                between(i)
+            if not worked and self.sched.idle:
+                return
+        raise AssertionError("did not finish")
+
+    def close(self) -> None:
+        self.sched.close()
+        self._es.close()
+        self._ds.close()
+
+
+def request(model, i, text="Hello!", *, t=0.7, max_tokens=12, **kw) -> GenerationRequest:
+    prompt = tuple(model.chat_tokens([{"role": "user", "content": text}]))
+    spec = StreamSpec(i, prompt, SamplingParams(temperature=t), 1000 + i, max_tokens)
+    return GenerationRequest(spec, f"req-{i}", **kw)
+
+
+@pytest.fixture
+def audit(tmp_path):
+    store = AuditStore(tmp_path / "audit.db")
+    yield store
+    store.close()
+
+
+def test_frames_decode_to_the_audited_uploads(tiny_strong, tiny_weak, audit):
+    link = Link(tiny_strong, tiny_weak, SchedulerConfig(max_batch=6, frame_tokens=K), audit)
+    rng = random.Random(0)
+    texts = ["Hello!", "Write a function.", "Explain recursion.", "x = [1, 2]"]
+    for i in range(10):
+        link.submit(request(tiny_strong, i, rng.choice(texts), t=rng.choice([0.0, 0.7, 1.0]),
+                            max_tokens=rng.randint(1, 30)))  # fmt: skip
+    link.run()
+    assert link.ended == set(range(10))
+    for i in range(10):
+        (rec,) = audit.query(request_id=f"req-{i}")
+        assert rec.chosen and rec.uploaded == link.decoded.get(i, [])
+        assert rec.bits_uploaded == 0.0
+        assert len(rec.uploaded) <= rec.params["max_tokens"]
+    link.close()
+
+
+def test_matches_generation_alone(tiny_strong, tiny_weak):
+    """Continuous batching changes nothing: each stream's tokens equal a run on its own."""
+    reqs = [request(tiny_strong, i, t=0.8, max_tokens=20) for i in range(4)]
+    together = Link(tiny_strong, tiny_weak, SchedulerConfig(max_batch=2, frame_tokens=K))
+    for r in reqs:
+        together.submit(r)
+    together.run()
+    for r in reqs:
+        alone = Link(tiny_strong, tiny_weak, SchedulerConfig(max_batch=1, frame_tokens=K))
+        alone.submit(r)
+        alone.run()
+        assert alone.decoded[r.spec.stream_id] == together.decoded[r.spec.stream_id]
+        alone.close()
+    together.close()
+
+
+def test_uniform_frames_are_cheap(tiny_strong, tiny_weak):
+    """Streams started together and never paused cost nothing for counts: every frame but
+    the last few (streams ending unevenly) uses one uniform count."""
+    link = Link(tiny_strong, tiny_weak, SchedulerConfig(max_batch=8, frame_tokens=K))
+    for i in range(8):
+        link.submit(request(tiny_strong, i, t=0.0, max_tokens=40))
+    link.run()
+    n_tokens = sum(map(len, link.decoded.values()))
+    assert n_tokens > 8 * 10
+    # Greedy on the tiny pair; what matters is that no frame pays per-stream counts.
+    assert link.bits / n_tokens < 8
+
+
+def test_best_of_uploads_only_the_chosen_candidate(tiny_strong, tiny_weak, audit):
+    link = Link(tiny_strong, tiny_weak, SchedulerConfig(max_batch=8, frame_tokens=K), audit)
+    link.submit(request(tiny_strong, 0, t=1.0, max_tokens=15, best_of=4))
+    link.submit(request(tiny_strong, 1, t=1.0, max_tokens=15))  # behind it in the queue
+    link.run()
+    recs = audit.query(request_id="req-0")
+    assert len(recs) == 4 and sum(r.chosen for r in recs) == 1
+    chosen = next(r for r in recs if r.chosen)
+    assert chosen.uploaded == link.decoded[0]
+    assert [r.seed for r in recs] == [candidate_seed(1000, j) for j in range(4)]
+    # The scorer picked the best candidate, and the candidates differ.
+    assert chosen.score == max(r.score for r in recs)
+    assert len({tuple(r.tokens) for r in recs}) > 1
+    for r in recs:
+        if not r.chosen:
+            assert r.uploaded == [] and r.tokens != link.decoded[0]
+    link.close()
+
+
+def test_best_of_is_one_at_temperature_zero(tiny_strong, tiny_weak, audit):
+    link = Link(tiny_strong, tiny_weak, SchedulerConfig(frame_tokens=K), audit)
+    link.submit(request(tiny_strong, 0, t=0.0, best_of=3))
+    link.run()
+    assert len(audit.query(request_id="req-0")) == 1
+    link.close()
+
+
+def test_stop_sequence_ends_the_stream_after_its_token(tiny_strong, tiny_weak, audit):
+    # Find text the model produces, then ask it to stop there.
+    probe = Link(tiny_strong, tiny_weak, SchedulerConfig(frame_tokens=K))
+    probe.submit(request(tiny_strong, 0, t=0.0, max_tokens=30))
+    probe.run()
+    full = probe.decoded[0]
+    probe.close()
+    eos = tiny_strong.info.eos_ids
+
+    def text(t):
+        return "" if t in eos else tiny_strong.token_bytes(t).decode("utf-8", "ignore").strip()
+
+    stop_at = next(i for i in range(3, len(full)) if text(full[i]))
+    piece = text(full[stop_at])
+    link = Link(tiny_strong, tiny_weak, SchedulerConfig(frame_tokens=K), audit)
+    link.submit(request(tiny_strong, 0, t=0.0, max_tokens=30, stop=(piece,)))
+    link.run()
+    got = link.decoded[0]
+    assert got == full[: len(got)] and len(got) <= stop_at + 1
+    matcher = StopMatcher([piece])
+    for t in got:
+        assert not matcher.stopped and t not in eos
+        matcher.feed(tiny_strong.token_bytes(t))
+    assert matcher.stopped  # the outer, fed the same tokens, stops at the same one
+    assert audit.query(request_id="req-0")[0].finish_reason == "stop"
+    link.close()
+
+
+def test_cancel_ends_streams_anywhere(tiny_strong, tiny_weak, audit):
+    link = Link(tiny_strong, tiny_weak, SchedulerConfig(max_batch=2, frame_tokens=K), audit)
+    for i in range(6):
+        link.submit(request(tiny_strong, i, max_tokens=200, best_of=2 if i == 3 else 1))
+
+    def cancel(i):
+        if i in (0, 3):
+            link.sched.cancel(i)  # active, or still pending
+        if i == 5:
+            link.sched.cancel(4)
+            link.sched.cancel(3)  # twice: no effect
+
+    link.run(between=cancel)
+    assert link.ended == set(range(6))
+    for i in range(6):
+        rec = next(r for r in audit.query(request_id=f"req-{i}") if r.chosen or i in (0, 3, 4))
+        if i in (0, 3, 4):
+            assert rec.finish_reason == "cancelled"
+    link.close()
+
+
+class ScriptedModel(LanguageModel):
+    """A model that emits a fixed script of tokens first, then whatever `base` says."""
+
+    def __init__(self, base: LanguageModel, script: Sequence[int]) -> None:
+        self.base, self.script = base, list(script)
+        self.info, self.chat_template = base.info, base.chat_template
+
+    def tokenize(self, text, *, special=False):
+        return self.base.tokenize(text, special=special)
+
+    def token_bytes(self, token):
+        return self.base.token_bytes(token)
+
+    def session(self, max_sequences, max_context):
+        return _ScriptedSession(self.base.session(max_sequences, max_context), self.script)
+
+
+class _ScriptedSession(Session):
+    def __init__(self, inner: Session, script: list[int]) -> None:
+        self.inner, self.script, self.start = inner, script, {}
+
+    def _force(self, seq: SeqId, logits: Logits) -> Logits:
+        i = self.inner.length(seq) - self.start[seq]
+        if i < len(self.script):
+            logits = np.full_like(logits, -1e4)
+            logits[self.script[i]] = 0.0
+        return logits
+
+    def prefill(self, prompt):
+        seq, logits = self.inner.prefill(prompt)
+        self.start[seq] = len(prompt)
+        return seq, self._force(seq, logits)
+
+    def step(self, tokens: Mapping[SeqId, int]):
+        return {s: self._force(s, lg) for s, lg in self.inner.step(tokens).items()}
+
+    def truncate(self, seq, length):
+        self.inner.truncate(seq, length)
+
+    def drop(self, seq):
+        self.inner.drop(seq)
+
+    def length(self, seq):
+        return self.inner.length(seq)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_reasoning_is_withheld_from_every_frame(tiny_strong, tiny_weak, audit):
+    secret = "Let me think: the answer is 42."
+    visible_before = "Sure."
+    script = tiny_strong.tokenize(f"{visible_before}<think>{secret}</think>")
+    strong = ScriptedModel(tiny_strong, script)
+    config = SchedulerConfig(frame_tokens=K, reasoning=("<think>", "</think>"))
+    link = Link(strong, tiny_weak, config, audit)
+    for i in range(3):
+        link.submit(request(tiny_strong, i, t=[0.0, 0.7, 1.0][i], max_tokens=20))
+    link.run()
+    for i in range(3):
+        (rec,) = audit.query(request_id=f"req-{i}")
+        assert rec.uploaded == link.decoded[i]
+        text = tiny_strong.detokenize(rec.uploaded)
+        assert text.startswith(visible_before) and "think" not in text and "42" not in text
+        assert secret in tiny_strong.detokenize(rec.withheld)
+        assert rec.withheld_id == f"req-{i}/{i}"
+        assert len(rec.uploaded) == 20  # max_tokens counts uploaded tokens only
+        assert rec.tokens[: len(script)] == script
+    # A fresh decoder replaying every frame sees no token of the reasoning.
+    replay = Link(tiny_strong, tiny_weak, config)
+    for i in range(3):
+        replay.dec.add_stream(request(tiny_strong, i, t=[0.0, 0.7, 1.0][i], max_tokens=20).spec)
+    seen = []
+    for data in link.frames:
+        content, _ = replay.dec.decode(data)
+        seen += [t for toks in content.tokens.values() for t in toks]
+    assert secret.encode() not in b"".join(tiny_strong.token_bytes(t) for t in seen)
+    replay.close()
+    link.close()
+
+
+def test_retrieval_uploads_withheld_reasoning(tiny_strong, tiny_weak, audit):
+    script = tiny_strong.tokenize("<think>secret plan</think>ok")
+    strong = ScriptedModel(tiny_strong, script)
+    config = SchedulerConfig(frame_tokens=K, reasoning=("<think>", "</think>"))
+    link = Link(strong, tiny_weak, config, audit)
+    link.submit(request(tiny_strong, 0, max_tokens=5))
+    link.run()
+    withheld = audit.query(request_id="req-0")[0].withheld
+    link.submit(request(tiny_strong, 1, t=0.0, max_tokens=500, withheld_id="req-0/0"))
+    link.submit(request(tiny_strong, 2, t=0.0, max_tokens=500, withheld_id="no-such-id"))
+    link.run()
+    assert link.decoded[1] == withheld
+    assert "secret plan" in tiny_strong.detokenize(link.decoded[1])
+    assert 2 not in link.decoded and 2 in link.ended
+    (rec,) = audit.query(request_id="req-1")
+    assert rec.kind == "retrieve" and rec.uploaded == withheld
+    link.close()
+
+
+def test_mean_logprob_scorer():
+    class C:
+        tokens, uploaded, logprobs = [1, 2], [1, 2], [-1.0, -3.0]
+
+    assert mean_logprob(C()) == -2.0
+
+
+def test_frame_delay_fills_frames(tiny_strong, tiny_weak):
+    """Waiting for frames to fill (frame_delay_s) puts more tokens in each frame."""
+
+    def tokens_per_frame(delay):
+        link = Link(tiny_strong, tiny_weak, SchedulerConfig(frame_tokens=8, frame_delay_s=delay))
+        for i in range(3):
+            link.submit(request(tiny_strong, i, t=0.0, max_tokens=40))
+        link.run(max_rounds=100_000)
+        n = sum(map(len, link.decoded.values())) / len(link.frames)
+        link.close()
+        return n
+
+    assert tokens_per_frame(1.0) > 2 * tokens_per_frame(0.0)

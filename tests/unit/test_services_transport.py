@@ -1,0 +1,109 @@
+"""Both services over the real transport (two TCP connections, metered), on the tiny pair,
+in one process: `serve_outer` and `serve_inner` as `uplimit serve both` runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import openai
+
+from uplimit.config import load_config
+from uplimit.inner.audit import AuditStore
+from uplimit.inner.serve import serve_inner
+from uplimit.link.ledger import open_ledger
+from uplimit.link.meter import ReceiveCounter
+from uplimit.outer.serve import serve_outer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_client_over_the_real_link(tiny_strong, tiny_weak, tiny_pair_dirs, tmp_path):
+    strong_dir, weak_dir = tiny_pair_dirs
+    config_file = tmp_path / "uplimit.toml"
+    config_file.write_text(
+        f"""
+[models]
+strong = "{strong_dir}"
+weak = "{weak_dir}"
+backend = "hf"
+[coding]
+frame_tokens = 4
+max_streams = 8
+max_context = 256
+[link]
+downlink_port = {_free_port()}
+uplink_port = {_free_port()}
+tick_s = 0.02
+ledger = "{tmp_path / "ledger.db"}"
+lifetime_budget_bytes = 1000000
+downlink_log = "{tmp_path / "downlink.jsonl"}"
+receive_counter = "{tmp_path / "received.db"}"
+[inner]
+max_batch = 4
+audit = "{tmp_path / "audit.db"}"
+[outer]
+model_name = "tiny"
+"""
+    )
+    # The port comes from the environment: overrides work.
+    port = _free_port()
+    config = load_config(config_file, env={"UPLIMIT_OUTER_PORT": str(port)})
+    assert config.outer.port == port
+
+    async def main():
+        outer = asyncio.create_task(serve_outer(config, tiny_weak))
+        inner = asyncio.create_task(serve_inner(config, tiny_strong, tiny_weak))
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient() as http:
+            for _ in range(500):
+                try:
+                    if (await http.get(f"{url}/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.02)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        r = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello!"}], max_tokens=12,
+            temperature=0.7, seed=3,
+        )  # fmt: skip
+        stream = await client.completions.create(
+            model="tiny", prompt="def f(x):", max_tokens=10, temperature=0, stream=True
+        )
+        streamed, sid = "", None
+        async for chunk in stream:
+            sid = chunk.id
+            streamed += "".join(c.text for c in chunk.choices)
+        await client.close()
+        outer.cancel()  # as SIGTERM would: the outer sends SHUTDOWN, the inner stops
+        await asyncio.gather(outer, return_exceptions=True)
+        reason = await asyncio.wait_for(inner, 30)
+        return r, streamed, sid, reason
+
+    r, streamed, sid, reason = asyncio.run(main())
+    assert reason.name == "SHUTDOWN"
+    audit = AuditStore(config.inner.audit)
+    records = audit.query(last=10)
+    audit.close()
+    # Request options travel in OPEN_STREAM's extra: the audit has the API's ids.
+    first, second = reversed(records)
+    assert (first.request_id, second.request_id) == (r.id, sid)
+    eos = tiny_strong.info.eos_ids
+    assert r.choices[0].message.content == tiny_strong.detokenize(
+        [t for t in first.uploaded if t not in eos]
+    )
+    assert first.seed == 3 and r.model_extra["uplimit"]["seed"] == 3
+    assert streamed == tiny_strong.detokenize([t for t in second.uploaded if t not in eos])
+    # Meters: the ledger charged at least every byte the outer received.
+    ledger = open_ledger(config.link.ledger)
+    counter = ReceiveCounter(config.link.receive_counter)
+    charged, received = ledger.usage().wire_bytes, counter.total()
+    ledger.close()
+    counter.close()
+    assert 0 < received <= charged

@@ -1,0 +1,368 @@
+"""The link protocol's bytes: pinned layouts, strict parsers (whole, byte by byte, split at
+random, with trailing garbage, random bytes), limits."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from uplimit.coding.sampling import SamplingParams
+from uplimit.errors import ConfigError
+from uplimit.wire.protocol import (
+    DOWNLINK_PREAMBLE,
+    MAX_FRAME_BYTES,
+    Accept,
+    ByteRate,
+    Cancel,
+    DownlinkLimits,
+    DownlinkParser,
+    End,
+    EndReason,
+    Frame,
+    Hello,
+    OpenStream,
+    ProtocolError,
+    Refuse,
+    Resend,
+    Shutdown,
+    UplinkParser,
+    encode_downlink,
+    encode_uplink,
+)
+from uplimit.wire.streams import StreamSpec
+
+SPEC = StreamSpec(3, (1, 2, 300), SamplingParams(0.5, 0.9, 5), 0x0102030405060708, 50)
+FIELDS = 3  # keys in the HELLO the uplink parsers answer
+HELLO = encode_downlink(Hello.of({"a": "1"}))
+
+# --- pinned layouts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("msg", "hex_bytes"),
+    [
+        (
+            Hello.of({"weak.sha256": "ab", "codec.version": "1"}),  # sorted on the wire
+            "0100000020" "02" "0d" + b"codec.version".hex() + "0131" "0b" + b"weak.sha256".hex()
+            + "02" + b"ab".hex(),
+        ),
+        (
+            OpenStream(SPEC, b"{}"),
+            "0200000023" "03" "0102030405060708" "32" "3fe0000000000000" "3feccccccccccccd" "05"
+            "03" "01" "02" "ac02" "02" "7b7d",
+        ),
+        (Cancel(5), "0300000001" "05"),
+        (Resend(300), "0400000002" "ac02"),
+        (Shutdown(), "0500000000"),
+    ],
+)  # fmt: skip
+def test_downlink_bytes_are_pinned(msg, hex_bytes):
+    assert DOWNLINK_PREAMBLE == b"UPLD\x01"
+    assert encode_downlink(msg).hex() == hex_bytes
+    first = b"" if isinstance(msg, Hello) else HELLO  # HELLO comes first
+    parsed = DownlinkParser().feed(DOWNLINK_PREAMBLE + first + bytes.fromhex(hex_bytes))
+    assert parsed[-1] == msg
+
+
+@pytest.mark.parametrize(
+    ("msg", "hex_bytes"),
+    [
+        (Accept(b"\xde\xad\xbe\xef"), "11deadbeef"),
+        (Refuse(((0, "a"), (3, "xy"))), "12" "02" "0001" + "61" + "0302" + "7879"),
+        (Frame(b"\xab"), "01ab"),
+        (Frame(bytes(200)), "c801" + "00" * 200),
+        (End(EndReason.LIFETIME), "0001"),
+        (End(EndReason.SHUTDOWN), "0004"),
+    ],
+)  # fmt: skip
+def test_uplink_bytes_are_pinned(msg, hex_bytes):
+    assert encode_uplink(msg).hex() == hex_bytes
+
+
+def test_every_uplink_message_is_as_small_as_the_layout_allows():
+    # An accept is 5 bytes once per connection; a frame pays 1 length byte up to 127 bytes,
+    # 2 up to 16,383; END is 2.
+    assert len(encode_uplink(Accept(bytes(4)))) == 5
+    assert [len(encode_uplink(Frame(bytes(n)))) - n for n in (1, 127, 128, 16383, 16384)] == [
+        1, 1, 2, 2, 3,
+    ]  # fmt: skip
+    assert len(encode_uplink(End(EndReason.LIFETIME))) == 2
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+keys = st.text("abcdefghijklmnopqrstuvwxyz0123456789._-", min_size=1, max_size=20)
+values = st.text(max_size=40).filter(str.isprintable)
+hellos = st.dictionaries(keys, values, max_size=6).map(Hello.of)
+params = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.0, 0.3, 0.7, 1.0, 2.0]),
+    top_p=st.sampled_from([1.0, 0.9, 0.5]),
+    top_k=st.integers(0, 100),
+)
+specs = st.builds(
+    StreamSpec,
+    stream_id=st.integers(0, 2**63 - 1),
+    prompt=st.lists(st.integers(0, 151_935), min_size=1, max_size=30).map(tuple),
+    params=params,
+    seed=st.integers(0, 2**64 - 1),
+    max_tokens=st.integers(1, 131_072),
+)
+middles = st.one_of(
+    st.builds(OpenStream, specs, st.binary(max_size=40)),
+    st.builds(Cancel, st.integers(0, 2**63 - 1)),
+    st.builds(Resend, st.integers(0, 2**32 - 1)),
+)
+downlinks = st.tuples(hellos, st.lists(middles, max_size=6), st.booleans()).map(
+    lambda t: [t[0], *t[1], *([Shutdown()] if t[2] else [])]
+)
+verdicts = st.one_of(
+    st.builds(Accept, st.binary(min_size=4, max_size=4)),
+    st.lists(st.integers(0, FIELDS), min_size=1, max_size=FIELDS + 1, unique=True).flatmap(
+        lambda idx: st.lists(
+            st.text(max_size=20).filter(str.isprintable), min_size=len(idx), max_size=len(idx)
+        ).map(lambda vals: Refuse(tuple(zip(sorted(idx), vals, strict=True))))
+    ),
+)
+frames = st.builds(Frame, st.binary(min_size=1, max_size=300))
+ends = st.builds(End, st.sampled_from(list(EndReason)))
+uplinks = st.one_of(
+    st.tuples(st.builds(Accept, st.binary(min_size=4, max_size=4)), st.lists(frames, max_size=8),
+              st.one_of(st.none(), ends)).map(lambda t: [t[0], *t[1], *([t[2]] if t[2] else [])]),
+    verdicts.map(lambda v: [v]),
+)  # fmt: skip
+
+
+def downlink_bytes(msgs) -> bytes:
+    return DOWNLINK_PREAMBLE + b"".join(map(encode_downlink, msgs))
+
+
+def uplink_bytes(msgs) -> bytes:
+    return b"".join(map(encode_uplink, msgs))
+
+
+def feed_in(parser, data: bytes, cuts: list[int]) -> list:
+    """Feed `data` split at `cuts`, then signal the end of the stream."""
+    out, start = [], 0
+    for cut in [*sorted(c % (len(data) + 1) for c in cuts), len(data)]:
+        out += parser.feed(data[start:cut])
+        start = max(start, cut)
+    parser.eof()
+    return out
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(msgs=downlinks, cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_downlink_round_trips_whole_split_and_byte_by_byte(msgs, cuts):
+    data = downlink_bytes(msgs)
+    assert DownlinkParser().feed(data) == msgs
+    assert feed_in(DownlinkParser(), data, cuts) == msgs
+    assert feed_in(DownlinkParser(), data, list(range(len(data)))) == msgs
+
+
+@settings(max_examples=150, deadline=None)
+@given(msgs=uplinks, cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_uplink_round_trips_whole_split_and_byte_by_byte(msgs, cuts):
+    data = uplink_bytes(msgs)
+    assert UplinkParser(FIELDS).feed(data) == msgs
+    assert feed_in(UplinkParser(FIELDS), data, cuts) == msgs
+    assert feed_in(UplinkParser(FIELDS), data, list(range(len(data)))) == msgs
+
+
+@settings(max_examples=100, deadline=None)
+@given(msgs=uplinks, cut=st.integers(1, 10_000))
+def test_a_stream_cut_inside_a_message_is_an_error_at_eof(msgs, cut):
+    data = uplink_bytes(msgs)
+    boundaries = {0}
+    for m in msgs:
+        boundaries.add(max(boundaries) + len(encode_uplink(m)))
+    cut %= len(data) + 1
+    parser = UplinkParser(FIELDS)
+    parser.feed(data[:cut])
+    if cut in boundaries:
+        parser.eof()
+    else:
+        with pytest.raises(ProtocolError, match="inside a message"):
+            parser.eof()
+
+
+# --- anything else is an error, and the parser stays failed -----------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    msgs=downlinks.map(lambda m: m if isinstance(m[-1], Shutdown) else [*m, Shutdown()]),
+    garbage=st.binary(min_size=1, max_size=20),
+)
+def test_bytes_after_shutdown_are_refused(msgs, garbage):
+    parser = DownlinkParser()
+    with pytest.raises(ProtocolError, match="after the last message"):
+        parser.feed(downlink_bytes(msgs) + garbage)
+    with pytest.raises(ProtocolError, match="ERROR"):
+        parser.feed(b"")
+    with pytest.raises(ProtocolError, match="ERROR"):
+        parser.eof()
+
+
+@settings(max_examples=100, deadline=None)
+@given(msgs=uplinks, garbage=st.binary(min_size=1, max_size=20))
+def test_bytes_after_end_or_a_refusal_are_refused(msgs, garbage):
+    if not isinstance(msgs[-1], End | Refuse):
+        msgs = [*msgs, End(EndReason.LIFETIME)]
+    parser = UplinkParser(FIELDS)
+    with pytest.raises(ProtocolError, match="after the last message"):
+        parser.feed(uplink_bytes(msgs) + garbage)
+    with pytest.raises(ProtocolError, match="ERROR"):
+        parser.feed(uplink_bytes([Frame(b"ok")]))
+
+
+def _canonical_prefix(parse, encode, data: bytes) -> None:
+    """Whatever a parser accepts from arbitrary bytes is the canonical encoding of what it
+    returned: no two byte strings mean the same messages (no slack for a covert channel)."""
+    parser = parse()
+    try:
+        msgs = parser.feed(data)
+    except ProtocolError:
+        return
+    assert encode(msgs) == data[: len(data) - parser.buffered]
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=64))
+def test_random_uplink_bytes_parse_canonically_or_raise_protocol_error(data):
+    _canonical_prefix(lambda: UplinkParser(FIELDS), uplink_bytes, data)
+    # The same after a valid verdict, where frames and END are parsed.
+    _canonical_prefix(
+        lambda: UplinkParser(FIELDS), uplink_bytes, encode_uplink(Accept(b"abcd")) + data
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=80), hello=hellos)
+def test_random_downlink_bytes_parse_canonically_or_raise_protocol_error(data, hello):
+    _canonical_prefix(DownlinkParser, downlink_bytes, DOWNLINK_PREAMBLE + data)
+    _canonical_prefix(DownlinkParser, downlink_bytes, downlink_bytes([hello]) + data)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"\x13", "not protocol 1"),  # unknown verdict
+        (b"\x21abcd", "not protocol 1"),  # accept of protocol 2
+        (b"\x11abcd\x81\x00", "not minimally encoded"),
+        (b"\x11abcd\x80\x80\x80", "longer than any value up to 1048576"),
+        (b"\x11abcd\x00\x09", "unknown END reason"),
+        (b"\x12\x00", "names 0 fields"),
+        (b"\x12\x06", "names 6 fields"),
+        (b"\x12\x02\x01\x00\x01\x00", "out of order"),
+        (b"\x12\x01\x04\x00", "out of order or range"),
+        (b"\x12\x01\x00\x01\xff", "not UTF-8"),
+        (b"\x12\x01\x00\x01\n", "control characters"),
+    ],
+)
+def test_malformed_uplink_input_is_refused(data, error):
+    with pytest.raises(ProtocolError, match=error):
+        UplinkParser(FIELDS).feed(data)
+
+
+def test_an_oversized_frame_is_refused_from_its_length_alone():
+    parser = UplinkParser(FIELDS, max_frame_bytes=1000)
+    parser.feed(encode_uplink(Accept(b"abcd")))
+    with pytest.raises(ProtocolError, match="exceeds 1000"):
+        parser.feed(bytes([0xE9, 0x07]))  # 1001: no frame byte needed to refuse it
+    with pytest.raises(ProtocolError, match="exceeds"):
+        UplinkParser(FIELDS).feed(b"\x11abcd" + bytes([0x81, 0x80, 0x40]))  # 2**20 + 1
+    assert MAX_FRAME_BYTES == 1 << 20
+
+
+def _message(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BI", kind, len(body)) + body
+
+
+def _open_body(**change) -> bytes:
+    f = {
+        "id": b"\x03", "seed": bytes(8), "max_tokens": b"\x05", "t": 0.5, "p": 1.0,
+        "k": b"\x00", "prompt": b"\x01\x07", "extra": b"\x00",
+    }  # fmt: skip
+    f.update(change)
+    return (
+        f["id"] + f["seed"] + f["max_tokens"] + struct.pack(">dd", f["t"], f["p"]) + f["k"]
+        + f["prompt"] + f["extra"]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (_message(2, _open_body()), "HELLO must be the first"),
+        (HELLO + HELLO, "HELLO must be the first"),
+        (HELLO + _message(9, b""), "unknown downlink message type 9"),
+        (HELLO + _message(3, b"\x05\x00"), "1 bytes left over"),
+        (HELLO + _message(3, b""), "truncated"),
+        (HELLO + _message(4, b"\x80\x80\x80\x80\x10"), "exceeds"),  # frame number >= 2**32
+        (_message(1, b"\x02\x01b\x010\x01a\x010"), "not sorted"),
+        (_message(1, b"\x01\x01A\x01\x07"), "control characters"),
+        (_message(1, b"\x01\x03a b\x00"), "must be 1.. of"),
+        (_message(1, b"\x01\x01a\x02\xc3\x28"), "not UTF-8"),
+        (HELLO + _message(2, _open_body(t=math.nan)), "finite"),
+        (HELLO + _message(2, _open_body(t=2.5)), "temperature"),
+        (HELLO + _message(2, _open_body(max_tokens=b"\x00")), "max_tokens"),
+        (HELLO + _message(2, _open_body(prompt=b"\x00")), "non-empty prompt"),
+        (HELLO + _message(2, _open_body(prompt=b"\x01\xc0\x05")), "prompt token exceeds 703"),
+        (HELLO + _message(2, _open_body(extra=b"\x05ab")), "truncated"),
+    ],
+)
+def test_malformed_downlink_input_is_refused(data, error):
+    parser = DownlinkParser(n_vocab=704)
+    with pytest.raises(ProtocolError, match=error):
+        parser.feed(DOWNLINK_PREAMBLE + data)
+    with pytest.raises(ProtocolError, match="ERROR"):
+        parser.feed(b"")
+
+
+@pytest.mark.parametrize("preamble", [b"UPLD\x02", b"HTTP/1.1", b"uPLD\x01"])
+def test_a_downlink_without_the_protocol_1_preamble_is_refused_at_its_first_byte(preamble):
+    parser = DownlinkParser()
+    with pytest.raises(ProtocolError, match="not protocol 1"):
+        for i in range(len(preamble)):
+            parser.feed(preamble[i : i + 1])
+    assert i == next(i for i in range(5) if preamble[i] != DOWNLINK_PREAMBLE[i])
+
+
+def test_the_downlink_message_limit_is_checked_from_the_header():
+    parser = DownlinkParser(DownlinkLimits(max_message_bytes=100, burst_bytes=100))
+    parser.feed(DOWNLINK_PREAMBLE + HELLO)
+    with pytest.raises(ProtocolError, match="101 bytes; the limit is 100"):
+        parser.feed(struct.pack(">BI", 3, 101))
+
+
+def test_encoders_refuse_what_the_parsers_would():
+    with pytest.raises(ConfigError):
+        encode_uplink(Frame(b""))
+    with pytest.raises(ConfigError):
+        encode_uplink(Accept(b"abc"))
+    with pytest.raises(ConfigError):
+        encode_uplink(Refuse(((2, "x"), (1, "y"))))
+    with pytest.raises(ConfigError):
+        encode_uplink(Refuse(((0, "x" * 256),)))
+    with pytest.raises(ConfigError):
+        encode_downlink(Hello((("b", "1"), ("a", "2"))))
+    with pytest.raises(ConfigError):
+        encode_downlink(Hello((("a b", "1"),)))
+
+
+def test_byte_rate_is_a_token_bucket():
+    rate = ByteRate(100.0, 300, now=0.0)
+    assert rate.take(300, 0.0)  # the burst
+    assert not rate.take(1, 0.0)
+    assert rate.take(50, 0.5)  # refilled at 100 bytes/s
+    assert not rate.take(51, 0.5)
+    assert rate.take(300, 100.0) and not rate.take(1, 100.0)  # refills up to the burst only
+    assert not rate.take(1, 99.0)  # a clock stepped back refills nothing

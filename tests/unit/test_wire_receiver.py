@@ -1,0 +1,273 @@
+"""The outer's uplink core, sans-IO, with the real frame codec on the tiny weak model: only
+frames that pass their check are delivered; every problem is an event, never an exception."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from uplimit.coding.calibration import Calibration
+from uplimit.coding.sampling import SamplingParams
+from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_digest
+from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
+from uplimit.wire.protocol import (
+    Accept,
+    End,
+    EndReason,
+    Frame,
+    Refuse,
+    encode_uplink,
+)
+from uplimit.wire.receiver import (
+    MAX_MISMATCHES_IN_A_ROW,
+    MAX_REJECTED_WHILE_WAITING,
+    Accepted,
+    AlarmKind,
+    Delivered,
+    Ended,
+    Failed,
+    LinkState,
+    Rejected,
+    UplinkReceiver,
+)
+from uplimit.wire.streams import StreamSpec
+
+K = 4
+
+
+class Scenario:
+    """Three streams answered by the tiny strong model, framed K tokens a tick, coded."""
+
+    def __init__(self, strong, weak) -> None:
+        from uplimit.inner.generate import Request, generate
+
+        self.weak = weak
+        self.config = FrameConfig(K, weak.info.n_vocab)
+        self.fingerprint = codec_fingerprint(weak.info, Calibration(), self.config)
+        rng = random.Random(7)
+        self.specs = []
+        for i, temperature in enumerate([0.0, 0.7, 1.0]):
+            prompt = weak.chat_tokens([{"role": "user", "content": f"Question {i}: why?"}])
+            self.specs.append(
+                StreamSpec(i, tuple(prompt), SamplingParams(temperature), rng.getrandbits(64), 14)
+            )
+        gens, _ = generate(
+            strong,
+            [Request(s.prompt, s.params, s.seed, s.max_tokens) for s in self.specs],
+            max_context=512,
+        )
+        self.contents = []
+        for start in range(0, max(len(g.tokens) for g in gens), K):
+            tokens = {i: tuple(g.tokens[start : start + K]) for i, g in enumerate(gens)}
+            admitted = len(self.specs) if start == 0 else 0
+            self.contents.append(FrameContent(admitted, {s: t for s, t in tokens.items() if t}))
+        with self.side(FrameEncoder) as enc:
+            self.frames = [enc.encode(c)[0] for c in self.contents]
+            self.raw = {n: enc.resend(n) for n in range(len(self.frames))}  # raw n, n+1, ...
+
+    @contextmanager
+    def side(self, cls) -> Iterator:
+        with self.weak.session(len(self.specs), 512) as session:
+            coder = cls(session, self.weak.info.eos_ids, Calibration(), self.config)
+            for spec in self.specs:
+                coder.add_stream(spec)
+            yield coder
+
+    @contextmanager
+    def receiver(self) -> Iterator[UplinkReceiver]:
+        with self.side(FrameDecoder) as dec:
+            yield UplinkReceiver(self.fingerprint, dec)
+
+    @property
+    def accept(self) -> bytes:
+        return encode_uplink(Accept(fingerprint_digest(self.fingerprint)))
+
+    def wire(self, n: int) -> bytes:
+        return encode_uplink(Frame(self.frames[n]))
+
+
+@pytest.fixture(scope="module")
+def sc(tiny_strong, tiny_weak) -> Scenario:
+    return Scenario(tiny_strong, tiny_weak)
+
+
+def delivered(events) -> list[FrameContent]:
+    return [e.content for e in events if isinstance(e, Delivered)]
+
+
+def test_frames_are_delivered_in_order_whole_or_byte_by_byte(sc):
+    stream = sc.accept + b"".join(map(sc.wire, range(len(sc.frames))))
+    stream += encode_uplink(End(EndReason.LIFETIME))
+    for chunking in ("whole", "bytes"):
+        with sc.receiver() as rx:
+            if chunking == "whole":
+                events = rx.receive(stream)
+            else:
+                events = [e for i in range(len(stream)) for e in rx.receive(stream[i : i + 1])]
+            events += rx.eof()
+            assert isinstance(events[0], Accepted)
+            assert delivered(events) == sc.contents
+            assert events[-1] == Ended(EndReason.LIFETIME)
+            assert rx.state is LinkState.EXHAUSTED and "lifetime" in rx.reason
+            wire = [e.wire_bytes for e in events if isinstance(e, Delivered)]
+            assert wire == [len(sc.wire(n)) for n in range(len(sc.frames))]
+
+
+def test_a_verdict_with_another_fingerprint_fails_the_link(sc):
+    with sc.receiver() as rx:
+        events = rx.receive(encode_uplink(Accept(b"\x00\x00\x00\x00")) + sc.wire(0))
+        assert events == [Failed(AlarmKind.FINGERPRINT, rx.reason)]
+        assert "fingerprint digest 00000000 is not ours" in rx.reason
+        assert rx.state is LinkState.FAILED and rx.receive(sc.wire(0)) == []
+
+
+def test_a_refusal_fails_the_link_naming_the_fields(sc):
+    keys = sorted(sc.fingerprint)
+    with sc.receiver() as rx:
+        (event,) = rx.receive(encode_uplink(Refuse(((keys.index("numpy.version"), "1.26.4"),))))
+        assert event.kind is AlarmKind.FINGERPRINT
+        ours = sc.fingerprint["numpy.version"]
+        assert f"numpy.version: outer {ours!r}, inner '1.26.4'" in event.message
+
+
+@pytest.mark.parametrize("damage", ["replay", "reorder", "truncate", "corrupt", "append"])
+def test_a_bad_frame_is_rejected_then_recovered_by_a_raw_resend(sc, damage):
+    bad = {
+        "replay": sc.frames[0],
+        "reorder": sc.frames[2],
+        "truncate": sc.frames[1][:-1],
+        "corrupt": bytes([sc.frames[1][0] ^ 0x10]) + sc.frames[1][1:],
+        "append": sc.frames[1] + b"\x01",
+    }[damage]
+    with sc.receiver() as rx:
+        events = rx.receive(sc.accept + sc.wire(0) + encode_uplink(Frame(bad)))
+        assert delivered(events) == sc.contents[:1]  # nothing from the bad frame
+        assert isinstance(events[-1], Rejected) and events[-1].resend_from == 1
+        assert rx.state is LinkState.SERVING and rx.mismatches == 1
+        # Frames already in flight are refused without a second request...
+        events = rx.receive(sc.wire(1) + sc.wire(2))
+        assert [(type(e), e.resend_from) for e in events] == [(Rejected, None)] * 2
+        # ...then the raw copies of frames 1.. bring the decoder back in step.
+        events = rx.receive(b"".join(encode_uplink(Frame(f)) for f in sc.raw[1]))
+        assert delivered(events) == sc.contents[1:]
+        assert rx.state is LinkState.SERVING
+
+
+def test_decoding_that_keeps_failing_fails_the_link(sc):
+    """A mismatch after every resend means the two sides' weak-model numbers differ."""
+    with sc.receiver() as rx:
+        events = rx.receive(sc.accept + sc.wire(0))
+        for _ in range(MAX_MISMATCHES_IN_A_ROW):
+            events = rx.receive(encode_uplink(Frame(sc.frames[0])))  # a replay: mismatch
+            assert events[-1].resend_from == rx.decoder.frame_no
+            # The resend is raw: it is delivered, but does not prove the codec works.
+            frame_no = rx.decoder.frame_no
+            events = rx.receive(encode_uplink(Frame(sc.raw[frame_no][0])))
+            assert delivered(events) == [sc.contents[frame_no]]
+        (event,) = rx.receive(encode_uplink(Frame(sc.frames[0])))
+        assert event.kind is AlarmKind.DECODER and rx.state is LinkState.FAILED
+
+
+def test_an_inner_that_ignores_resend_requests_fails_the_link(sc):
+    with sc.receiver() as rx:
+        rx.receive(sc.accept + sc.wire(0) + sc.wire(0))  # the replay starts a mismatch
+        for _ in range(MAX_REJECTED_WHILE_WAITING):
+            assert isinstance(rx.receive(sc.wire(1))[0], Rejected)
+        (event,) = rx.receive(sc.wire(1))
+        assert event.kind is AlarmKind.DECODER and "does not resend" in event.message
+
+
+@pytest.mark.parametrize(
+    ("stream", "kind", "message"),
+    [
+        ("", AlarmKind.CLOSED, "before the inner's verdict"),
+        ("accept+frame0", AlarmKind.CLOSED, "without END"),
+        ("accept+half", AlarmKind.PROTOCOL, "truncated uplink"),
+        ("accept+end+garbage", AlarmKind.PROTOCOL, "after the last message"),
+        ("accept+end(error)", AlarmKind.INNER_ERROR, "inner failed"),
+    ],
+)
+def test_how_an_uplink_ends_decides_the_state(sc, stream, kind, message):
+    data = {
+        "": b"",
+        "accept+frame0": sc.accept + sc.wire(0),
+        "accept+half": sc.accept + sc.wire(0)[:2],
+        "accept+end+garbage": sc.accept + encode_uplink(End(EndReason.SHUTDOWN)) + b"\x01",
+        "accept+end(error)": sc.accept + encode_uplink(End(EndReason.ERROR)),
+    }[stream]
+    with sc.receiver() as rx:
+        events = rx.receive(data) + rx.eof()
+        failed = [e for e in events if isinstance(e, Failed)]
+        assert len(failed) == 1 and failed[0].kind is kind and message in failed[0].message
+        assert rx.state is LinkState.FAILED
+        assert delivered(events) == (sc.contents[:1] if stream == "accept+frame0" else [])
+
+
+def test_a_shutdown_end_closes_the_link(sc):
+    with sc.receiver() as rx:
+        events = rx.receive(sc.accept + encode_uplink(End(EndReason.SHUTDOWN))) + rx.eof()
+        assert events == [Accepted(), Ended(EndReason.SHUTDOWN)]
+        assert rx.state is LinkState.CLOSED
+
+
+def test_a_decoder_that_crashes_fails_the_link_instead_of_raising(sc):
+    class Broken:
+        frame_no, awaiting_resend = 0, None
+
+        def add_stream(self, spec):  # pragma: no cover - not called here
+            pass
+
+        def decode(self, data):
+            raise RuntimeError("backend fell over")
+
+    rx = UplinkReceiver(sc.fingerprint, Broken())
+    (_, event) = rx.receive(sc.accept + sc.wire(0))
+    assert event.kind is AlarmKind.INTERNAL and "backend fell over" in event.message
+
+
+mutations = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "delete", "insert", "duplicate"]),
+        st.integers(0, 10_000),
+        st.integers(1, 8),
+        st.binary(min_size=1, max_size=8),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(mutations=mutations, cuts=st.lists(st.integers(0, 10_000), max_size=6))
+def test_damaged_uplinks_never_deliver_wrong_text_and_never_raise(sc, mutations, cuts):
+    data = bytearray(sc.accept + b"".join(map(sc.wire, range(len(sc.frames)))))
+    for op, at, n, blob in mutations:
+        at %= len(data)
+        if op == "flip":
+            data[at] ^= 1 << (n % 8)
+        elif op == "delete":
+            del data[at : at + n]
+        elif op == "insert":
+            data[at:at] = blob
+        else:
+            data[at:at] = data[at : at + n]
+        if not data:
+            return
+    with sc.receiver() as rx:
+        events, start = [], 0
+        for cut in [*sorted(c % (len(data) + 1) for c in cuts), len(data)]:
+            events += rx.receive(bytes(data[start:cut]))
+            start = max(start, cut)
+        events += rx.eof()
+        for e in events:
+            if isinstance(e, Delivered):
+                assert e.content == sc.contents[e.stats.frame_no]
+        failures = [e for e in events if isinstance(e, Failed)]
+        assert len(failures) <= 1 and (rx.state is LinkState.FAILED) == bool(failures)

@@ -212,6 +212,24 @@ async def inner_process(config: dict, wrap: Callable[[list[str]], list[str]] = l
             await proc.communicate()
 
 
+async def wait_serving(link: OuterLink, proc) -> None:
+    """Until the link serves; if the inner exits or stalls first, fail with what it said."""
+    serving = asyncio.ensure_future(link.wait_serving(SLOW))
+    exited = asyncio.ensure_future(proc.wait())
+    await asyncio.wait({serving, exited}, return_when=asyncio.FIRST_COMPLETED)
+    exited.cancel()
+    if serving.done() and serving.exception() is None:
+        return
+    serving.cancel()
+    if proc.returncode is None:
+        proc.kill()
+    out, err = await proc.communicate()
+    raise AssertionError(
+        f"the inner did not start serving (exit {proc.returncode}, link {link.state}):"
+        f"\n{out.decode()[-1000:]}\n{err.decode()[-3000:]}"
+    )
+
+
 async def inner_result(proc, timeout: float = SLOW) -> tuple[int, dict]:
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     lines = out.decode().strip().splitlines()
@@ -272,7 +290,7 @@ def test_a_link_shakes_hands_serves_metrics_and_shuts_down(tmp_path, outer):
         http = serve_metrics(outer.metrics, HOST, 0)
         config = inner_config(tmp_path, outer, fingerprint=outer.fingerprint)
         async with inner_process(config) as proc:
-            await link.wait_serving(SLOW)
+            await wait_serving(link, proc)
             # Someone else knocking on the downlink port: closed and alarmed, the link unharmed.
             _, stray = await asyncio.open_connection(HOST, link.downlink_port)
             await until(lambda: outer.kinds() == [AlarmKind.CONNECTION], 10)
@@ -652,7 +670,7 @@ def test_streams_round_trip_then_the_budget_runs_out(
         await outer.link.start(host)
         config = inner_config(tmp_path, outer, host, pair=list(map(str, tiny_pair_dirs)))
         async with inner_process(config, wrap) as proc:
-            await outer.link.wait_serving(SLOW)
+            await wait_serving(outer.link, proc)
             for s in exact:
                 await outer.link.open_stream(s)
             await until(lambda: outer.decoder.frame_no > 0 and not outer.decoder.table.active)

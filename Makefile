@@ -12,7 +12,7 @@ PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # The kernel meter (nftables in a network namespace) and the shared PostgreSQL ledger.
 SYSTEM_PACKAGES := nftables iproute2 postgresql libpq5 util-linux procps
 
-.PHONY: setup demo test lint system-packages models
+.PHONY: setup demo test lint fuzz system-packages models
 setup: system-packages $(VENV)/.installed models
 
 # As root with apt (CI, a fresh machine of this kind), install what is missing; elsewhere
@@ -47,3 +47,10 @@ test: setup
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+
+# Fuzz the outer side's parsers and decoder (minutes; counts and findings: docs/link.md).
+fuzz: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[fuzz]'
+	$(PY) tests/fuzz/fuzz_link.py uplink -runs=500000
+	$(PY) tests/fuzz/fuzz_link.py downlink -runs=500000
+	$(PY) tests/fuzz/fuzz_link.py receiver -runs=20000 -len_control=0 -max_len=512

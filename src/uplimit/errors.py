@@ -11,7 +11,9 @@
         ├── BudgetExhausted  an upload budget refused a charge; latched until an operator acts
         ├── LedgerError      the durable ledger could not check or record a charge
         ├── LinkClosed       the uplink was closed (fail closed) and sends nothing more
-        └── KernelMeterError the kernel meter (netns, veth, nftables quota) failed
+        ├── KernelMeterError the kernel meter (netns, veth, nftables quota) failed
+        ├── ProtocolError    the peer broke the link protocol; the connection is closed
+        └── FingerprintMismatch  the sides' codec fingerprints differ: refuse to serve
 
 Foreign exceptions are mapped once, at the boundary that calls the foreign code,
 with `raise ... from`.
@@ -72,3 +74,18 @@ class LinkClosed(LinkError):
 
 class KernelMeterError(LinkError):
     """Setting up, reading or removing the kernel meter (netns, veth, nftables) failed."""
+
+
+class ProtocolError(LinkError):
+    """The peer sent bytes that break the link protocol; the connection is closed (fail closed)."""
+
+
+class FingerprintMismatch(LinkError):
+    """The two sides' codec fingerprints differ: decoding would not be exact. Refuse to serve.
+
+    `differences` lists each differing field (`uplimit.wire.fingerprint.Difference`).
+    """
+
+    def __init__(self, message: str, differences: list) -> None:
+        super().__init__(message)
+        self.differences = differences

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from uplimit.coding.calibration import Calibration
-from uplimit.errors import ConfigError, LinkError
+from uplimit.errors import ConfigError, FingerprintMismatch
 from uplimit.models.base import ModelInfo
 from uplimit.wire.frame import FrameConfig
 from uplimit.wire.protocol import (
@@ -52,17 +52,6 @@ CODEC_VERSION = "1"
 
 # In a refusal, fields that only the inner has are named under this pseudo-key.
 INNER_ONLY = "(fields only the inner has)"
-
-
-class FingerprintMismatch(LinkError):
-    """The two sides' codec fingerprints differ: decoding would not be exact. Refuse to serve.
-
-    (Belongs in `uplimit.errors` under `LinkError`.)
-    """
-
-    def __init__(self, message: str, differences: list[Difference]) -> None:
-        super().__init__(message)
-        self.differences = differences
 
 
 def numpy_simd() -> str:

@@ -56,7 +56,7 @@ from enum import IntEnum, StrEnum
 from typing import TypeAlias
 
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError, LinkError
+from uplimit.errors import ConfigError, ProtocolError
 from uplimit.wire.streams import StreamSpec
 
 __all__ = [
@@ -107,13 +107,6 @@ MAX_EXTRA_BYTES = 1 << 16
 MAX_STREAM_ID = (1 << 63) - 1
 MAX_TOP_K = 1 << 32
 MAX_FRAME_NO = (1 << 32) - 1  # raw resends carry the frame number in 32 bits (wire.frame)
-
-
-class ProtocolError(LinkError):
-    """The peer sent bytes that break the link protocol; the connection is closed.
-
-    (Belongs in `uplimit.errors` under `LinkError`: remote misbehaviour, fail closed.)
-    """
 
 
 class EndReason(IntEnum):

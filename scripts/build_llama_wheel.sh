@@ -27,8 +27,9 @@ if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $VERSION ($variant) from source: about 4 minutes on 2 cores"
   tmp=$(mktemp -d "$cache/.build.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
+  # --no-cache-dir: pip would otherwise reuse a wheel built earlier with other CMAKE_ARGS
   CMAKE_ARGS="$flags" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    "$PY" -m pip wheel --no-deps --no-binary llama-cpp-python -w "$tmp" \
+    "$PY" -m pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$tmp" \
     "llama-cpp-python==$VERSION"
   mv "$tmp"/llama_cpp_python-*.whl "$cache/"   # only a finished wheel enters the cache
 fi

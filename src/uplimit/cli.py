@@ -506,6 +506,57 @@ def audit_show(
     print(json.dumps([dataclasses.asdict(r) for r in found], indent=1))
 
 
+# --- uplimit budget: the only way to let more out is an audited operator action ------------
+
+budget_app = typer.Typer(help="Read the uplink ledger; raise its budget (audited).")
+app.add_typer(budget_app, name="budget")
+
+
+@budget_app.command("show")
+def budget_show(
+    ledger: str = typer.Option(..., help="Ledger: SQLite path or postgresql:// URL."),
+) -> None:
+    """Budgets, bytes charged, whether the ledger is latched shut, and past raises."""
+    from uplimit.link.ledger import open_ledger
+
+    book = open_ledger(ledger)
+    try:
+        state, changes = book.usage(), book.budget_changes()
+    finally:
+        book.close()
+    b = state.budgets
+    table = Table("measure", "value", title=f"ledger {state.name}")
+    table.add_row(
+        "lifetime budget / charged", f"{b.lifetime_bytes:,} / {state.usage.lifetime_bytes:,}"
+    )
+    table.add_row("of which wire / timing", f"{state.wire_bytes:,} / {state.timing_bytes:,}")
+    table.add_row("per-day / per-second budget", f"{b.per_day_bytes} / {b.per_second_bytes}")
+    table.add_row("latched shut by", str(state.exhausted_by.value if state.exhausted_by else "-"))
+    table.add_row("budget changes", str(len(changes)))
+    Console().print(table)
+
+
+@budget_app.command("raise")
+def budget_raise(
+    ledger: str = typer.Option(..., help="Ledger: SQLite path or postgresql:// URL."),
+    lifetime: int = typer.Option(..., help="New lifetime budget in bytes."),
+    per_day: int | None = typer.Option(None, help="New per-day budget in bytes (none: no limit)."),
+    per_second: int | None = typer.Option(None, help="New per-second budget in bytes."),
+    who: str = typer.Option(..., help="The operator taking this action."),
+    reason: str = typer.Option(..., help="Why; kept in the ledger's audit table."),
+) -> None:
+    """Set new budgets and clear the exhausted latch; recorded with who, when and why."""
+    from uplimit.link.budget import Budgets
+    from uplimit.link.ledger import open_ledger
+
+    book = open_ledger(ledger)
+    try:
+        change = book.raise_budget(Budgets(lifetime, per_day, per_second), who=who, reason=reason)
+    finally:
+        book.close()
+    console.print(f"budget changed: {change}")
+
+
 def main() -> None:
     try:
         app()

@@ -97,6 +97,7 @@ class OuterConfig:
     port: int = 8000
     model_name: str = "uplimit"
     api_key: str = ""  # "": no key needed
+    metrics_port: int = 9464  # Prometheus exposition on `host`; 0: off (outer side only)
     max_choices: int = 8  # n
 
 

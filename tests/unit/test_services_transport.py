@@ -4,6 +4,7 @@ in one process: `serve_outer` and `serve_inner` as `uplimit serve both` runs the
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 
 import httpx
@@ -52,8 +53,9 @@ model_name = "tiny"
 """
     )
     # The port comes from the environment: overrides work.
-    port = _free_port()
-    config = load_config(config_file, env={"UPLIMIT_OUTER_PORT": str(port)})
+    port, metrics_port = _free_port(), _free_port()
+    env = {"UPLIMIT_OUTER_PORT": str(port), "UPLIMIT_OUTER_METRICS_PORT": str(metrics_port)}
+    config = load_config(config_file, env=env)
     assert config.outer.port == port
 
     async def main():
@@ -81,12 +83,16 @@ model_name = "tiny"
             sid = chunk.id
             streamed += "".join(c.text for c in chunk.choices)
         await client.close()
+        async with httpx.AsyncClient() as http:  # Prometheus, on the outer side only
+            metrics = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
         outer.cancel()  # as SIGTERM would: the outer sends SHUTDOWN, the inner stops
         await asyncio.gather(outer, return_exceptions=True)
         reason = await asyncio.wait_for(inner, 30)
-        return r, streamed, sid, reason
+        return r, streamed, sid, reason, metrics
 
-    r, streamed, sid, reason = asyncio.run(main())
+    r, streamed, sid, reason, metrics = asyncio.run(main())
+    frames = re.search(r'^uplimit_frames_total\{outcome="decoded"\} (\S+)$', metrics, re.M)
+    assert frames and float(frames.group(1)) > 0
     assert reason.name == "SHUTDOWN"
     audit = AuditStore(config.inner.audit)
     records = audit.query(last=10)

@@ -101,6 +101,7 @@ audit = "{workdir / "audit.db"}"
 [outer]
 port = {port}
 model_name = "{MODEL_NAME}"
+metrics_port = {_free_port()}
 """
     )
     return path, port

@@ -17,6 +17,7 @@ import uvicorn
 
 from uplimit.config import Config, load_calibration
 from uplimit.link.meter import ReceiveCounter
+from uplimit.link.metrics import OuterMetrics, serve_metrics
 from uplimit.link.transport import OuterLink
 from uplimit.models.base import LanguageModel
 from uplimit.outer.app import ApiSettings, create_app
@@ -47,11 +48,17 @@ async def serve_outer(
     fingerprint = codec_fingerprint(weak.info, calibration, frame_config)
     counter = ReceiveCounter(config.path(config.link.receive_counter, "received.db"))
 
+    metrics = OuterMetrics()
+    budget = config.link.lifetime_budget_bytes or None  # 0: the inner's default, unknown here
+
     def build(hook: FrameHook) -> OuterLink:
-        return OuterLink(fingerprint, decoder, counter, on_frame=hook)
+        return OuterLink(
+            fingerprint, decoder, counter, on_frame=hook, metrics=metrics, budget_bytes=budget
+        )
 
     uplink = TransportUplink(build, decoder)
     service: OuterService | None = None
+    exposition = None
     try:
         await uplink.link.start(
             link_host or config.link.host,
@@ -63,6 +70,8 @@ async def serve_outer(
             reasoning=config.reasoning, max_reasoning_tokens=config.inner.max_reasoning_tokens,
         )  # fmt: skip
         service.start()
+        if config.outer.metrics_port:
+            exposition = serve_metrics(metrics, config.outer.host, config.outer.metrics_port)
         settings = ApiSettings(
             model_name=config.outer.model_name,
             api_key=config.outer.api_key or None,
@@ -88,5 +97,7 @@ async def serve_outer(
             await uplink.link.shutdown()
         if service is not None:
             await service.aclose()
+        if exposition is not None:
+            exposition.shutdown()
         session.close()
         counter.close()

@@ -145,3 +145,4 @@ def test_exact_gauges_are_undone_by_matching(measured: dict) -> None:
     for layer, result in measured["mlp"].items():
         assert result["exact"] == 1.0, (layer, result)
         assert result["residual_from_shared_layer"] == 1.0, (layer, result)
+    assert measured["residual_from_anchor_rows"][max(ANCHOR_ROWS)] == 1.0

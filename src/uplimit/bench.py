@@ -117,11 +117,13 @@ def run_bench(
         for p in prompts
     ]
     budget = len(requests) * settings.max_tokens
+    # every sequence, strong or weak, holds its prompt and its answer
+    context = max(len(r.prompt) for r in requests) + settings.max_tokens + 1
     t0 = time.perf_counter()
     gens, gen_times = generate(
         strong,
         requests,
-        max_context=_context(requests, settings),
+        max_context=context,
         on_step=lambda n: report("strong model generating", n, budget),
     )
     strong_s = time.perf_counter() - t0
@@ -133,8 +135,8 @@ def run_bench(
     ]
     contents = _frame_contents(responses, settings.frame_tokens)
     config = FrameConfig(settings.frame_tokens, weak_encoder.info.n_vocab)
-    enc_out = _encode(weak_encoder, specs, contents, calibration, config, settings, report)
-    dec_out = _decode(weak_decoder, specs, enc_out["frames"], calibration, config, report)
+    enc_out = _encode(weak_encoder, specs, contents, calibration, config, context, report)
+    dec_out = _decode(weak_decoder, specs, enc_out["frames"], calibration, config, context, report)
     decoded = dec_out["tokens"]
     exact = all(decoded.get(i, []) == r for i, r in enumerate(responses))
 
@@ -191,10 +193,6 @@ def run_bench(
     }
 
 
-def _context(requests: Sequence[Request], settings: BenchSettings) -> int:
-    return max(len(r.prompt) for r in requests) + settings.max_tokens + 1
-
-
 def _frame_contents(responses: Sequence[Sequence[int]], per_frame: int) -> list[FrameContent]:
     """Frames as a lock-step server would send them: every stream's next `per_frame` tokens."""
     contents = []
@@ -215,10 +213,9 @@ def _encode(
     contents: Sequence[FrameContent],
     calibration: Calibration,
     config: FrameConfig,
-    settings: BenchSettings,
+    max_context: int,
     report: Progress,
 ) -> dict:
-    max_context = max(len(s.prompt) for s in specs) + settings.max_tokens + 1
     costs = _Costs()
     total = sum(len(t) for c in contents for t in c.tokens.values())
     with weak.session(len(specs), max_context) as raw_session:
@@ -271,9 +268,9 @@ def _decode(
     frames: Sequence[bytes],
     calibration: Calibration,
     config: FrameConfig,
+    max_context: int,
     report: Progress,
 ) -> dict:
-    max_context = max(len(s.prompt) + s.max_tokens + 1 for s in specs)
     tokens: dict[int, list[int]] = {}
     with weak.session(len(specs), max_context) as raw_session:
         session = TimedSession(raw_session)

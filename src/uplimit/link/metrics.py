@@ -8,7 +8,9 @@ inside (its logs, its ledger) or travels up the metered uplink.
     uplimit_downlink_bytes_total      downlink bytes sent
     uplimit_budget_left_bytes         lifetime budget less every uplink byte ever received:
                                       an upper bound, the inner's ledger also charges timing
-                                      and connections (`uplimit meters` has the exact figure)
+                                      and connections (`uplimit meters` has the exact figure);
+                                      NaN when the outer's config leaves the budget to the
+                                      inner's default (lifetime_budget_bytes = 0)
     uplimit_bits_per_token            histogram, per decoded frame with tokens: its uplink
                                       bits (length prefix included) per token
     uplimit_frames_total{outcome}     frames decoded / rejected
@@ -57,6 +59,8 @@ class OuterMetrics:
             "Lifetime upload budget less every uplink byte received (an upper bound).",
             registry=r,
         )
+        # NaN until the budget is known: 0 would read as "exhausted" on a dashboard.
+        self.budget_left.set(float("nan"))
         self.bits_per_token = Histogram(
             "uplimit_bits_per_token",
             "Uplink bits per token of each decoded frame.",

@@ -15,8 +15,10 @@ checks what changes coded bytes; the rest only has to fit.
               budget bytes (lifetime 0 = 1 % of the strong weights), downlink_log,
               receive_counter
     [inner]   max_batch, frame_delay_s, best_of, scorer, reasoning_open/_close,
-              max_reasoning_tokens, audit
+              max_reasoning_tokens, audit, draft_tokens
     [outer]   host, port, model_name, api_key, max_choices
+    [gauge]   period_s (0 = no rotation), secret_file, origin, lead_s, dtype, directory, audit
+              (docs/gauge.md: the inner serves a re-gauged copy of the strong model per period)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CodingConfig",
     "Config",
+    "GaugeConfig",
     "InnerConfig",
     "LinkConfig",
     "ModelsConfig",
@@ -89,6 +92,7 @@ class InnerConfig:
     reasoning_close: str = ""  # e.g. "</think>"
     max_reasoning_tokens: int = 1024
     audit: str = ""  # "": $UPLIMIT_HOME/audit.db
+    draft_tokens: int = 0  # weak-model drafts per step (speculative decoding); 0: off
 
 
 @dataclass(frozen=True)
@@ -102,12 +106,24 @@ class OuterConfig:
 
 
 @dataclass(frozen=True)
+class GaugeConfig:
+    period_s: float = 0.0  # re-gauge the strong model's serving copy this often; 0: never
+    secret_file: str = ""  # >= 16 secret bytes that derive every gauge: keep it off the weights
+    origin: float = 0.0  # unix time at which epoch 0 starts
+    lead_s: float = 600.0  # the next copy is prepared this long before its epoch starts
+    dtype: str = "f16"  # the serving copy's type: "f16" or "f32" (exact, twice the size)
+    directory: str = ""  # serving copies; "": $UPLIMIT_HOME/gauged
+    audit: str = ""  # which gauge served when (JSONL); "": $UPLIMIT_HOME/gauge-audit.jsonl
+
+
+@dataclass(frozen=True)
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     coding: CodingConfig = field(default_factory=CodingConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
+    gauge: GaugeConfig = field(default_factory=GaugeConfig)
 
     @property
     def reasoning(self) -> tuple[str, str] | None:

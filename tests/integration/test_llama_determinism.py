@@ -122,3 +122,38 @@ def test_teacher_forcing_differs_which_is_why_the_interface_forbids_it(real_weak
     assert not np.array_equal(forced_last, reference[-1])
     # ...while the greedy choice usually survives, which is why greedy text looks fine.
     assert int(np.argmax(forced_last)) == int(np.argmax(reference[-1]))
+
+
+def extend_trace(model: LanguageModel, companions: int) -> list[np.ndarray]:
+    """Logits of a fixed continuation of PROMPT fed 4 tokens per `extend` call, optionally
+    sharing each call with companions that feed 4 tokens (same call) or 3 (a call of their own)."""
+    prompt = model.chat_tokens([{"role": "user", "content": PROMPT}])
+    continuation = model.tokenize("def is_prime(n):\n    if n < 2:\n        return False\n")[:12]
+    trace = []
+    with model.session(max_sequences=1 + companions, max_context=512) as session:
+        others = _start(model, session, companions)
+        seq, _ = session.prefill(prompt)
+        for i in range(0, len(continuation), 4):
+            feed = {o: [(i * 31 + o + j) % 1000 for j in range(4 - o % 2)] for o in others}
+            trace += session.extend({seq: continuation[i : i + 4], **feed})[seq]
+    return trace
+
+
+@pytest.mark.parametrize("model_name", ["real_weak", "real_strong"])
+def test_extend_is_batch_invariant(model_name, request):
+    """Speculative decoding checks drafts with `extend`: a sequence's logits must not depend on
+    the other sequences in the call, whatever their chunk lengths."""
+    model = request.getfixturevalue(model_name)
+    assert_identical(extend_trace(model, companions=3), extend_trace(model, companions=0))
+
+
+def test_extend_by_one_token_is_step(real_weak, reference):
+    prompt = real_weak.chat_tokens([{"role": "user", "content": PROMPT}])
+    with real_weak.session(max_sequences=2, max_context=512) as session:
+        _start(real_weak, session, 1)
+        seq, logits = session.prefill(prompt)
+        trace = [logits]
+        for _ in range(STEPS):
+            (logits,) = session.extend({seq: [int(np.argmax(logits))]})[seq]
+            trace.append(logits)
+    assert_identical(trace, reference)

@@ -21,8 +21,10 @@ PROMPTS = ["def total(values):", "Hello!", "Explain recursion.", "x = [1, 2, 3]"
 
 
 @contextmanager
-def link(encoder_model, decoder_model, specs, k=K) -> Iterator[tuple[FrameEncoder, FrameDecoder]]:
-    config = FrameConfig(k, encoder_model.info.n_vocab)
+def link(
+    encoder_model, decoder_model, specs, k=K, withheld=False
+) -> Iterator[tuple[FrameEncoder, FrameDecoder]]:
+    config = FrameConfig(k, encoder_model.info.n_vocab, withheld_counts=withheld)
     n = max(len(specs), 1)
     with encoder_model.session(n, 512) as es, decoder_model.session(n, 512) as ds:
         enc = FrameEncoder(es, encoder_model.info.eos_ids, Calibration(), config)
@@ -46,9 +48,10 @@ def make_specs(model, n, rng, max_tokens=20) -> list[StreamSpec]:
     return specs
 
 
-def schedule(specs, rng, eos, n_vocab) -> list[FrameContent]:
+def schedule(specs, rng, eos, n_vocab, withheld=False) -> list[FrameContent]:
     """A random but valid sequence of frames: streams join late, counts vary, some streams end
-    by EOS, by max_tokens or explicitly, and tokens are random ids (likely or not)."""
+    by EOS, by max_tokens or explicitly, and tokens are random ids (likely or not); with
+    `withheld`, streams that end say how many tokens they withheld."""
     frames, pending, active, length = [], list(range(len(specs))), [], {}
     while pending or active:
         admitted = rng.randint(0, len(pending)) if active else max(1, rng.randint(0, len(pending)))
@@ -74,7 +77,14 @@ def schedule(specs, rng, eos, n_vocab) -> list[FrameContent]:
             finished = (toks and toks[-1] in eos) or length[s] >= specs[s].max_tokens
             if not finished and rng.random() < 0.05:
                 ended.add(s)
-        frames.append(FrameContent(admitted, tokens, frozenset(ended)))
+        leaving = [
+            s for s in active
+            if s in ended or (s in tokens and tokens[s][-1] in eos)
+            or length[s] >= specs[s].max_tokens
+        ]  # fmt: skip
+        counts = [0, 1, 2, 3, 1000, 2**31 - 1]
+        kept = {s: n for s in leaving if (n := rng.choice(counts))} if withheld else {}
+        frames.append(FrameContent(admitted, tokens, frozenset(ended), kept))
         active = [
             s for s in active
             if s not in ended
@@ -84,13 +94,14 @@ def schedule(specs, rng, eos, n_vocab) -> list[FrameContent]:
     return frames
 
 
+@pytest.mark.parametrize("withheld", [False, True])
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n_streams=st.integers(1, 5))
-def test_random_schedules_round_trip(tiny_weak, seed, n_streams):
+def test_random_schedules_round_trip(tiny_weak, withheld, seed, n_streams):
     rng = random.Random(seed)
     specs = make_specs(tiny_weak, n_streams, rng)
-    frames = schedule(specs, rng, tiny_weak.info.eos_ids, tiny_weak.info.n_vocab)
-    with link(tiny_weak, tiny_weak, specs) as (enc, dec):
+    frames = schedule(specs, rng, tiny_weak.info.eos_ids, tiny_weak.info.n_vocab, withheld)
+    with link(tiny_weak, tiny_weak, specs, withheld=withheld) as (enc, dec):
         for content in frames:
             data, stats = enc.encode(content)
             decoded, _ = dec.decode(data)
@@ -244,3 +255,17 @@ def test_frame_overhead_is_small_for_many_streams(tiny_strong, tiny_weak):
             overheads.append(8 * len(data) - stats.token_bits)
     # 16 check bits, <= 1 termination bit, < 8 padding bits, the rest a few flags
     assert len(overheads) >= 2 and max(overheads) < 40
+
+
+def test_withheld_counts_only_for_leaving_streams(tiny_weak):
+    specs = make_specs(tiny_weak, 2, random.Random(3))
+    with link(tiny_weak, tiny_weak, specs, withheld=True) as (enc, dec):
+        with pytest.raises(ConfigError):  # stream 1 does not leave: nothing to say for it
+            enc.encode(FrameContent(2, {0: (5,), 1: (6,)}, frozenset({0}), {1: 4}))
+        data, _ = enc.encode(FrameContent(2, {0: (5,), 1: (6,)}, frozenset({0}), {0: 4}))
+        decoded, _ = dec.decode(data)
+        assert decoded.withheld == {0: 4}
+        # A raw resend says it too.
+        (raw,) = enc.resend(0)
+    with link(tiny_weak, tiny_weak, specs, withheld=True) as (_, fresh):
+        assert fresh.decode(raw)[0].withheld == {0: 4}

@@ -46,7 +46,7 @@ async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=
     ledger = SqliteLedger(tmp_path / "ledger.db", Budgets(budget)) if budget else None
     inner = InnerService(strong, weak, Calibration(), cfg, audit=audit)
     session = weak.session(cfg.max_streams, cfg.max_context + 1)
-    fc = FrameConfig(cfg.frame_tokens, weak.info.n_vocab)
+    fc = FrameConfig(cfg.frame_tokens, weak.info.n_vocab, withheld_counts=reasoning is not None)
     decoder = FrameDecoder(session, weak.info.eos_ids, Calibration(), fc)
     uplink = LocalUplink(inner, decoder, tick_s=0.002, ledger=ledger)
     service = OuterService(weak, uplink, max_context=cfg.max_context, reasoning=reasoning)
@@ -214,7 +214,19 @@ def test_reasoning_stays_inside_and_can_be_retrieved(tiny_strong, tiny_weak, tmp
             )
             text = r.choices[0].message.content
             assert text.startswith("Answer:") and "secret" not in text
-            wid = r.model_extra["uplimit"]["choices"][0]["withheld_id"]
+            extra = r.model_extra["uplimit"]["choices"][0]
+            wid = extra["withheld_id"]
+            (rec,) = s.audit.query(request_id=r.id)
+            assert extra["withheld_tokens"] == len(rec.withheld) >= 5  # the whole section
+            # A streaming response says it in the chunk that carries finish_reason.
+            stream = await s.client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=6, temperature=0.7, stream=True
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    last = chunk.model_extra["uplimit"]
+            (rec,) = s.audit.query(request_id=chunk.id)
+            assert last["withheld_tokens"] == len(rec.withheld)
             crossed = len(s.uplink.frames)
             async with httpx.AsyncClient() as http:
                 got = await http.post(f"{s.url}/uplimit/withheld", json={"id": wid})

@@ -11,6 +11,7 @@ import pytest
 
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.sampling import SamplingParams
+from uplimit.errors import ConfigError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.request import GenerationRequest, StopMatcher, candidate_seed
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig, mean_logprob
@@ -24,9 +25,9 @@ K = 4
 class Link:
     """Scheduler -> encoder -> bytes -> decoder, in one thread."""
 
-    def __init__(self, strong, weak, config: SchedulerConfig, audit=None) -> None:
-        self.sched = Scheduler(strong, config, audit=audit)
-        fc = FrameConfig(config.frame_tokens, weak.info.n_vocab)
+    def __init__(self, strong, weak, config: SchedulerConfig, audit=None, drafter=None) -> None:
+        self.sched = Scheduler(strong, config, audit=audit, drafter=drafter)
+        fc = FrameConfig(config.frame_tokens, weak.info.n_vocab, config.reasoning is not None)
         self._es = weak.session(config.max_streams, config.max_context)
         self._ds = weak.session(config.max_streams, config.max_context)
         self.enc = FrameEncoder(self._es, weak.info.eos_ids, Calibration(), fc)
@@ -328,3 +329,53 @@ def test_frame_delay_fills_frames(tiny_strong, tiny_weak):
         return n
 
     assert tokens_per_frame(1.0) > 2 * tokens_per_frame(0.0)
+
+
+def _decoded(strong, weak, requests, drafter=None, **config):
+    link = Link(strong, weak, SchedulerConfig(frame_tokens=K, **config), drafter=drafter)
+    for r in requests:
+        link.submit(r)
+    link.run()
+    stats = link.sched.drafted_tokens, link.sched.accepted_drafts
+    link.close()
+    return link.decoded, stats
+
+
+@pytest.mark.parametrize("t", [0.0, 0.7, 1.0])
+def test_speculation_changes_no_token(tiny_strong, tiny_weak, t):
+    """The tiny backend's `extend` gives step's logits, so with any drafter the tokens must be
+    exactly those of plain decoding: drafts are only kept when the strong sampler agrees."""
+    reqs = [request(tiny_strong, i, text, t=t, max_tokens=25, best_of=1 + i % 2)
+            for i, text in enumerate(["Hello!", "Explain recursion.", "x = [1, 2]"])]  # fmt: skip
+    plain, _ = _decoded(tiny_strong, tiny_weak, reqs, max_batch=4)
+    for k in (1, 4):
+        fast, (drafted, accepted) = _decoded(
+            tiny_strong, tiny_weak, reqs, max_batch=4, draft_tokens=k, drafter=tiny_weak
+        )
+        assert fast == plain
+        assert 0 < accepted < drafted
+
+
+def test_a_perfect_drafter_is_always_accepted(tiny_strong, tiny_weak):
+    """With the strong model as its own drafter every draft must be kept: the guess uses the
+    same noise key as the sample at that position (at T > 0 too)."""
+    reqs = [request(tiny_strong, i, t=t, max_tokens=30) for i, t in enumerate([0.0, 0.8, 1.0])]
+    _, (drafted, accepted) = _decoded(
+        tiny_strong, tiny_weak, reqs, draft_tokens=3, drafter=tiny_strong
+    )
+    assert drafted > 30 and accepted == drafted
+
+
+def test_speculation_keeps_reasoning_exact(tiny_strong, tiny_weak):
+    script = tiny_strong.tokenize("Sure.<think>the answer is 42.</think>")
+    strong = ScriptedModel(tiny_strong, script)
+    config = {"reasoning": ("<think>", "</think>"), "max_batch": 3}
+    reqs = [request(tiny_strong, i, t=t, max_tokens=20) for i, t in enumerate([0.0, 0.7, 1.0])]
+    plain, _ = _decoded(strong, tiny_weak, reqs, **config)
+    fast, (drafted, _) = _decoded(strong, tiny_weak, reqs, draft_tokens=4, drafter=strong, **config)
+    assert fast == plain and drafted > 0
+
+
+def test_drafts_need_a_drafter(tiny_strong):
+    with pytest.raises(ConfigError, match="drafter"):
+        Scheduler(tiny_strong, SchedulerConfig(draft_tokens=2))

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS generations (
     t_first_token REAL,
     t_done REAL,
     t_uploaded REAL,
-    bits_uploaded REAL
+    bits_uploaded REAL,
+    gauge_id TEXT
 );
 CREATE INDEX IF NOT EXISTS generations_request ON generations (request_id);
 CREATE INDEX IF NOT EXISTS generations_withheld ON generations (withheld_id);
@@ -74,6 +75,7 @@ class GenerationRecord:
     score: float | None
     finish_reason: str
     t_received: float
+    gauge_id: str | None = None  # the serving copy's gauge (gauge/schedule.py); None: none
     t_started: float | None = None
     t_first_token: float | None = None
     t_done: float | None = None
@@ -85,7 +87,7 @@ class GenerationRecord:
 _COLUMNS = (
     "request_id, stream_id, candidate, chosen, kind, seed, prompt_sha256, prompt_tokens, params,"
     " tokens, uploaded, withheld, withheld_id, text, score, finish_reason, t_received,"
-    " t_started, t_first_token, t_done, t_uploaded, bits_uploaded"
+    " t_started, t_first_token, t_done, t_uploaded, bits_uploaded, gauge_id"
 )
 
 
@@ -95,19 +97,19 @@ def _row(r: GenerationRecord) -> tuple:
         r.prompt_sha256, r.prompt_tokens, json.dumps(r.params, sort_keys=True),
         json.dumps(r.tokens), json.dumps(r.uploaded), json.dumps(r.withheld), r.withheld_id,
         r.text, r.score, r.finish_reason, r.t_received, r.t_started, r.t_first_token,
-        r.t_done, r.t_uploaded, r.bits_uploaded,
+        r.t_done, r.t_uploaded, r.bits_uploaded, r.gauge_id,
     )  # fmt: skip
 
 
 def _record(row: Sequence) -> GenerationRecord:
     (rid, request_id, stream_id, candidate, chosen, kind, seed, prompt_sha, prompt_tokens,
      params, tokens, uploaded, withheld, withheld_id, text, score, finish, t_recv, t_start,
-     t_first, t_done, t_up, bits) = row  # fmt: skip
+     t_first, t_done, t_up, bits, gauge_id) = row  # fmt: skip
     return GenerationRecord(
         request_id, stream_id, candidate, bool(chosen), kind, int(seed), prompt_sha,
         prompt_tokens, json.loads(params), json.loads(tokens), json.loads(uploaded),
-        json.loads(withheld), withheld_id, text, score, finish, t_recv, t_start, t_first,
-        t_done, t_up, bits, id=rid,
+        json.loads(withheld), withheld_id, text, score, finish, t_recv, gauge_id, t_start,
+        t_first, t_done, t_up, bits, id=rid,
     )  # fmt: skip
 
 
@@ -124,6 +126,9 @@ class AuditStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(generations)")}
+            if "gauge_id" not in columns:  # a store written before gauge rotation existed
+                self._db.execute("ALTER TABLE generations ADD COLUMN gauge_id TEXT")
         except sqlite3.Error as e:
             raise BackendError(f"audit store {self.path}: {e}") from e
 

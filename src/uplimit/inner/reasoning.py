@@ -121,3 +121,14 @@ class NoiseKeys:
     def withheld(self) -> tuple[int, int]:
         self._withheld += 1
         return self._withheld_seed, self._withheld - 1
+
+    def predict(self, inside: bool, position: int, ahead: int) -> tuple[int, int]:
+        """The key that the token `ahead` places after the next one will get, if no reasoning
+        section opens or closes meanwhile; uses up nothing (for a speculative draft's guess)."""
+        if inside:
+            return self._withheld_seed, self._withheld + ahead
+        position += ahead
+        uses = self._uses.get(position, 0)
+        return (self.seed if uses == 0 else derive_seed(self.seed, "reuse", position, uses)), (
+            position
+        )

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from uplimit.config import Config, load_calibration
 from uplimit.errors import ConfigError, LinkClosed
@@ -23,7 +24,10 @@ from uplimit.models.base import LanguageModel
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.protocol import EndReason
 
-__all__ = ["budgets_for", "scheduler_config", "serve_inner", "weights_bytes"]
+if TYPE_CHECKING:
+    from uplimit.inner.rotation import GaugeRotation
+
+__all__ = ["budgets_for", "rotation_for", "scheduler_config", "serve_inner", "weights_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,45 @@ def scheduler_config(config: Config) -> SchedulerConfig:
         reasoning=config.reasoning,
         max_reasoning_tokens=config.inner.max_reasoning_tokens,
         frame_delay_s=config.inner.frame_delay_s,
+        draft_tokens=config.inner.draft_tokens,
         scorer=SCORERS[config.inner.scorer],
+    )
+
+
+def rotation_for(config: Config, strong: LanguageModel) -> GaugeRotation | None:
+    """The configured gauge rotation of `strong`'s file (its master copy), or None (period 0).
+
+    Budgets stay computed from the master: a float serving copy is larger, not more to steal.
+    """
+    g = config.gauge
+    if g.period_s <= 0:
+        return None
+    from uplimit.gauge.schedule import GaugeAudit, GaugeSchedule
+    from uplimit.inner.rotation import GaugeRotation
+    from uplimit.models.loading import load_model
+
+    if not Path(strong.info.path).is_file():
+        raise ConfigError(f"gauge rotation serves GGUF copies: {strong.info.path} is not a file")
+    if not g.secret_file:
+        raise ConfigError("gauge.period_s > 0 needs gauge.secret_file")
+    try:
+        secret = Path(g.secret_file).expanduser().read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read gauge.secret_file: {e}") from e
+    m = config.models
+    options = {"n_threads": m.threads} if m.threads and m.backend != "hf" else {}
+
+    def load(path: Path) -> LanguageModel:
+        return load_model(path, backend=m.backend or None, **options)  # type: ignore[arg-type]
+
+    return GaugeRotation(
+        GaugeSchedule(secret, g.period_s, g.origin),
+        GaugeAudit(config.path(g.audit, "gauge-audit.jsonl")),
+        config.path(g.directory, "gauged"),
+        strong.info.path,
+        load,
+        lead_s=g.lead_s,
+        dtype=g.dtype,
     )
 
 
@@ -76,9 +118,12 @@ async def serve_inner(
     ledger = open_ledger(
         str(config.path(config.link.ledger, "ledger.db")), budgets_for(config, strong)
     )
+    rotation = rotation_for(config, strong)
+    if rotation is not None:  # the first copy may take minutes to write (docs/gauge.md)
+        strong = (await asyncio.to_thread(rotation.start)).model
     service = InnerService(
         strong, weak, calibration, scheduler_config(config), audit=audit,
-        best_of=config.inner.best_of,
+        best_of=config.inner.best_of, rotation=rotation,
     )  # fmt: skip
     try:
         fingerprint = codec_fingerprint(weak.info, calibration, service.frame_config)
@@ -89,6 +134,8 @@ async def serve_inner(
         return await serve_frames(link, service)
     finally:
         await asyncio.to_thread(service.close)
+        if rotation is not None:
+            rotation.close()
         audit.close()
         ledger.close()
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.codec import Prediction, cost_bits
@@ -24,6 +26,9 @@ from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.models.base import LanguageModel, Logits
 from uplimit.wire.frame import FrameConfig, FrameEncoder
 from uplimit.wire.streams import StreamSpec, StreamState
+
+if TYPE_CHECKING:  # the rotation imports torch: only services that rotate pay for it
+    from uplimit.inner.rotation import GaugeRotation
 
 __all__ = ["InnerService"]
 
@@ -40,11 +45,21 @@ class InnerService:
         *,
         audit: AuditStore | None = None,
         best_of: int = 1,
+        scheduler: Callable[..., Scheduler] = Scheduler,
+        rotation: GaugeRotation | None = None,
     ) -> None:
+        """`scheduler` builds the scheduler (`uplimit.redteam` swaps in a dishonest one)."""
         self.config = config
         self.best_of = best_of  # for streams opened without options
-        self.frame_config = FrameConfig(config.frame_tokens, weak.info.n_vocab)
-        self.scheduler = Scheduler(strong, config, audit=audit)
+        self.frame_config = FrameConfig(
+            config.frame_tokens, weak.info.n_vocab, withheld_counts=config.reasoning is not None
+        )
+        drafter = weak if config.draft_tokens else None  # its own session: see inner/draft.py
+        self.scheduler = scheduler(strong, config, audit=audit, drafter=drafter)
+        # With a rotation, `strong` is its current copy, swapped between steps (`step`).
+        self.rotation = rotation
+        if rotation is not None:
+            self.scheduler.gauge_id = rotation.current.gauge_id
         max_weak_context = config.max_context + 1
         self._weak_session = weak.session(config.max_streams, max_weak_context)
         self.encoder = FrameEncoder(
@@ -107,10 +122,21 @@ class InnerService:
     def _generate(self) -> None:
         try:
             while not self._stop.is_set():
-                if not self.scheduler.step():
+                if not self.step():
                     self.scheduler.wait_for_work(_IDLE_WAIT_S)
         except BaseException as e:  # surfaces at the next tick: the link ends, fail closed
             self.failure = e
+
+    def step(self) -> bool:
+        """One scheduler step (False: nothing to do). With a rotation, once the next gauge's
+        copy is due, no candidate starts, and the model is swapped before the step after the
+        running ones have finished on the old copy (inner/rotation.py)."""
+        due = self.rotation.poll() if self.rotation is not None else None
+        if due is not None:
+            self.scheduler.hold_starts = True
+            if not self.scheduler.busy:
+                self.rotation.switched(self.scheduler.swap_model(due.model, due.gauge_id))
+        return self.scheduler.step()
 
     def close(self) -> None:
         """Stop generating and free the models' sessions."""

@@ -3,8 +3,10 @@
 The codec only works if the encoder (inner side) and the decoder (outer side) compute
 bit-identical next-token logits from the weak model. Measured on llama.cpp (FACTS.md):
 evaluating several tokens of one sequence in one call ("teacher forcing") gives different
-logits from evaluating them one at a time. So the interface offers exactly one way to
-extend a sequence after its prompt: `Session.step`, one token per sequence per call.
+logits from evaluating them one at a time. So the codec extends a sequence after its prompt
+in exactly one way: `Session.step`, one token per sequence per call. `Session.extend` (several
+tokens per sequence in one call) exists for the strong model's speculative decoding, where the
+logits only need to be a deterministic function of the tokens and of how they were cut into calls.
 Batching *across* sequences is allowed; each backend documents why its batches are
 invariant (and tests in tests/*/test_determinism.py check it).
 
@@ -103,6 +105,21 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def step(self, tokens: Mapping[SeqId, int]) -> dict[SeqId, Logits]:
         """Append one token to each sequence; return each one's next-token logits."""
+
+    def extend(self, chunks: Mapping[SeqId, Sequence[int]]) -> dict[SeqId, list[Logits]]:
+        """Append several tokens to each sequence; return the logits after each of them.
+
+        For speculative decoding (checking a draft in one call). A backend may evaluate a
+        sequence's tokens together (teacher forcing), so the logits may differ from feeding them
+        by `step`; they must still depend only on the sequence's tokens and on how they were cut
+        into calls, never on other sequences. This default feeds them by `step`, one at a time.
+        """
+        out: dict[SeqId, list[Logits]] = {seq: [] for seq in chunks}
+        for i in range(max(map(len, chunks.values()), default=0)):
+            fed = {seq: chunk[i] for seq, chunk in chunks.items() if i < len(chunk)}
+            for seq, logits in self.step(fed).items():
+                out[seq].append(logits)
+        return out
 
     @abc.abstractmethod
     def truncate(self, seq: SeqId, length: int) -> None:

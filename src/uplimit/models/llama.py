@@ -8,6 +8,9 @@ sequence bit-identical to decoding it alone, and this backend always uses it:
 - `kv_unified=False`: one KV stream per sequence, so cells never interleave;
 - flash attention off: it changes path at >= 64 query rows or >= 512 cached tokens.
 Rows of a step are ordered by increasing sequence slot, so that a step stays one ubatch.
+`extend` makes one call per chunk length: with per-sequence KV streams llama.cpp cuts a batch
+into ubatches of equal tokens per sequence, so mixed lengths would cut a sequence's chunk in
+pieces that depend on its neighbours.
 """
 
 from __future__ import annotations
@@ -182,6 +185,33 @@ class LlamaSession(Session):
         for s in order:
             self._length[s] += 1
         return dict(zip(order, logits, strict=True))
+
+    def extend(self, chunks: Mapping[SeqId, Sequence[int]]) -> dict[SeqId, list[Logits]]:
+        by_length: dict[int, list[SeqId]] = {}
+        for seq, chunk in chunks.items():
+            self._check_seq(seq)
+            if not chunk:
+                raise ConfigError(f"empty chunk for sequence {seq}")
+            if self._length[seq] + len(chunk) > self.max_context:
+                raise ConfigError(f"sequence {seq} would exceed {self.max_context} tokens")
+            self._check_tokens(chunk)
+            by_length.setdefault(len(chunk), []).append(seq)
+        out: dict[SeqId, list[Logits]] = {}
+        for n, seqs in sorted(by_length.items()):
+            order = sorted(seqs, key=self._slot.__getitem__)  # one ubatch: rows by slot
+            per_call = self._batch_size // n
+            for first in range(0, len(order), per_call):
+                part = order[first : first + per_call]
+                rows = [
+                    (self._slot[s], self._length[s] + i, t)
+                    for s in part
+                    for i, t in enumerate(chunks[s])
+                ]
+                logits = self._decode(rows, last_only=False)
+                for i, s in enumerate(part):
+                    out[s] = logits[i * n : (i + 1) * n]
+                    self._length[s] += n
+        return out
 
     def truncate(self, seq: SeqId, length: int) -> None:
         self._check_seq(seq)

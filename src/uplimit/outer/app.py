@@ -22,7 +22,7 @@ one place (`_ERRORS`, `_api_error`):
 
 Each response carries an `uplimit` object: the request's seed, and per choice the uplink bits
 it cost (its share of every frame, and of that its tokens' own code: `payload_bits`), its
-tokens, and its withheld-reasoning id when reasoning is kept inside.
+tokens, and, when reasoning is kept inside, its withheld-reasoning id and withheld token count.
 """
 
 from __future__ import annotations
@@ -354,6 +354,7 @@ def _choice_extra(sub: Submission, index: int, f: Finished, settings: ApiSetting
         extra["bits_per_token"] = round(f.bits / f.tokens, 4)
     if settings.reasoning:
         extra["withheld_id"] = f"{sub.request_id}/{sub.choices[index].stream_id}"
+        extra["withheld_tokens"] = f.withheld
     return extra
 
 

@@ -42,7 +42,9 @@ async def serve_outer(
     down (SHUTDOWN, so the inner stops too)."""
     calibration = load_calibration(config, weak.info.file_sha256)
     coding = config.coding
-    frame_config = FrameConfig(coding.frame_tokens, weak.info.n_vocab)
+    frame_config = FrameConfig(
+        coding.frame_tokens, weak.info.n_vocab, withheld_counts=config.reasoning is not None
+    )
     session = weak.session(coding.max_streams, coding.max_context + 1)
     decoder = FrameDecoder(session, weak.info.eos_ids, calibration, frame_config)
     fingerprint = codec_fingerprint(weak.info, calibration, frame_config)

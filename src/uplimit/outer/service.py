@@ -31,6 +31,7 @@ from uplimit.errors import ConfigError, LinkClosed
 from uplimit.inner.request import GenerationRequest, choice_seed
 from uplimit.models.base import LanguageModel, Logits
 from uplimit.outer.link import Uplink
+from uplimit.outer.monitor import BitsMonitor
 from uplimit.outer.text import TextAssembler
 from uplimit.wire.frame import FrameContent, FrameStats
 from uplimit.wire.receiver import LinkState
@@ -52,6 +53,7 @@ class Finished:
     bits: float  # uplink bits this choice cost, its share of each frame's overhead included
     payload_bits: float  # of which its tokens' own code
     error: str = ""  # set when reason is "error"
+    withheld: int | None = None  # reasoning tokens kept inside; None: no reasoning configured
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Choice:
     received: int = 0  # tokens decoded for its stream, past a stop sequence too
     bits: float = 0.0
     payload_bits: float = 0.0
+    withheld: int | None = None  # said by its stream's last frame
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,10 @@ class OuterService:
         max_choices: int = 8,
         reasoning: tuple[str, str] | None = None,
         max_reasoning_tokens: int = 1024,
+        monitor: BitsMonitor | None = None,
     ) -> None:
         self.model = weak
+        self.monitor = monitor  # sees every decoded token's cost, rejected frames' too
         self.reasoning = reasoning
         self.max_reasoning_tokens = max_reasoning_tokens
         self.eos = weak.info.eos_ids
@@ -196,7 +201,10 @@ class OuterService:
         # In the decoding thread; bits are keyed by frame, since a rejected frame is observed
         # too but never delivered.
         frame_no = self.uplink.decoder.frame_no
-        self._bits[frame_no][state.spec.stream_id] += cost_bits(pred, token)
+        bits = cost_bits(pred, token)
+        self._bits[frame_no][state.spec.stream_id] += bits
+        if self.monitor is not None:
+            self.monitor.add(state.spec, bits)
 
     def _on_frame(self, content: FrameContent, stats: FrameStats) -> None:
         bits = self._bits.pop(stats.frame_no, {})
@@ -205,6 +213,9 @@ class OuterService:
         n_tokens = sum(map(len, content.tokens.values()))
         token_bits = 0.0 if stats.raw else sum(bits.values())
         shared = (8 * stats.bytes - token_bits) / n_tokens if n_tokens else 0.0
+        if self.reasoning:  # before the tokens: a stop sequence among them finishes the choice
+            for sid in self._open.keys() & content.withheld.keys():
+                self._open[sid].withheld = content.withheld[sid]
         for sid, toks in content.tokens.items():
             choice = self._open.get(sid)
             if choice is None:
@@ -242,8 +253,11 @@ class OuterService:
         tail = choice.text.finish()
         if tail and reason != "error":
             choice.events.put_nowait(tail)
+        withheld = None
+        if self.reasoning and reason != "error":
+            withheld = choice.withheld or 0  # a frame leaves zero counts out
         choice.finished = Finished(
-            reason, choice.text.tokens, choice.bits, choice.payload_bits, error
+            reason, choice.text.tokens, choice.bits, choice.payload_bits, error, withheld
         )
         choice.events.put_nowait(choice.finished)
 

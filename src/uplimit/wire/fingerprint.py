@@ -82,6 +82,7 @@ def codec_fingerprint(
         "calibration.sha256": calibration.digest(),
         "frame.max_tokens_per_stream": str(config.max_tokens_per_stream),
         "frame.n_vocab": str(config.n_vocab),
+        **({"frame.withheld_counts": "1"} if config.withheld_counts else {}),
         "numpy.version": np.__version__,
         "numpy.simd": numpy_simd(),
         "cpu.machine": platform.machine(),

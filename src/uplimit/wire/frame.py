@@ -13,6 +13,10 @@ Grammar of a coded frame (every symbol arithmetic-coded; probabilities fixed unl
                           order, with `coding.codec` (weak-model guess, hit flag, miss table);
                           between rounds both sides feed the round's tokens to the weak model
                           in one batched step, so both evaluate exactly the same batches
+    withheld  counts      only with `withheld_counts` (reasoning kept inside): for each stream
+                          that leaves the table after this frame, in table order, how many
+                          tokens it withheld: its bit length in 5 raw bits, then the bits
+                          below the leading one (~5 + log2(count) bits per response)
     check     16 bits     crc32 of (frame number, decoded content), low 16 bits
 
 Stream identity comes from the shared `StreamTable`: no ids on the wire. The frame number
@@ -47,6 +51,7 @@ from uplimit.wire.streams import StreamSpec, StreamState, StreamTable
 CHECK_BITS = 16
 FRAME_NO_BITS = 32
 ADMIT_BITS = 8  # at most 2**8 streams admitted per frame: the inner admits more next tick
+WITHHELD_LENGTH_BITS = 5  # a withheld count's bit length: counts below 2**31
 
 # Probabilities of the rare branches, in units of 2**-16.
 _RAW = 1  # P(raw) = 2**-16: a coded frame pays 2e-5 bits for the escape
@@ -61,6 +66,7 @@ _ENDS = FLAG_TOTAL // 16  # P(a given stream ended explicitly | some did)
 class FrameConfig:
     max_tokens_per_stream: int = 16  # K: tokens one stream may carry in one frame
     n_vocab: int = 151_936
+    withheld_counts: bool = False  # a retiring stream says how many tokens it withheld
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_tokens_per_stream <= 255:
@@ -89,6 +95,9 @@ class FrameContent:
     admitted: int = 0
     tokens: Mapping[int, tuple[int, ...]] = field(default_factory=dict)  # stream id -> tokens
     ended: frozenset[int] = frozenset()  # streams the inner ended explicitly (after tokens)
+    # Withheld tokens of streams that leave the table after this frame (with
+    # `withheld_counts`); zero counts are left out.
+    withheld: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,6 +151,8 @@ def _check_value(frame_no: int, raw: bool, order: list[int], content: FrameConte
     for s in order:
         toks = content.tokens.get(s, ())
         parts.append(struct.pack(f"<B?{len(toks)}I", len(toks), s in content.ended, *toks))
+    if content.withheld:  # absent without reasoning: those frames' checks are unchanged
+        parts += [struct.pack("<IQ", s, content.withheld[s]) for s in sorted(content.withheld)]
     return zlib.crc32(b"".join(parts)) & ((1 << CHECK_BITS) - 1)
 
 
@@ -280,9 +291,17 @@ class _FrameSide:
                     fed[s] = token
             if fed:
                 self.weak.feed(fed)
+        withheld: dict[int, int] = {}
+        if self.config.withheld_counts:
+            for s in order:
+                if self.table.active[s].finished or s in ended:
+                    n = _code_withheld(io, content.withheld.get(s, 0) if enc else None)
+                    if n:
+                        withheld[s] = n
         # What the encoder's uniform n is (the longest stream's count), for raw frames too.
         self.last_count = max(map(len, tokens.values()), default=0)
-        return FrameContent(admitted, {s: tuple(t) for s, t in tokens.items() if t}, ended)
+        kept = {s: tuple(t) for s, t in tokens.items() if t}
+        return FrameContent(admitted, kept, ended, withheld)
 
     def _admit(self, count: int) -> None:
         if count > len(self.table.pending):
@@ -357,6 +376,17 @@ class _FrameSide:
                     self.weak.stop(s)
 
 
+def _code_withheld(io: _Coder, count: int | None) -> int:
+    """A count as its bit length, then the bits below the leading one."""
+    if count is not None and not 0 <= count < 1 << 31:
+        raise ConfigError(f"withheld count {count} out of range")
+    length = io.uniform(None if count is None else count.bit_length(), WITHHELD_LENGTH_BITS)
+    if length <= 1:
+        return length
+    top = 1 << (length - 1)
+    return top | io.uniform(None if count is None else count - top, length - 1)
+
+
 def _uniform_count(
     content: FrameContent, order: list[int], remaining: dict[int, int], eos: frozenset[int], k: int
 ) -> int | None:
@@ -388,6 +418,7 @@ class _Sent:
     frame_no: int
     order: tuple[int, ...]  # active streams after admission, in coding order
     content: FrameContent
+    leaving: tuple[int, ...]  # streams that left the table after it, in coding order
 
 
 class FrameEncoder(_FrameSide):
@@ -425,7 +456,8 @@ class FrameEncoder(_FrameSide):
             sum(len(t) for t in coded.tokens.values()),
             io.hits,
         )
-        self._history[self.frame_no] = _Sent(self.frame_no, tuple(order), coded)
+        leaving = tuple(s for s in order if self.table.active[s].finished or s in coded.ended)
+        self._history[self.frame_no] = _Sent(self.frame_no, tuple(order), coded, leaving)
         self._history.pop(self.frame_no - self._history_limit, None)
         self._retire(coded)
         self.frame_no += 1
@@ -456,13 +488,17 @@ class FrameEncoder(_FrameSide):
             for s in order:
                 if len(c.tokens.get(s, ())) > r:
                     io.uniform(c.tokens[s][r], self.config.token_bits)
+        if self.config.withheld_counts:
+            for s in sent.leaving:
+                _code_withheld(io, c.withheld.get(s, 0))
         io.uniform(_check_value(sent.frame_no, True, list(order), c), CHECK_BITS)
         return io.enc.finish()
 
 
 def _normalized(content: FrameContent) -> FrameContent:
     tokens = {s: tuple(t) for s, t in content.tokens.items() if t}
-    return FrameContent(content.admitted, tokens, frozenset(content.ended))
+    withheld = {s: n for s, n in content.withheld.items() if n}
+    return FrameContent(content.admitted, tokens, frozenset(content.ended), withheld)
 
 
 class FrameDecoder(_FrameSide):

@@ -8,6 +8,8 @@ against an attacker who can compute: `attack` matches exact gauges perfectly).
   Mistral); what is exact and why.
 - `verify`: compare two models' logits and greedy tokens on prompts.
 - `schedule`: which gauge serves in which epoch (sans-IO), and a JSONL audit of what served when.
+- `export`: a gauged serving copy of a GGUF model for llama.cpp (F16/F32); `inner.rotation`
+  runs the schedule on the inner side with it.
 - `attack`: the matching attacks, to measure the defence.
 
 Submodules are imported explicitly (`from uplimit.gauge.schedule import GaugeSchedule`), so

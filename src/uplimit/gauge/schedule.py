@@ -11,11 +11,14 @@ the weights: whoever reads it reads every gauge (8 bytes per epoch to upload, se
 applied, each with a public `gauge_id` (not the seed) and the sha256 of the weights that served.
 `serving_at(t)` answers "which gauge served a request made at time t".
 
+`uplimit.inner.rotation.GaugeRotation` runs this on the inner side (llama.cpp serving copies
+written by `gauge.export`); in outline:
+
     schedule = GaugeSchedule(secret, period_s=6 * 3600)
     epoch = schedule.epoch(time.time())
     if audit.latest() is None or audit.latest().epoch < epoch:
-        apply_gauge(model, random_gauge(model.config, schedule.seed(epoch)))
-        ... save, swap the serving copy ...
+        gauge_gguf(current_copy, next_copy, schedule.seed(epoch))
+        ... swap the serving copy ...
         audit.record(GaugeRecord(epoch, schedule.gauge_id(epoch), weights_sha256, time.time()))
 """
 
@@ -75,12 +78,18 @@ class GaugeSchedule:
 
 @dataclass(frozen=True)
 class GaugeRecord:
-    """One re-gauge: from `started_at` on, weights with `weights_sha256` served under it."""
+    """One re-gauge: from `started_at` on, weights with `weights_sha256` served under it.
+
+    `applied_to` is the sha256 of the weights the gauge was applied to (the previous serving
+    copy, or the master for the first): with it the chain of copies can be re-derived from
+    the master and the schedule's secret. "" where unknown.
+    """
 
     epoch: int
     gauge_id: str
     weights_sha256: str
     started_at: float
+    applied_to: str = ""
 
 
 class GaugeAudit:

@@ -34,6 +34,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,25 @@ class Gauge:
     layers: tuple[LayerGauge, ...]
     residual: Relabel | None
 
+    @cached_property
+    def _spaces(self) -> tuple[dict[str, Relabel], list[dict[str, Relabel]]]:
+        """(model-wide spaces, each layer's spaces), derived once per gauge."""
+        model: dict[str, Relabel] = {}
+        if self.residual is not None:
+            model = {"residual": self.residual, "norm": self.residual.unsigned()}
+        return model, [{**model, **layer.spaces(self.dims)} for layer in self.layers]
+
+    def relabel(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Hugging Face parameter `name`'s value in this gauge: a new tensor, or `tensor` itself
+        if the gauge does not move it. ConfigError for a name with no known axes."""
+        layer, axes = _axes(name)
+        model, layers = self._spaces
+        spaces = model if layer is None else layers[layer]
+        for dim, space in enumerate(axes):
+            if space in spaces:
+                tensor = spaces[space].apply(tensor, dim)
+        return tensor
+
     def digest(self) -> str:
         """sha256 over every index and sign, in a fixed order: names a gauge in an audit."""
         parts: list[np.ndarray] = []
@@ -193,16 +213,18 @@ class Gauge:
 
 
 def random_gauge(
-    config: PretrainedConfig, seed: int, *, residual: bool = True, signs: bool = True
+    config: PretrainedConfig | Dims, seed: int, *, residual: bool = True, signs: bool = True
 ) -> Gauge:
     """Draw a gauge uniformly from the group described in the module docstring.
 
+    `config` is a model's config or its `Dims` (the same dims give the same draws, so a GGUF
+    file and its Hugging Face model get the same gauge from one seed).
     `seed` fixes it (numpy PCG64; reproducible with the same numpy). `residual=False` leaves
     the residual stream alone; `signs=False` draws permutations only. Any part may come out as
     the identity (a KV permutation of 2 heads does, half the time): excluding it would make the
     draw less uniform, and the whole gauge is never the identity in practice (p < 1/intermediate!).
     """
-    dims = Dims.of(config)
+    dims = config if isinstance(config, Dims) else Dims.of(config)
     rng = np.random.default_rng(seed)
 
     def sign(*shape: int) -> SignArray:
@@ -238,21 +260,14 @@ def apply_gauge(model: PreTrainedModel, gauge: Gauge) -> None:
     """
     if Dims.of(model.config) != gauge.dims:
         raise ConfigError(f"gauge drawn for {gauge.dims}, model has {Dims.of(model.config)}")
-    plan = [(param, _axes(name)) for name, param in model.named_parameters()]  # ties: once
-    for name, param in model.named_parameters():
+    plan = list(model.named_parameters())  # tied parameters appear once
+    for name, param in plan:
+        _axes(name)  # every name known, before anything moves
         if not param.is_floating_point():
             raise ConfigError(f"parameter {name!r} is {param.dtype}, not floating point")
-    layer_spaces = [layer.spaces(gauge.dims) for layer in gauge.layers]
-    model_spaces: dict[str, Relabel] = {}
-    if gauge.residual is not None:
-        model_spaces = {"residual": gauge.residual, "norm": gauge.residual.unsigned()}
     with torch.no_grad():
-        for param, (layer, axes) in plan:
-            spaces = model_spaces if layer is None else {**model_spaces, **layer_spaces[layer]}
-            moved = param
-            for dim, space in enumerate(axes):
-                if space in spaces:
-                    moved = spaces[space].apply(moved, dim)
+        for name, param in plan:
+            moved = gauge.relabel(name, param)
             if moved is not param:
                 param.copy_(moved)
 

@@ -38,6 +38,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from uplimit.models.chat import CHATML
+from uplimit.models.gguf_names import gguf_name
 
 # Bump when the recipe changes, so directories built by an older recipe are not reused.
 RECIPE_VERSION = 1
@@ -201,42 +202,13 @@ def export_gguf(model_dir: str | Path) -> Path:
     writer.add_chat_template(CHATML)
 
     for name, tensor in sorted(weights.items()):
-        writer.add_tensor(_gguf_tensor_name(name), tensor)
+        writer.add_tensor(gguf_name(name), tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     os.replace(staging, path)
     return path
-
-
-# Hugging Face Qwen2 parameter names -> GGUF tensor names (llama.cpp's TENSOR_NAMES).
-_GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_GGUF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-
-
-def _gguf_tensor_name(name: str) -> str:
-    if name in _GGUF_NAMES:
-        return _GGUF_NAMES[name]
-    _, _, layer, rest = name.split(".", 3)  # model.layers.<i>.<rest>
-    return f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}"
 
 
 def _build_tokenizer() -> PreTrainedTokenizerFast:

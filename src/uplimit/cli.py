@@ -8,7 +8,14 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from uplimit.errors import UplimitError
@@ -59,7 +66,7 @@ def models_fetch() -> None:
 def models_list(
     rehash: bool = typer.Option(False, help="Recompute sha256 instead of trusting the stamp."),
 ) -> None:
-    """Show each model of the pair: role, path, size, whether its hash was verified."""
+    """Show the pair (role, path, size, hash verified) and any distilled weak models."""
     from uplimit.models import store
 
     table = Table("role", "model", "path", "bytes", "sha256 verified")
@@ -73,6 +80,22 @@ def models_list(
             "yes" if st.verified else "no",
         )
     Console().print(table)
+
+    from uplimit.distill.export import list_distilled
+
+    versions = list_distilled()
+    if versions:
+        table = Table("distilled weak model", "sha256", "held-out bits/token", "top-1", "bytes")
+        for v in versions:
+            before, after = v["result"]["before"], v["result"]["after"]
+            table.add_row(
+                v["path"],
+                v["sha256"][:16],
+                f"{before['bits_per_token']:.3f} -> {after['bits_per_token']:.3f}",
+                f"{before['top1']:.1%} -> {after['top1']:.1%}",
+                f"{Path(v['path']).stat().st_size:,}",
+            )
+        Console().print(table)
 
 
 @app.command()
@@ -140,6 +163,53 @@ def bench(
 
 
 @app.command()
+def speed(
+    prompts: Path = typer.Option(..., help="JSONL file: one {id, messages} per line."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    max_tokens: int = typer.Option(64, help="Tokens generated per prompt at most."),
+    limit: int | None = typer.Option(None, help="Use only the first K prompts."),
+    max_batch: int = typer.Option(4, help="Strong sequences generated at once."),
+    draft_tokens: int = typer.Option(4, help="Weak-model drafts per step in the speculative runs."),
+    rounds: int = typer.Option(2, help="Each round runs both modes, in alternating order."),
+    seed: int = typer.Option(0, help="Base of the per-prompt sampling seeds."),
+    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
+    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full result here."),
+) -> None:
+    """Inner generation throughput with and without the weak model as speculative drafter."""
+    import json
+
+    from uplimit.coding.sampling import SamplingParams
+    from uplimit.models.loading import ModelPair, load_model
+    from uplimit.prompts import load_jsonl
+    from uplimit.speed import SpeedSettings, run_speed
+
+    records = load_jsonl(prompts)[:limit]
+    settings = SpeedSettings(
+        SamplingParams(temperature), max_tokens, max_batch, draft_tokens, rounds, seed
+    )
+    with console.status("loading models"):
+        pair = ModelPair(load_model(strong), load_model(weak))
+    with console.status("generating, alternating plain and speculative runs"):
+        result = run_speed(records, settings, pair.strong, pair.weak)
+    table = Table(
+        "measure", "plain", f"{draft_tokens} drafts", title=f"uplimit speed, T={temperature}"
+    )
+    for key in ("tokens", "seconds", "tokens_per_s", "strong_s", "draft_s"):
+        plain, spec = result["plain"][key], result["speculative"][key]
+        table.add_row(key, f"{plain:,.2f}", f"{spec:,.2f}")
+    Console().print(table)
+    console.print(
+        f"speed-up {result['speedup']:.2f}x, drafts accepted {result['acceptance']:.1%}, "
+        f"{result['tokens_per_strong_call']:.2f} tokens per strong call, "
+        f"{result['streams_identical_to_plain']}/{result['prompts']} streams identical to plain"
+    )
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_out}")
+
+
+@app.command()
 def calibrate(
     out: Path = typer.Option(..., help="Where to write the calibration JSON."),
     count: int = typer.Option(
@@ -150,15 +220,21 @@ def calibrate(
     seed: int = typer.Option(1, help="Sampling seed base and prompt-selection seed."),
     strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
     weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    prompts_file: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="Fit on the first COUNT prompts of this JSONL file instead (e.g. ones a distilled "
+        "weak model was not trained on).",
+    ),
 ) -> None:
     """Fit how the coder predicts the strong model from the weak one (never on eval prompts)."""
     from uplimit.calibrate import Observations, fit, observe
     from uplimit.coding.sampling import SamplingParams
     from uplimit.models.loading import ModelPair, load_model
-    from uplimit.prompts import training_set
+    from uplimit.prompts import load_jsonl, training_set
 
     temps = [float(t) for t in temperatures.split(",")]
-    prompts = training_set(count, seed)
+    prompts = load_jsonl(prompts_file)[:count] if prompts_file else training_set(count, seed)
     with console.status("loading models"):
         pair = ModelPair(load_model(strong), load_model(weak))
     greedy, sampled = Observations(), Observations()
@@ -173,7 +249,8 @@ def calibrate(
             target.hits += obs.hits
             target.miss_costs += obs.miss_costs
     note = (
-        f"fitted by `uplimit calibrate` on {count} training prompts (seed {seed}), "
+        f"fitted by `uplimit calibrate` on {len(prompts)} "
+        f"{prompts_file.name if prompts_file else 'training'} prompts (seed {seed}), "
         f"T in {temps}, {max_tokens} tokens; strong {pair.strong.info.file_sha256[:16]}, "
         f"weak {pair.weak.info.file_sha256[:16]}"
     )
@@ -231,6 +308,34 @@ def gauge_apply(
     console.print(
         f"wrote {done.out} (gauge {done.gauge_digest[:16]}): load {done.load_s:.1f} s, "
         f"apply {done.apply_s:.2f} s, save {done.save_s:.1f} s"
+    )
+
+
+@gauge_app.command("export")
+def gauge_export(
+    model: str = typer.Option(..., help="'strong' or a qwen2 GGUF file (e.g. a serving copy)."),
+    out: Path = typer.Option(..., help="The GGUF file to write."),
+    seed: int | None = typer.Option(
+        None, help="Gauge seed (secret). Omit: an ungauged copy in the same format."
+    ),
+    dtype: str = typer.Option("f16", help="f16, or f32 (exact: twice the size)."),
+    residual: bool = typer.Option(True, help="Also relabel the residual stream."),
+    signs: bool = typer.Option(True, help="Draw signs as well as permutations."),
+) -> None:
+    """Write a llama.cpp serving copy of MODEL in a gauge (docs/gauge.md)."""
+    from uplimit.gauge.export import export_gguf, gauge_gguf
+    from uplimit.models.loading import resolve
+
+    src = resolve(model)
+    with console.status("dequantizing, transforming, writing"):
+        if seed is None:
+            done = export_gguf(src, out, None, dtype=dtype)
+        else:
+            done = gauge_gguf(src, out, seed, dtype=dtype, residual=residual, signs=signs)
+    gauge = f"gauge {done.gauge_digest[:16]}" if done.gauge_digest else "no gauge"
+    console.print(
+        f"wrote {done.path} ({gauge}, {done.path.stat().st_size / 1e9:.2f} GB, "
+        f"sha256 {done.sha256[:16]}) in {done.seconds:.1f} s"
     )
 
 
@@ -555,6 +660,224 @@ def budget_raise(
     finally:
         book.close()
     console.print(f"budget changed: {change}")
+
+
+# --- uplimit distill: teach the weak model to imitate the strong one (docs/distill.md) ------
+distill_app = typer.Typer(
+    help="Distil the strong model into the weak one on the outer side (docs/distill.md).",
+    no_args_is_help=True,
+)
+app.add_typer(distill_app, name="distill")
+
+
+@contextmanager
+def _counter(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar driven by (done, total) callbacks."""
+    with Progress(
+        TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@distill_app.command("prompts")
+def distill_prompts(
+    out: Path = typer.Option(..., help="Prompt file (JSONL) to write."),
+    self_instruct: int = typer.Option(160, help="Questions the weak model writes."),
+    humaneval: int = typer.Option(40, help="HumanEval prompts."),
+    stdlib: int = typer.Option(40, help="Standard-library questions."),
+    weak: str = typer.Option("weak", help="The weak model that writes questions."),
+    seed: int = typer.Option(0, help="Sampling and shuffling seed."),
+) -> None:
+    """Build the training prompts (never from an evaluation set)."""
+    from uplimit.distill.instruct import training_prompts
+    from uplimit.models.loading import load_model
+    from uplimit.prompts import write_jsonl
+
+    model = load_model(weak)
+    with _counter("self-instruct") as update:
+        prompts = training_prompts(
+            model,
+            self_instructed=self_instruct,
+            humaneval_count=humaneval,
+            stdlib_count=stdlib,
+            seed=seed,
+            progress=update,
+        )
+    write_jsonl(prompts, out)
+    console.print(f"wrote {len(prompts)} prompts to {out}")
+
+
+@distill_app.command("collect")
+def distill_collect(
+    prompts: Path = typer.Option(..., help="Prompt file (JSONL)."),
+    out: Path = typer.Option(..., help="Answers file (JSONL), appended; a rerun resumes."),
+    url: str = typer.Option("http://127.0.0.1:8000", help="The outer gateway."),
+    model: str = typer.Option("uplimit", help="Model name the gateway serves."),
+    api_key: str = typer.Option("unused", help="The gateway's API key, if it has one."),
+    temperature: list[float] = typer.Option([0.0], help="Repeat for several."),
+    max_tokens: int = typer.Option(256),
+    concurrency: int = typer.Option(16, help="Requests in flight."),
+    seed: int = typer.Option(0, help="Request i uses seed SEED + i."),
+) -> None:
+    """Serve the prompts through uplimit and keep the answers; the upload is charged."""
+    import asyncio
+
+    from uplimit.distill.collect import collect
+    from uplimit.prompts import load_jsonl
+
+    with _counter("answers") as update:
+        answers = asyncio.run(
+            collect(
+                url,
+                load_jsonl(prompts),
+                temperature,
+                out,
+                model=model,
+                api_key=api_key,
+                max_tokens=max_tokens,
+                concurrency=concurrency,
+                seed=seed,
+                progress=update,
+            )
+        )
+    tokens = sum(a.tokens for a in answers)
+    bits = sum(a.uploaded_bits for a in answers)
+    console.print(
+        f"{len(answers)} answers, {tokens:,} tokens, {bits / 8:,.0f} bytes uploaded "
+        f"({bits / max(tokens, 1):.3f} bits/token) in {out}"
+    )
+
+
+@distill_app.command("train")
+def distill_train(
+    answers: Path = typer.Option(..., help="Answers file from `uplimit distill collect`."),
+    workdir: Path = typer.Option(..., help="Checkpoints and results; a rerun resumes."),
+    weak: str = typer.Option("weak", help="The weak model: the pair's, or a GGUF file."),
+    tokenizer_dir: Path | None = typer.Option(None, help="Tokenizer cache (default: beside it)."),
+    rank: int = typer.Option(16),
+    epochs: int = typer.Option(2),
+    learning_rate: float = typer.Option(3e-4),
+    batch_tokens: int = typer.Option(4096, help="Padded tokens per optimizer step."),
+    max_len: int = typer.Option(768, help="Prompt + answer tokens; longer ones are cut."),
+    threads: int = typer.Option(0, help="torch threads; 0: all cores."),
+    export: bool = typer.Option(True, help="Write the merged GGUF when done."),
+) -> None:
+    """LoRA-train the weak model on the answers (CPU, bf16), then export the merged GGUF."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from uplimit.distill.collect import load_answers
+    from uplimit.distill.export import distilled_dir, export_distilled
+    from uplimit.distill.lora import weight_deltas
+    from uplimit.distill.train import TrainConfig, examples, split, train
+    from uplimit.models.hf import HFModel
+    from uplimit.models.loading import resolve
+    from uplimit.models.store import uplimit_home
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = TrainConfig(
+        rank=rank,
+        alpha=2.0 * rank,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        batch_tokens=batch_tokens,
+        max_len=max_len,
+    )
+    path = resolve(weak)
+    cache = tokenizer_dir or uplimit_home() / "tokenizers" / f"{path.stem}-hf"
+    with console.status(f"loading {path.name} (dequantized)"):
+        model = HFModel(path, tokenizer_dir=cache)
+    collected = load_answers(answers)
+    train_set, held = split(examples(model, collected, config.max_len), config.holdout, 0)
+    console.print(
+        f"{len(collected)} answers: {len(train_set)} to train on, {len(held)} held out "
+        f"(split by prompt)"
+    )
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("train", total=None, loss="")
+
+        def update(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, loss=f"{loss:.3f} bits/token")
+
+        adapters, result = train(
+            model.torch_model, train_set, held, config, workdir, progress=update
+        )
+    b, a = result.before, result.after
+    console.print(
+        f"held out ({a.tokens:,} tokens): {b.bits_per_token:.3f} -> {a.bits_per_token:.3f} "
+        f"bits/token, top-1 {b.top1:.1%} -> {a.top1:.1%}; {result.steps} steps, "
+        f"{result.train_tokens:,} answer tokens per epoch, {result.seconds / 60:.1f} min"
+    )
+    report = {
+        "train": asdict(config),
+        "result": asdict(result),
+        "answers": str(answers),
+        "collected_tokens": sum(x.tokens for x in collected),
+        "collected_upload_bits": sum(x.uploaded_bits for x in collected),
+    }
+    (workdir / "result.json").write_text(json.dumps(report, indent=2) + "\n")
+    if export:
+        with console.status("writing the merged GGUF"):
+            done = export_distilled(path, weight_deltas(adapters), distilled_dir(), manifest=report)
+        console.print(f"wrote {done.path} (sha256 {done.sha256})")
+
+
+@app.command()
+def redteam(
+    out: Path = typer.Option(..., help="Directory for report.md, report.json and the run's files."),
+    prompts: Path = typer.Option(..., help="Evaluation prompts (dev.jsonl): false positives."),
+    dev_limit: int | None = typer.Option(None, help="Use only the first K evaluation prompts."),
+    secret_bytes: int = typer.Option(1 << 20, help="Size of the random secret to move out."),
+    budget_bytes: int = typer.Option(32_768, help="Lifetime budget of each run's link."),
+    max_tokens: int = typer.Option(32, help="Tokens per answer."),
+    calibration_prompts: int = typer.Option(16, help="Training prompts per T for the monitor."),
+    attack_prompts: int = typer.Option(4, help="Prompts per token attack."),
+    check_rate: float = typer.Option(1.0, help="Share of streams the spot-checker re-runs."),
+    frame_tokens: int = typer.Option(4, help="Tokens per stream per frame."),
+    tick: float = typer.Option(0.05, help="Uplink tick, seconds."),
+    timeout: float = typer.Option(300.0, help="Time limit of each run's workload, seconds."),
+    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
+    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    threads: int = typer.Option(0, help="llama.cpp threads per model; 0: all cores."),
+) -> None:
+    """Attack a live system on loopback with a dishonest inner side (red-team mode, only here).
+
+    Calibrates the bits/token monitor on training prompts, measures every detector's
+    false positives on PROMPTS, then runs each attack (docs/security.md).
+    """
+    import asyncio
+
+    from uplimit.coding.calibration import for_pair
+    from uplimit.models.loading import ModelPair, load_model, resolve
+    from uplimit.prompts import load_jsonl
+    from uplimit.redteam.live import LiveSettings, Pair
+    from uplimit.redteam.run import RedTeamSettings, run_redteam
+
+    dev = load_jsonl(prompts)
+    options = {"n_threads": threads} if threads else {}
+    with console.status("loading models"):
+        loaded = ModelPair(load_model(strong, **options), load_model(weak, **options))
+    s, w = loaded.strong, loaded.weak
+    calib = for_pair(s.info.file_sha256, w.info.file_sha256)  # shipped, else defaults
+    backend = None if Path(s.info.path).is_file() else "hf"
+    pair = Pair(s, w, calib, str(resolve(strong)), backend, options)
+    live = LiveSettings(frame_tokens=frame_tokens, max_tokens=max_tokens, tick_s=tick,
+                        budget_bytes=budget_bytes, timeout_s=timeout)  # fmt: skip
+    settings = RedTeamSettings(live, secret_bytes, calibration_prompts, dev_limit,
+                               attack_prompts, check_rate)  # fmt: skip
+    asyncio.run(run_redteam(pair, settings, dev, out, progress=console.print))
+    console.print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
 
 
 def main() -> None:

@@ -120,3 +120,12 @@ def training_set(count: int, seed: int = 0) -> list[Prompt]:
     mixed = he[: count // 2] + stdlib_questions(count - min(count // 2, len(he)), seed)
     rng.shuffle(mixed)
     return mixed[:count]
+
+
+def write_jsonl(prompts: list[Prompt], path: str | Path) -> None:
+    """Write prompts in the format `load_jsonl` reads (atomically: a crash leaves no half file)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    lines = (json.dumps({"id": p.id, "messages": [dict(m) for m in p.messages]}) for p in prompts)
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)

@@ -103,6 +103,8 @@ class OuterConfig:
     api_key: str = ""  # "": no key needed
     metrics_port: int = 9464  # Prometheus exposition on `host`; 0: off (outer side only)
     max_choices: int = 8  # n
+    # Bits/token monitor thresholds (JSON, as `uplimit redteam` writes them); "": off.
+    monitor: str = ""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import uvicorn
 
@@ -22,6 +23,7 @@ from uplimit.link.transport import OuterLink
 from uplimit.models.base import LanguageModel
 from uplimit.outer.app import ApiSettings, create_app
 from uplimit.outer.link import FrameHook, TransportUplink
+from uplimit.outer.monitor import BitsMonitor, MonitorThresholds
 from uplimit.outer.service import OuterService
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig, FrameDecoder
@@ -70,6 +72,7 @@ async def serve_outer(
         service = OuterService(
             weak, uplink, max_context=coding.max_context, max_choices=config.outer.max_choices,
             reasoning=config.reasoning, max_reasoning_tokens=config.inner.max_reasoning_tokens,
+            monitor=_monitor(config, metrics),
         )  # fmt: skip
         service.start()
         if config.outer.metrics_port:
@@ -103,3 +106,12 @@ async def serve_outer(
             exposition.shutdown()
         session.close()
         counter.close()
+
+
+def _monitor(config: Config, metrics: OuterMetrics) -> BitsMonitor | None:
+    """The bits/token monitor when `[outer] monitor` names its thresholds; its alarms count in
+    `uplimit_alarms_total{kind="bits"}`."""
+    if not config.outer.monitor:
+        return None
+    thresholds = MonitorThresholds.load(Path(config.outer.monitor).expanduser())
+    return BitsMonitor(thresholds, on_alarm=lambda _: metrics.alarms.labels("bits").inc())

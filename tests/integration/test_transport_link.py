@@ -699,7 +699,10 @@ def test_streams_round_trip_then_the_budget_runs_out(
     # The downlink is logged inside, message by message, service fields included.
     log = [json.loads(line) for line in (tmp_path / "downlink.jsonl").read_text().splitlines()]
     opens = [e for e in log if e["type"] == "open_stream"]
-    assert log[0]["type"] == "hello" and len(opens) == len(exact) + len(spending)
+    # The last OPEN_STREAM may cross the inner's END on the wire and never be read.
+    sent = [s.stream_id for s in exact + spending]
+    assert log[0]["type"] == "hello" and [e["stream_id"] for e in opens] == sent[: len(opens)]
+    assert len(opens) >= len(sent) - 1
     assert opens[0]["prompt"] == list(exact[0].prompt) and opens[0]["extra"] == ""
     assert opens[-1]["extra"] == '{"answer": "random"}'
     report = f"\n{where}: budget {BUDGET:,}, ledger {state.usage.lifetime_bytes:,} (wire"

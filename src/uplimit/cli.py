@@ -671,13 +671,22 @@ app.add_typer(distill_app, name="distill")
 
 
 @contextmanager
-def _counter(what: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar driven by (done, total) callbacks."""
+def _counter(what: str) -> Iterator[Callable[..., None]]:
+    """A rich progress bar driven by (done, total[, note]) callbacks."""
     with Progress(
-        TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeRemainingColumn(),
+        console=console,
     ) as bar:
-        task = bar.add_task(what, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+        task = bar.add_task(what, total=None, note="")
+
+        def update(done: int, total: int, note: str = "") -> None:
+            bar.update(task, completed=done, total=total, note=note)
+
+        yield update
 
 
 @distill_app.command("prompts")
@@ -797,21 +806,14 @@ def distill_train(
         f"{len(collected)} answers: {len(train_set)} to train on, {len(held)} held out "
         f"(split by prompt)"
     )
-    with Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[loss]}"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("train", total=None, loss="")
-
-        def update(step: int, total: int, loss: float) -> None:
-            bar.update(task, completed=step, total=total, loss=f"{loss:.3f} bits/token")
-
+    with _counter("training") as update:
         adapters, result = train(
-            model.torch_model, train_set, held, config, workdir, progress=update
+            model.torch_model,
+            train_set,
+            held,
+            config,
+            workdir,
+            progress=lambda step, total, loss: update(step, total, f"{loss:.3f} bits/token"),
         )
     b, a = result.before, result.after
     console.print(
@@ -829,7 +831,13 @@ def distill_train(
     (workdir / "result.json").write_text(json.dumps(report, indent=2) + "\n")
     if export:
         with console.status("writing the merged GGUF"):
-            done = export_distilled(path, weight_deltas(adapters), distilled_dir(), manifest=report)
+            done = export_distilled(
+                path,
+                model.info.file_sha256,
+                weight_deltas(adapters),
+                distilled_dir(),
+                manifest=report,
+            )
         console.print(f"wrote {done.path} (sha256 {done.sha256})")
 
 

@@ -18,6 +18,7 @@ from uplimit.distill.train import TrainConfig, examples, split, train, turn_end
 from uplimit.errors import ConfigError
 from uplimit.inner.generate import Request, generate
 from uplimit.models.hf import HFModel
+from uplimit.models.store import sha256_file
 from uplimit.models.tiny import export_gguf as tiny_gguf
 from uplimit.wire.fingerprint import codec_fingerprint, differences
 from uplimit.wire.frame import FrameConfig
@@ -142,6 +143,7 @@ def test_exported_gguf_serves_the_merged_model(tiny_pair_dirs, tmp_path: Path) -
     base = tiny_gguf(tiny_pair_dirs[1])
     done = export_distilled(
         base,
+        sha256_file(base),
         lora.weight_deltas(adapters),
         tmp_path,
         qtype=GGMLQuantizationType.F32,
@@ -151,6 +153,7 @@ def test_exported_gguf_serves_the_merged_model(tiny_pair_dirs, tmp_path: Path) -
     [listed] = list_distilled(tmp_path)
     assert listed["sha256"] == done.sha256 and listed["note"] == "test"
     assert listed["adapted_tensors"] == len(adapters)
+    assert listed["base_sha256"] == sha256_file(base)
 
     ids = weak.chat_tokens([{"role": "user", "content": "def add(a, b):"}])
     lora.merge(weak.torch_model, adapters)

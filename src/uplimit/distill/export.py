@@ -43,13 +43,15 @@ def distilled_dir() -> Path:
 
 def export_distilled(
     base: str | Path,
+    base_sha256: str,
     deltas: Mapping[str, torch.Tensor],
     out_dir: str | Path,
     *,
     qtype: GGMLQuantizationType = GGMLQuantizationType.Q8_0,
     manifest: Mapping[str, Any] | None = None,
 ) -> Exported:
-    """Write `base` with each module's ΔW (by Hugging Face module name) added to its weight."""
+    """Write `base` (its sha256 is what loading it already computed) with each module's ΔW
+    (by Hugging Face module name) added to its weight."""
     base, out_dir = Path(base), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {t.name: t for t in GGUFReader(base).tensors}
@@ -64,7 +66,7 @@ def export_distilled(
     sha256 = sha256_file(staging)
     path = out_dir / f"weak-{sha256[:16]}.gguf"
     os.replace(staging, path)
-    info = {"sha256": sha256, "base": str(base), "base_sha256": sha256_file(base)}
+    info = {"sha256": sha256, "base": str(base), "base_sha256": base_sha256}
     info |= {"qtype": qtype.name, "adapted_tensors": len(replace), **(manifest or {})}
     manifest_path = path.with_suffix(".json")
     tmp = manifest_path.with_suffix(".tmp")

@@ -171,9 +171,7 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     model.to(getattr(torch, config.dtype))
     adapters = lora.attach(model, rank=config.rank, alpha=config.alpha, seed=config.seed)
-    params = lora.parameters(adapters)
-    for p in params:
-        p.data = p.data.float()
+    params = lora.parameters(adapters)  # float32: made after the base was cast
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     schedule = [
         b
@@ -182,10 +180,10 @@ def train(
     ]
     identity = {"config": asdict(config), "data": data_digest(train_set)}
     start = _resume(workdir / CHECKPOINT, identity, adapters, optimizer)
-    before = evaluate(model, held_out, config.batch_tokens) if start == 0 else None
-    if before:
+    if start == 0:
+        before = evaluate(model, held_out, config.batch_tokens)
         _save_json(workdir / "before.json", asdict(before))
-    else:
+    else:  # the base model is gone once adapters have trained: read what it scored
         before = Evaluation(**json.loads((workdir / "before.json").read_text()))
 
     model.train()

@@ -74,7 +74,8 @@ async def collect(
     """Ask the gateway at `url` every prompt at every temperature; return all answers."""
     out = Path(out)
     done = {a.key: a for a in load_answers(out)}
-    todo = [(i, p, t) for t in temperatures for i, p in enumerate(prompts) if (p.id, t) not in done]
+    # prompt by prompt, every temperature each, so a run stopped early has both kinds of answer
+    todo = [(i, p, t) for i, p in enumerate(prompts) for t in temperatures if (p.id, t) not in done]
     total, finished = len(prompts) * len(temperatures), len(done)
     client = openai.AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key, max_retries=2)
     limit = asyncio.Semaphore(concurrency)

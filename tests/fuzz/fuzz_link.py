@@ -110,7 +110,10 @@ def _receiver_target(corpus: Path):
         (corpus / f"valid-{step}").write_bytes(bytes([step]) + stream)
 
     def receiver(data: bytes) -> None:
-        dec = side(FrameDecoder)
+        session = weak.session(2, 256)
+        dec = FrameDecoder(session, weak.info.eos_ids, Calibration(), config)
+        for s in specs:
+            dec.add_stream(s)
         try:
             rx = UplinkReceiver(fingerprint, dec)
             step = 1 + data[0] % 64 if data else 1
@@ -122,7 +125,7 @@ def _receiver_target(corpus: Path):
                 if isinstance(e, Delivered) and e.content != contents[e.stats.frame_no]:
                     raise AssertionError(f"frame {e.stats.frame_no} delivered wrong content")
         finally:
-            dec.weak.session.close()
+            session.close()
 
     return receiver
 

@@ -269,3 +269,83 @@ def test_withheld_counts_only_for_leaving_streams(tiny_weak):
         (raw,) = enc.resend(0)
     with link(tiny_weak, tiny_weak, specs, withheld=True) as (_, fresh):
         assert fresh.decode(raw)[0].withheld == {0: 4}
+
+
+def test_a_switch_codes_new_streams_with_the_new_model_and_lets_old_ones_finish(
+    tiny_strong, tiny_weak
+):
+    """Streams 0 and 1 start on the weak model; after the switch, 2 and 3 are coded with the
+    new one (here the strong model itself, so its guesses always hit) while 0 and 1 finish on
+    the old one, which then leaves. A decoder that misses the switch is caught."""
+    from uplimit.inner.generate import Request, generate
+
+    specs = make_specs(tiny_weak, 4, random.Random(5), max_tokens=24)
+    gens, _ = generate(
+        tiny_strong,
+        [Request(s.prompt, s.params, s.seed, s.max_tokens) for s in specs],
+        max_context=512,
+    )
+    frames = [FrameContent(2, {i: tuple(gens[i].tokens[:K]) for i in (0, 1)})]
+    for j in range(1, 24 // K + 1):
+        tokens = {i: tuple(gens[i].tokens[j * K : (j + 1) * K]) for i in (0, 1)}
+        tokens |= {i: tuple(gens[i].tokens[(j - 1) * K : j * K]) for i in (2, 3)}
+        frames.append(FrameContent(2 if j == 1 else 0, {i: t for i, t in tokens.items() if t}))
+
+    released: list[str] = []
+    hits: dict[int, list[bool]] = {i: [] for i in range(4)}
+    config = FrameConfig(K, tiny_weak.info.n_vocab)
+    with (
+        tiny_weak.session(4, 512) as es,
+        tiny_weak.session(4, 512) as ds,
+        tiny_weak.session(4, 512) as stale_session,
+    ):
+        enc = FrameEncoder(es, tiny_weak.info.eos_ids, Calibration(), config)
+        dec = FrameDecoder(ds, tiny_weak.info.eos_ids, Calibration(), config)
+        stale = FrameDecoder(stale_session, tiny_weak.info.eos_ids, Calibration(), config)
+        enc.observe = lambda state, _l, pred, token: hits[state.spec.stream_id].append(
+            pred.guess == token
+        )
+        for side in (enc, dec, stale):
+            side.add_stream(specs[0])
+            side.add_stream(specs[1])
+        first, _ = enc.encode(frames[0])
+        assert dec.decode(first)[0] == frames[0] and stale.decode(first)[0] == frames[0]
+
+        for name, side in (("encoder", enc), ("decoder", dec)):
+            session = tiny_strong.session(4, 512)
+
+            def release(name=name, session=session) -> None:
+                session.close()
+                released.append(name)
+
+            side.switch(session, Calibration(), release)
+        for side in (enc, dec, stale):
+            side.add_stream(specs[2])
+            side.add_stream(specs[3])
+        assert enc.generations == dec.generations == 2
+
+        stale_rejected = 0
+        for content in frames[1:]:
+            data, _ = enc.encode(content)
+            assert dec.decode(data)[0] == content
+            try:
+                stale.decode(data)
+            except DecodeMismatch:
+                stale_rejected += 1
+        assert stale_rejected > 0
+        assert not enc.table.active and not dec.table.active
+        # The first model left once streams 0 and 1 had (its session is the caller's).
+        assert enc.generations == dec.generations == 1 and not released
+        # Another switch releases the second model at once (no stream uses it), and `close`
+        # releases the third.
+        for name, side in (("encoder", enc), ("decoder", dec)):
+            session = tiny_weak.session(4, 512)
+            side.switch(session, Calibration(), lambda name=name, s=session: (
+                s.close(), released.append(f"{name} 3")
+            ))  # fmt: skip
+        assert sorted(released) == ["decoder", "encoder"]
+        enc.close()
+        dec.close()
+        assert sorted(released) == ["decoder", "decoder 3", "encoder", "encoder 3"]
+    assert all(hits[2]) and all(hits[3])  # the new model is the strong one
+    assert not all(hits[0] + hits[1])  # the old one misses now and then

@@ -24,6 +24,14 @@ is implicit (both sides count), and the check covers it, so a replayed, reordere
 corrupted frame, or a decoder whose weak-model numbers differ from the encoder's, fails the
 check (or the coder's own canonical-message test) with probability about 1 - 2**-16.
 
+Weak-model generations. A new weak model (a rollout, `inner.rollout`) is a new codec, but
+streams already open finish under the one they started with: `switch` makes a new
+(weak session, calibration) generation current, every stream is coded with the generation
+that was current when it was added, and an old generation is released once its last stream
+leaves. Both sides call `switch` at the same point in the stream order (the outer before it
+sends SWITCH down, the inner when SWITCH arrives), so they agree on every stream's generation.
+A round's tokens are fed to each generation in one batched step of its own.
+
 Recovery. A decoder that rejects frame F rolls its state back to before F, and from then on
 rejects every frame but a raw resend of F. The inner side, told so on the downlink, resends
 frames F, F+1, ... as raw frames: the same content with the frame number in 32 bits and
@@ -112,7 +120,7 @@ class FrameStats:
 
 
 class _WeakState:
-    """The weak model's sequences and latest logits, one per active stream."""
+    """One weak model's sequences and latest logits, one per active stream coded with it."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -228,8 +236,17 @@ class _Reader(_Coder):
         return decode_token(self.dec, pred)
 
 
+@dataclass(eq=False)
+class _Generation:
+    """A weak model and its calibration, and who frees the session when it is retired."""
+
+    weak: _WeakState
+    calibration: Calibration
+    release: Callable[[], None] | None  # None: the caller owns the session (the first one)
+
+
 _Mark = tuple[
-    tuple[StreamSpec, ...], dict[int, StreamState], dict[int, tuple[int, bool]], dict, int
+    tuple[StreamSpec, ...], dict[int, StreamState], dict[int, tuple[int, bool]], list, int
 ]
 
 
@@ -244,8 +261,8 @@ class _FrameSide:
         config: FrameConfig,
     ) -> None:
         self.table = StreamTable(eos_ids)
-        self.weak = _WeakState(weak_session)
-        self.calibration = calibration
+        self._generations = [_Generation(_WeakState(weak_session), calibration, None)]
+        self._generation_of: dict[int, _Generation] = {}  # stream id -> its codec, until it leaves
         self.config = config
         self.frame_no = 0
         self.last_count = 0  # tokens of the longest stream in the last frame: likely again
@@ -255,7 +272,43 @@ class _FrameSide:
         self.observe: Callable[[StreamState, Logits, Prediction, int], None] | None = None
 
     def add_stream(self, spec: StreamSpec) -> None:
+        if spec.stream_id in self._generation_of:
+            raise ConfigError(f"stream {spec.stream_id} is already in the table")
         self.table.add(spec)
+        self._generation_of[spec.stream_id] = self._generations[-1]
+
+    @property
+    def calibration(self) -> Calibration:
+        """The current generation's: what streams added now are coded with."""
+        return self._generations[-1].calibration
+
+    @property
+    def generations(self) -> int:
+        """Weak models in use: 1, or more while streams of an old one finish."""
+        return len(self._generations)
+
+    def switch(
+        self, weak_session: Session, calibration: Calibration, release: Callable[[], None]
+    ) -> None:
+        """Code streams added from now on with a new weak model (module doc). `release` is
+        called once no stream uses it any more and a newer one is current, or at `close`."""
+        self._generations.append(_Generation(_WeakState(weak_session), calibration, release))
+        self._release_idle()
+
+    def close(self) -> None:
+        """Release every generation this side was handed (not the first session)."""
+        for generation in self._generations:
+            if generation.release is not None:
+                generation.release()
+        self._generations = self._generations[:1]
+
+    def _release_idle(self) -> None:
+        in_use = set(map(id, self._generation_of.values()))
+        for generation in self._generations[:-1]:
+            if id(generation) not in in_use:
+                self._generations.remove(generation)
+                if generation.release is not None:
+                    generation.release()
 
     def _walk(self, io: _Coder, content: FrameContent | None) -> FrameContent:
         """Code one frame's symbols (after the kind flag), applying them to the state."""
@@ -277,9 +330,10 @@ class _FrameSide:
             fed: dict[int, int] = {}
             for s in round_streams:
                 state = self.table.active[s]
+                generation = self._generation_of[s]
                 want = content.tokens[s][len(tokens[s])] if enc else None
-                logits = self.weak.logits[s]
-                pred = predict(logits, state.context(), self.calibration)
+                logits = generation.weak.logits[s]
+                pred = predict(logits, state.context(), generation.calibration)
                 token = io.token(want, pred)
                 if not 0 <= token < self.config.n_vocab:
                     raise CodecError(f"decoded token {token} outside the vocabulary")
@@ -289,8 +343,10 @@ class _FrameSide:
                 self.table.append_token(state, token)
                 if not state.finished:
                     fed[s] = token
-            if fed:
-                self.weak.feed(fed)
+            for generation in self._generations:
+                mine = {s: t for s, t in fed.items() if self._generation_of[s] is generation}
+                if mine:
+                    generation.weak.feed(mine)
         withheld: dict[int, int] = {}
         if self.config.withheld_counts:
             for s in order:
@@ -307,7 +363,7 @@ class _FrameSide:
         if count > len(self.table.pending):
             raise CodecError(f"frame admits {count} streams, {len(self.table.pending)} pending")
         for state in self.table.admit(count):
-            self.weak.start(state.spec)
+            self._generation_of[state.spec.stream_id].weak.start(state.spec)
 
     def _code_counts(
         self, io: _Coder, order: list[int], content: FrameContent | None
@@ -353,7 +409,7 @@ class _FrameSide:
             tuple(table.pending),
             dict(table.active),
             lengths,
-            self.weak.mark(),
+            [g.weak.mark() for g in self._generations],
             self.last_count,
         )
 
@@ -365,15 +421,19 @@ class _FrameSide:
         for s, (n, finished) in lengths.items():
             del active[s].tokens[n:]
             active[s].finished = finished
-        self.weak.rollback(weak)
+        for generation, generation_mark in zip(self._generations, weak, strict=True):
+            generation.weak.rollback(generation_mark)
 
     def _retire(self, content: FrameContent) -> None:
         """After a frame: streams that finished or were ended leave the table."""
         for s in list(self.table.active):
             if self.table.active[s].finished or s in content.ended:
                 self.table.remove(s)
-                if s in self.weak.seq:
-                    self.weak.stop(s)
+                weak = self._generation_of.pop(s).weak
+                if s in weak.seq:
+                    weak.stop(s)
+        if len(self._generations) > 1:
+            self._release_idle()
 
 
 def _code_withheld(io: _Coder, count: int | None) -> int:

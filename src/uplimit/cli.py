@@ -25,6 +25,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+_CONFIG_HELP = "TOML config file (docs/serving.md); UPLIMIT_<SECTION>_<KEY> overrides it."
+
 models_app = typer.Typer(help="Fetch and inspect the strong/weak model pair.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
@@ -65,9 +67,15 @@ def models_fetch() -> None:
 @models_app.command("list")
 def models_list(
     rehash: bool = typer.Option(False, help="Recompute sha256 instead of trusting the stamp."),
+    config: Path | None = typer.Option(None, help=_CONFIG_HELP),
 ) -> None:
-    """Show the pair (role, path, size, hash verified) and any distilled weak models."""
+    """Show the pair (role, path, size, hash verified), any distilled weak models, and the
+    weak model each side serves after a rollout."""
+    import time
+
+    from uplimit.config import load_config, rollout_record_path
     from uplimit.models import store
+    from uplimit.models.active import ActiveWeak
 
     table = Table("role", "model", "path", "bytes", "sha256 verified")
     for spec in store.PAIR:
@@ -96,6 +104,17 @@ def models_list(
                 f"{Path(v['path']).stat().st_size:,}",
             )
         Console().print(table)
+
+    cfg = load_config(config)
+    table = Table("side", "serves weak model", "sha256", "since")
+    for side in ("outer", "inner"):
+        record = ActiveWeak.load(rollout_record_path(cfg, side))
+        if record is None:
+            table.add_row(side, f"{cfg.models.weak} (models.weak)", "", "")
+        else:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.since))
+            table.add_row(side, record.weak, record.sha256[:16], f"{since} (rollout)")
+    Console().print(table)
 
 
 @app.command()
@@ -419,17 +438,14 @@ serve_app = typer.Typer(
 app.add_typer(serve_app, name="serve")
 audit_app = typer.Typer(help="Query the inner side's audit store.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
-_CONFIG_HELP = "TOML config file (docs/serving.md); UPLIMIT_<SECTION>_<KEY> overrides it."
 
 
 def _load_service_models(config, which: tuple[str, ...]):
-    from uplimit.models.loading import ModelPair, load_model
+    from uplimit.models.loading import ModelPair, load_configured
 
     m = config.models
-    options = {"n_threads": m.threads} if m.threads and m.backend != "hf" else {}
-    backend = m.backend or None
     with console.status(f"loading the {' and '.join(which)} model(s)"):
-        loaded = {role: load_model(getattr(m, role), backend=backend, **options) for role in which}
+        loaded = {role: load_configured(getattr(m, role), m) for role in which}
     if len(which) == 2:
         ModelPair(loaded["strong"], loaded["weak"])  # checks the shared tokenizer
     return loaded
@@ -443,10 +459,10 @@ def serve_inner_cmd(
     """The inner side: strong model, encoder, ledger, audit store; connects to the outer."""
     import asyncio
 
-    from uplimit.config import load_config
+    from uplimit.config import load_config, with_active_weak
     from uplimit.inner.serve import serve_inner
 
-    cfg = load_config(config)
+    cfg = with_active_weak(load_config(config), "inner")
     models = _load_service_models(cfg, ("strong", "weak"))
     console.print(f"inner: connecting to {host or cfg.link.host}:{cfg.link.downlink_port}")
     reason = asyncio.run(serve_inner(cfg, models["strong"], models["weak"], host=host))
@@ -460,10 +476,10 @@ def serve_outer_cmd(
     """The outer side: OpenAI-compatible API, decoder; listens for the inner."""
     import asyncio
 
-    from uplimit.config import load_config
+    from uplimit.config import load_config, with_active_weak
     from uplimit.outer.serve import serve_outer
 
-    cfg = load_config(config)
+    cfg = with_active_weak(load_config(config), "outer")
     weak = _load_service_models(cfg, ("weak",))["weak"]
 
     def listening() -> None:
@@ -479,22 +495,21 @@ def serve_both_cmd(
     """Both sides in one process, joined by the real (metered) link over loopback."""
     import asyncio
 
-    from uplimit.config import load_config
+    from uplimit.config import load_config, with_active_weak
     from uplimit.inner.serve import serve_inner
-    from uplimit.models.loading import load_model
+    from uplimit.models.loading import load_configured
     from uplimit.outer.serve import serve_outer
 
     cfg = load_config(config)
-    models = _load_service_models(cfg, ("strong", "weak"))
-    m = cfg.models
-    options = {"n_threads": m.threads} if m.threads and m.backend != "hf" else {}
-    outer_weak = load_model(m.weak, backend=m.backend or None, **options)  # the outer's own copy
+    inner_cfg, outer_cfg = with_active_weak(cfg, "inner"), with_active_weak(cfg, "outer")
+    models = _load_service_models(inner_cfg, ("strong", "weak"))
+    outer_weak = load_configured(outer_cfg.models.weak, cfg.models)  # the outer's own copy
 
     async def both() -> None:
-        inner = asyncio.create_task(serve_inner(cfg, models["strong"], models["weak"]))
+        inner = asyncio.create_task(serve_inner(inner_cfg, models["strong"], models["weak"]))
         try:
             await serve_outer(
-                cfg,
+                outer_cfg,
                 outer_weak,
                 on_listening=lambda: console.print(
                     f"API on http://{cfg.outer.host}:{cfg.outer.port}/v1"
@@ -504,6 +519,67 @@ def serve_both_cmd(
             await asyncio.wait_for(inner, timeout=30)
 
     asyncio.run(both())
+
+
+@serve_app.command("verifier")
+def serve_verifier_cmd(
+    config: Path | None = typer.Option(None, help=_CONFIG_HELP),
+) -> None:
+    """The spot-check verifier (inner side): its own strong model re-runs the streams the outer
+    sends it and records each verdict (docs/security.md)."""
+    import asyncio
+    import logging
+
+    from uplimit.config import load_config, with_active_weak
+    from uplimit.inner.verifier import check_reproducible, serve_verifier
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # The drafter is the weak model the inner started with: after a rollout, its record's.
+    cfg = with_active_weak(load_config(config), "inner")
+    check_reproducible(cfg)  # before minutes of loading
+    roles = ("strong", "weak") if cfg.inner.draft_tokens else ("strong",)  # weak: the drafter
+    models = _load_service_models(cfg, roles)
+
+    def listening(port: int) -> None:
+        console.print(f"verifier: listening on {cfg.verifier.host}:{port}")
+
+    asyncio.run(serve_verifier(cfg, models["strong"], models.get("weak"), on_listening=listening))
+
+
+@app.command()
+def rollout(
+    weak: Path = typer.Option(..., help="The new weak model (a GGUF file on the outer's host)."),
+    calibration: Path = typer.Option(..., help="Its calibration JSON (uplimit calibrate)."),
+    url: str = typer.Option("http://127.0.0.1:8000", help="The outer side's API."),
+    admin_key: str = typer.Option(
+        ..., envvar="UPLIMIT_ADMIN_KEY", help="The outer's admin key (outer.admin_key)."
+    ),
+    follow: bool = typer.Option(True, help="Show progress until the switch (or failure)."),
+) -> None:
+    """Switch a running deployment to a new weak model: the outer sends it down to the inner
+    (not budgeted), then both sides code new streams with it; running streams finish on the
+    old one (docs/distill.md)."""
+    import time
+
+    import httpx
+
+    headers = {"authorization": f"Bearer {admin_key}"}
+    endpoint = f"{url.rstrip('/')}/admin/rollout"
+    body = {"weak": str(weak.resolve()), "calibration": str(calibration.resolve())}
+    r = httpx.post(endpoint, json=body, headers=headers, timeout=30)
+    if r.status_code != 202:
+        raise UplimitError(f"the outer refused the rollout ({r.status_code}): {r.text}")
+    status = r.json()
+    with _progress() as update:
+        while follow and status["state"] in ("checking", "sending"):
+            if status["total_bytes"]:
+                update("sending the weak model down", status["sent_bytes"], status["total_bytes"])
+            time.sleep(1.0)
+            status = httpx.get(endpoint, headers=headers, timeout=30).json()
+    if status["state"] == "failed":
+        raise UplimitError(f"rollout failed: {status['error']}")
+    sha = status["sha256"][:16]
+    console.print(f"rollout of {status['weak']} (sha256 {sha}): {status['state']}")
 
 
 @app.command()

@@ -13,22 +13,26 @@ checks what changes coded bytes; the rest only has to fit.
     [coding]  frame_tokens, max_streams, max_context
     [link]    host, downlink_port, uplink_port, tick_s, ledger, lifetime/per-day/per-second
               budget bytes (lifetime 0 = 1 % of the strong weights), downlink_log,
-              receive_counter
+              receive_counter, downlink_bytes_per_s
     [inner]   max_batch, frame_delay_s, best_of, scorer, reasoning_open/_close,
-              max_reasoning_tokens, audit, draft_tokens
-    [outer]   host, port, model_name, api_key, max_choices
+              max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record
+    [outer]   host, port, model_name, api_key, max_choices, monitor, admin_key, rollout_record
     [gauge]   period_s (0 = no rotation), secret_file, origin, lead_s, dtype, directory, audit
               (docs/gauge.md: the inner serves a re-gauged copy of the strong model per period)
+    [verifier] host, port, verdicts, metrics_port, metrics_host, max_queue (the spot-check
+              verifier; the outer's `verifier` and `verify_rate` send it streams)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_type_hints
 
 from uplimit.errors import ConfigError
 
@@ -43,9 +47,14 @@ __all__ = [
     "LinkConfig",
     "ModelsConfig",
     "OuterConfig",
+    "VerifierConfig",
     "load_calibration",
     "load_config",
+    "rollout_record_path",
+    "with_active_weak",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def _home() -> Path:
@@ -80,6 +89,8 @@ class LinkConfig:
     per_second_budget_bytes: int = 0  # 0: none
     downlink_log: str = ""  # "": $UPLIMIT_HOME/downlink.jsonl
     receive_counter: str = ""  # "": $UPLIMIT_HOME/received.db
+    # The inner refuses a faster downlink; the outer sends a rollout's model at 3/4 of it.
+    downlink_bytes_per_s: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,8 @@ class InnerConfig:
     max_reasoning_tokens: int = 1024
     audit: str = ""  # "": $UPLIMIT_HOME/audit.db
     draft_tokens: int = 0  # weak-model drafts per step (speculative decoding); 0: off
+    received_models: str = ""  # weak models a rollout sent down; "": $UPLIMIT_HOME/received
+    rollout_record: str = ""  # the weak model a rollout switched to; "": ...rollout-inner.json
 
 
 @dataclass(frozen=True)
@@ -103,8 +116,29 @@ class OuterConfig:
     api_key: str = ""  # "": no key needed
     metrics_port: int = 9464  # Prometheus exposition on `host`; 0: off (outer side only)
     max_choices: int = 8  # n
+    # The spot-check verifier (`uplimit serve verifier`) as "host:port"; "": no spot checks.
+    verifier: str = ""
+    verify_rate: float = 0.05  # share of finished streams sent to the verifier, in [0, 1]
     # Bits/token monitor thresholds (JSON, as `uplimit redteam` writes them); "": off.
     monitor: str = ""
+    admin_key: str = ""  # bearer token of /admin/* (rollouts); "": no admin API
+    rollout_record: str = ""  # the weak model a rollout switched to; "": ...rollout-outer.json
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.verify_rate <= 1.0:  # NaN too
+            raise ConfigError(f"outer.verify_rate must be in [0, 1], got {self.verify_rate}")
+        _ = self.verifier_address  # a malformed address fails at load
+
+    @property
+    def verifier_address(self) -> tuple[str, int] | None:
+        """`verifier` as (host, port); None when spot checks are off."""
+        if not self.verifier:
+            return None
+        host, sep, port = self.verifier.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")  # "[::1]:7303"
+        if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"outer.verifier must be host:port, got {self.verifier!r}")
+        return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -119,6 +153,23 @@ class GaugeConfig:
 
 
 @dataclass(frozen=True)
+class VerifierConfig:
+    """`uplimit serve verifier`: the spot-check verifier, on the inner side (docs/security.md)."""
+
+    host: str = "127.0.0.1"  # where it listens for the outer's checks
+    port: int = 7303
+    verdicts: str = ""  # one JSON line per check; "": $UPLIMIT_HOME/verdicts.jsonl
+    metrics_port: int = 0  # Prometheus exposition on metrics_host; 0: off
+    # An inner-side port that the outer can read is an upload with no meter: keep it local.
+    metrics_host: str = "127.0.0.1"
+    max_queue: int = 64  # checks waiting for the model; more are dropped (and counted)
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise ConfigError(f"verifier.max_queue must be >= 1, got {self.max_queue}")
+
+
+@dataclass(frozen=True)
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     coding: CodingConfig = field(default_factory=CodingConfig)
@@ -126,6 +177,7 @@ class Config:
     inner: InnerConfig = field(default_factory=InnerConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     gauge: GaugeConfig = field(default_factory=GaugeConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
     @property
     def reasoning(self) -> tuple[str, str] | None:
@@ -203,3 +255,32 @@ def load_calibration(config: Config, weak_sha256: str) -> Calibration:
     if config.models.strong == "strong":
         return for_pair(store.STRONG.sha256, weak_sha256)
     return Calibration()
+
+
+Side = Literal["inner", "outer"]
+
+
+def rollout_record_path(config: Config, side: Side) -> Path:
+    """Where a side records the weak model a rollout switched it to (`models.active`)."""
+    section = config.inner if side == "inner" else config.outer
+    return config.path(section.rollout_record, f"rollout-{side}.json")
+
+
+def with_active_weak(config: Config, side: Side) -> Config:
+    """`config` with `[models] weak` and `calibration` from the side's rollout record, if any."""
+    from uplimit.models.active import ActiveWeak
+
+    path = rollout_record_path(config, side)
+    record = ActiveWeak.load(path)
+    if record is None:
+        return config
+    log.warning(
+        "%s: serving the weak model a rollout switched to, %s (sha256 %s…), not [models] weak;"
+        " delete %s to go back",
+        side,
+        record.weak,
+        record.sha256[:16],
+        path,
+    )
+    models = dataclasses.replace(config.models, weak=record.weak, calibration=record.calibration)
+    return dataclasses.replace(config, models=models)

@@ -53,6 +53,7 @@ audit = "{tmp_path / "audit.db"}"
 [outer]
 port = {_port()}
 model_name = "real"
+metrics_port = 0
 """
     )
     config = load_config(config_file, env={})

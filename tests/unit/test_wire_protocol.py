@@ -15,6 +15,7 @@ from uplimit.errors import ConfigError
 from uplimit.wire.protocol import (
     DOWNLINK_PREAMBLE,
     MAX_FRAME_BYTES,
+    MAX_MODEL_BYTES,
     Accept,
     ByteRate,
     Cancel,
@@ -24,11 +25,14 @@ from uplimit.wire.protocol import (
     EndReason,
     Frame,
     Hello,
+    ModelData,
+    ModelOffer,
     OpenStream,
     ProtocolError,
     Refuse,
     Resend,
     Shutdown,
+    Switch,
     UplinkParser,
     encode_downlink,
     encode_uplink,
@@ -117,9 +121,21 @@ middles = st.one_of(
     st.builds(Cancel, st.integers(0, 2**63 - 1)),
     st.builds(Resend, st.integers(0, 2**32 - 1)),
 )
-downlinks = st.tuples(hellos, st.lists(middles, max_size=6), st.booleans()).map(
-    lambda t: [t[0], *t[1], *([Shutdown()] if t[2] else [])]
+transfers = st.tuples(  # a rollout: OFFER, the file in DATA chunks, SWITCH
+    st.binary(min_size=32, max_size=32),
+    st.lists(st.binary(min_size=1, max_size=50), min_size=1, max_size=4),
+    st.binary(max_size=30),
+    st.binary(min_size=32, max_size=32),
+).map(
+    lambda t: [
+        ModelOffer(t[0], sum(map(len, t[1])), t[2]),
+        *map(ModelData, t[1]),
+        Switch(t[3]),
+    ]
 )
+downlinks = st.tuples(
+    hellos, st.lists(st.one_of(middles.map(lambda m: [m]), transfers), max_size=6), st.booleans()
+).map(lambda t: [t[0], *[m for block in t[1] for m in block], *([Shutdown()] if t[2] else [])])
 verdicts = st.one_of(
     st.builds(Accept, st.binary(min_size=4, max_size=4)),
     st.lists(st.integers(0, FIELDS), min_size=1, max_size=FIELDS + 1, unique=True).flatmap(
@@ -325,6 +341,50 @@ def test_malformed_downlink_input_is_refused(data, error):
         parser.feed(DOWNLINK_PREAMBLE + data)
     with pytest.raises(ProtocolError, match="ERROR"):
         parser.feed(b"")
+
+
+def test_a_rollout_is_pinned_and_parsed_in_order():
+    sha, fp = bytes(range(32)), bytes(range(32, 64))
+    msgs = [ModelOffer(sha, 3, b"{}"), ModelData(b"ab"), ModelData(b"c"), Switch(fp)]
+    wire = [encode_downlink(m).hex() for m in msgs]
+    assert wire == [
+        "0600000024" + sha.hex() + "03" "02" "7b7d",
+        "0700000002" "6162",
+        "0700000001" "63",
+        "0800000020" + fp.hex(),
+    ]  # fmt: skip
+    parser = DownlinkParser()
+    assert parser.feed(DOWNLINK_PREAMBLE + HELLO + b"".join(map(encode_downlink, msgs)))[1:] == msgs
+    assert parser.model_bytes_left is None  # a new transfer may start
+
+
+_SHA = bytes(32)
+_OFFER3 = _message(6, _SHA + b"\x03\x00")  # a 3-byte model, no calibration
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (_message(7, b"ab"), "beyond the offered model's size"),  # no offer
+        (_OFFER3 + _message(7, b"abcd"), "beyond the offered model's size"),
+        (_OFFER3 + _message(7, b"ab") + _message(8, _SHA), "before the offered model"),
+        (_message(8, _SHA), "before the offered model"),  # no transfer at all
+        (_OFFER3 + _OFFER3, "another model transfer"),
+        (_OFFER3 + _message(7, b""), "MODEL_DATA is empty"),
+        (_message(6, _SHA + b"\x00\x00"), "an empty model"),
+        (_message(6, bytes(31)), "truncated"),
+        (_message(6, _SHA + b"\x01\x05ab"), "truncated"),  # calibration shorter than said
+        (_message(6, _SHA + b"\x81\x80\x80\x80\x80\x02\x00"), "exceeds"),  # 2**36 + 1
+        (_message(6, _SHA + b"\x01\x80\x80\x08"), "exceeds 65536"),  # calibration > 64 KiB
+        (_message(8, bytes(31)), "truncated"),
+        (_OFFER3 + _message(7, b"abc") + _message(8, bytes(33)), "1 bytes left over"),
+    ],
+)
+def test_a_malformed_or_out_of_order_rollout_is_refused(data, error):
+    parser = DownlinkParser()
+    with pytest.raises(ProtocolError, match=error):
+        parser.feed(DOWNLINK_PREAMBLE + HELLO + data)
+    assert MAX_MODEL_BYTES == 1 << 36
 
 
 @pytest.mark.parametrize("preamble", [b"UPLD\x02", b"HTTP/1.1", b"uPLD\x01"])

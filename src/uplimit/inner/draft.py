@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from uplimit.models.base import LanguageModel, Logits, SeqId
 
-__all__ = ["DraftRequest", "Drafter"]
+__all__ = ["DraftRequest", "Drafter", "common_prefix"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Drafter:
         for key, want in wants.items():
             fed = self._fed[key]
             # Keep the common prefix, and re-feed at least the last token: its logits are needed.
-            keep = min(_common_prefix(fed, want.history), len(want.history) - 1)
+            keep = min(common_prefix(fed, want.history), len(want.history) - 1)
             if keep < len(fed):
                 self.session.truncate(self._seq[key], self._prompt[key] + keep)
                 del fed[keep:]
@@ -85,7 +85,7 @@ class Drafter:
         self.session.close()
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

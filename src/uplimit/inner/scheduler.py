@@ -634,6 +634,11 @@ class Scheduler:
 
     # --- state --------------------------------------------------------------------------------
 
+    def candidate_tokens(self, stream_id: int) -> list[list[int]]:
+        """Each candidate's tokens so far, chosen or not (a spot-check's re-run reads them)."""
+        with self._lock:
+            return [list(c.tokens) for c in self._streams[stream_id].candidates]
+
     @property
     def idle(self) -> bool:
         with self._lock:

@@ -12,17 +12,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from uplimit.config import Config, load_calibration
+from uplimit.config import Config, load_calibration, rollout_record_path
 from uplimit.errors import ConfigError, LinkClosed
 from uplimit.inner.audit import AuditStore
+from uplimit.inner.rollout import WeakRollout
 from uplimit.inner.scheduler import SCORERS, SchedulerConfig
 from uplimit.inner.service import InnerService
 from uplimit.link.budget import Budgets
 from uplimit.link.ledger import Ledger, open_ledger
 from uplimit.link.transport import InnerLink, serve_frames
 from uplimit.models.base import LanguageModel
+from uplimit.models.loading import load_configured
 from uplimit.wire.fingerprint import codec_fingerprint
-from uplimit.wire.protocol import EndReason
+from uplimit.wire.protocol import DownlinkLimits, EndReason
 
 if TYPE_CHECKING:
     from uplimit.inner.rotation import GaugeRotation
@@ -77,7 +79,6 @@ def rotation_for(config: Config, strong: LanguageModel) -> GaugeRotation | None:
         return None
     from uplimit.gauge.schedule import GaugeAudit, GaugeSchedule
     from uplimit.inner.rotation import GaugeRotation
-    from uplimit.models.loading import load_model
 
     if not Path(strong.info.path).is_file():
         raise ConfigError(f"gauge rotation serves GGUF copies: {strong.info.path} is not a file")
@@ -87,11 +88,9 @@ def rotation_for(config: Config, strong: LanguageModel) -> GaugeRotation | None:
         secret = Path(g.secret_file).expanduser().read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read gauge.secret_file: {e}") from e
-    m = config.models
-    options = {"n_threads": m.threads} if m.threads and m.backend != "hf" else {}
 
     def load(path: Path) -> LanguageModel:
-        return load_model(path, backend=m.backend or None, **options)  # type: ignore[arg-type]
+        return load_configured(path, config.models)
 
     return GaugeRotation(
         GaugeSchedule(secret, g.period_s, g.origin),
@@ -125,14 +124,19 @@ async def serve_inner(
         strong, weak, calibration, scheduler_config(config), audit=audit,
         best_of=config.inner.best_of, rotation=rotation,
     )  # fmt: skip
+    rollout = WeakRollout(
+        service, strong, config.path(config.inner.received_models, "received"),
+        rollout_record_path(config, "inner"), lambda path: load_configured(path, config.models),
+    )  # fmt: skip
     try:
         fingerprint = codec_fingerprint(weak.info, calibration, service.frame_config)
         link = await _connect(config, host or config.link.host, ledger, fingerprint,
                               weak.info.n_vocab, connect_timeout_s)  # fmt: skip
         log.info("inner: link up, serving")
         service.start()
-        return await serve_frames(link, service)
+        return await serve_frames(link, service, models=rollout)
     finally:
+        rollout.close()
         await asyncio.to_thread(service.close)
         if rotation is not None:
             rotation.close()
@@ -155,6 +159,7 @@ async def _connect(
                 host, config.link.downlink_port, config.link.uplink_port, ledger, fingerprint,
                 log_path=config.path(config.link.downlink_log, "downlink.jsonl"),
                 tick_s=config.link.tick_s, n_vocab=n_vocab,
+                limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),
             )  # fmt: skip
         except LinkClosed:
             if time.monotonic() > deadline:

@@ -88,6 +88,20 @@ class InnerService:
     def cancel(self, stream_id: int) -> None:
         self.scheduler.cancel(stream_id)
 
+    def switch_weak(self, weak: LanguageModel, calibration: Calibration) -> None:
+        """Code the streams opened from now on with `weak` (a rollout, `inner.rollout`); the
+        running ones finish on theirs. The service owns `weak` from here and closes it when
+        its last stream has left. Speculative drafts keep the weak model the service started
+        with (until a restart): output stays an exact sample of the strong model either way,
+        but which one depends on the drafter (inner/draft.py)."""
+        session = weak.session(self.config.max_streams, self.config.max_context + 1)
+
+        def release() -> None:
+            session.close()
+            weak.close()
+
+        self.encoder.switch(session, calibration, release)
+
     def next_frame(self) -> bytes | None:
         if self.failure is not None:
             raise self.failure  # the serving loop ends the link with END(error)
@@ -144,4 +158,5 @@ class InnerService:
         if self._thread is not None:
             self._thread.join()
         self.scheduler.close()
+        self.encoder.close()
         self._weak_session.close()

@@ -18,6 +18,12 @@ sides), threads (bit-identical across 1 and 2 threads there), and the build (the
 run the same llama.cpp build on the same kind of CPU as the server; the codec fingerprint
 already pins the weak side's). Stop sequences and cancellation only shorten a stream, so a
 served stream must be a prefix of the regenerated one.
+
+Best-of-N: the served stream is one of the candidates (`candidate_seed`), and which one is not
+on the wire, so a served stream agrees if it is a prefix of any candidate (the choice among N
+candidates, at most log2 N bits per stream, is not checked). Speculative decoding
+(`inner.draft_tokens` > 0) makes the output a function of the drafts too, so the re-run then
+goes through the scheduler with the inner's configuration and weak model (`Speculation`).
 """
 
 from __future__ import annotations
@@ -29,17 +35,19 @@ import time
 from dataclasses import dataclass
 
 from uplimit.errors import BackendError, ConfigError
+from uplimit.inner.draft import common_prefix
 from uplimit.inner.generate import Request, generate
+from uplimit.inner.request import GenerationRequest, candidate_seed
+from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.models.base import LanguageModel
-from uplimit.wire.streams import StreamSpec
+from uplimit.wire.checks import CheckJob
 
-__all__ = ["CheckJob", "SpotChecker", "Verdict", "verify"]
+__all__ = ["CheckJob", "Speculation", "SpotChecker", "Verdict", "pick", "verify"]
 
 
-@dataclass(frozen=True)
-class CheckJob:
-    spec: StreamSpec
-    tokens: tuple[int, ...]  # what the outer decoded for the stream
+def pick(rate: float) -> bool:
+    """Whether to check a stream: the OS's randomness, which the inner cannot predict."""
+    return secrets.randbelow(1 << 30) < rate * (1 << 30)
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class Verdict:
     stream_id: int
     agree: bool
     checked_tokens: int
-    first_difference: int | None  # index of the first token that differs
+    first_difference: int | None  # first token that differs (from the closest candidate)
     at: float = 0.0
 
     def describe(self) -> str:
@@ -59,19 +67,52 @@ class Verdict:
         )
 
 
-def verify(model: LanguageModel, job: CheckJob, *, max_context: int = 4096) -> Verdict:
-    """Regenerate the stream's first len(tokens) tokens and compare (in this process)."""
+@dataclass(frozen=True)
+class Speculation:
+    """How the inner drafted (`inner.draft_tokens` > 0): a re-run drafts the same way."""
+
+    drafter: LanguageModel  # the inner's weak model
+    config: SchedulerConfig  # the inner's scheduler configuration, draft_tokens included
+
+
+def verify(
+    model: LanguageModel,
+    job: CheckJob,
+    *,
+    max_context: int = 4096,
+    speculation: Speculation | None = None,
+) -> Verdict:
+    """Regenerate the stream's candidates as far as the served tokens go and compare (in this
+    process): it agrees if the served tokens are a prefix of a candidate."""
     spec, served = job.spec, job.tokens
-    if not served:
-        return Verdict(spec.stream_id, True, 0, None, time.time())
-    n = min(len(served), spec.max_tokens)
-    req = Request(tuple(spec.prompt), spec.params, spec.seed, n)
-    [gen], _ = generate(model, [req], max_context=max_context)
-    expected = gen.tokens
-    for i, token in enumerate(served):
-        if i >= len(expected) or expected[i] != token:
-            return Verdict(spec.stream_id, False, len(served), i, time.time())
-    return Verdict(spec.stream_id, True, len(served), None, time.time())
+    if speculation is None:
+        n = len(served)  # plain decoding: max_tokens only cuts, so stopping early is exact
+        count = 1 if spec.params.greedy else job.best_of  # as the scheduler does
+        seeds = [candidate_seed(spec.seed, j) for j in range(count)]
+        reqs = [Request(spec.prompt, spec.params, seed, n) for seed in seeds]
+        candidates = [g.tokens for g in generate(model, reqs, max_context=max_context)[0]]
+    else:
+        candidates = _rerun_speculative(model, speculation, job)
+    agreeing = max(common_prefix(served, c) for c in candidates)
+    if agreeing == len(served):
+        return Verdict(spec.stream_id, True, len(served), None, time.time())
+    return Verdict(spec.stream_id, False, len(served), agreeing, time.time())
+
+
+def _rerun_speculative(strong: LanguageModel, s: Speculation, job: CheckJob) -> list[list[int]]:
+    """The candidates as the inner's scheduler generates them with drafts. The request keeps
+    its max_tokens: how many drafts a step makes depends on the room left, and the drafts
+    decide how the strong evaluation is cut into calls (docs/serving.md)."""
+    scheduler = Scheduler(strong, s.config, drafter=s.drafter)
+    sid = job.spec.stream_id
+    try:
+        scheduler.submit(GenerationRequest(job.spec, "spotcheck", best_of=job.best_of))
+        while scheduler.step():
+            if all(len(c) >= len(job.tokens) for c in scheduler.candidate_tokens(sid)):
+                break  # the rest cannot change what is compared
+        return scheduler.candidate_tokens(sid)
+    finally:
+        scheduler.close()
 
 
 def _worker(ref: str, backend: str | None, options: dict, jobs: mp.Queue, out: mp.Queue) -> None:
@@ -124,7 +165,7 @@ class SpotChecker:
 
     def offer(self, job: CheckJob) -> bool:
         self.offered += 1
-        if secrets.randbelow(1 << 30) >= self.rate * (1 << 30):
+        if not pick(self.rate):
             return False
         self._jobs.put(job)
         self.queued += 1

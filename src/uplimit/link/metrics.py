@@ -2,7 +2,8 @@
 
 Outer side only. The inner side has no metrics port, on purpose: a port on the inner side that
 outsiders can read would be an upload channel with no meter. What the inner knows stays
-inside (its logs, its ledger) or travels up the metered uplink.
+inside (its logs, its ledger) or travels up the metered uplink. (The spot-check verifier's
+optional port, `inner.verifier`, is for the inner side's own network.)
 
     uplimit_uplink_bytes_total        uplink bytes received (as the receive counter counts)
     uplimit_downlink_bytes_total      downlink bytes sent
@@ -16,7 +17,10 @@ inside (its logs, its ledger) or travels up the metered uplink.
     uplimit_frames_total{outcome}     frames decoded / rejected
     uplimit_tokens_total              tokens delivered
     uplimit_mismatches_total          frames that failed their check and started a resend
-    uplimit_alarms_total{kind}        alarms by kind (`wire.receiver.AlarmKind`)
+    uplimit_alarms_total{kind}        alarms by kind (`wire.receiver.AlarmKind`; "bits": the
+                                      monitor; "verifier": bytes from the spot-check verifier)
+    uplimit_spotchecks_total{outcome} streams chosen for the spot-check verifier: sent, or
+                                      unsent (its queue was full, or its connection failed)
     uplimit_link_state{uplimit_link_state}   the link's state (1 for the current one)
 """
 
@@ -75,6 +79,12 @@ class OuterMetrics:
             "uplimit_mismatches", "Frames that failed their check (a resend followed).", registry=r
         )
         self.alarms = Counter("uplimit_alarms", "Alarms raised, by kind.", ["kind"], registry=r)
+        self.spotchecks = Counter(
+            "uplimit_spotchecks",
+            "Streams chosen for the spot-check verifier, by outcome (sent, unsent).",
+            ["outcome"],
+            registry=r,
+        )
         self.state = Enum(
             "uplimit_link_state",
             "State of the link.",

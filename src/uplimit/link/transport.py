@@ -2,7 +2,8 @@
 
     inner                                            outer (listens on two ports)
     InnerLink.connect ---- downlink connection ----> OuterLink   preamble, HELLO, OPEN_STREAM,
-                     <--- (outer -> inner only) ---              CANCEL, RESEND, SHUTDOWN
+                     <--- (outer -> inner only) ---              CANCEL, RESEND, SHUTDOWN,
+                                                                 MODEL_OFFER/DATA, SWITCH
                       ---- uplink connection ------> OuterLink   verdict, frames, END
                            (MeteredWriter only)
 
@@ -50,6 +51,7 @@ from uplimit.wire.fingerprint import (
     FingerprintMismatch,
     differences,
     fingerprint_digest,
+    fingerprint_sha256,
     refusal_fields,
 )
 from uplimit.wire.frame import FrameContent, FrameStats
@@ -66,11 +68,14 @@ from uplimit.wire.protocol import (
     EndReason,
     Frame,
     Hello,
+    ModelData,
+    ModelOffer,
     OpenStream,
     ProtocolError,
     Refuse,
     Resend,
     Shutdown,
+    Switch,
     encode_downlink,
     encode_uplink,
 )
@@ -89,7 +94,9 @@ from uplimit.wire.receiver import (
 from uplimit.wire.streams import StreamSpec
 
 if TYPE_CHECKING:  # the inner side never loads the metrics (or prometheus-client)
+    from uplimit.coding.calibration import Calibration
     from uplimit.link.metrics import OuterMetrics
+    from uplimit.models.base import Session
 
 __all__ = [
     "DOWNLINK_GRACE_S",
@@ -99,6 +106,7 @@ __all__ = [
     "FrameSource",
     "InnerLink",
     "LinkAlarm",
+    "ModelSink",
     "OuterLink",
     "serve_frames",
 ]
@@ -179,6 +187,18 @@ class DownlinkLog:
                 self.write("resend", bytes=size, frame_no=frame_no)
             case Shutdown():
                 self.write("shutdown", bytes=size)
+            case ModelOffer(sha256, model_bytes, calibration):
+                self.write(
+                    "model_offer",
+                    bytes=size,
+                    sha256=sha256.hex(),
+                    size=model_bytes,
+                    calibration=_printable(calibration),
+                )
+            case ModelData(data):  # the file itself is kept by the rollout, not in the log
+                self.write("model_data", bytes=size, length=len(data))
+            case Switch(digest):
+                self.write("switch", bytes=size, fingerprint_sha256=digest.hex())
 
     def close(self) -> None:
         self._file.close()
@@ -427,15 +447,38 @@ class FrameSource(Protocol):
         ...
 
 
-async def serve_frames(link: InnerLink, source: FrameSource) -> EndReason:
+class ModelSink(Protocol):
+    """Where a rollout's downlink messages go, in order (`inner.rollout.WeakRollout`)."""
+
+    def offer(self, offer: ModelOffer) -> None: ...
+
+    def data(self, data: bytes) -> None: ...
+
+    def switch(self, fingerprint_sha256: bytes) -> None:
+        """Switch the source's weak model; raises if the new fingerprint is not this one."""
+        ...
+
+
+async def serve_frames(
+    link: InnerLink, source: FrameSource, *, models: ModelSink | None = None
+) -> EndReason:
     """The inner's loop: apply downlink messages, send a frame per tick while there is one,
     until SHUTDOWN (END sent) or the budget runs out. Returns why it ended; on any other
-    failure it sends END(error), closes, and raises."""
+    failure (a rollout message without `models` among them) it sends END(error), closes, and
+    raises."""
     resends: deque[bytes] = deque()
     try:
         while True:
             for msg in link.pending():
                 match msg:
+                    case ModelOffer() | ModelData() | Switch() if models is None:
+                        raise ProtocolError("a model rollout, but this inner takes none")
+                    case ModelOffer():
+                        await asyncio.to_thread(models.offer, msg)
+                    case ModelData(data):
+                        await asyncio.to_thread(models.data, data)
+                    case Switch(digest):
+                        await asyncio.to_thread(models.switch, digest)
                     case OpenStream(spec, extra):
                         await asyncio.to_thread(source.open_stream, spec, extra)
                     case Cancel(stream_id):
@@ -498,6 +541,9 @@ class OuterLink:
         # The decoder's stream table changes in two places (open_stream, decoding in a
         # worker thread); this lock keeps them apart.
         self._decoding = asyncio.Lock()
+        # Held from a decoder change to its downlink message (OPEN_STREAM, SWITCH), so the
+        # inner sees them in the order the decoder applied them.
+        self._ordering = asyncio.Lock()
         self._servers: list[asyncio.Server] = []
         self._writers: list[asyncio.StreamWriter] = []
         self._down: asyncio.StreamWriter | None = None
@@ -551,9 +597,31 @@ class OuterLink:
         self._require_serving()
         if self._downlink_gone:  # the link is ending: leave the decoder's table alone
             raise LinkClosed(self._downlink_gone)
-        async with self._decoding:
-            self._decoder.add_stream(spec)
-        await self._send_down(OpenStream(spec, extra))
+        async with self._ordering:
+            async with self._decoding:
+                self._decoder.add_stream(spec)
+            await self._send_down(OpenStream(spec, extra))
+
+    async def send_model(self, msg: ModelOffer | ModelData) -> None:
+        """A rollout's transfer (`outer.rollout`); the caller paces it to the downlink's rate."""
+        self._require_serving()
+        await self._send_down(msg)
+
+    async def switch_weak(
+        self,
+        weak_session: Session,
+        calibration: Calibration,
+        release: Callable[[], None],
+        fingerprint: dict[str, str],
+    ) -> None:
+        """From this point in the stream order, both sides code new streams with the new weak
+        model (`wire.frame`); `fingerprint` is the codec's after the switch."""
+        self._require_serving()
+        async with self._ordering:
+            async with self._decoding:
+                self._decoder.switch(weak_session, calibration, release)
+            self.fingerprint = dict(fingerprint)
+            await self._send_down(Switch(fingerprint_sha256(fingerprint)))
 
     async def cancel(self, stream_id: int) -> None:
         self._require_serving()

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from uplimit.errors import ConfigError, ModelPairError
 from uplimit.models import store
 from uplimit.models.base import LanguageModel
+
+if TYPE_CHECKING:
+    from uplimit.config import ModelsConfig
 
 Backend = Literal["llama", "hf"]
 
@@ -53,6 +56,12 @@ def load_model(
 
         return HFModel(path, **options)  # type: ignore[arg-type]
     raise ConfigError(f"unknown backend {backend!r}: use 'llama' or 'hf'")
+
+
+def load_configured(ref: str | Path, models: ModelsConfig) -> LanguageModel:
+    """Load `ref` with the backend and threads a `[models]` section sets."""
+    options = {"n_threads": models.threads} if models.threads and models.backend != "hf" else {}
+    return load_model(ref, backend=models.backend or None, **options)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -43,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, LinkClosed, UplimitError
 from uplimit.inner.request import MAX_STOPS
+from uplimit.outer.rollout import Rollout, RolloutBusy
 from uplimit.outer.service import Choice, Finished, OuterService, PromptTooLong, Submission
 from uplimit.wire.receiver import LinkState
 
@@ -55,6 +57,7 @@ class ApiSettings:
     api_key: str | None = None  # clients must send it as a bearer token when set
     max_best_of: int = 8
     reasoning: bool = False  # the inner keeps reasoning inside: responses carry withheld ids
+    admin_key: str | None = None  # bearer token of /admin/*; None: no admin API (404)
 
 
 class ApiError(Exception):
@@ -110,6 +113,12 @@ class _WithheldBody(BaseModel):
     id: str = Field(min_length=1, max_length=200)
 
 
+class _RolloutBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weak: str = Field(min_length=1, max_length=4096)  # a GGUF file on the outer's host
+    calibration: str = Field(min_length=1, max_length=4096)  # its calibration JSON
+
+
 # Fields that would change the answer: refused unless absent or at their no-op value.
 _UNSUPPORTED = {
     "logprobs": (None, False),
@@ -159,7 +168,11 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 # --- the app ----------------------------------------------------------------------------------
 
 
-def create_app(service: OuterService, settings: ApiSettings) -> FastAPI:
+def create_app(
+    service: OuterService, settings: ApiSettings, rollout: Rollout | None = None
+) -> FastAPI:
+    """The OpenAI-compatible API; with `settings.admin_key` and a `rollout`, also
+    `POST /admin/rollout` (start one) and `GET /admin/rollout` (its status)."""
     app = FastAPI(title="uplimit", docs_url=None, redoc_url=None)
     model = service.model
 
@@ -180,6 +193,15 @@ def create_app(service: OuterService, settings: ApiSettings) -> FastAPI:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
+        if request.url.path.startswith("/admin/"):
+            if settings.admin_key is None or rollout is None:
+                return _error_response(ApiError(404, "no admin API here", "not_found", None))
+            if not secrets.compare_digest(
+                request.headers.get("authorization", ""), f"Bearer {settings.admin_key}"
+            ):
+                e = ApiError(401, "invalid admin key", "authentication_error", "invalid_api_key")
+                return _error_response(e)
+            return await call_next(request)
         wanted = f"Bearer {settings.api_key}"
         if (
             settings.api_key
@@ -285,6 +307,22 @@ def create_app(service: OuterService, settings: ApiSettings) -> FastAPI:
             "tokens": finished.tokens,
             "uplimit": {"uploaded_bits": finished.bits},
         }
+
+    @app.post("/admin/rollout", status_code=202)
+    async def start_rollout(body: _RolloutBody) -> dict:
+        """Send a new weak model down and switch to it (outer/rollout.py)."""
+        assert rollout is not None  # the middleware answers 404 without one
+        try:
+            return rollout.start(body.weak, body.calibration).as_dict()
+        except RolloutBusy as e:
+            raise ApiError(409, str(e), "invalid_request_error", "rollout_busy") from e
+        except ConfigError as e:
+            raise _invalid(str(e), "weak") from e
+
+    @app.get("/admin/rollout")
+    async def rollout_status() -> dict:
+        assert rollout is not None
+        return rollout.status.as_dict()
 
     return app
 

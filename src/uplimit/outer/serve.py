@@ -11,20 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
 
-from uplimit.config import Config, load_calibration
+from uplimit.config import Config, load_calibration, rollout_record_path
+from uplimit.inner.verifier import check_reproducible
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics, serve_metrics
 from uplimit.link.transport import OuterLink
 from uplimit.models.base import LanguageModel
+from uplimit.models.loading import load_configured
 from uplimit.outer.app import ApiSettings, create_app
 from uplimit.outer.link import FrameHook, TransportUplink
 from uplimit.outer.monitor import BitsMonitor, MonitorThresholds
+from uplimit.outer.rollout import Rollout
 from uplimit.outer.service import OuterService
+from uplimit.outer.verifier_feed import VerifierFeed
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig, FrameDecoder
 
@@ -53,6 +59,7 @@ async def serve_outer(
     counter = ReceiveCounter(config.path(config.link.receive_counter, "received.db"))
 
     metrics = OuterMetrics()
+    feed = _verifier_feed(config, metrics)
     budget = config.link.lifetime_budget_bytes or None  # 0: the inner's default, unknown here
 
     def build(hook: FrameHook) -> OuterLink:
@@ -61,6 +68,12 @@ async def serve_outer(
         )
 
     uplink = TransportUplink(build, decoder)
+    rollout = Rollout(
+        uplink.link, weak, frame_config, session_size=(coding.max_streams, coding.max_context + 1),
+        record=rollout_record_path(config, "outer"),
+        load=lambda path: load_configured(path, config.models),
+        downlink_bytes_per_s=config.link.downlink_bytes_per_s,
+    )  # fmt: skip
     service: OuterService | None = None
     exposition = None
     try:
@@ -72,27 +85,31 @@ async def serve_outer(
         service = OuterService(
             weak, uplink, max_context=coding.max_context, max_choices=config.outer.max_choices,
             reasoning=config.reasoning, max_reasoning_tokens=config.inner.max_reasoning_tokens,
-            monitor=_monitor(config, metrics),
+            monitor=_monitor(config, metrics), on_stream_end=feed.offer if feed else None,
         )  # fmt: skip
         service.start()
+        if feed is not None:
+            feed.start()
         if config.outer.metrics_port:
             exposition = serve_metrics(metrics, config.outer.host, config.outer.metrics_port)
         settings = ApiSettings(
             model_name=config.outer.model_name,
             api_key=config.outer.api_key or None,
             reasoning=config.reasoning is not None,
+            admin_key=config.outer.admin_key or None,
         )
-        app = create_app(service, settings)
+        app = create_app(service, settings, rollout)
         server = uvicorn.Server(
             uvicorn.Config(app, host=config.outer.host, port=config.outer.port, log_level="warning")
         )
         serving = asyncio.create_task(server.serve())
         try:
-            while not server.started and not serving.done():
-                await asyncio.sleep(0.05)
-            if server.started and on_listening is not None:
-                on_listening()
-            await asyncio.shield(serving)
+            with _signals_stop(server):
+                while not server.started and not serving.done():
+                    await asyncio.sleep(0.05)
+                if server.started and on_listening is not None:
+                    on_listening()
+                await asyncio.shield(serving)
         finally:  # also when cancelled: let uvicorn close its connections first
             server.should_exit = True
             await asyncio.wait([serving])
@@ -100,10 +117,14 @@ async def serve_outer(
         log.info("outer: shutting the link down")
         with contextlib.suppress(Exception):
             await uplink.link.shutdown()
+        await rollout.aclose()
         if service is not None:
             await service.aclose()
+        if feed is not None:
+            await feed.aclose()
         if exposition is not None:
             exposition.shutdown()
+        decoder.close()  # the weak models a rollout brought
         session.close()
         counter.close()
 
@@ -115,3 +136,36 @@ def _monitor(config: Config, metrics: OuterMetrics) -> BitsMonitor | None:
         return None
     thresholds = MonitorThresholds.load(Path(config.outer.monitor).expanduser())
     return BitsMonitor(thresholds, on_alarm=lambda _: metrics.alarms.labels("bits").inc())
+
+
+def _verifier_feed(config: Config, metrics: OuterMetrics) -> VerifierFeed | None:
+    """The spot-check feed when `[outer] verifier` names the verifier (docs/security.md). It
+    refuses what a re-run cannot reproduce, withheld reasoning among it: those streams must not
+    be offered, and with reasoning configured any stream may have some."""
+    address = config.outer.verifier_address
+    if address is None:
+        return None
+    check_reproducible(config)
+    return VerifierFeed(*address, config.outer.verify_rate, metrics)
+
+
+@contextlib.contextmanager
+def _signals_stop(server: uvicorn.Server) -> Iterator[None]:
+    """SIGINT/SIGTERM stop `server`, and nothing more, until the link is shut down.
+
+    uvicorn handles them while it serves, but after its graceful exit it raises the signal
+    again under the handler it found; the default one would kill the process before SHUTDOWN
+    goes down the link, leaving the inner to find the downlink closed. This handler only asks
+    the server to exit (also for a signal that comes before uvicorn has started)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (tests run servers elsewhere)
+        return
+    previous = {
+        sig: signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -14,6 +14,10 @@ choice finishes with an error.
 
 Uplink bits per choice: what its tokens cost in the frames (`coding.codec.cost_bits`, from the
 decoder's observer) plus its share, by tokens, of the rest of each frame.
+
+When a stream leaves the table without a link failure (EOS, max_tokens, the inner's end after
+a stop sequence or a cancel), `on_stream_end` gets its request and every token decoded for it,
+past a stop sequence too: what the spot-check feed (`outer.verifier_feed`) samples from.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import contextlib
 import itertools
 import secrets
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uplimit.coding.codec import Prediction, cost_bits
@@ -37,9 +42,12 @@ from uplimit.wire.frame import FrameContent, FrameStats
 from uplimit.wire.receiver import LinkState
 from uplimit.wire.streams import StreamSpec, StreamState
 
-__all__ = ["Choice", "Finished", "OuterService", "PromptTooLong", "Submission"]
+__all__ = ["Choice", "Finished", "OuterService", "PromptTooLong", "StreamEndHook", "Submission"]
 
 SEED_MODULUS = 1 << 64
+
+# (the stream's request, every token decoded for it); called on the event loop
+StreamEndHook = Callable[[GenerationRequest, tuple[int, ...]], None]
 
 
 class PromptTooLong(ConfigError):
@@ -63,13 +71,18 @@ class Choice:
     seed: int
     max_tokens: int
     text: TextAssembler
+    request: GenerationRequest  # as sent down
     events: asyncio.Queue[str | Finished] = field(default_factory=asyncio.Queue)
     finished: Finished | None = None
     last_token: int | None = None
-    received: int = 0  # tokens decoded for its stream, past a stop sequence too
+    decoded: list[int] = field(default_factory=list)  # its stream's, past a stop sequence too
     bits: float = 0.0
     payload_bits: float = 0.0
     withheld: int | None = None  # said by its stream's last frame
+
+    @property
+    def received(self) -> int:
+        return len(self.decoded)
 
 
 @dataclass(frozen=True)
@@ -91,9 +104,11 @@ class OuterService:
         reasoning: tuple[str, str] | None = None,
         max_reasoning_tokens: int = 1024,
         monitor: BitsMonitor | None = None,
+        on_stream_end: StreamEndHook | None = None,
     ) -> None:
         self.model = weak
         self.monitor = monitor  # sees every decoded token's cost, rejected frames' too
+        self.on_stream_end = on_stream_end  # module doc
         self.reasoning = reasoning
         self.max_reasoning_tokens = max_reasoning_tokens
         self.eos = weak.info.eos_ids
@@ -147,9 +162,8 @@ class OuterService:
             sid = next(self._ids)
             spec = StreamSpec(sid, tuple(prompt), params, choice_seed(base, i), max_tokens)
             request = GenerationRequest(spec, request_id, stop, best_of)
-            choice = Choice(
-                i, sid, spec.seed, max_tokens, TextAssembler(self.model.token_bytes, self.eos, stop)
-            )
+            text = TextAssembler(self.model.token_bytes, self.eos, stop)
+            choice = Choice(i, sid, spec.seed, max_tokens, text, request)
             self._open[sid] = choice
             try:
                 await self.uplink.open(request)
@@ -175,7 +189,8 @@ class OuterService:
         spec = StreamSpec(sid, prompt, SamplingParams(), 0, self.max_reasoning_tokens)
         request_id = f"withheld-{withheld_id}"
         request = GenerationRequest(spec, request_id, withheld_id=withheld_id)
-        choice = Choice(0, sid, 0, spec.max_tokens, TextAssembler(self.model.token_bytes, (), ()))
+        text = TextAssembler(self.model.token_bytes, (), ())
+        choice = Choice(0, sid, 0, spec.max_tokens, text, request)
         self._open[sid] = choice
         try:
             await self.uplink.open(request)
@@ -228,12 +243,14 @@ class OuterService:
                 del self._open[sid]
                 if choice.finished is None:
                     self._finish(choice, "stop" if choice.last_token in self.eos else "length")
+                if self.on_stream_end is not None:
+                    self.on_stream_end(choice.request, tuple(choice.decoded))
 
     def _deliver(
         self, choice: Choice, tokens: tuple[int, ...], payload: float, overhead: float
     ) -> None:
         choice.last_token = tokens[-1]
-        choice.received += len(tokens)
+        choice.decoded.extend(tokens)
         choice.payload_bits += payload
         choice.bits += payload + overhead
         if choice.finished is not None:

@@ -40,6 +40,7 @@ __all__ = [
     "codec_fingerprint",
     "differences",
     "fingerprint_digest",
+    "fingerprint_sha256",
     "numpy_simd",
     "refusal_fields",
     "refused_differences",
@@ -95,9 +96,14 @@ def _one_line(value: str) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in value).split())
 
 
+def fingerprint_sha256(fingerprint: dict[str, str]) -> bytes:
+    """sha256 of the fingerprint's canonical bytes (its HELLO message)."""
+    return hashlib.sha256(encode_downlink(Hello.of(fingerprint))).digest()
+
+
 def fingerprint_digest(fingerprint: dict[str, str]) -> bytes:
-    """sha256 of the fingerprint's canonical bytes (its HELLO message), cut to 4 bytes."""
-    return hashlib.sha256(encode_downlink(Hello.of(fingerprint))).digest()[:DIGEST_BYTES]
+    """`fingerprint_sha256` cut to the 4 bytes an accepting inner uploads."""
+    return fingerprint_sha256(fingerprint)[:DIGEST_BYTES]
 
 
 def short_value(value: str) -> str:

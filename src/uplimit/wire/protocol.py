@@ -22,6 +22,12 @@ Downlink byte layout (integers: `uv` = unsigned LEB128 varint, minimal encoding 
     CANCEL       3   uv stream_id
     RESEND       4   uv frame_no      (the decoder's `awaiting_resend`)
     SHUTDOWN     5   (empty)          last message: the outer wants the inner to stop
+    MODEL_OFFER  6   sha256[32], uv size, uv m, calibration[m]
+                     a new weak model is coming down (a rollout, `inner.rollout`): the file's
+                     hash and size, and its calibration (JSON)
+    MODEL_DATA   7   data[length]     the next 1.. bytes of the offered file, in order
+    SWITCH       8   sha256[32]       of the new codec fingerprint (its HELLO message): streams
+                     opened after this message are coded with the offered model
 
 Uplink byte layout, as small as it can be, since every byte is budgeted::
 
@@ -73,11 +79,14 @@ __all__ = [
     "EndReason",
     "Frame",
     "Hello",
+    "ModelData",
+    "ModelOffer",
     "OpenStream",
     "ProtocolError",
     "Refuse",
     "Resend",
     "Shutdown",
+    "Switch",
     "UplinkMessage",
     "UplinkParser",
     "encode_downlink",
@@ -107,6 +116,10 @@ MAX_EXTRA_BYTES = 1 << 16
 MAX_STREAM_ID = (1 << 63) - 1
 MAX_TOP_K = 1 << 32
 MAX_FRAME_NO = (1 << 32) - 1  # raw resends carry the frame number in 32 bits (wire.frame)
+# A weak model file: Qwen2.5-Coder 0.5B is 0.5 GB in Q4_K_M, 1 GB in F16; room for 64 GiB.
+MAX_MODEL_BYTES = 1 << 36
+MAX_CALIBRATION_BYTES = 1 << 16  # a calibration is a few hundred bytes of JSON
+SHA256_BYTES = 32
 
 
 class EndReason(IntEnum):
@@ -161,7 +174,26 @@ class Shutdown:
     pass
 
 
-DownlinkMessage: TypeAlias = Hello | OpenStream | Cancel | Resend | Shutdown
+@dataclass(frozen=True)
+class ModelOffer:
+    sha256: bytes  # of the model file
+    size: int  # its bytes, 1..MAX_MODEL_BYTES
+    calibration: bytes  # the new pair's calibration, JSON
+
+
+@dataclass(frozen=True)
+class ModelData:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Switch:
+    fingerprint_sha256: bytes  # of the codec fingerprint both sides will have after it
+
+
+DownlinkMessage: TypeAlias = (
+    Hello | OpenStream | Cancel | Resend | Shutdown | ModelOffer | ModelData | Switch
+)
 
 
 @dataclass(frozen=True)
@@ -195,6 +227,9 @@ class _Type(IntEnum):
     CANCEL = 3
     RESEND = 4
     SHUTDOWN = 5
+    MODEL_OFFER = 6
+    MODEL_DATA = 7
+    SWITCH = 8
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -225,6 +260,23 @@ def _check_key(key: str) -> None:
         raise ConfigError(f"fingerprint key {key!r} must be 1.. of [A-Za-z0-9._-]")
 
 
+def _spec_body(spec: StreamSpec) -> bytes:
+    """A stream spec's fields, as OPEN_STREAM (and the verifier's CHECK, `wire.checks`) lay
+    them out."""
+    p = spec.params
+    return b"".join(
+        [
+            _uvarint(spec.stream_id),
+            struct.pack(">Q", spec.seed),
+            _uvarint(spec.max_tokens),
+            struct.pack(">dd", p.temperature, p.top_p),
+            _uvarint(p.top_k),
+            _uvarint(len(spec.prompt)),
+            *map(_uvarint, spec.prompt),
+        ]
+    )
+
+
 def _body(msg: DownlinkMessage) -> tuple[_Type, bytes]:
     match msg:
         case Hello(fields):
@@ -240,26 +292,28 @@ def _body(msg: DownlinkMessage) -> tuple[_Type, bytes]:
         case OpenStream(spec, extra):
             if len(extra) > MAX_EXTRA_BYTES:
                 raise ConfigError(f"OPEN_STREAM extra is over {MAX_EXTRA_BYTES:,} bytes")
-            p = spec.params
-            return _Type.OPEN_STREAM, b"".join(
-                [
-                    _uvarint(spec.stream_id),
-                    struct.pack(">Q", spec.seed),
-                    _uvarint(spec.max_tokens),
-                    struct.pack(">dd", p.temperature, p.top_p),
-                    _uvarint(p.top_k),
-                    _uvarint(len(spec.prompt)),
-                    *map(_uvarint, spec.prompt),
-                    _uvarint(len(extra)),
-                    extra,
-                ]
-            )
+            return _Type.OPEN_STREAM, _spec_body(spec) + _uvarint(len(extra)) + extra
         case Cancel(stream_id):
             return _Type.CANCEL, _uvarint(stream_id)
         case Resend(frame_no):
             return _Type.RESEND, _uvarint(frame_no)
         case Shutdown():
             return _Type.SHUTDOWN, b""
+        case ModelOffer(sha256, size, calibration):
+            if len(sha256) != SHA256_BYTES or not 1 <= size <= MAX_MODEL_BYTES:
+                raise ConfigError(f"a model offer needs a sha256 and 1..{MAX_MODEL_BYTES} bytes")
+            if len(calibration) > MAX_CALIBRATION_BYTES:
+                raise ConfigError(f"a calibration is at most {MAX_CALIBRATION_BYTES} bytes")
+            body = [sha256, _uvarint(size), _uvarint(len(calibration)), calibration]
+            return _Type.MODEL_OFFER, b"".join(body)
+        case ModelData(data):
+            if not data:
+                raise ConfigError("MODEL_DATA carries at least one byte")
+            return _Type.MODEL_DATA, data
+        case Switch(digest):
+            if len(digest) != SHA256_BYTES:
+                raise ConfigError("SWITCH carries a sha256")
+            return _Type.SWITCH, digest
     raise ConfigError(f"not a downlink message: {msg!r}")
 
 
@@ -352,6 +406,25 @@ class _Cursor:
             raise ProtocolError(f"{self.what} has {len(self.data) - self.pos} bytes left over")
 
 
+def _read_spec(c: _Cursor, n_vocab: int | None) -> StreamSpec:
+    """The fields `_spec_body` wrote; token ids must be below `n_vocab` when it is known."""
+    stream_id = c.uvarint(MAX_STREAM_ID, "stream id")
+    (seed,) = struct.unpack(">Q", c.take(8))
+    max_tokens = c.uvarint(MAX_STREAM_TOKENS, "max_tokens")
+    temperature, top_p = struct.unpack(">dd", c.take(16))
+    top_k = c.uvarint(MAX_TOP_K, "top_k")
+    n = c.uvarint(MAX_PROMPT_TOKENS, "prompt length")
+    token_limit = (n_vocab or 1 << 32) - 1
+    prompt = tuple(c.uvarint(token_limit, "prompt token") for _ in range(n))
+    if not (math.isfinite(temperature) and math.isfinite(top_p)):
+        raise ProtocolError(f"{c.what}: sampling parameters must be finite")
+    try:
+        params = SamplingParams(temperature, top_p, top_k)
+        return StreamSpec(stream_id, prompt, params, seed, max_tokens)
+    except ConfigError as e:
+        raise ProtocolError(f"{c.what}: {e}") from e
+
+
 class _State(StrEnum):
     START = "start"  # before the preamble / verdict
     FIRST = "first"  # downlink: preamble read, HELLO expected
@@ -438,6 +511,8 @@ class DownlinkParser(_Parser):
         super().__init__()
         self.limits = limits or DownlinkLimits()
         self.n_vocab = n_vocab  # prompt token ids must be below it, when known
+        # A model transfer in order: OFFER, its DATA to the byte, then SWITCH, one at a time.
+        self.model_bytes_left: int | None = None  # None: no transfer under way
 
     def feed(self, data: bytes) -> list[DownlinkMessage]:
         return super().feed(data)
@@ -469,8 +544,25 @@ class DownlinkParser(_Parser):
         if (kind is _Type.HELLO) != (self.state is _State.FIRST):
             raise ProtocolError("HELLO must be the first downlink message, and only once")
         msg = self._message(kind, _Cursor(bytes(buf[5 : 5 + length]), kind.name))
+        self._track_transfer(msg)
         self.state = _State.DONE if kind is _Type.SHUTDOWN else _State.OPEN
         return msg, 5 + length
+
+    def _track_transfer(self, msg: DownlinkMessage) -> None:
+        left = self.model_bytes_left
+        match msg:
+            case ModelOffer(_, size, _):
+                if left is not None:
+                    raise ProtocolError("MODEL_OFFER while another model transfer is under way")
+                self.model_bytes_left = size
+            case ModelData(data):
+                if left is None or len(data) > left:
+                    raise ProtocolError("MODEL_DATA beyond the offered model's size")
+                self.model_bytes_left = left - len(data)
+            case Switch():
+                if left != 0:
+                    raise ProtocolError("SWITCH before the offered model has fully arrived")
+                self.model_bytes_left = None
 
     def _message(self, kind: _Type, c: _Cursor) -> DownlinkMessage:
         msg: DownlinkMessage
@@ -489,33 +581,28 @@ class DownlinkParser(_Parser):
                 raise ProtocolError(f"HELLO: {e}") from e
             msg = Hello(fields)
         elif kind is _Type.OPEN_STREAM:
-            spec = self._spec(c)
+            spec = _read_spec(c, self.n_vocab)
             msg = OpenStream(spec, c.take(c.uvarint(MAX_EXTRA_BYTES, "extra length")))
         elif kind is _Type.CANCEL:
             msg = Cancel(c.uvarint(MAX_STREAM_ID, "stream id"))
         elif kind is _Type.RESEND:
             msg = Resend(c.uvarint(MAX_FRAME_NO, "frame number"))
+        elif kind is _Type.MODEL_OFFER:
+            sha256 = c.take(SHA256_BYTES)
+            size = c.uvarint(MAX_MODEL_BYTES, "model size")
+            if size == 0:
+                raise ProtocolError("MODEL_OFFER: an empty model")
+            msg = ModelOffer(sha256, size, c.take(c.uvarint(MAX_CALIBRATION_BYTES, "length")))
+        elif kind is _Type.MODEL_DATA:
+            if not c.data:
+                raise ProtocolError("MODEL_DATA is empty")
+            msg = ModelData(c.take(len(c.data)))
+        elif kind is _Type.SWITCH:
+            msg = Switch(c.take(SHA256_BYTES))
         else:
             msg = Shutdown()
         c.done()
         return msg
-
-    def _spec(self, c: _Cursor) -> StreamSpec:
-        stream_id = c.uvarint(MAX_STREAM_ID, "stream id")
-        (seed,) = struct.unpack(">Q", c.take(8))
-        max_tokens = c.uvarint(MAX_STREAM_TOKENS, "max_tokens")
-        temperature, top_p = struct.unpack(">dd", c.take(16))
-        top_k = c.uvarint(MAX_TOP_K, "top_k")
-        n = c.uvarint(MAX_PROMPT_TOKENS, "prompt length")
-        token_limit = (self.n_vocab or 1 << 32) - 1
-        prompt = tuple(c.uvarint(token_limit, "prompt token") for _ in range(n))
-        if not (math.isfinite(temperature) and math.isfinite(top_p)):
-            raise ProtocolError("OPEN_STREAM: sampling parameters must be finite")
-        try:
-            params = SamplingParams(temperature, top_p, top_k)
-            return StreamSpec(stream_id, prompt, params, seed, max_tokens)
-        except ConfigError as e:
-            raise ProtocolError(f"OPEN_STREAM: {e}") from e
 
 
 class UplinkParser(_Parser):

@@ -22,11 +22,14 @@ recovered by a raw resend. Every failure is final: the parser and this object st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, TypeAlias
 
+from uplimit.coding.calibration import Calibration
 from uplimit.errors import DecodeMismatch
+from uplimit.models.base import Session
 from uplimit.wire.fingerprint import fingerprint_digest, refused_differences
 from uplimit.wire.frame import FrameContent, FrameStats
 from uplimit.wire.protocol import (
@@ -97,6 +100,10 @@ class FrameSink(Protocol):
     def add_stream(self, spec: StreamSpec) -> None: ...
 
     def decode(self, data: bytes) -> tuple[FrameContent, FrameStats]: ...
+
+    def switch(
+        self, weak_session: Session, calibration: Calibration, release: Callable[[], None]
+    ) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,140 @@
+"""The inner side of a weak-model rollout: receive the model, check it, switch at SWITCH.
+
+The outer side sends a new weak model down (MODEL_OFFER, MODEL_DATA..., SWITCH; the parser
+enforces that order, `wire.protocol`). Downloads are not budgeted, so the whole file comes
+down, never a delta the inner would have to trust. Here:
+
+- the file is written to `directory` under a temporary name and hashed as it arrives; only a
+  file with the offered sha256 is renamed to `weak-<sha256[:16]>.gguf`, beside its calibration;
+- at SWITCH the model is loaded, must share the strong model's tokenizer, and the codec
+  fingerprint it gives must hash to the one the outer sent: otherwise the inner stops
+  (END(error)), since the two sides would no longer decode alike;
+- then the encoder codes every stream opened after SWITCH with the new model, while running
+  streams finish on the old one (`wire.frame`), and the choice is recorded (`models.active`)
+  so that a restarted inner serves the new model.
+
+Loading happens inside the serving loop, so frames pause while the model loads (seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from uplimit.coding.calibration import Calibration
+from uplimit.errors import ConfigError, FingerprintMismatch, ProtocolError
+from uplimit.inner.service import InnerService
+from uplimit.models.active import ActiveWeak
+from uplimit.models.base import LanguageModel
+from uplimit.models.loading import check_same_tokenizer
+from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_sha256
+from uplimit.wire.protocol import ModelOffer
+
+__all__ = ["WeakRollout"]
+
+log = logging.getLogger(__name__)
+
+
+class _Incoming:
+    """One offered file while it arrives: a temporary file and a running hash."""
+
+    def __init__(self, offer: ModelOffer, calibration: Calibration, directory: Path) -> None:
+        self.offer = offer
+        self.calibration = calibration
+        self.name = f"weak-{offer.sha256.hex()[:16]}"
+        self.tmp = directory / f".{self.name}.incoming"
+        self.file: BinaryIO = self.tmp.open("wb")
+        self.hash = hashlib.sha256()
+        self.received = 0
+
+
+class WeakRollout:
+    """`link.transport.ModelSink` for an `InnerService` (module doc)."""
+
+    def __init__(
+        self,
+        service: InnerService,
+        strong: LanguageModel,
+        directory: Path,
+        record: Path,
+        load: Callable[[Path], LanguageModel],
+    ) -> None:
+        self.service = service
+        self.strong = strong
+        self.directory = directory
+        self.record = record
+        self.load = load
+        self._incoming: _Incoming | None = None
+        self._ready: tuple[Path, Path, Calibration, str] | None = None  # model, cal, sha256
+
+    def offer(self, offer: ModelOffer) -> None:
+        try:
+            calibration = Calibration.from_json(offer.calibration.decode())
+        except (UnicodeDecodeError, ConfigError) as e:
+            raise ProtocolError(f"MODEL_OFFER: the calibration does not parse: {e}") from e
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._discard()
+        self._incoming = _Incoming(offer, calibration, self.directory)
+        log.info("rollout: receiving weak model %s (%s bytes)", offer.sha256.hex(), offer.size)
+
+    def data(self, data: bytes) -> None:
+        incoming = self._incoming
+        if incoming is None:  # the parser allows DATA only after an OFFER
+            raise ProtocolError("MODEL_DATA without an offer")
+        incoming.file.write(data)
+        incoming.hash.update(data)
+        incoming.received += len(data)
+        if incoming.received == incoming.offer.size:
+            self._complete(incoming)
+
+    def _complete(self, incoming: _Incoming) -> None:
+        incoming.file.close()
+        self._incoming = None
+        sha256 = incoming.hash.hexdigest()
+        if sha256 != incoming.offer.sha256.hex():
+            incoming.tmp.unlink()
+            raise ProtocolError(
+                f"the offered weak model arrived with sha256 {sha256}, not the offered"
+                f" {incoming.offer.sha256.hex()}"
+            )
+        path = self.directory / f"{incoming.name}.gguf"
+        incoming.tmp.replace(path)
+        calibration_path = self.directory / f"{incoming.name}.calibration.json"
+        calibration_path.write_text(incoming.calibration.to_json())
+        self._ready = (path, calibration_path, incoming.calibration, sha256)
+        log.info("rollout: weak model %s complete at %s", sha256, path)
+
+    def switch(self, digest: bytes) -> None:
+        if self._ready is None:  # the parser allows SWITCH only after the whole file
+            raise ProtocolError("SWITCH before a complete model")
+        path, calibration_path, calibration, sha256 = self._ready
+        self._ready = None
+        weak = self.load(path)
+        try:
+            check_same_tokenizer(self.strong, weak)
+            fingerprint = codec_fingerprint(weak.info, calibration, self.service.frame_config)
+            if fingerprint_sha256(fingerprint) != digest:
+                raise FingerprintMismatch(
+                    "rollout: the new weak model gives a codec fingerprint other than the"
+                    f" outer's; this side's: {fingerprint}",
+                    [],
+                )
+            self.service.switch_weak(weak, calibration)
+        except BaseException:
+            weak.close()
+            raise
+        ActiveWeak(str(path), str(calibration_path), sha256).save(self.record)
+        log.warning("rollout: new streams are coded with weak model %s", sha256)
+
+    def close(self) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        """Drop a transfer that will not complete (a new offer, or the link ended)."""
+        if self._incoming is not None:
+            self._incoming.file.close()
+            self._incoming.tmp.unlink(missing_ok=True)
+            self._incoming = None

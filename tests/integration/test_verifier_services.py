@@ -1,0 +1,203 @@
+"""The spot-check verifier in real serving, on the tiny pair: `uplimit serve outer`, `uplimit
+serve inner` and `uplimit serve verifier` as separate processes, every stream checked
+(verify_rate 1). Honest traffic at T = 0 and 0.7 (n > 1, best_of 2, a stop sequence) gives
+verdicts that all agree and no alarm; then, with the same verifier still running, a new outer
+and a dishonest inner (the red team's steganographic scheduler behind the real `serve inner`
+command) give disagreements, logged and counted as alarms."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+UPLIMIT = str(Path(sys.executable).with_name("uplimit"))
+
+# `uplimit serve inner` with the red team's dishonest scheduler swapped in: nothing in the
+# command or its configuration can do this (docs/security.md); a test can.
+_DISHONEST_INNER = """
+import functools, sys
+import uplimit.inner.serve as serve
+from uplimit.redteam.stego import StegoScheduler, TokenStego
+
+honest = serve.InnerService
+
+def dishonest(strong, weak, *args, **kwargs):
+    stego = TokenStego(bytes(range(7, 255, 3)))  # the bits it hides
+    kwargs["scheduler"] = functools.partial(StegoScheduler, weak=weak, stego=stego)
+    return honest(strong, weak, *args, **kwargs)
+
+serve.InnerService = dishonest
+from uplimit.cli import main
+sys.argv = ["uplimit", "serve", "inner", "--config", sys.argv[1]]
+main()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Started processes, each logging to a file; all stopped at the end, pass or fail."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+        self.env = {**os.environ, "UPLIMIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = (self.dir / f"{name}.log").open("w")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.dir / f"{name}.log").read_text()
+
+    def wait_for(self, condition, what: str, timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() not in (None, 0)}
+            if dead or time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
+                raise AssertionError(f"waiting for {what}; exited: {dead}\n{logs}")
+            time.sleep(0.1)
+
+    def stop(self, name: str, timeout_s: float = 60.0) -> int:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name, 10)
+
+
+def _metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(url, timeout=10).text
+    found = re.search(rf"^{name}(?:\{{{labels}\}})? (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _complete(url: str, **body) -> dict:
+    body = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 16, **body}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_honest_streams_agree_and_a_dishonest_inner_is_caught(tiny_pair_dirs, tmp_path):
+    strong_dir, weak_dir = tiny_pair_dirs
+    port, outer_metrics, verifier_port, verifier_metrics = (_free_port() for _ in range(4))
+    verdicts = tmp_path / "verdicts.jsonl"
+    config = tmp_path / "uplimit.toml"
+    config.write_text(
+        f"""
+[models]
+strong = "{strong_dir}"
+weak = "{weak_dir}"
+backend = "hf"
+[coding]
+frame_tokens = 4
+max_streams = 8
+max_context = 256
+[link]
+downlink_port = {_free_port()}
+uplink_port = {_free_port()}
+tick_s = 0.02
+lifetime_budget_bytes = 1000000
+[inner]
+max_batch = 4
+frame_delay_s = 0
+[outer]
+port = {port}
+metrics_port = {outer_metrics}
+model_name = "tiny"
+verifier = "127.0.0.1:{verifier_port}"
+verify_rate = 1.0
+[verifier]
+port = {verifier_port}
+verdicts = "{verdicts}"
+metrics_port = {verifier_metrics}
+"""
+    )
+    url = f"http://127.0.0.1:{port}"
+    outer_url = f"http://127.0.0.1:{outer_metrics}/metrics"
+    verifier_url = f"http://127.0.0.1:{verifier_metrics}/metrics"
+    cfg = ["--config", str(config)]
+    procs = Processes(tmp_path)
+
+    def lines() -> list[dict]:
+        return (
+            [json.loads(x) for x in verdicts.read_text().splitlines()] if verdicts.exists() else []
+        )
+
+    try:
+        procs.start("verifier", [UPLIMIT, "serve", "verifier", *cfg])
+        procs.start("outer", [UPLIMIT, "serve", "outer", *cfg])  # before the verifier listens:
+        procs.start("inner", [UPLIMIT, "serve", "inner", *cfg])  # the feed keeps retrying
+        procs.wait_for(lambda: "listening on" in procs.log("verifier"), "the verifier")
+        procs.wait_for(lambda: _healthy(url), "the link")
+
+        # Honest traffic: 5 streams, every one sent to the verifier.
+        _complete(url, temperature=0.0)
+        _complete(url, temperature=0.7, seed=3, n=2, best_of=2)
+        stopped = _complete(url, temperature=0.7, seed=9, stop=["e"])
+        _complete(url, temperature=0.7, seed=11, max_tokens=24)
+        procs.wait_for(lambda: len(lines()) == 5, "5 verdicts", 120)
+        honest = lines()
+        assert all(v["agree"] for v in honest), honest
+        assert sorted(v["checked_tokens"] > 0 for v in honest) == [True] * 5
+        assert {v["seed"] for v in honest} >= {3, 9, 11}
+        assert stopped["choices"][0]["finish_reason"] in ("stop", "length")
+        assert _metric(outer_url, "uplimit_spotchecks_total", 'outcome="sent"') == 5
+        assert _metric(outer_url, "uplimit_alarms_total", 'kind="verifier"') == 0
+        assert _metric(verifier_url, "uplimit_checks_total", 'outcome="agree"') == 5
+        assert _metric(verifier_url, "uplimit_alarms_total", 'kind="spotcheck"') == 0
+        assert "ALARM" not in procs.log("verifier") + procs.log("outer")
+
+        # One link serves one inner: stop both, then a new outer and a dishonest inner.
+        # SIGTERM: the outer exits cleanly after sending SHUTDOWN, so the inner stops too.
+        assert procs.stop("outer") == 0
+        procs.wait_for(lambda: procs.procs["inner"].poll() is not None, "the inner to stop", 60)
+        assert procs.procs.pop("inner").returncode == 0
+        assert "link ended (shutdown)" in procs.log("inner")
+        procs.start("outer2", [UPLIMIT, "serve", "outer", *cfg])
+        procs.start("dishonest", [sys.executable, "-c", _DISHONEST_INNER, str(config)])
+        procs.wait_for(lambda: _healthy(url), "the second link")
+        for seed in (1, 2):
+            _complete(url, temperature=0.7, seed=seed, n=3)
+        procs.wait_for(lambda: len(lines()) == 11, "6 more verdicts", 120)
+        caught = [v for v in lines()[5:] if not v["agree"]]
+        assert caught, lines()[5:]
+        assert all(v["first_difference"] < v["checked_tokens"] for v in caught)
+        alarms = _metric(verifier_url, "uplimit_alarms_total", 'kind="spotcheck"')
+        assert alarms == len(caught) == _metric(verifier_url, "uplimit_checks_total",
+                                                'outcome="disagree"')  # fmt: skip
+        assert procs.log("verifier").count("ALARM spotcheck") == len(caught)
+        assert _metric(verifier_url, "uplimit_alarms_total", 'kind="protocol"') == 0
+    finally:
+        procs.stop_all()

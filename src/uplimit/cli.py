@@ -804,6 +804,7 @@ def distill_collect(
     max_tokens: int = typer.Option(256),
     concurrency: int = typer.Option(16, help="Requests in flight."),
     seed: int = typer.Option(0, help="Request i uses seed SEED + i."),
+    timeout: float = typer.Option(3600.0, help="Seconds one request may take."),
 ) -> None:
     """Serve the prompts through uplimit and keep the answers; the upload is charged."""
     import asyncio
@@ -823,6 +824,7 @@ def distill_collect(
                 max_tokens=max_tokens,
                 concurrency=concurrency,
                 seed=seed,
+                timeout_s=timeout,
                 progress=update,
             )
         )

@@ -297,3 +297,28 @@ def test_budget_exhausted_is_a_503(tiny_strong, tiny_weak, tmp_path):
             assert health.status_code == 503 and health.json()["link"] == "exhausted"
 
     run(main())
+
+
+def test_distill_collection_keeps_going_past_a_failed_request(tiny_strong, tiny_weak, tmp_path):
+    """A request the gateway refuses (here: a prompt over the context) is logged and left out;
+    the others are kept, and a rerun asks only for what is missing."""
+    from uplimit.distill.collect import collect, load_answers
+    from uplimit.prompts import Prompt
+
+    prompts = [
+        Prompt("short", ({"role": "user", "content": "Hello!"},)),
+        Prompt("too-long", ({"role": "user", "content": "word " * 400},)),
+        Prompt("other", ({"role": "user", "content": "Explain recursion."},)),
+    ]
+    out = tmp_path / "answers.jsonl"
+
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path) as s:
+            base = s.url.removesuffix("/v1")
+            first = await collect(base, prompts, [0.0], out, model=MODEL, max_tokens=8)
+            again = await collect(base, prompts, [0.0], out, model=MODEL, max_tokens=8)
+            return first, again
+
+    first, again = run(main())
+    assert sorted(a.id for a in first) == sorted(a.id for a in again) == ["other", "short"]
+    assert sorted(a.id for a in load_answers(out)) == ["other", "short"]  # nothing twice

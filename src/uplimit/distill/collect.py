@@ -3,13 +3,16 @@
 The collector is an ordinary OpenAI client of a running outer gateway, so every answer it
 gets was arithmetic-coded up the metered link and its upload is charged to the budget; each
 record keeps the bits the gateway reports for it. Records are appended one JSON line per
-answer and flushed, so an interrupted run loses nothing and a rerun skips what is done.
+answer and flushed, so an interrupted run loses nothing and a rerun skips what is done. A
+request that fails (a timeout on a slow machine, the gateway's error) is logged and left for
+the next run; the others go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +23,8 @@ from uplimit.errors import ConfigError
 from uplimit.prompts import Prompt
 
 Progress = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,15 +74,19 @@ async def collect(
     max_tokens: int = 256,
     concurrency: int = 16,
     seed: int = 0,
+    timeout_s: float = 3600.0,
     progress: Progress | None = None,
 ) -> list[Answer]:
-    """Ask the gateway at `url` every prompt at every temperature; return all answers."""
+    """Ask the gateway at `url` every prompt at every temperature; return all answers (those
+    whose request failed are missing: run again for them)."""
     out = Path(out)
     done = {a.key: a for a in load_answers(out)}
     # prompt by prompt, every temperature each, so a run stopped early has both kinds of answer
     todo = [(i, p, t) for i, p in enumerate(prompts) for t in temperatures if (p.id, t) not in done]
     total, finished = len(prompts) * len(temperatures), len(done)
-    client = openai.AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key, max_retries=2)
+    client = openai.AsyncOpenAI(
+        base_url=f"{url.rstrip('/')}/v1", api_key=api_key, max_retries=2, timeout=timeout_s
+    )
     limit = asyncio.Semaphore(concurrency)
     with out.open("a") as sink:
 
@@ -85,13 +94,19 @@ async def collect(
             nonlocal finished
             messages = [dict(m) for m in prompt.messages]
             async with limit:
-                r = await client.chat.completions.create(
-                    model=model,
-                    messages=messages,  # type: ignore[arg-type]
-                    temperature=temperature,
-                    max_tokens=max_tokens,
-                    seed=seed + i,
-                )
+                try:
+                    r = await client.chat.completions.create(
+                        model=model,
+                        messages=messages,  # type: ignore[arg-type]
+                        temperature=temperature,
+                        max_tokens=max_tokens,
+                        seed=seed + i,
+                    )
+                except openai.APIError as e:
+                    log.error(
+                        "prompt %s at T=%g failed, left for a rerun: %s", prompt.id, temperature, e
+                    )
+                    return
             extra = (r.model_extra or {})["uplimit"]["choices"][0]
             answer = Answer(
                 id=prompt.id,

@@ -36,6 +36,10 @@ from uplimit.wire.frame import FrameConfig, FrameDecoder
 
 __all__ = ["serve_outer"]
 
+# On SIGTERM, requests still running after this long are cut (a non-streaming request only
+# notices a gone client when it answers, so without a limit a stop waits for every answer).
+GRACEFUL_SHUTDOWN_S = 10.0
+
 log = logging.getLogger(__name__)
 
 
@@ -100,8 +104,11 @@ async def serve_outer(
         )
         app = create_app(service, settings, rollout)
         server = uvicorn.Server(
-            uvicorn.Config(app, host=config.outer.host, port=config.outer.port, log_level="warning")
-        )
+            uvicorn.Config(
+                app, host=config.outer.host, port=config.outer.port, log_level="warning",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            )
+        )  # fmt: skip
         serving = asyncio.create_task(server.serve())
         try:
             with _signals_stop(server):

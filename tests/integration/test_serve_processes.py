@@ -1,9 +1,13 @@
-"""The spot-check verifier in real serving, on the tiny pair: `uplimit serve outer`, `uplimit
-serve inner` and `uplimit serve verifier` as separate processes, every stream checked
-(verify_rate 1). Honest traffic at T = 0 and 0.7 (n > 1, best_of 2, a stop sequence) gives
-verdicts that all agree and no alarm; then, with the same verifier still running, a new outer
-and a dishonest inner (the red team's steganographic scheduler behind the real `serve inner`
-command) give disagreements, logged and counted as alarms."""
+"""`uplimit serve` commands as separate processes, on the tiny pair.
+
+The spot-check verifier in real serving: `serve outer`, `serve inner` and `serve verifier`,
+every stream checked (verify_rate 1). Honest traffic at T = 0 and 0.7 (n > 1, best_of 2, a stop
+sequence) gives verdicts that all agree and no alarm; then, with the same verifier still
+running, a new outer and a dishonest inner (the red team's steganographic scheduler behind the
+real `serve inner` command) give disagreements, logged and counted as alarms.
+
+Stopping: SIGTERM to `serve both` while a request is still generating ends the process cleanly
+(the request is cut after the grace period, SHUTDOWN goes down, the inner ends)."""
 
 from __future__ import annotations
 
@@ -199,5 +203,53 @@ metrics_port = {verifier_metrics}
                                                 'outcome="disagree"')  # fmt: skip
         assert procs.log("verifier").count("ALARM spotcheck") == len(caught)
         assert _metric(verifier_url, "uplimit_alarms_total", 'kind="protocol"') == 0
+    finally:
+        procs.stop_all()
+
+
+def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dirs, tmp_path):
+    strong_dir, weak_dir = tiny_pair_dirs
+    port = _free_port()
+    config = tmp_path / "uplimit.toml"
+    config.write_text(
+        f"""
+[models]
+strong = "{strong_dir}"
+weak = "{weak_dir}"
+backend = "hf"
+[coding]
+frame_tokens = 1
+max_context = 512
+[link]
+downlink_port = {_free_port()}
+uplink_port = {_free_port()}
+tick_s = 0.5
+[inner]
+frame_delay_s = 0
+[outer]
+port = {port}
+metrics_port = 0
+model_name = "tiny"
+"""
+    )  # one token per half-second frame: the request below would run for minutes
+    url = f"http://127.0.0.1:{port}"
+    procs = Processes(tmp_path)
+    try:
+        procs.start("both", [UPLIMIT, "serve", "both", "--config", str(config)])
+        procs.wait_for(lambda: _healthy(url), "the link")
+        body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 400, "temperature": 1.0}
+        client = subprocess.Popen(  # a non-streaming request that will not finish by itself
+            [sys.executable, "-c", f"import httpx; httpx.post('{url}/v1/completions',"
+             f" json={body!r}, timeout=600)"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(3)
+        assert client.poll() is None  # still waiting for its answer
+        started = time.monotonic()
+        assert procs.stop("both", timeout_s=120) == 0
+        assert time.monotonic() - started < 100  # not the minutes the answer would take
+        client.kill()
+        assert "timeout graceful shutdown exceeded" in procs.log("both")  # cut, not finished
+        assert "ALARM" not in procs.log("both")  # the link ended by SHUTDOWN, not by failing
     finally:
         procs.stop_all()

@@ -3,7 +3,8 @@
 The outer listens on two link ports (the inner connects out to them) and on the HTTP port.
 Until the inner has connected and accepted the codec fingerprint, requests get 503
 (inner_unreachable). One link serves one inner: if the inner restarts, restart the outer too.
-On exit (SIGINT/SIGTERM) the outer sends SHUTDOWN, so the inner stops as well.
+On exit (SIGINT/SIGTERM) the outer stops taking requests, cuts those still running after
+`GRACEFUL_SHUTDOWN_S`, and sends SHUTDOWN, so the inner stops as well.
 """
 
 from __future__ import annotations

@@ -531,7 +531,8 @@ def serve_verifier_cmd(
     import logging
 
     from uplimit.config import load_config, with_active_weak
-    from uplimit.inner.verifier import check_reproducible, serve_verifier
+    from uplimit.inner.spotcheck import check_reproducible
+    from uplimit.inner.verifier import serve_verifier
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # The drafter is the weak model the inner started with: after a rollout, its record's.

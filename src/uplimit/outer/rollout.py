@@ -28,7 +28,6 @@ from uplimit.link.transport import OuterLink
 from uplimit.models.active import ActiveWeak
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import check_same_tokenizer
-from uplimit.models.store import sha256_file
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig
 from uplimit.wire.protocol import ByteRate, ModelData, ModelOffer
@@ -105,9 +104,9 @@ class Rollout:
         model: LanguageModel | None = None
         try:
             calibration = Calibration.load(calibration_path)
-            status.sha256 = await asyncio.to_thread(sha256_file, path)
             status.total_bytes = path.stat().st_size
             model = await asyncio.to_thread(self.load, path)
+            status.sha256 = model.info.file_sha256  # the loader hashed the file
             fingerprint = self._check(model, calibration)
             status.state = "sending"
             await self._send(path, bytes.fromhex(status.sha256), calibration)
@@ -132,8 +131,6 @@ class Rollout:
 
     def _check(self, model: LanguageModel, calibration: Calibration) -> dict[str, str]:
         """The new codec fingerprint; raises unless the model can replace the current one."""
-        if model.info.file_sha256 != self.status.sha256:
-            raise ConfigError("the model file changed while it was being read")
         check_same_tokenizer(self.current, model)
         fingerprint = codec_fingerprint(model.info, calibration, self.frame_config)
         if fingerprint == self.link.fingerprint:

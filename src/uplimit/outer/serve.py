@@ -20,7 +20,7 @@ from pathlib import Path
 import uvicorn
 
 from uplimit.config import Config, load_calibration, rollout_record_path
-from uplimit.inner.verifier import check_reproducible
+from uplimit.inner.spotcheck import check_reproducible
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics, serve_metrics
 from uplimit.link.transport import OuterLink

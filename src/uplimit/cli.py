@@ -525,8 +525,9 @@ def serve_both_cmd(
 def serve_verifier_cmd(
     config: Path | None = typer.Option(None, help=_CONFIG_HELP),
 ) -> None:
-    """The spot-check verifier (inner side): its own strong model re-runs the streams the outer
-    sends it and records each verdict (docs/security.md)."""
+    """The spot-check verifier (inner side, docs/security.md).
+
+    Its own strong model re-runs the streams the outer sends it; each verdict is recorded."""
     import asyncio
     import logging
 
@@ -557,9 +558,10 @@ def rollout(
     ),
     follow: bool = typer.Option(True, help="Show progress until the switch (or failure)."),
 ) -> None:
-    """Switch a running deployment to a new weak model: the outer sends it down to the inner
-    (not budgeted), then both sides code new streams with it; running streams finish on the
-    old one (docs/distill.md)."""
+    """Switch a running deployment to a new weak model (docs/distill.md).
+
+    The outer sends it down to the inner (not budgeted), then both sides code new streams with
+    it; running streams finish on the old one."""
     import time
 
     import httpx

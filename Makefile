@@ -12,8 +12,13 @@ PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # The kernel meter (nftables in a network namespace) and the shared PostgreSQL ledger.
 SYSTEM_PACKAGES := nftables iproute2 postgresql libpq5 util-linux procps
 
-.PHONY: setup demo test lint fuzz system-packages models
-setup: system-packages $(VENV)/.installed models
+# The llama.cpp build: "best" takes every ISA extension this CPU has, "avx2" the floor
+# (scripts/build_llama_wheel.sh). Each has its own cached wheel and its own stamp here.
+LLAMA_ISA := $(or $(UPLIMIT_LLAMA_ISA),best)
+UV_VERSION := 0.13.9
+
+.PHONY: setup demo test lint fuzz lock system-packages models
+setup: system-packages $(VENV)/.installed $(VENV)/.llama-$(LLAMA_ISA) models
 
 # As root with apt (CI, a fresh machine of this kind), install what is missing; elsewhere
 # say what the tests will skip instead of failing.
@@ -27,15 +32,30 @@ system-packages:
 	  echo "note: not root or no apt-get; missing $$missing: kernel-meter and PostgreSQL tests will skip"; \
 	fi
 
-$(VENV)/.installed: pyproject.toml scripts/build_llama_wheel.sh
+# Every Python dependency comes from requirements.lock, pinned with hashes; nothing is
+# resolved at install time. `make lock` refreshes the lock deliberately.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	scripts/build_llama_wheel.sh $(PY)
-	$(PY) -m pip install -q $(PIP_FIND) -e '.[hf,pg,dev]'
+	$(PY) -m pip install -q $(PIP_FIND) --require-hashes --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+$(VENV)/.llama-$(LLAMA_ISA): $(VENV)/.installed scripts/build_llama_wheel.sh
+	rm -f $(VENV)/.llama-*
+	UPLIMIT_LLAMA_ISA=$(LLAMA_ISA) scripts/build_llama_wheel.sh $(PY)
+	touch $@
+
+# Re-resolve every dependency to the newest allowed by pyproject.toml (Linux x86-64,
+# CPython 3.11; torch is the CPU build from $(PIP_FIND)); review the diff before committing.
+lock: $(VENV)/.installed
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra llama --extra hf --extra pg --extra dev \
+	  --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  $(PIP_FIND) --custom-compile-command "make lock" -o requirements.lock
+
 # Fast when the pair is there: each file's verified hash is stamped.
-models: $(VENV)/.installed
+models: $(VENV)/.installed $(VENV)/.llama-$(LLAMA_ISA)
 	$(UPLIMIT) models fetch
 
 demo: setup
@@ -50,7 +70,7 @@ lint: $(VENV)/.installed
 
 # Fuzz the outer side's parsers and decoder (minutes; counts and findings: docs/link.md).
 fuzz: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[fuzz]'
+	$(PY) -m pip install -q 'atheris==3.0.0'
 	$(PY) tests/fuzz/fuzz_link.py uplink -runs=500000
 	$(PY) tests/fuzz/fuzz_link.py downlink -runs=500000
 	$(PY) tests/fuzz/fuzz_link.py receiver -runs=20000 -len_control=0 -max_len=512

@@ -9,8 +9,9 @@ UPLIMIT := $(VENV)/bin/uplimit
 export UPLIMIT_HOME ?= $(HOME)/.cache/uplimit
 # The torch CPU wheel lies on this machine kind's disk; plain `torch` from PyPI is a CUDA build.
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
-# The kernel meter (nftables in a network namespace) and the shared PostgreSQL ledger.
-SYSTEM_PACKAGES := nftables iproute2 postgresql libpq5 util-linux procps
+# The kernel meter (nftables in a network namespace), the shared PostgreSQL ledger, the
+# browser the status page is tested in, and promtool for the alerting rules.
+SYSTEM_PACKAGES := nftables iproute2 postgresql libpq5 util-linux procps chromium prometheus
 
 # The llama.cpp build: "best" takes every ISA extension this CPU has, "avx2" the floor
 # (scripts/build_llama_wheel.sh). Each has its own cached wheel and its own stamp here.
@@ -29,7 +30,7 @@ system-packages:
 	  echo "installing $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else \
-	  echo "note: not root or no apt-get; missing $$missing: kernel-meter and PostgreSQL tests will skip"; \
+	  echo "note: not root or no apt-get; missing $$missing: kernel-meter, PostgreSQL, browser and promtool tests will skip"; \
 	fi
 
 # Every Python dependency comes from requirements.lock, pinned with hashes; nothing is
@@ -50,7 +51,7 @@ $(VENV)/.llama-$(LLAMA_ISA): $(VENV)/.installed scripts/build_llama_wheel.sh
 # CPython 3.11; torch is the CPU build from $(PIP_FIND)); review the diff before committing.
 lock: $(VENV)/.installed
 	$(PY) -m pip install -q uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip compile pyproject.toml --extra llama --extra hf --extra pg --extra dev \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra llama --extra hf --extra pg --extra plot --extra dev \
 	  --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  $(PIP_FIND) --custom-compile-command "make lock" -o requirements.lock
 

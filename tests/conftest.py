@@ -46,6 +46,48 @@ def tiny_weak(tiny_pair_dirs: tuple[Path, Path]) -> Iterator[HFModel]:
     model.close()
 
 
+@pytest.fixture
+def tiny_services_config(tiny_pair_dirs: tuple[Path, Path], tmp_path: Path):
+    """`make(outer="", env=None)`: the `Config` of `serve_outer` + `serve_inner` on the tiny
+    pair, with free ports, a 1 MB lifetime budget, files under tmp_path, and `outer` (TOML
+    lines) added to its [outer] section."""
+    from uplimit.config import Config, load_config
+
+    strong_dir, weak_dir = tiny_pair_dirs
+
+    def make(outer: str = "", env: dict[str, str] | None = None) -> Config:
+        path = tmp_path / "uplimit.toml"
+        path.write_text(
+            f"""
+[models]
+strong = "{strong_dir}"
+weak = "{weak_dir}"
+backend = "hf"
+[coding]
+frame_tokens = 4
+max_streams = 8
+max_context = 256
+[link]
+downlink_port = {_free_port()}
+uplink_port = {_free_port()}
+tick_s = 0.02
+ledger = "{tmp_path / "ledger.db"}"
+lifetime_budget_bytes = 1000000
+downlink_log = "{tmp_path / "downlink.jsonl"}"
+receive_counter = "{tmp_path / "received.db"}"
+[inner]
+max_batch = 4
+audit = "{tmp_path / "audit.db"}"
+[outer]
+model_name = "tiny"
+{outer}
+"""
+        )
+        return load_config(path, env=env or {})
+
+    return make
+
+
 # --- link layer: ledger backends, a throwaway PostgreSQL server, the kernel meter -----------
 # Self-contained: imports are local so this block can move or go without touching the rest.
 

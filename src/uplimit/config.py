@@ -16,7 +16,8 @@ checks what changes coded bytes; the rest only has to fit.
               receive_counter, downlink_bytes_per_s
     [inner]   max_batch, frame_delay_s, best_of, scorer, reasoning_open/_close,
               max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record
-    [outer]   host, port, model_name, api_key, max_choices, monitor, admin_key, rollout_record
+    [outer]   host, port, model_name, api_key, max_choices, monitor, admin_key, kernel_meter,
+              status_interval_s, rollout_record
     [gauge]   period_s (0 = no rotation), secret_file, origin, lead_s, dtype, directory, audit
               (docs/gauge.md: the inner serves a re-gauged copy of the strong model per period)
     [verifier] host, port, verdicts, metrics_port, metrics_host, max_queue (the spot-check
@@ -121,10 +122,14 @@ class OuterConfig:
     verify_rate: float = 0.05  # share of finished streams sent to the verifier, in [0, 1]
     # Bits/token monitor thresholds (JSON, as `uplimit redteam` writes them); "": off.
     monitor: str = ""
-    admin_key: str = ""  # bearer token of /admin/* (rollouts); "": no admin API
+    admin_key: str = ""  # bearer token of /admin/* (rollouts) and /status; "": no admin API
+    kernel_meter: str = ""  # kernel meter (namespace uplimit-NAME) the status page reads; "": none
+    status_interval_s: float = 5.0  # the status page samples the meters this often
     rollout_record: str = ""  # the weak model a rollout switched to; "": ...rollout-outer.json
 
     def __post_init__(self) -> None:
+        if not self.status_interval_s > 0:  # NaN too
+            raise ConfigError(f"outer.status_interval_s must be > 0, got {self.status_interval_s}")
         if not 0.0 <= self.verify_rate <= 1.0:  # NaN too
             raise ConfigError(f"outer.verify_rate must be in [0, 1], got {self.verify_rate}")
         _ = self.verifier_address  # a malformed address fails at load

@@ -10,7 +10,6 @@ import socket
 import httpx
 import openai
 
-from uplimit.config import load_config
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.serve import serve_inner
 from uplimit.link.ledger import open_ledger
@@ -24,38 +23,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_openai_client_over_the_real_link(tiny_strong, tiny_weak, tiny_pair_dirs, tmp_path):
-    strong_dir, weak_dir = tiny_pair_dirs
-    config_file = tmp_path / "uplimit.toml"
-    config_file.write_text(
-        f"""
-[models]
-strong = "{strong_dir}"
-weak = "{weak_dir}"
-backend = "hf"
-[coding]
-frame_tokens = 4
-max_streams = 8
-max_context = 256
-[link]
-downlink_port = {_free_port()}
-uplink_port = {_free_port()}
-tick_s = 0.02
-ledger = "{tmp_path / "ledger.db"}"
-lifetime_budget_bytes = 1000000
-downlink_log = "{tmp_path / "downlink.jsonl"}"
-receive_counter = "{tmp_path / "received.db"}"
-[inner]
-max_batch = 4
-audit = "{tmp_path / "audit.db"}"
-[outer]
-model_name = "tiny"
-"""
-    )
+def test_openai_client_over_the_real_link(tiny_strong, tiny_weak, tiny_services_config):
     # The port comes from the environment: overrides work.
     port, metrics_port = _free_port(), _free_port()
     env = {"UPLIMIT_OUTER_PORT": str(port), "UPLIMIT_OUTER_METRICS_PORT": str(metrics_port)}
-    config = load_config(config_file, env=env)
+    config = tiny_services_config(env=env)
     assert config.outer.port == port
 
     async def main():

@@ -22,6 +22,10 @@ optional port, `inner.verifier`, is for the inner side's own network.)
     uplimit_spotchecks_total{outcome} streams chosen for the spot-check verifier: sent, or
                                       unsent (its queue was full, or its connection failed)
     uplimit_link_state{uplimit_link_state}   the link's state (1 for the current one)
+    uplimit_meter_bytes{meter}        uplink bytes by meter as the status page last read them
+                                      (ledger wire bytes, received, kernel TCP payload)
+    uplimit_meters_agree              1 when every `link.agreement` check held at that read,
+                                      0 when one failed, NaN with fewer than two meters
 """
 
 from __future__ import annotations
@@ -92,6 +96,18 @@ class OuterMetrics:
             registry=r,
         )
         self.state.state(LinkState.HANDSHAKING.value)
+        self.meter_bytes = Gauge(
+            "uplimit_meter_bytes",
+            "Uplink bytes by meter at the status page's last read.",
+            ["meter"],
+            registry=r,
+        )
+        self.meters_agree = Gauge(
+            "uplimit_meters_agree",
+            "1 if the meters agreed at the last read, 0 if not, NaN if fewer than two were read.",
+            registry=r,
+        )
+        self.meters_agree.set(float("nan"))
         self._budget: int | None = None
 
     def set_budget(self, lifetime_bytes: int, received_bytes: int) -> None:

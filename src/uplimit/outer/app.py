@@ -46,6 +46,8 @@ from uplimit.errors import ConfigError, LinkClosed, UplimitError
 from uplimit.inner.request import MAX_STOPS
 from uplimit.outer.rollout import Rollout, RolloutBusy
 from uplimit.outer.service import Choice, Finished, OuterService, PromptTooLong, Submission
+from uplimit.outer.status import StatusBoard
+from uplimit.outer.status_page import add_status_routes
 from uplimit.wire.receiver import LinkState
 
 __all__ = ["ApiSettings", "create_app"]
@@ -169,11 +171,17 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def create_app(
-    service: OuterService, settings: ApiSettings, rollout: Rollout | None = None
+    service: OuterService,
+    settings: ApiSettings,
+    rollout: Rollout | None = None,
+    status: StatusBoard | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible API; with `settings.admin_key` and a `rollout`, also
-    `POST /admin/rollout` (start one) and `GET /admin/rollout` (its status)."""
+    `POST /admin/rollout` (start one) and `GET /admin/rollout` (its status); with a `status`
+    board, `GET /status` and `/status.json` (behind the admin key when one is set)."""
     app = FastAPI(title="uplimit", docs_url=None, redoc_url=None)
+    if status is not None:
+        add_status_routes(app, status, settings.admin_key)
     model = service.model
 
     @app.exception_handler(ApiError)

@@ -31,6 +31,7 @@ from uplimit.outer.link import FrameHook, TransportUplink
 from uplimit.outer.monitor import BitsMonitor, MonitorThresholds
 from uplimit.outer.rollout import Rollout
 from uplimit.outer.service import OuterService
+from uplimit.outer.status import Alarm, StatusBoard, status_meters
 from uplimit.outer.verifier_feed import VerifierFeed
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig, FrameDecoder
@@ -80,6 +81,7 @@ async def serve_outer(
         downlink_bytes_per_s=config.link.downlink_bytes_per_s,
     )  # fmt: skip
     service: OuterService | None = None
+    status: StatusBoard | None = None
     exposition = None
     try:
         await uplink.link.start(
@@ -93,6 +95,12 @@ async def serve_outer(
             monitor=_monitor(config, metrics), on_stream_end=feed.offer if feed else None,
         )  # fmt: skip
         service.start()
+        status = StatusBoard(
+            service, status_meters(config), lambda: _alarms(uplink, service),
+            budget_bytes=budget, metrics=metrics, interval_s=config.outer.status_interval_s,
+        )  # fmt: skip
+        service.on_choice_end = status.stream_ended
+        status.start()
         if feed is not None:
             feed.start()
         if config.outer.metrics_port:
@@ -103,7 +111,7 @@ async def serve_outer(
             reasoning=config.reasoning is not None,
             admin_key=config.outer.admin_key or None,
         )
-        app = create_app(service, settings, rollout)
+        app = create_app(service, settings, rollout, status)
         server = uvicorn.Server(
             uvicorn.Config(
                 app, host=config.outer.host, port=config.outer.port, log_level="warning",
@@ -126,6 +134,8 @@ async def serve_outer(
         with contextlib.suppress(Exception):
             await uplink.link.shutdown()
         await rollout.aclose()
+        if status is not None:
+            await status.aclose()
         if service is not None:
             await service.aclose()
         if feed is not None:
@@ -135,6 +145,14 @@ async def serve_outer(
         decoder.close()  # the weak models a rollout brought
         session.close()
         counter.close()
+
+
+def _alarms(uplink: TransportUplink, service: OuterService) -> list[Alarm]:
+    """Every alarm with its time: the link's, and the bits/token monitor's."""
+    found = [Alarm(a.at, a.kind, a.message) for a in uplink.link.alarms]
+    if service.monitor is not None:
+        found += [Alarm(a.at, "bits", a.describe()) for a in service.monitor.alarms]
+    return found
 
 
 def _monitor(config: Config, metrics: OuterMetrics) -> BitsMonitor | None:

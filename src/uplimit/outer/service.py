@@ -29,6 +29,7 @@ import secrets
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from uplimit.coding.codec import Prediction, cost_bits
 from uplimit.coding.sampling import SamplingParams
@@ -105,10 +106,12 @@ class OuterService:
         max_reasoning_tokens: int = 1024,
         monitor: BitsMonitor | None = None,
         on_stream_end: StreamEndHook | None = None,
+        on_choice_end: Callable[[Choice], None] | None = None,
     ) -> None:
         self.model = weak
         self.monitor = monitor  # sees every decoded token's cost, rejected frames' too
         self.on_stream_end = on_stream_end  # module doc
+        self.on_choice_end = on_choice_end  # the same moment, with its bits (`outer.status`)
         self.reasoning = reasoning
         self.max_reasoning_tokens = max_reasoning_tokens
         self.eos = weak.info.eos_ids
@@ -206,6 +209,20 @@ class OuterService:
         if choice.stream_id in self._open:
             await self.uplink.cancel(choice.stream_id)
 
+    def active_streams(self) -> list[dict[str, Any]]:
+        """The streams open on the link now, oldest first (the status page)."""
+        return [
+            {
+                "stream_id": sid,
+                "request_id": c.request.request_id,
+                "temperature": c.request.spec.params.temperature,
+                "tokens": c.received,
+                "max_tokens": c.max_tokens,
+                "bits": c.bits,
+            }
+            for sid, c in self._open.items()
+        ]
+
     def _require_serving(self) -> None:
         if self.uplink.state is not LinkState.SERVING:
             raise LinkClosed(f"link {self.uplink.state}: {self.uplink.reason}")
@@ -245,6 +262,8 @@ class OuterService:
                     self._finish(choice, "stop" if choice.last_token in self.eos else "length")
                 if self.on_stream_end is not None:
                     self.on_stream_end(choice.request, tuple(choice.decoded))
+                if self.on_choice_end is not None:
+                    self.on_choice_end(choice)
 
     def _deliver(
         self, choice: Choice, tokens: tuple[int, ...], payload: float, overhead: float

@@ -598,6 +598,7 @@ def plan(
     lifetime_budget: float | None = typer.Option(None, help="Lifetime upload budget, bytes."),
     per_day_budget: float | None = typer.Option(None, help="Per-day upload budget, bytes."),
     target_days: float | None = typer.Option(None, help="Budget needed to hold out this long."),
+    plot: Path | None = typer.Option(None, help="Also draw time to exfiltrate (PNG file)."),
 ) -> None:
     """The seed post's arithmetic: upload volume, time to exfiltrate, budgets (uplimit.plan)."""
     import json
@@ -638,6 +639,11 @@ def plan(
                       f"bytes ({need.headroom:.3g} x the honest traffic)")  # fmt: skip
         table.add_row("lifetime budget that never lets them out", f"< {need.lifetime_bytes:.3g}")
     Console().print(table)
+    if plot is not None:
+        from uplimit.plan_plot import plot_plan
+
+        plot_plan(p, plot)
+        Console().print(f"plot: {plot}")
 
 
 def _open_audit(config: Path | None, db: Path | None):

@@ -64,11 +64,12 @@ async def _load_in_chromium(url: str, key: str, shot: Path) -> dict:
         response = await page.goto(url, wait_until="load")
         data = json.loads(await page.locator("#status-data").text_content())
         drawn = {c: await page.locator(f'svg[data-chart="{c}"] .pt').count() for c in CHARTS}
+        alarm_rows = await page.locator("#alarms tr td").count() // 3
         shot.parent.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(shot), full_page=True)
         await browser.close()
     return {"status": response.status, "errors": errors, "requested": requested,
-            "data": data, "drawn": drawn}  # fmt: skip
+            "data": data, "drawn": drawn, "alarm_rows": alarm_rows}  # fmt: skip
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no /usr/bin/chromium (make installs it)")
@@ -101,6 +102,9 @@ def test_status_page_draws_the_running_system(tiny_strong, tiny_weak, tiny_servi
                     max_tokens=16, temperature=temperature, seed=seed,
                 )  # fmt: skip
             await client.close()
+            # A second uplink connection is refused and alarmed; the link keeps serving.
+            _, writer = await asyncio.open_connection("127.0.0.1", config.link.uplink_port)
+            writer.close()
             await asyncio.sleep(1.0)  # a few more samples, after the traffic
             snapshot = (await http.get("/status.json", headers=bearer)).json()
             metrics = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
@@ -143,9 +147,12 @@ def test_status_page_draws_the_running_system(tiny_strong, tiny_weak, tiny_servi
         assert budget["exhausts_at"] == pytest.approx(
             points[-1]["at"] + budget["left_bytes"] / rate
         )
-    assert s["alarms"] == [] and s["keys"] is None
+    (alarm,) = s["alarms"]
+    assert alarm["kind"] == "connection" and "unexpected uplink connection" in alarm["message"]
+    assert points[0]["at"] < alarm["at"] <= s["at"] and s["keys"] is None
     # Prometheus has the meters too, under conventional names.
     assert "uplimit_meters_agree 1.0" in metrics
+    assert 'uplimit_alarms_total{kind="connection"} 1.0' in metrics
     assert 'uplimit_meter_bytes{meter="ledger"}' in metrics
     assert 'uplimit_meter_bytes{meter="received"}' in metrics
 
@@ -157,4 +164,5 @@ def test_status_page_draws_the_running_system(tiny_strong, tiny_weak, tiny_servi
     assert browser["drawn"] == expected
     assert min(expected.values()) >= 1 and expected["meters.bytes"] == 2
     assert expected["bits_per_token"] == 2
+    assert browser["alarm_rows"] == 1
     assert (ARTIFACTS / "status-page.png").stat().st_size > 10_000

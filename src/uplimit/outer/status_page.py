@@ -336,7 +336,7 @@ def _alarms(s: dict[str, Any]) -> str:
         [(_time(a["at"], with_date=True), a["kind"], a["message"]) for a in alarms],
         set(),
     )
-    return f"<section><h2>Alarms</h2>{head}{table}</section>"
+    return f'<section id="alarms"><h2>Alarms</h2>{head}{table}</section>'
 
 
 def _keys() -> str:

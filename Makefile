@@ -17,8 +17,13 @@ SYSTEM_PACKAGES := nftables iproute2 postgresql libpq5 util-linux procps chromiu
 # (scripts/build_llama_wheel.sh). Each has its own cached wheel and its own stamp here.
 LLAMA_ISA := $(or $(UPLIMIT_LLAMA_ISA),best)
 UV_VERSION := 0.13.9
+# What `make test` has set up, so a test that finds it missing fails instead of skipping:
+# the model pair always; as root also the kernel quota, PostgreSQL, the browser and promtool
+# (tests/conftest.py).
+comma := ,
+REQUIRE := $(if $(filter 0,$(shell id -u)),real$(comma)kernel$(comma)postgres$(comma)browser$(comma)promtool,real)
 
-.PHONY: setup demo test lint fuzz lock system-packages models
+.PHONY: setup demo test test-avx2 lint fuzz lock system-packages models
 setup: system-packages $(VENV)/.installed $(VENV)/.llama-$(LLAMA_ISA) models
 
 # As root with apt (CI, a fresh machine of this kind), install what is missing; elsewhere
@@ -63,7 +68,14 @@ demo: setup
 	$(UPLIMIT) demo
 
 test: setup
-	UPLIMIT_REQUIRE_REAL=1 $(PY) -m pytest
+	UPLIMIT_REQUIRE=$(REQUIRE) $(PY) -m pytest
+
+# The suite on the narrowest SIMD paths this project supports: llama.cpp built for AVX2,
+# torch's and numpy's kernels dispatched without AVX-512. `make test` afterwards reinstalls
+# the machine's best llama.cpp build (both wheels stay cached).
+test-avx2:
+	ATEN_CPU_CAPABILITY=avx2 NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" \
+	  $(MAKE) test UPLIMIT_LLAMA_ISA=avx2
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests

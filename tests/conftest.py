@@ -5,14 +5,37 @@ Model fixtures import torch lazily, so tests that need no model do not pay for i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
 if TYPE_CHECKING:
     from uplimit.models.hf import HFModel
+
+
+# Prerequisites a test may find missing. `make test` names the ones it installed in
+# UPLIMIT_REQUIRE (all as root), and there a missing one fails instead of skipping.
+PREREQUISITES = frozenset({"real", "kernel", "postgres", "browser", "promtool"})
+REQUIRED = frozenset(filter(None, os.environ.get("UPLIMIT_REQUIRE", "").split(",")))
+if not REQUIRED <= PREREQUISITES:
+    raise pytest.UsageError(f"UPLIMIT_REQUIRE: unknown {sorted(REQUIRED - PREREQUISITES)}")
+
+
+def unavailable(what: str, reason: str) -> NoReturn:
+    """Prerequisite `what` is missing: skip, saying why, unless UPLIMIT_REQUIRE demands it."""
+    assert what in PREREQUISITES, what
+    if what in REQUIRED:
+        pytest.fail(f"{reason} (UPLIMIT_REQUIRE demands {what!r})", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def missing() -> Callable[[str, str], NoReturn]:
+    """`unavailable` for test modules, which cannot import the root conftest."""
+    return unavailable
 
 
 @pytest.fixture(scope="session")
@@ -125,10 +148,13 @@ def postgres_url() -> Iterator[str]:
     import subprocess
     import tempfile
 
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install psycopg)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        unavailable("postgres", "psycopg is not installed (pip install psycopg)")
     bindir = _postgres_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+        unavailable("postgres", "PostgreSQL server binaries not found (Debian: postgresql)")
     as_user: list[str] = []
     root = Path(tempfile.mkdtemp(prefix="uplimit-pg-"))
     if os.geteuid() == 0:
@@ -136,7 +162,7 @@ def postgres_url() -> Iterator[str]:
             pwd.getpwnam("postgres")
         except KeyError:
             shutil.rmtree(root)
-            pytest.skip("running as root and there is no `postgres` user to run the server")
+            unavailable("postgres", "running as root with no `postgres` user to run the server")
         shutil.chown(root, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = root / "data", _free_port()
@@ -204,7 +230,7 @@ def kernel_meter() -> Iterator:
 
     can = available()
     if not can.ok:
-        pytest.skip(f"kernel meter unavailable: {can.reason}")
+        unavailable("kernel", f"kernel meter unavailable: {can.reason}")
     made: list[KernelMeter] = []
 
     def make(quota_bytes: int) -> KernelMeter:

@@ -59,9 +59,9 @@ def greedy_then_forced(plain: Path, gauged: Path) -> tuple[float, int, int]:
     return worst, agree, total
 
 
-def test_gauged_serving_copy_of_the_real_model(tmp_path: Path) -> None:
+def test_gauged_serving_copy_of_the_real_model(tmp_path: Path, missing) -> None:
     if not store.status(store.STRONG).verified:
-        pytest.skip("the strong model is not fetched (uplimit models fetch)")
+        missing("real", "the strong model is not fetched (uplimit models fetch)")
     source = store.model_path(store.STRONG)
     plain = export_gguf(source, tmp_path / "plain.gguf", None)
     gauged = gauge_gguf(source, tmp_path / "gauged.gguf", 1)

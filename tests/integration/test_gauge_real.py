@@ -46,13 +46,11 @@ def layer_weights(model: torch.nn.Module, layer: int) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def measured() -> dict:
+def measured(missing) -> dict:
     from uplimit.models.hf import HFModel
 
     if not store.status(store.STRONG).verified:
-        if os.environ.get("UPLIMIT_REQUIRE_REAL") == "1":
-            pytest.fail("the strong model is not fetched")  # `make test` fetched it
-        pytest.skip("the strong model is not fetched (uplimit models fetch)")
+        missing("real", "the strong model is not fetched (uplimit models fetch)")
     path = store.model_path(store.STRONG)
     started = time.perf_counter()
     hf = HFModel(path, tokenizer_dir=store.uplimit_home() / "tokenizers" / "strong-hf")

@@ -70,7 +70,8 @@ def test_kill_9_never_leaves_bytes_uncharged(tmp_path: Path) -> None:
             await asyncio.sleep(rng.uniform(0, 0.3))
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
-            await asyncio.sleep(0.05)  # a connection still in the backlog gets accepted
+            # A connection still in the accept backlog is counted in a later round: every byte
+            # it carries was charged before this kill, so "charged >= received" holds anyway.
             async with asyncio.timeout(10):
                 while open_connections:  # the kernel closes a dead sender's socket: EOF
                     await asyncio.sleep(0.01)

@@ -39,24 +39,33 @@ def test_budgets_in_one_database_are_independent(postgres_url: str) -> None:
     b.close()
 
 
-def test_a_server_without_fsync_is_refused(postgres_url: str) -> None:
+def _set_fsync(url: str, value: str | None) -> None:
+    """ALTER SYSTEM, then wait until a new session sees it: the reload is asynchronous."""
     import psycopg
 
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute("ALTER SYSTEM SET fsync = off")
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"ALTER SYSTEM SET fsync = {value}" if value else "ALTER SYSTEM RESET fsync")
         admin.execute("SELECT pg_reload_conf()")
-        try:
-            time.sleep(0.2)  # the reload is asynchronous
-            with pytest.raises(LedgerError, match="fsync=off"):
-                PostgresLedger(postgres_url, Budgets(100), name=_name())
-        finally:
-            admin.execute("ALTER SYSTEM RESET fsync")
-            admin.execute("SELECT pg_reload_conf()")
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while True:
+        with psycopg.connect(url) as conn:
+            seen = conn.execute("SHOW fsync").fetchone()[0]
+        if seen == (value or "on"):
+            return
+        assert time.monotonic() < deadline, f"fsync still {seen} 30 s after the reload"
+        time.sleep(0.05)
+
+
+def test_a_server_without_fsync_is_refused(postgres_url: str) -> None:
+    _set_fsync(postgres_url, "off")
+    try:
+        with pytest.raises(LedgerError, match="fsync=off"):
+            PostgresLedger(postgres_url, Budgets(100), name=_name())
+    finally:
+        _set_fsync(postgres_url, None)
     PostgresLedger(postgres_url, Budgets(100), name=_name()).close()
 
 
 def test_an_unreachable_server_fails_closed() -> None:
-    pytest.importorskip("psycopg")
     with pytest.raises(LedgerError):
         PostgresLedger("postgresql://nobody@127.0.0.1:1/none", Budgets(1))

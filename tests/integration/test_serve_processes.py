@@ -209,7 +209,7 @@ metrics_port = {verifier_metrics}
 
 def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dirs, tmp_path):
     strong_dir, weak_dir = tiny_pair_dirs
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     config = tmp_path / "uplimit.toml"
     config.write_text(
         f"""
@@ -228,11 +228,12 @@ tick_s = 0.5
 frame_delay_s = 0
 [outer]
 port = {port}
-metrics_port = 0
+metrics_port = {metrics_port}
 model_name = "tiny"
 """
     )  # one token per half-second frame: the request below would run for minutes
     url = f"http://127.0.0.1:{port}"
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     procs = Processes(tmp_path)
     try:
         procs.start("both", [UPLIMIT, "serve", "both", "--config", str(config)])
@@ -243,12 +244,14 @@ model_name = "tiny"
              f" json={body!r}, timeout=600)"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        time.sleep(3)
+        # In flight: its first tokens have been decoded (it is the only request).
+        procs.wait_for(lambda: _metric(metrics, "uplimit_tokens_total") > 0, "the first tokens")
         assert client.poll() is None  # still waiting for its answer
         started = time.monotonic()
         assert procs.stop("both", timeout_s=120) == 0
         assert time.monotonic() - started < 100  # not the minutes the answer would take
         client.kill()
+        client.wait()
         assert "timeout graceful shutdown exceeded" in procs.log("both")  # cut, not finished
         assert "ALARM" not in procs.log("both")  # the link ended by SHUTDOWN, not by failing
     finally:

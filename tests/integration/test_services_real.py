@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import httpx
 import openai
 import pytest
 
+from support.waiting import stop_task, wait_healthy
 from uplimit.coding.sampling import SamplingParams
 from uplimit.config import load_config
 from uplimit.inner.audit import AuditStore
@@ -76,20 +76,12 @@ metrics_port = 0
     async def main():
         outer = asyncio.create_task(serve_outer(config, real_weak))
         inner = asyncio.create_task(serve_inner(config, real_strong, real_weak))
-        async with httpx.AsyncClient() as http:
-            for _ in range(1200):
-                try:
-                    if (await http.get(f"{url}/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
+        await wait_healthy(url, timeout_s=120)
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         jobs = [ask(client, p, t) for t in (0.0, 0.7) for p in PROMPTS]
         results = await asyncio.gather(*jobs)
         await client.close()
-        outer.cancel()
-        await asyncio.gather(outer, return_exceptions=True)
+        await stop_task(outer)
         assert (await asyncio.wait_for(inner, 60)).name == "SHUTDOWN"
         return results
 

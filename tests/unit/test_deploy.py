@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import jsonschema
-import pytest
 import yaml
 
 from uplimit.link.metrics import OuterMetrics
@@ -25,10 +24,6 @@ PROMTOOL = shutil.which("promtool")
 NAME = re.compile(r"\buplimit_[a-z_]+\b")
 # Label matchers name labels, not metrics: uplimit_link_state{uplimit_link_state="serving"}
 MATCHERS = re.compile(r"\{[^}]*\}")
-
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="no promtool (make installs Debian's prometheus)"
-)
 
 
 def _exported() -> set[str]:
@@ -54,8 +49,9 @@ def _dashboard_exprs(dashboard: dict) -> list[str]:
     return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
 
 
-@needs_promtool
-def test_alerting_rules_pass_promtool_check_and_their_unit_tests():
+def test_alerting_rules_pass_promtool_check_and_their_unit_tests(missing):
+    if PROMTOOL is None:
+        missing("promtool", "no promtool (make installs Debian's prometheus as root)")
     for args in (("check", "rules", "alerts.yml"), ("test", "rules", "alerts_test.yml")):
         done = subprocess.run([PROMTOOL, *args], cwd=RULES, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, DecodeMismatch
-from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
+from uplimit.wire.frame import (
+    ADMIT_BITS,
+    CHECK_BITS,
+    FrameConfig,
+    FrameContent,
+    FrameDecoder,
+    FrameEncoder,
+)
 from uplimit.wire.streams import StreamSpec
 
 K = 6  # tokens per stream per frame
@@ -243,18 +250,24 @@ def test_tokens_after_end_of_sequence_are_refused(tiny_weak, scenario):
 
 
 def test_frame_overhead_is_small_for_many_streams(tiny_strong, tiny_weak):
-    """64 streams x 6 tokens: headers, counts, check and termination stay a few dozen bits."""
+    """64 streams x 6 tokens: what a frame pays besides its tokens is the grammar's few fixed
+    costs, however many streams it carries (the bound is the grammar's, not a measurement:
+    which tokens the tiny model generates, and so the padding, differs between CPUs)."""
     rng = random.Random(3)
     specs = make_specs(tiny_weak, 64, rng, max_tokens=12)
     frames = likely_frames(tiny_strong, specs)
-    overheads = []
+    # 16 check bits, <= 1 bit to terminate, < 8 to pad to a byte; a uniform count that is not
+    # the last one: 2 bits + the count raw; the other flags (kind, ends, uniform) < 0.1 bit;
+    # admissions: "some admitted" (6 bits) + how many (ADMIT_BITS raw).
+    fixed = CHECK_BITS + 1 + 8 + 2 + FrameConfig(K).count_bits + 0.1
+    admission = 6 + ADMIT_BITS
     with link(tiny_weak, tiny_weak, specs) as (enc, dec):
         for content in frames:
             data, stats = enc.encode(content)
             assert dec.decode(data)[0] == content
-            overheads.append(8 * len(data) - stats.token_bits)
-    # 16 check bits, <= 1 termination bit, < 8 padding bits, the rest a few flags
-    assert len(overheads) >= 2 and max(overheads) < 40
+            overhead = 8 * len(data) - stats.token_bits
+            assert overhead < fixed + (admission if content.admitted else 0)
+    assert len(frames) >= 2
 
 
 def test_withheld_counts_only_for_leaving_streams(tiny_weak):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import pytest
 
 from uplimit.errors import ConfigError
 from uplimit.models import gguf_vocab
 from uplimit.models.gguf_vocab import CONTROL, NORMAL, UNUSED, USER_DEFINED, gguf_token_bytes
 from uplimit.models.hf import HFModel
-
-gguf = pytest.importorskip("gguf")
 
 
 def write_vocab(path: Path, model: str, tokens: list[str], types: list[int]) -> Path:
@@ -87,7 +86,6 @@ def test_llama_cpp_sees_the_same_bytes(
     tiny_strong: HFModel, tiny_pair_dirs: tuple[Path, Path]
 ) -> None:
     """The claim this module exists for, checked against llama.cpp itself where it is built."""
-    pytest.importorskip("llama_cpp")
     from uplimit.models.llama import LlamaModel
     from uplimit.models.tiny import export_gguf
 

@@ -149,12 +149,13 @@ class SlowLedger:
     def __init__(self, delay_s: float = 0.2) -> None:
         self.delay_s = delay_s
         self.charged: list[tuple[int, int]] = []
-        self.started = threading.Event()
+        self.started, self.landed = threading.Event(), threading.Event()
 
     def charge(self, n_bytes: int, *, timing_bytes: int = 0, note: str = "") -> ChargeReceipt:
         self.started.set()
         time.sleep(self.delay_s)
         self.charged.append((n_bytes, timing_bytes))
+        self.landed.set()
         return ChargeReceipt(len(self.charged), n_bytes, timing_bytes, 0.0, 0, 0)
 
 
@@ -188,7 +189,8 @@ def test_cancelled_mid_charge_over_charges_and_sends_nothing(counter: ReceiveCou
             assert link.closed
             await asyncio.wait_for(rx.eof.wait(), 5)
             assert rx.data == b""
-            await asyncio.sleep(0.3)  # the charge in flight still lands
+            # The charge in flight still lands.
+            assert await asyncio.to_thread(ledger.landed.wait, 10)
 
     asyncio.run(main())
     assert ledger.charged == [(30, 1)]  # charged, never sent: an over-charge only

@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from support.waiting import eventually, stop_task, wait_healthy
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.sampling import SamplingParams
 from uplimit.config import load_config, with_active_weak
@@ -93,20 +94,6 @@ rollout_record = "{tmp_path / "outer.json"}"
     return load_config(path, env={})
 
 
-async def _wait_healthy(url: str, *, serving: bool = True) -> None:
-    """Until the outer serves (or, with serving=False, until its API answers at all: then it
-    listens for the inner too)."""
-    async with httpx.AsyncClient() as http:
-        for _ in range(1000):
-            try:
-                if (await http.get(f"{url}/health")).status_code == 200 or not serving:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.02)
-    raise TimeoutError("the outer never came up")
-
-
 def _load(path: Path) -> LlamaModel:
     return LlamaModel(path, n_threads=1)
 
@@ -128,7 +115,7 @@ def test_a_live_rollout_switches_both_sides_between_streams(ggufs, tmp_path):
     async def main():
         outer = asyncio.create_task(serve_outer(config, outer_weak))
         inner = asyncio.create_task(serve_inner(config, strong, inner_weak))
-        await _wait_healthy(url)
+        await wait_healthy(url)
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         chat = [{"role": "user", "content": "Write a long story."}]
         running = [
@@ -144,11 +131,14 @@ def test_a_live_rollout_switches_both_sides_between_streams(ggufs, tmp_path):
             denied = await http.post("/admin/rollout", json=body)
             started = await http.post("/admin/rollout", json=body, headers=admin)
             busy = await http.post("/admin/rollout", json=body, headers=admin)
-            for _ in range(600):
+
+            async def done() -> bool:
+                nonlocal status
                 status = (await http.get("/admin/rollout", headers=admin)).json()
-                if status["state"] not in ("checking", "sending"):
-                    break
-                await asyncio.sleep(0.05)
+                return status["state"] not in ("checking", "sending")
+
+            status = None
+            await eventually(done, "the rollout to finish", timeout_s=120)
         after = await client.chat.completions.create(
             model="tiny", messages=chat, max_tokens=40, temperature=0.7, seed=9
         )
@@ -156,8 +146,7 @@ def test_a_live_rollout_switches_both_sides_between_streams(ggufs, tmp_path):
         await client.close()
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(f"http://127.0.0.1:{config.outer.metrics_port}/metrics")).text
-        outer.cancel()
-        await asyncio.gather(outer, return_exceptions=True)
+        await stop_task(outer)
         await asyncio.wait_for(inner, 30)
         return denied, started, busy, status, finished, after, metrics
 
@@ -207,13 +196,12 @@ def test_a_live_rollout_switches_both_sides_between_streams(ggufs, tmp_path):
         weak_new, strong2, weak_old = _load(new_path), _load(strong_path), _load(weak_path)
         outer = asyncio.create_task(serve_outer(outer_config, weak_new))
         try:
-            await _wait_healthy(url, serving=False)
+            await wait_healthy(url, serving=False)
             with pytest.raises(FingerprintMismatch) as refused:
                 await serve_inner(config, strong2, weak_old, connect_timeout_s=30)
             return refused.value
         finally:
-            outer.cancel()
-            await asyncio.gather(outer, return_exceptions=True)
+            await stop_task(outer)
             for m in (weak_new, strong2, weak_old):
                 m.close()
 

@@ -10,6 +10,7 @@ import socket
 import httpx
 import openai
 
+from support.waiting import stop_task, wait_healthy
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.serve import serve_inner
 from uplimit.link.ledger import open_ledger
@@ -34,14 +35,7 @@ def test_openai_client_over_the_real_link(tiny_strong, tiny_weak, tiny_services_
         outer = asyncio.create_task(serve_outer(config, tiny_weak))
         inner = asyncio.create_task(serve_inner(config, tiny_strong, tiny_weak))
         url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient() as http:
-            for _ in range(500):
-                try:
-                    if (await http.get(f"{url}/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.02)
+        await wait_healthy(url)
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         r = await client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Hello!"}], max_tokens=12,
@@ -57,8 +51,7 @@ def test_openai_client_over_the_real_link(tiny_strong, tiny_weak, tiny_services_
         await client.close()
         async with httpx.AsyncClient() as http:  # Prometheus, on the outer side only
             metrics = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
-        outer.cancel()  # as SIGTERM would: the outer sends SHUTDOWN, the inner stops
-        await asyncio.gather(outer, return_exceptions=True)
+        await stop_task(outer)  # as SIGTERM would: the outer sends SHUTDOWN, the inner stops
         reason = await asyncio.wait_for(inner, 30)
         return r, streamed, sid, reason, metrics
 

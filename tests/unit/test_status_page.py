@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from support.waiting import eventually, stop_task, wait_healthy
 from uplimit.inner.serve import serve_inner
 from uplimit.outer.serve import serve_outer
 
@@ -72,8 +73,11 @@ async def _load_in_chromium(url: str, key: str, shot: Path) -> dict:
             "data": data, "drawn": drawn, "alarm_rows": alarm_rows}  # fmt: skip
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no /usr/bin/chromium (make installs it)")
-def test_status_page_draws_the_running_system(tiny_strong, tiny_weak, tiny_services_config):
+def test_status_page_draws_the_running_system(
+    tiny_strong, tiny_weak, tiny_services_config, missing
+):
+    if not Path(CHROMIUM).exists():
+        missing("browser", f"no {CHROMIUM} (make installs Debian's chromium as root)")
     port, metrics_port = _free_port(), _free_port()
     config = tiny_services_config(
         f'admin_key = "{ADMIN_KEY}"\nstatus_interval_s = 0.2\nport = {port}\n'
@@ -85,14 +89,8 @@ def test_status_page_draws_the_running_system(tiny_strong, tiny_weak, tiny_servi
     async def main():
         outer = asyncio.create_task(serve_outer(config, tiny_weak))
         inner = asyncio.create_task(serve_inner(config, tiny_strong, tiny_weak))
+        await wait_healthy(url)
         async with httpx.AsyncClient(base_url=url) as http:
-            for _ in range(500):
-                try:
-                    if (await http.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.02)
             refused = [(await http.get(path)).status_code for path in ("/status", "/status.json")]
             wrong = (await http.get("/status.json", auth=("operator", "wrong"))).status_code
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
@@ -105,12 +103,17 @@ def test_status_page_draws_the_running_system(tiny_strong, tiny_weak, tiny_servi
             # A second uplink connection is refused and alarmed; the link keeps serving.
             _, writer = await asyncio.open_connection("127.0.0.1", config.link.uplink_port)
             writer.close()
-            await asyncio.sleep(1.0)  # a few more samples, after the traffic
-            snapshot = (await http.get("/status.json", headers=bearer)).json()
+            snapshot: dict = {}
+
+            async def sampled_after_the_alarm() -> bool:
+                snapshot.update((await http.get("/status.json", headers=bearer)).json())
+                alarms, points = snapshot["alarms"], snapshot["burndown"]
+                return bool(alarms) and len(points) >= 5 and points[-1]["at"] > alarms[0]["at"]
+
+            await eventually(sampled_after_the_alarm, "a sample after the alarm")
             metrics = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
         browser = await _load_in_chromium(f"{url}/status", ADMIN_KEY, ARTIFACTS / "status-page.png")
-        outer.cancel()
-        await asyncio.gather(outer, return_exceptions=True)
+        await stop_task(outer)
         await asyncio.wait_for(inner, 30)
         return refused, wrong, snapshot, metrics, browser
 

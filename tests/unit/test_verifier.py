@@ -158,19 +158,25 @@ def test_a_full_queue_drops_checks_and_counts_them(tiny_strong, tmp_path):
     config = _config(tmp_path, "max_queue = 1")
     spec = _spec(tiny_strong, 1, 0.0)
     job = CheckJob(spec, _plain(tiny_strong, spec))
-    release = threading.Event()
+    checking, release = threading.Event(), threading.Event()
 
     async def main():
         verifier = Verifier(config, tiny_strong)
         check = verifier._check
-        verifier._check = lambda j: (release.wait(30), check(j))[1]  # the model is busy
+
+        def busy_check(j: CheckJob):  # the model is busy until released
+            checking.set()
+            assert release.wait(30)
+            return check(j)
+
+        verifier._check = busy_check
         async with _running(verifier) as v:
             _, writer = await asyncio.open_connection("127.0.0.1", v.port)
-            writer.write(CHECK_PREAMBLE)
-            for _ in range(5):  # one is being checked, one waits, three find the queue full
-                writer.write(encode_check(job))
-                await writer.drain()
-                await asyncio.sleep(0.05)
+            writer.write(CHECK_PREAMBLE + encode_check(job))
+            await writer.drain()
+            await _until(checking.is_set)  # one is being checked
+            writer.write(encode_check(job) * 4)  # one waits, three find the queue full
+            await writer.drain()
             await _until(lambda: _count(v.metrics.dropped) == 3)
             release.set()
             await _until(lambda: len(_verdicts(v.verdicts_path)) == 2)

@@ -242,6 +242,13 @@ def _load_model(directory: Path, dtype: torch.dtype, **kwargs: str) -> PreTraine
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, attn_implementation=_ATTENTION, local_files_only=True, **kwargs
     )
+    # CPU kernels with AVX-512 sum in an order that depends on where a tensor starts in
+    # memory, and weights mmapped from safetensors start wherever the file puts them (seen on
+    # an AMD EPYC: the same weights from a directory and from a GGUF gave logits 2e-5 apart).
+    # Fresh copies are 64-byte aligned, so logits depend on the weights alone.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone(memory_format=torch.contiguous_format)
     return model.eval()
 
 

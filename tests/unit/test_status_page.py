@@ -169,3 +169,43 @@ def test_status_page_draws_the_running_system(
     assert expected["bits_per_token"] == 2
     assert browser["alarm_rows"] == 1
     assert (ARTIFACTS / "status-page.png").stat().st_size > 10_000
+
+
+def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
+    """An outer alone, its budget left to the inner's default: the page says what it does not
+    know instead of drawing guesses."""
+    port, metrics_port = _free_port(), _free_port()
+    config = tiny_services_config(
+        f"status_interval_s = 0.1\nport = {port}\nmetrics_port = {metrics_port}",
+        env={"UPLIMIT_LINK_LIFETIME_BUDGET_BYTES": "0"},
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    async def main():
+        outer = asyncio.create_task(serve_outer(config, tiny_weak))
+        await wait_healthy(url, serving=False)
+        async with httpx.AsyncClient(base_url=url) as http:
+            snapshot: dict = {}
+
+            async def two_samples() -> bool:
+                snapshot.update((await http.get("/status.json")).json())  # no admin key: open
+                return len(snapshot["uplink"]) >= 1
+
+            await eventually(two_samples, "two samples")
+            page = (await http.get("/status")).text
+            metrics = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+        await stop_task(outer)
+        return snapshot, page, metrics
+
+    s, page, metrics = asyncio.run(main())
+    assert s["link"]["state"] == "handshaking"
+    b = s["budget"]
+    assert b["source"] == "receive counter" and b["lifetime_bytes"] is None
+    assert (b["left_bytes"], b["exhausts_at"], s["burndown"]) == (None, None, [])
+    assert s["meters"]["bytes"] == [{"meter": "received", "bytes": 0}]
+    assert s["meters"]["checks"] == [] and s["meters"]["agree"] is None
+    assert s["meters"]["error"] is None
+    assert "unknown left" in page and "no projection: the budget is the inner" in page
+    assert "fewer than two meters: nothing to compare" in page
+    assert page.count('class="none">no data yet') == 2  # burn-down and bits/token
+    assert "uplimit_meters_agree NaN" in metrics

@@ -208,7 +208,7 @@ class StatusBoard:
                 "bytes": [{"meter": m, "bytes": b} for m, b in _meter_bytes(self.readings)],
                 "error": self.meter_error,
                 "checks": as_json(self.readings, found)["checks"],
-                "agree": all(c.ok for c in found),
+                "agree": all(c.ok for c in found) if found else None,  # None: nothing to compare
             },
             "alarms": [
                 {"at": a.at, "kind": a.kind, "message": a.message}

@@ -229,10 +229,15 @@ def _budget(s: dict[str, Any]) -> str:
     share = f" ({100 * used / total:.3g} % used)" if used is not None and total else ""
     if b["exhausts_at"] is not None:
         when = f"exhausted about {_time(b['exhausts_at'], with_date=True)} at the current rate"
-    elif b["rate_bytes_per_s"] == 0:
-        when = "not burning now: no exhaustion date"
+    elif total is None:
+        when = (
+            "no projection: the budget is the inner's default ([link] lifetime_budget_bytes = 0)"
+            " and its ledger is not readable here"
+        )
+    elif b["rate_bytes_per_s"] is None:
+        when = "no projection yet: it needs two samples"
     else:
-        when = "no projection yet (needs two samples and a known budget)"
+        when = "not burning now: no exhaustion date"
     projection = None
     points = [(p["at"], p["left_bytes"]) for p in s["burndown"]]
     if points and b["rate_bytes_per_s"]:

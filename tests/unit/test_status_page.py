@@ -209,3 +209,31 @@ def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
     assert "fewer than two meters: nothing to compare" in page
     assert page.count('class="none">no data yet') == 2  # burn-down and bits/token
     assert "uplimit_meters_agree NaN" in metrics
+
+
+def test_a_meter_that_cannot_be_read_is_reported_not_drawn_as_zero(tiny_weak, tiny_services_config):
+    port = _free_port()
+    config = tiny_services_config(
+        f'status_interval_s = 0.1\nport = {port}\nmetrics_port = 0\nkernel_meter = "nosuchns"'
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    async def main():
+        outer = asyncio.create_task(serve_outer(config, tiny_weak))
+        await wait_healthy(url, serving=False)
+        async with httpx.AsyncClient(base_url=url) as http:
+            snapshot: dict = {}
+
+            async def failed() -> bool:
+                snapshot.update((await http.get("/status.json")).json())
+                return snapshot["meters"]["error"] is not None
+
+            await eventually(failed, "a failed meter read")
+            page = (await http.get("/status")).text
+        await stop_task(outer)
+        return snapshot, page
+
+    s, page = asyncio.run(main())
+    assert s["meters"]["error"]  # no such namespace (or no nft/ip to ask)
+    assert s["burndown"] == [] and s["uplink"] == [] and s["budget"]["used_bytes"] is None
+    assert "meter read failed: " in page

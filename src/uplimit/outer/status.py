@@ -104,14 +104,18 @@ class StatusBoard:
         t.tokens += choice.received
         t.bits += choice.bits
 
-    def sample(self) -> Sample:
-        """Read the meters once and append a sample (blocking)."""
+    def _read(self) -> Readings | None:
+        """Read the meters (blocking); None, and the error kept for the page, on failure."""
         try:
             readings = self.read_meters()
-            self.meter_error = None
         except (UplimitError, OSError) as e:  # a meter gone or unreadable: say so, keep going
-            readings = Readings()
             self.meter_error = str(e)
+            return None
+        self.meter_error = None
+        return readings
+
+    def record(self, readings: Readings) -> Sample:
+        """Append a sample of `readings` (on the event loop, where the page reads them)."""
         self.readings = readings
         received = readings.received or 0
         ledger = readings.ledger
@@ -129,7 +133,9 @@ class StatusBoard:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.sample)
+                readings = await asyncio.to_thread(self._read)
+                if readings is not None:  # a failed read is no sample: it would read as 0
+                    self.record(readings)
             except Exception:  # the page must never take the outer down
                 log.exception("status: sampling failed")
             await asyncio.sleep(self.interval_s)
@@ -169,10 +175,10 @@ class StatusBoard:
 
     def uplink(self) -> list[dict[str, float]]:
         """Uplink bits/s between consecutive samples, at the later one's time."""
-        pairs = zip(list(self.samples), list(self.samples)[1:], strict=False)
+        samples = list(self.samples)
         return [
             {"at": b.at, "bits_per_s": 8 * (b.received_bytes - a.received_bytes) / (b.at - a.at)}
-            for a, b in pairs
+            for a, b in zip(samples, samples[1:], strict=False)
             if b.at > a.at
         ]
 

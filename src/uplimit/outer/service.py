@@ -106,12 +106,12 @@ class OuterService:
         max_reasoning_tokens: int = 1024,
         monitor: BitsMonitor | None = None,
         on_stream_end: StreamEndHook | None = None,
-        on_choice_end: Callable[[Choice], None] | None = None,
     ) -> None:
         self.model = weak
         self.monitor = monitor  # sees every decoded token's cost, rejected frames' too
         self.on_stream_end = on_stream_end  # module doc
-        self.on_choice_end = on_choice_end  # the same moment, with its bits (`outer.status`)
+        # The same moment, with the choice's bits; set by the status board (`outer.status`).
+        self.on_choice_end: Callable[[Choice], None] | None = None
         self.reasoning = reasoning
         self.max_reasoning_tokens = max_reasoning_tokens
         self.eos = weak.info.eos_ids

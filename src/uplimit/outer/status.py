@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -175,10 +176,9 @@ class StatusBoard:
 
     def uplink(self) -> list[dict[str, float]]:
         """Uplink bits/s between consecutive samples, at the later one's time."""
-        samples = list(self.samples)
         return [
             {"at": b.at, "bits_per_s": 8 * (b.received_bytes - a.received_bytes) / (b.at - a.at)}
-            for a, b in zip(samples, samples[1:], strict=False)
+            for a, b in itertools.pairwise(self.samples)
             if b.at > a.at
         ]
 

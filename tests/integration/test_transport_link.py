@@ -399,7 +399,6 @@ class FakeInner:
     async def send(self, data: bytes) -> None:
         self.uw.write(data)
         await self.uw.drain()
-        await asyncio.sleep(0.05)  # let the outer take each write on its own
 
     def close(self) -> None:
         self.uw.close()

@@ -23,8 +23,8 @@ import zstandard
 
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.codec import Prediction, cost_bits, plain_cost_bits
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
-from uplimit.inner.generate import Request, generate
 from uplimit.models.base import LanguageModel, Logits, SeqId, Session
 from uplimit.prompts import Prompt
 from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder

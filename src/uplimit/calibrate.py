@@ -19,8 +19,8 @@ import numpy as np
 
 from uplimit.coding.calibration import Calibration, fit_flag
 from uplimit.coding.codec import StepContext, predict
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
-from uplimit.inner.generate import Request, generate
 from uplimit.models.base import LanguageModel
 from uplimit.prompts import Prompt
 

@@ -295,7 +295,7 @@ def demo(
     namespace when root), asks through the official `openai` client at T=0 and T=0.7, and
     prints each answer with its uploaded bits and what gzip would need (`make demo`).
     """
-    from uplimit.outer.demo import run_service_demo
+    from uplimit.demo import run_service_demo
 
     run_service_demo(Console(), max_tokens=max_tokens)
 
@@ -459,66 +459,29 @@ def serve_inner_cmd(
     """The inner side: strong model, encoder, ledger, audit store; connects to the outer."""
     import asyncio
 
-    from uplimit.config import load_config, with_active_weak
-    from uplimit.inner.serve import serve_inner
-
-    cfg = with_active_weak(load_config(config), "inner")
-    models = _load_service_models(cfg, ("strong", "weak"))
-    console.print(f"inner: connecting to {host or cfg.link.host}:{cfg.link.downlink_port}")
-    reason = asyncio.run(serve_inner(cfg, models["strong"], models["weak"], host=host))
-    console.print(f"inner: link ended ({reason.name.lower()})")
-
-
-@serve_app.command("outer")
-def serve_outer_cmd(
-    config: Path | None = typer.Option(None, help=_CONFIG_HELP),
-) -> None:
-    """The outer side: OpenAI-compatible API, decoder; listens for the inner."""
-    import asyncio
-
-    from uplimit.config import load_config, with_active_weak
-    from uplimit.outer.serve import serve_outer
-
-    cfg = with_active_weak(load_config(config), "outer")
-    weak = _load_service_models(cfg, ("weak",))["weak"]
-
-    def listening() -> None:
-        console.print(f"outer: API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
-
-    asyncio.run(serve_outer(cfg, weak, on_listening=listening))
-
-
-@serve_app.command("both")
-def serve_both_cmd(
-    config: Path | None = typer.Option(None, help=_CONFIG_HELP),
-) -> None:
-    """Both sides in one process, joined by the real (metered) link over loopback."""
-    import asyncio
-
-    from uplimit.config import load_config, with_active_weak
-    from uplimit.inner.serve import serve_inner
+    from uplimit.both import serve_both
+    from uplimit.config import load_config
+    from uplimit.models.active import with_active_weak
     from uplimit.models.loading import load_configured
-    from uplimit.outer.serve import serve_outer
 
     cfg = load_config(config)
     inner_cfg, outer_cfg = with_active_weak(cfg, "inner"), with_active_weak(cfg, "outer")
     models = _load_service_models(inner_cfg, ("strong", "weak"))
     outer_weak = load_configured(outer_cfg.models.weak, cfg.models)  # the outer's own copy
 
-    async def both() -> None:
-        inner = asyncio.create_task(serve_inner(inner_cfg, models["strong"], models["weak"]))
-        try:
-            await serve_outer(
-                outer_cfg,
-                outer_weak,
-                on_listening=lambda: console.print(
-                    f"API on http://{cfg.outer.host}:{cfg.outer.port}/v1"
-                ),
-            )
-        finally:
-            await asyncio.wait_for(inner, timeout=30)
+    def listening() -> None:
+        console.print(f"API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
 
-    asyncio.run(both())
+    asyncio.run(
+        serve_both(
+            inner_cfg,
+            outer_cfg,
+            models["strong"],
+            models["weak"],
+            outer_weak,
+            on_listening=listening,
+        )
+    )
 
 
 @serve_app.command("verifier")
@@ -531,9 +494,10 @@ def serve_verifier_cmd(
     import asyncio
     import logging
 
-    from uplimit.config import load_config, with_active_weak
-    from uplimit.inner.spotcheck import check_reproducible
+    from uplimit.config import load_config
     from uplimit.inner.verifier import serve_verifier
+    from uplimit.models.active import with_active_weak
+    from uplimit.wire.checks import check_reproducible
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # The drafter is the weak model the inner started with: after a rollout, its record's.

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from uplimit.coding.calibration import Calibration
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import LinkClosed
-from uplimit.inner.generate import Request, generate
 from uplimit.link.budget import CONNECT_CHARGE_BYTES, Budgets
 from uplimit.link.ledger import SqliteLedger
 from uplimit.link.meter import ReceiveCounter
@@ -94,7 +94,7 @@ class Coded:
         self.k, self.todo, self.cancelled, self.info = k, {}, set(), weak.info
 
     def open_stream(self, spec, extra):
-        from uplimit.inner.generate import Request, generate
+        from uplimit.coding.generate import Request, generate
         self.enc.add_stream(spec)
         if json.loads(extra or b"{}").get("answer") == "random":
             self.todo[spec.stream_id] = random_answer(spec, self.info.n_vocab, self.info.eos_ids)

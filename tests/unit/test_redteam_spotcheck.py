@@ -4,9 +4,10 @@ process with its own copy of the strong model."""
 
 from __future__ import annotations
 
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
-from uplimit.inner.generate import Request, generate
-from uplimit.inner.spotcheck import CheckJob, SpotChecker, verify
+from uplimit.inner.spotcheck import SpotChecker, verify
+from uplimit.wire.checks import CheckJob
 from uplimit.wire.streams import StreamSpec
 
 

@@ -23,13 +23,13 @@ import pytest
 from support.waiting import eventually, stop_task, wait_healthy
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.sampling import SamplingParams
-from uplimit.config import load_config, with_active_weak
+from uplimit.config import load_config
 from uplimit.errors import FingerprintMismatch, ProtocolError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.rollout import WeakRollout
 from uplimit.inner.serve import scheduler_config, serve_inner
 from uplimit.inner.service import InnerService
-from uplimit.models.active import ActiveWeak
+from uplimit.models.active import ActiveWeak, with_active_weak
 from uplimit.models.llama import LlamaModel
 from uplimit.models.tiny import export_gguf
 from uplimit.outer.serve import serve_outer

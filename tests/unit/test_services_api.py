@@ -13,6 +13,7 @@ import openai
 import pytest
 import uvicorn
 
+from uplimit.both import LocalUplink
 from uplimit.coding.calibration import Calibration
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.scheduler import SchedulerConfig
@@ -20,7 +21,6 @@ from uplimit.inner.service import InnerService
 from uplimit.link.budget import Budgets
 from uplimit.link.ledger import SqliteLedger
 from uplimit.outer.app import ApiSettings, create_app
-from uplimit.outer.link import LocalUplink
 from uplimit.outer.service import OuterService
 from uplimit.wire.frame import FrameConfig, FrameDecoder
 

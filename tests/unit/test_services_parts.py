@@ -11,13 +11,9 @@ from uplimit.config import load_config
 from uplimit.errors import ConfigError
 from uplimit.inner.audit import AuditStore, GenerationRecord
 from uplimit.inner.reasoning import NoiseKeys, Splitter
-from uplimit.inner.request import (
-    GenerationRequest,
-    StopMatcher,
-    candidate_seed,
-    choice_seed,
-)
 from uplimit.outer.text import TextAssembler
+from uplimit.wire.request import GenerationRequest, candidate_seed, choice_seed
+from uplimit.wire.stops import StopMatcher
 from uplimit.wire.streams import StreamSpec
 
 # A toy vocabulary: token i is the i-th piece; 9 and 10 cut a UTF-8 character in two.

@@ -16,25 +16,25 @@ from pathlib import Path
 
 import pytest
 
+from uplimit.both import LocalUplink
 from uplimit.coding.calibration import Calibration
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.config import Config, load_config
 from uplimit.errors import ConfigError
 from uplimit.inner import spotcheck
-from uplimit.inner.generate import Request, generate
-from uplimit.inner.request import GenerationRequest, candidate_seed
 from uplimit.inner.scheduler import Scheduler
 from uplimit.inner.serve import scheduler_config
 from uplimit.inner.service import InnerService
 from uplimit.inner.spotcheck import Speculation, verify
 from uplimit.inner.verifier import Verifier
 from uplimit.link.metrics import OuterMetrics
-from uplimit.outer.link import LocalUplink
 from uplimit.outer.serve import _verifier_feed
 from uplimit.outer.service import OuterService
 from uplimit.outer.verifier_feed import VerifierFeed
 from uplimit.wire.checks import CHECK_PREAMBLE, CheckJob, CheckParser, encode_check
 from uplimit.wire.frame import FrameConfig, FrameDecoder
+from uplimit.wire.request import GenerationRequest, candidate_seed
 from uplimit.wire.streams import StreamSpec
 
 

@@ -12,8 +12,8 @@ import itertools
 import random
 from collections.abc import Callable
 
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
-from uplimit.inner.generate import Request, generate
 from uplimit.models.base import LanguageModel
 from uplimit.models.chat import Message
 from uplimit.prompts import Prompt, humaneval, stdlib_questions

@@ -60,9 +60,10 @@ from uplimit.errors import ConfigError
 from uplimit.inner.audit import AuditStore, GenerationRecord
 from uplimit.inner.draft import Drafter, DraftRequest
 from uplimit.inner.reasoning import NoiseKeys, Splitter
-from uplimit.inner.request import GenerationRequest, StopMatcher, candidate_seed
 from uplimit.models.base import LanguageModel, Logits, SeqId
 from uplimit.wire.frame import ADMIT_BITS, FrameContent
+from uplimit.wire.request import GenerationRequest, candidate_seed, withheld_id
+from uplimit.wire.stops import StopMatcher
 
 __all__ = [
     "SCORERS",
@@ -648,8 +649,3 @@ class Scheduler:
         self.session.close()
         if self.drafter is not None:
             self.drafter.close()
-
-
-def withheld_id(request_id: str, stream_id: int) -> str:
-    """The id under which a stream's withheld reasoning is kept (the outer knows it too)."""
-    return f"{request_id}/{stream_id}"

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.codec import Prediction, cost_bits
 from uplimit.inner.audit import AuditStore
-from uplimit.inner.request import GenerationRequest
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.models.base import LanguageModel, Logits
 from uplimit.wire.frame import FrameConfig, FrameEncoder
+from uplimit.wire.request import GenerationRequest
 from uplimit.wire.streams import StreamSpec, StreamState
 
 if TYPE_CHECKING:  # the rotation imports torch: only services that rotate pay for it

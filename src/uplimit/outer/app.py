@@ -43,10 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, LinkClosed, UplimitError
-from uplimit.inner.request import MAX_STOPS
 from uplimit.outer.rollout import Rollout, RolloutBusy
 from uplimit.outer.service import Choice, Finished, OuterService, PromptTooLong, Submission
 from uplimit.wire.receiver import LinkState
+from uplimit.wire.request import MAX_STOPS, withheld_id
 
 __all__ = ["ApiSettings", "create_app"]
 
@@ -391,7 +391,7 @@ def _choice_extra(sub: Submission, index: int, f: Finished, settings: ApiSetting
     if f.tokens:
         extra["bits_per_token"] = round(f.bits / f.tokens, 4)
     if settings.reasoning:
-        extra["withheld_id"] = f"{sub.request_id}/{sub.choices[index].stream_id}"
+        extra["withheld_id"] = withheld_id(sub.request_id, sub.choices[index].stream_id)
         extra["withheld_tokens"] = f.withheld
     return extra
 

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from uplimit.coding.codec import Prediction, cost_bits
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, LinkClosed
-from uplimit.inner.request import GenerationRequest, choice_seed
 from uplimit.models.base import LanguageModel, Logits
 from uplimit.outer.link import Uplink
 from uplimit.outer.monitor import BitsMonitor
 from uplimit.outer.text import TextAssembler
 from uplimit.wire.frame import FrameContent, FrameStats
 from uplimit.wire.receiver import LinkState
+from uplimit.wire.request import GenerationRequest, choice_seed
 from uplimit.wire.streams import StreamSpec, StreamState
 
 __all__ = ["Choice", "Finished", "OuterService", "PromptTooLong", "StreamEndHook", "Submission"]

@@ -28,7 +28,7 @@ from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import LinkError, UplimitError
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.inner.service import InnerService
-from uplimit.inner.spotcheck import CheckJob, SpotChecker, Verdict
+from uplimit.inner.spotcheck import SpotChecker, Verdict
 from uplimit.link.budget import Budgets
 from uplimit.link.ledger import SqliteLedger
 from uplimit.link.meter import ReceiveCounter
@@ -37,6 +37,7 @@ from uplimit.models.base import LanguageModel, Logits
 from uplimit.outer.link import FrameHook, TransportUplink
 from uplimit.outer.monitor import BitsMonitor, MonitorAlarm, MonitorThresholds
 from uplimit.outer.service import Finished, OuterService
+from uplimit.wire.checks import CheckJob
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameStats
 from uplimit.wire.receiver import LinkState

@@ -25,7 +25,7 @@ import numpy as np
 
 from uplimit.config import ModelsConfig
 from uplimit.errors import ConfigError
-from uplimit.models import store
+from uplimit.models.pins import STRONG
 
 FLAG_BITS = 16  # hit probabilities are multiples of 2**-16
 FLAG_TOTAL = 1 << FLAG_BITS
@@ -158,5 +158,5 @@ def configured(models: ModelsConfig, weak_sha256: str) -> Calibration:
     if models.calibration:
         return Calibration.load(Path(models.calibration).expanduser())
     if models.strong == "strong":
-        return for_pair(store.STRONG.sha256, weak_sha256)
+        return for_pair(STRONG.sha256, weak_sha256)
     return Calibration()

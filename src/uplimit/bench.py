@@ -180,7 +180,7 @@ def run_bench(
             {
                 "id": p.id,
                 "tokens": len(r),
-                "finish_reason": g.finish_reason,
+                "finish_reason": g.finish_reason.openai,
                 "payload_bits": enc_out["stream_bits"].get(i, 0.0),
                 # frame overhead shared out per token
                 "bits": enc_out["stream_bits"].get(i, 0.0)

@@ -18,7 +18,7 @@ import pytest
 
 from uplimit.both import LocalUplink
 from uplimit.coding.calibration import Calibration
-from uplimit.coding.generate import Request, generate
+from uplimit.coding.generate import Finish, Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.config import Config, load_config
 from uplimit.errors import ConfigError
@@ -402,7 +402,7 @@ def test_finished_streams_reach_the_hook_with_every_decoded_token(tiny_strong, t
         assert choice.finished.tokens <= len(tokens)  # tokens past a stop are in the check
         job = CheckJob(request.spec, tokens, request.best_of)
         assert verify(tiny_strong, job, max_context=256).agree
-    assert subs[2].choices[0].finished.reason == "stop"
+    assert subs[2].choices[0].finished.reason is Finish.STOP
 
 
 def test_a_job_that_cannot_be_re_run_is_an_alarm_not_a_pass(tiny_strong, tmp_path):

@@ -23,7 +23,7 @@ from uplimit.coding.codec import Prediction, cost_bits
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.models.base import LanguageModel, Logits
-from uplimit.wire.frame import FrameConfig, FrameEncoder
+from uplimit.wire.frame import FrameConfig, FrameEncoder, overhead_per_token
 from uplimit.wire.request import GenerationRequest
 from uplimit.wire.streams import StreamSpec, StreamState
 
@@ -111,10 +111,9 @@ class InnerService:
         data, stats = self.encoder.encode(frame.content)
         self.frames += 1
         self.uploaded_bytes += len(data)
-        if stats.tokens:
-            overhead = (8 * len(data) - stats.token_bits) / stats.tokens
-            for sid, toks in frame.content.tokens.items():
-                self._bits[sid] += overhead * len(toks)
+        overhead = overhead_per_token(len(data), stats.token_bits, stats.tokens)
+        for sid, toks in frame.content.tokens.items():
+            self._bits[sid] += overhead * len(toks)
         for sid in frame.retired:
             self.scheduler.release(sid, self._bits.pop(sid, 0.0))
         return data

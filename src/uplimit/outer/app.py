@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from uplimit.coding.generate import Finish
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, LinkClosed, UplimitError
 from uplimit.outer.rollout import Rollout, RolloutBusy
@@ -412,7 +413,7 @@ async def _gather(sub: Submission, service: OuterService) -> list[tuple[str, Fin
             await service.cancel(c)
         raise
     for _, f in results:
-        if f.reason == "error":
+        if f.reason is Finish.ERROR:
             raise _link_error(f, service)
     return list(results)
 
@@ -431,7 +432,7 @@ async def _chat_response(
             {
                 "index": i,
                 "message": {"role": "assistant", "content": text},
-                "finish_reason": f.reason,
+                "finish_reason": f.reason.openai,
                 "logprobs": None,
             }
             for i, (text, f) in enumerate(results)
@@ -452,7 +453,7 @@ async def _completion_response(
         "created": int(time.time()),
         "model": body.model,
         "choices": [
-            {"index": i, "text": text, "finish_reason": f.reason, "logprobs": None}
+            {"index": i, "text": text, "finish_reason": f.reason.openai, "logprobs": None}
             for i, (text, f) in enumerate(results)
         ],
         "usage": _usage(sub, finished),
@@ -520,12 +521,12 @@ async def _chat_chunks(
     async for i, event in _events(sub, service):
         if isinstance(event, str):
             yield chunk(i, {"content": event})
-        elif event.reason == "error":
+        elif event.reason is Finish.ERROR:
             yield _stream_error(event, service)
             return
         else:
             finished[i] = event
-            yield chunk(i, {}, event.reason, uplimit=_choice_extra(sub, i, event, settings))
+            yield chunk(i, {}, event.reason.openai, uplimit=_choice_extra(sub, i, event, settings))
     if (body.stream_options or {}).get("include_usage"):
         done = [finished[i] for i in range(len(sub.choices))]
         usage = {**chunk(0, {}), "choices": [], "usage": _usage(sub, done)}
@@ -551,12 +552,12 @@ async def _completion_chunks(
     async for i, event in _events(sub, service):
         if isinstance(event, str):
             yield chunk(i, event)
-        elif event.reason == "error":
+        elif event.reason is Finish.ERROR:
             yield _stream_error(event, service)
             return
         else:
             finished[i] = event
-            yield chunk(i, "", event.reason, uplimit=_choice_extra(sub, i, event, settings))
+            yield chunk(i, "", event.reason.openai, uplimit=_choice_extra(sub, i, event, settings))
     if (body.stream_options or {}).get("include_usage"):
         done = [finished[i] for i in range(len(sub.choices))]
         yield {**chunk(0, ""), "choices": [], "usage": _usage(sub, done)}

@@ -11,12 +11,20 @@ same order, so "the i-th active stream" means the same stream on both.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from uplimit.coding.codec import StepContext
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError
+
+__all__ = ["StreamSpec", "StreamState", "StreamTable", "ends_stream"]
+
+
+def ends_stream(tokens: Sequence[int], max_tokens: int, eos_ids: Container[int]) -> bool:
+    """The end both sides know without a word: the stream's last token is an end-of-sequence
+    token, or it has its `max_tokens` tokens."""
+    return bool(tokens) and (tokens[-1] in eos_ids or len(tokens) >= max_tokens)
 
 
 @dataclass(frozen=True)
@@ -75,14 +83,10 @@ class StreamTable:
             self.active[state.spec.stream_id] = state
         return admitted
 
-    def peek_pending(self, count: int) -> Sequence[StreamSpec]:
-        return [self.pending[i] for i in range(min(count, len(self.pending)))]
-
     def append_token(self, state: StreamState, token: int) -> None:
         """Record a coded token; the stream finishes on end-of-sequence or at max_tokens."""
         state.tokens.append(token)
-        if token in self.eos_ids or len(state.tokens) >= state.spec.max_tokens:
-            state.finished = True
+        state.finished = ends_stream(state.tokens, state.spec.max_tokens, self.eos_ids)
 
     def remove(self, stream_id: int) -> StreamState:
         return self.active.pop(stream_id)

@@ -26,11 +26,10 @@ from uplimit.coding.codec import Prediction, cost_bits, plain_cost_bits
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.models.base import LanguageModel, Logits, SeqId, Session
+from uplimit.progress import Progress
 from uplimit.prompts import Prompt
 from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
 from uplimit.wire.streams import StreamSpec, StreamState
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

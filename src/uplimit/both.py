@@ -23,8 +23,8 @@ from uplimit.errors import BudgetExhausted, DecodeMismatch, LinkClosed
 from uplimit.inner.serve import serve_inner
 from uplimit.inner.service import InnerService
 from uplimit.link.ledger import Ledger
+from uplimit.link.transport import FrameHook
 from uplimit.models.base import LanguageModel
-from uplimit.outer.link import FrameHook
 from uplimit.outer.serve import serve_outer
 from uplimit.wire.frame import FrameDecoder
 from uplimit.wire.receiver import LinkState

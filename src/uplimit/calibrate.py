@@ -12,7 +12,7 @@ integers and a few floats, must be identical on both sides.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +22,9 @@ from uplimit.coding.codec import StepContext, predict
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.models.base import LanguageModel
+from uplimit.progress import Progress
 from uplimit.prompts import Prompt
 
-Progress = Callable[[str, int, int], None]
 MISS_SCALES = tuple(round(0.2 * 1.2**i, 4) for i in range(16))  # 0.2 .. 3.1
 
 

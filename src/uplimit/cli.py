@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from uplimit.errors import UplimitError
+from uplimit.progress import Progress as ProgressCallback
 
 app = typer.Typer(
     help="Serve a strong language model through a narrow, metered upload link.",
@@ -33,7 +34,7 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def _progress() -> Iterator[Callable[[str, int, int], None]]:
+def _progress() -> Iterator[ProgressCallback]:
     """A rich progress bar driven by (what, done, total) callbacks."""
     with Progress(
         TextColumn("{task.description}"),
@@ -714,8 +715,8 @@ app.add_typer(distill_app, name="distill")
 
 
 @contextmanager
-def _counter(what: str) -> Iterator[Callable[..., None]]:
-    """A rich progress bar driven by (done, total[, note]) callbacks."""
+def _counter(what: str) -> Iterator[ProgressCallback]:
+    """One rich progress bar named `what`; the callbacks' own `what` is a note beside it."""
     with Progress(
         TextColumn(what),
         BarColumn(),
@@ -726,7 +727,7 @@ def _counter(what: str) -> Iterator[Callable[..., None]]:
     ) as bar:
         task = bar.add_task(what, total=None, note="")
 
-        def update(done: int, total: int, note: str = "") -> None:
+        def update(note: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, note=note)
 
         yield update
@@ -858,7 +859,7 @@ def distill_train(
             held,
             config,
             workdir,
-            progress=lambda step, total, loss: update(step, total, f"{loss:.3f} bits/token"),
+            progress=update,
         )
     b, a = result.before, result.after
     console.print(

@@ -114,7 +114,7 @@ def test_training_lowers_held_out_bits_and_resumes_exactly(
     class Crash(Exception):
         pass
 
-    def crash_at_5(step: int, total: int, loss: float) -> None:
+    def crash_at_5(note: str, step: int, total: int) -> None:
         if step == 5:
             raise Crash
 

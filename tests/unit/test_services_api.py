@@ -142,6 +142,29 @@ def test_streaming_matches_the_audit_record(tiny_strong, tiny_weak, tmp_path):
     run(main())
 
 
+def test_completions_stream_like_chat_with_the_uplimit_figures(tiny_strong, tiny_weak, tmp_path):
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path) as s:
+            args = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 12, "temperature": 0}
+            whole = await s.client.completions.create(**args, seed=3)
+            stream = await s.client.completions.create(
+                **args, seed=3, stream=True, stream_options={"include_usage": True}
+            )
+            chunks = [c async for c in stream]
+            text = "".join(ch.text for c in chunks for ch in c.choices)
+            assert text == whole.choices[0].text
+            assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+            last = chunks[-1]  # the usage chunk carries the same figures as chat's
+            assert (
+                last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+            )
+            extra = last.model_extra["uplimit"]
+            assert extra["seed"] == 3 and extra["uploaded_bits"] > 0
+            assert extra["choices"][0]["tokens"] == last.usage.completion_tokens
+
+    run(main())
+
+
 def test_64_concurrent_streaming_clients(tiny_strong, tiny_weak, tmp_path):
     """Every response is byte-identical to the inner's audit record; nothing is lost."""
 

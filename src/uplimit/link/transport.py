@@ -39,11 +39,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from uplimit.errors import BudgetExhausted, ConfigError, LinkClosed, LinkError
+from uplimit.link.alarms import Alarm, AlarmHook
 from uplimit.link.budget import DEFAULT_TICK_S, Limit, decide
 from uplimit.link.ledger import ChargeReceipt, Ledger
 from uplimit.link.meter import MeteredReader, MeteredWriter, ReceiveCounter
@@ -103,9 +103,9 @@ __all__ = [
     "END_RESERVE_BYTES",
     "HANDSHAKE_TIMEOUT_S",
     "DownlinkLog",
+    "FrameHook",
     "FrameSource",
     "InnerLink",
-    "LinkAlarm",
     "ModelSink",
     "OuterLink",
     "serve_frames",
@@ -127,18 +127,8 @@ _READ = 1 << 16
 _END_FOR = {Limit.LIFETIME: EndReason.LIFETIME, Limit.PER_DAY: EndReason.PER_DAY}
 
 
-@dataclass(frozen=True)
-class LinkAlarm:
-    at: float
-    kind: str  # `wire.receiver.AlarmKind` on the outer; "downlink" on the inner
-    message: str
-
-
-AlarmHook = Callable[[LinkAlarm], None]  # must not raise
-
-
-def _raise_alarm(alarms: list[LinkAlarm], hook: AlarmHook | None, kind: str, msg: str) -> None:
-    alarm = LinkAlarm(time.time(), kind, msg)
+def _raise_alarm(alarms: list[Alarm], hook: AlarmHook | None, kind: str, msg: str) -> None:
+    alarm = Alarm(time.time(), kind, msg)
     alarms.append(alarm)
     log.error("ALARM %s on the link: %s", kind, msg)
     if hook is not None:
@@ -240,7 +230,7 @@ class InnerLink:
         self._pump: asyncio.Task[None] | None = None
         self._on_alarm = on_alarm
         self.tick_s = tick_s
-        self.alarms: list[LinkAlarm] = []
+        self.alarms: list[Alarm] = []
         self.outer_fingerprint: dict[str, str] = {}
         self._closed = False
 
@@ -553,7 +543,7 @@ class OuterLink:
         self.peer: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
-        self.alarms: list[LinkAlarm] = []
+        self.alarms: list[Alarm] = []
         self.delivered_frames = 0
         self.downlink_port = self.uplink_port = 0
 

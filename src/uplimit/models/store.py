@@ -16,14 +16,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from uplimit.errors import ModelFetchError
 from uplimit.models.pins import PAIR, STRONG, WEAK, ModelSpec
-
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+from uplimit.progress import Progress
 
 _CHUNK = 1 << 20
 

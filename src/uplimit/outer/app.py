@@ -271,8 +271,8 @@ def create_app(
         max_tokens = body.max_completion_tokens or body.max_tokens
         sub = await submit(body, prompt, max_tokens, f"chatcmpl-{uuid.uuid4().hex[:24]}")
         if body.stream:
-            return _sse(_chat_chunks(sub, body, settings, service))
-        return await _chat_response(sub, body, settings, service)
+            return _sse(_chunks(_CHAT, sub, body, settings, service))
+        return await _response(_CHAT, sub, body, settings, service)
 
     @app.post("/v1/completions")
     async def completions(body: _CompletionBody) -> Any:
@@ -291,8 +291,8 @@ def create_app(
             raise _invalid("the prompt is empty", "prompt")
         sub = await submit(body, ids, body.max_tokens or 16, f"cmpl-{uuid.uuid4().hex[:24]}")
         if body.stream:
-            return _sse(_completion_chunks(sub, body, settings, service))
-        return await _completion_response(sub, body, settings, service)
+            return _sse(_chunks(_COMPLETION, sub, body, settings, service))
+        return await _response(_COMPLETION, sub, body, settings, service)
 
     @app.post("/v1/uplimit/withheld")
     async def withheld(body: _WithheldBody) -> dict:
@@ -418,42 +418,46 @@ async def _gather(sub: Submission, service: OuterService) -> list[tuple[str, Fin
     return list(results)
 
 
-async def _chat_response(
-    sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
+@dataclass(frozen=True)
+class _Shape:
+    """What differs between chat completions and completions; the builders below share the rest."""
+
+    object: str
+    chunk_object: str
+    chat: bool
+
+    def content(self, text: str) -> dict:
+        """A whole choice's text."""
+        return {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+
+    def delta(self, text: str) -> dict:
+        """A chunk's text ("" on a choice's last chunk)."""
+        if self.chat:
+            return {"delta": {"content": text} if text else {}}
+        return {"text": text}
+
+
+_CHAT = _Shape("chat.completion", "chat.completion.chunk", chat=True)
+_COMPLETION = _Shape("text_completion", "text_completion", chat=False)
+
+
+async def _response(
+    shape: _Shape, sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
 ) -> dict:
     results = await _gather(sub, service)
     finished = [f for _, f in results]
     return {
         "id": sub.request_id,
-        "object": "chat.completion",
+        "object": shape.object,
         "created": int(time.time()),
         "model": body.model,
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text},
+                **shape.content(text),
                 "finish_reason": f.reason.openai,
                 "logprobs": None,
             }
-            for i, (text, f) in enumerate(results)
-        ],
-        "usage": _usage(sub, finished),
-        "uplimit": _extra(sub, finished, settings),
-    }
-
-
-async def _completion_response(
-    sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
-) -> dict:
-    results = await _gather(sub, service)
-    finished = [f for _, f in results]
-    return {
-        "id": sub.request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": body.model,
-        "choices": [
-            {"index": i, "text": text, "finish_reason": f.reason.openai, "logprobs": None}
             for i, (text, f) in enumerate(results)
         ],
         "usage": _usage(sub, finished),
@@ -500,64 +504,36 @@ def _stream_error(finished: Finished, service: OuterService) -> dict:
     return {"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}}
 
 
-async def _chat_chunks(
-    sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
+async def _chunks(
+    shape: _Shape, sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
 ) -> AsyncIterator[dict]:
     created = int(time.time())
 
-    def chunk(i: int, delta: dict, finish: str | None = None, **extra: Any) -> dict:
+    def chunk(i: int, content: dict, finish: str | None = None, **extra: Any) -> dict:
         return {
             "id": sub.request_id,
-            "object": "chat.completion.chunk",
+            "object": shape.chunk_object,
             "created": created,
             "model": body.model,
-            "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": i, **content, "finish_reason": finish, "logprobs": None}],
             **extra,
         }
 
-    for i in range(len(sub.choices)):
-        yield chunk(i, {"role": "assistant", "content": ""})
+    if shape.chat:  # each chat choice opens with its role
+        for i in range(len(sub.choices)):
+            yield chunk(i, {"delta": {"role": "assistant", "content": ""}})
     finished: dict[int, Finished] = {}
     async for i, event in _events(sub, service):
         if isinstance(event, str):
-            yield chunk(i, {"content": event})
+            yield chunk(i, shape.delta(event))
         elif event.reason is Finish.ERROR:
             yield _stream_error(event, service)
             return
         else:
             finished[i] = event
-            yield chunk(i, {}, event.reason.openai, uplimit=_choice_extra(sub, i, event, settings))
+            extra = _choice_extra(sub, i, event, settings)
+            yield chunk(i, shape.delta(""), event.reason.openai, uplimit=extra)
     if (body.stream_options or {}).get("include_usage"):
         done = [finished[i] for i in range(len(sub.choices))]
         usage = {**chunk(0, {}), "choices": [], "usage": _usage(sub, done)}
         yield {**usage, "uplimit": _extra(sub, done, settings)}
-
-
-async def _completion_chunks(
-    sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
-) -> AsyncIterator[dict]:
-    created = int(time.time())
-
-    def chunk(i: int, text: str, finish: str | None = None, **extra: Any) -> dict:
-        return {
-            "id": sub.request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}],
-            **extra,
-        }
-
-    finished: dict[int, Finished] = {}
-    async for i, event in _events(sub, service):
-        if isinstance(event, str):
-            yield chunk(i, event)
-        elif event.reason is Finish.ERROR:
-            yield _stream_error(event, service)
-            return
-        else:
-            finished[i] = event
-            yield chunk(i, "", event.reason.openai, uplimit=_choice_extra(sub, i, event, settings))
-    if (body.stream_options or {}).get("include_usage"):
-        done = [finished[i] for i in range(len(sub.choices))]
-        yield {**chunk(0, ""), "choices": [], "usage": _usage(sub, done)}

@@ -14,14 +14,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from uplimit.errors import LinkClosed
-from uplimit.link.transport import OuterLink
+from uplimit.link.transport import FrameHook, OuterLink
 from uplimit.wire.frame import FrameContent, FrameDecoder, FrameStats
 from uplimit.wire.receiver import LinkState
 from uplimit.wire.request import GenerationRequest
 
-__all__ = ["FrameHook", "TransportUplink", "Uplink"]
-
-FrameHook = Callable[[FrameContent, FrameStats], None]
+__all__ = ["TransportUplink", "Uplink"]
 
 
 class Uplink(Protocol):

@@ -4,10 +4,9 @@ Neither side imports the other (they share only `wire`); what runs both at once 
 
 - `serve_both`: `uplimit serve both`, the two services in one process joined by the real
   (metered) link over loopback.
-- `LocalUplink`: an outer's `Uplink` to an `InnerService` in the same process, with the same
-  loop shape as `link.transport.serve_frames` (downlink messages, then one frame per tick) and
-  every option. Frames are charged to a ledger before they are handed over when one is given,
-  decoded by the outer's own decoder, and kept in `frames` for tests.
+- `in_process`: an outer's `Uplink` to an `InnerService` in the same process over the real
+  link, its two ends joined in memory (`link.memory`), so that the service tests exercise the
+  production serving loop.
 
 The demo (`uplimit.demo`) runs the two sides as separate processes instead.
 """
@@ -16,21 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from uplimit.coding.calibration import Calibration
 from uplimit.config import Config
-from uplimit.errors import BudgetExhausted, DecodeMismatch, LinkClosed
 from uplimit.inner.serve import serve_inner
 from uplimit.inner.service import InnerService
+from uplimit.link.budget import DEFAULT_TICK_S
 from uplimit.link.ledger import Ledger
-from uplimit.link.transport import FrameHook
-from uplimit.models.base import LanguageModel
+from uplimit.link.memory import HOST, MemoryNetwork
+from uplimit.link.meter import ReceiveCounter
+from uplimit.link.transport import FrameHook, InnerLink, OuterLink, serve_frames
+from uplimit.models.base import LanguageModel, ModelInfo
+from uplimit.outer.link import TransportUplink
 from uplimit.outer.serve import serve_outer
-from uplimit.wire.frame import FrameDecoder
-from uplimit.wire.receiver import LinkState
-from uplimit.wire.request import GenerationRequest
+from uplimit.wire.fingerprint import codec_fingerprint
+from uplimit.wire.frame import FrameContent, FrameDecoder, FrameStats
+from uplimit.wire.protocol import EndReason
 
-__all__ = ["LocalUplink", "serve_both"]
+__all__ = ["InProcess", "in_process", "serve_both"]
 
 
 async def serve_both(
@@ -51,111 +56,63 @@ async def serve_both(
         await asyncio.wait_for(inner, timeout=30)
 
 
-class LocalUplink:
-    """`Uplink` to an `InnerService` in this process (module doc). `start` it first."""
+@dataclass
+class InProcess:
+    """An outer's uplink and the inner behind it, joined in memory (`in_process`)."""
 
-    def __init__(
-        self,
-        inner: InnerService,
-        decoder: FrameDecoder,
-        *,
-        tick_s: float = 0.01,
-        ledger: Ledger | None = None,
-    ) -> None:
-        self.inner = inner
-        self.decoder = decoder
-        self.tick_s = tick_s
-        self.ledger = ledger
-        self.frames: list[bytes] = []  # everything that crossed, in order
-        self._down: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-        self._hook: FrameHook | None = None
-        self._state = LinkState.SERVING
-        self._reason = "serving"
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+    uplink: TransportUplink
+    frames: list[FrameStats] = field(default_factory=list)  # delivered to the outer, in order
 
-    @property
-    def state(self) -> LinkState:
-        return self._state
 
-    @property
-    def reason(self) -> str:
-        return self._reason
+@contextlib.asynccontextmanager
+async def in_process(
+    inner: InnerService,
+    decoder: FrameDecoder,
+    weak: ModelInfo,
+    calibration: Calibration,
+    ledger: Ledger,
+    workdir: Path,
+    *,
+    tick_s: float = DEFAULT_TICK_S,
+) -> AsyncIterator[InProcess]:
+    """The real link between `inner` and an outer decoding with `decoder`, in one process.
 
-    def set_frame_hook(self, hook: FrameHook) -> None:
-        self._hook = hook
+    Both ends are the production ones over `link.memory` instead of TCP: the handshake (each
+    side's codec fingerprint from its own frame configuration), the inner's `serve_frames`
+    (charged before sending, END reserve, timing charge, resends), the outer's receiver and
+    receive counter. `inner` is started here and closed on the way out, after SHUTDOWN."""
+    network = MemoryNetwork()
+    counter = ReceiveCounter(workdir / "received.db")
+    pair: InProcess | None = None
 
-    async def open(self, request: GenerationRequest) -> None:
-        self._require_serving()
-        await self._down.put(("open", request))
+    def build(hook: FrameHook) -> OuterLink:
+        def deliver(content: FrameContent, stats: FrameStats) -> None:
+            assert pair is not None
+            pair.frames.append(stats)
+            hook(content, stats)
 
-    async def cancel(self, stream_id: int) -> None:
-        if self._state is LinkState.SERVING:
-            await self._down.put(("cancel", stream_id))
+        fingerprint = codec_fingerprint(weak, calibration, decoder.config)
+        return OuterLink(fingerprint, decoder, counter, on_frame=deliver)
 
-    def _require_serving(self) -> None:
-        if self._state is not LinkState.SERVING:
-            raise LinkClosed(f"link {self._state}: {self._reason}")
-
-    async def wait_final(self) -> LinkState:
-        while not self._state.final:
-            await self._changed.wait()
-        return self._state
-
-    def start(self) -> None:
-        self.inner.start()
-        self._task = asyncio.create_task(self._serve())
-
-    async def _serve(self) -> None:
-        resends: list[bytes] = []
-        try:
-            while True:
-                while not self._down.empty():
-                    kind, arg = self._down.get_nowait()
-                    if kind == "open":
-                        assert isinstance(arg, GenerationRequest)
-                        self.decoder.add_stream(arg.spec)
-                        await asyncio.to_thread(self.inner.open_stream, arg.spec, arg.extra())
-                    else:
-                        await asyncio.to_thread(self.inner.cancel, arg)
-                if resends:
-                    frame = resends.pop(0)
-                else:
-                    frame = await asyncio.to_thread(self.inner.next_frame)
-                if frame is None:
-                    await asyncio.sleep(self.tick_s)
-                    continue
-                if self.ledger is not None:  # charged before it crosses
-                    await asyncio.to_thread(self.ledger.charge, len(frame), note="frame")
-                self.frames.append(frame)
-                try:
-                    content, stats = await asyncio.to_thread(self.decoder.decode, frame)
-                except DecodeMismatch:
-                    if not resends:
-                        first = self.decoder.awaiting_resend
-                        resends = await asyncio.to_thread(self.inner.resend, first)
-                    continue
-                if self._hook is not None:
-                    self._hook(content, stats)
-                await asyncio.sleep(self.tick_s)
-        except BudgetExhausted as e:
-            self._set(LinkState.EXHAUSTED, f"upload budget exhausted ({e.limit})")
-        except asyncio.CancelledError:
-            self._set(LinkState.CLOSED, "closed")
-            raise
-        except Exception as e:  # fail closed, and say why
-            self._set(LinkState.FAILED, f"inner failed: {e!r}")
-
-    def _set(self, state: LinkState, reason: str) -> None:
-        self._state, self._reason = state, reason
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._state is LinkState.SERVING:
-            self._set(LinkState.CLOSED, "closed")
-        await asyncio.to_thread(self.inner.close)
+    pair = InProcess(TransportUplink(build, decoder))
+    outer = pair.uplink.link
+    serving: asyncio.Task[EndReason] | None = None
+    try:
+        await outer.start(HOST, start_server=network.start_server)
+        link = await InnerLink.connect(
+            HOST, outer.downlink_port, outer.uplink_port, ledger,
+            codec_fingerprint(weak, calibration, inner.frame_config),
+            log_path=workdir / "downlink.jsonl", tick_s=tick_s,
+            open_connection=network.open_connection,
+        )  # fmt: skip
+        await outer.wait_serving()
+        inner.start()
+        serving = asyncio.create_task(serve_frames(link, inner))
+        yield pair
+    finally:
+        await outer.shutdown()
+        if serving is not None:
+            with contextlib.suppress(Exception):  # it ended the link; the outer has the reason
+                await serving
+        await asyncio.to_thread(inner.close)
+        counter.close()

@@ -13,7 +13,7 @@ import openai
 import pytest
 import uvicorn
 
-from uplimit.both import LocalUplink
+from uplimit.both import InProcess, in_process
 from uplimit.coding.calibration import Calibration
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.scheduler import SchedulerConfig
@@ -32,9 +32,9 @@ THINK = ("<think>", "</think>")
 class Stack:
     client: openai.AsyncOpenAI
     url: str
-    uplink: LocalUplink
+    pair: InProcess
     audit: AuditStore
-    ledger: SqliteLedger | None
+    ledger: SqliteLedger
 
 
 @contextlib.asynccontextmanager
@@ -43,36 +43,40 @@ async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=
     cfg = SchedulerConfig(**{"max_batch": 8, "max_context": 256, "frame_tokens": 4,
                              "reasoning": reasoning, **config})  # fmt: skip
     audit = AuditStore(tmp_path / "audit.db")
-    ledger = SqliteLedger(tmp_path / "ledger.db", Budgets(budget)) if budget else None
+    ledger = SqliteLedger(tmp_path / "ledger.db", Budgets(budget or 1 << 40))
     inner = InnerService(strong, weak, Calibration(), cfg, audit=audit)
     session = weak.session(cfg.max_streams, cfg.max_context + 1)
     fc = FrameConfig(cfg.frame_tokens, weak.info.n_vocab, withheld_counts=reasoning is not None)
     decoder = FrameDecoder(session, weak.info.eos_ids, Calibration(), fc)
-    uplink = LocalUplink(inner, decoder, tick_s=0.002, ledger=ledger)
-    service = OuterService(weak, uplink, max_context=cfg.max_context, reasoning=reasoning)
-    settings = ApiSettings(model_name=MODEL, api_key=api_key, reasoning=reasoning is not None)
-    app = create_app(service, settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    uplink.start()
-    service.start()
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
-    client = openai.AsyncOpenAI(base_url=url, api_key=api_key or "none", max_retries=0)
     try:
-        yield Stack(client, url, uplink, audit, ledger)
+        async with in_process(inner, decoder, weak.info, Calibration(), ledger, tmp_path,
+                              tick_s=0.002) as pair:  # fmt: skip
+            service = OuterService(weak, pair.uplink, max_context=cfg.max_context,
+                                   reasoning=reasoning)  # fmt: skip
+            settings = ApiSettings(model_name=MODEL, api_key=api_key,
+                                   reasoning=reasoning is not None)  # fmt: skip
+            app = create_app(service, settings)
+            server = uvicorn.Server(
+                uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+            )
+            service.start()
+            serving = asyncio.create_task(server.serve())
+            while not server.started:
+                await asyncio.sleep(0.01)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            url = f"http://127.0.0.1:{port}/v1"
+            client = openai.AsyncOpenAI(base_url=url, api_key=api_key or "none", max_retries=0)
+            try:
+                yield Stack(client, url, pair, audit, ledger)
+            finally:
+                await client.close()
+                server.should_exit = True
+                await serving
+                await service.aclose()
     finally:
-        await client.close()
-        server.should_exit = True
-        await serving
-        await service.aclose()
-        await uplink.aclose()
         session.close()
         audit.close()
-        if ledger:
-            ledger.close()
+        ledger.close()
 
 
 def run(coro):
@@ -198,7 +202,7 @@ def test_64_concurrent_streaming_clients(tiny_strong, tiny_weak, tmp_path):
                 assert text == data.decode("utf-8", errors="replace"), i
                 assert rec.seed == i and rec.bits_uploaded is not None
             total = sum(r.bits_uploaded for r in s.audit.query(last=100))
-            assert total == pytest.approx(8 * sum(map(len, s.uplink.frames)), rel=1e-6)
+            assert total == pytest.approx(8 * sum(f.bytes for f in s.pair.frames), rel=1e-6)
 
     run(main())
 
@@ -214,7 +218,7 @@ def test_n_choices_and_best_of(tiny_strong, tiny_weak, tmp_path):
             recs = s.audit.query(request_id=r.id)
             assert len(recs) == 9 and sum(x.chosen for x in recs) == 3
             uploaded = [x for x in recs if x.chosen]
-            assert len(s.uplink.frames) > 0
+            assert len(s.pair.frames) > 0
             for ch in r.choices:
                 rec = uploaded[ch.index]
                 assert ch.message.content == tiny_strong.detokenize(
@@ -250,13 +254,13 @@ def test_reasoning_stays_inside_and_can_be_retrieved(tiny_strong, tiny_weak, tmp
                     last = chunk.model_extra["uplimit"]
             (rec,) = s.audit.query(request_id=chunk.id)
             assert last["withheld_tokens"] == len(rec.withheld)
-            crossed = len(s.uplink.frames)
+            crossed = len(s.pair.frames)
             async with httpx.AsyncClient() as http:
                 got = await http.post(f"{s.url}/uplimit/withheld", json={"id": wid})
             assert got.status_code == 200
             assert "the secret plan" in got.json()["text"]
             assert got.json()["uplimit"]["uploaded_bits"] > 0
-            assert len(s.uplink.frames) > crossed  # it crossed the uplink, charged
+            assert len(s.pair.frames) > crossed  # it crossed the uplink, charged
 
     run(main())
 

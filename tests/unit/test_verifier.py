@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from uplimit.both import LocalUplink
+from uplimit.both import in_process
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.generate import Finish, Request, generate
 from uplimit.coding.sampling import SamplingParams
@@ -28,6 +28,8 @@ from uplimit.inner.serve import scheduler_config
 from uplimit.inner.service import InnerService
 from uplimit.inner.spotcheck import Speculation, verify
 from uplimit.inner.verifier import Verifier
+from uplimit.link.budget import Budgets
+from uplimit.link.ledger import SqliteLedger
 from uplimit.link.metrics import OuterMetrics
 from uplimit.outer.serve import _verifier_feed
 from uplimit.outer.service import OuterService
@@ -365,32 +367,35 @@ def test_finished_streams_reach_the_hook_with_every_decoded_token(tiny_strong, t
         session = tiny_weak.session(cfg.max_streams, cfg.max_context + 1)
         decoder = FrameDecoder(session, tiny_weak.info.eos_ids, Calibration(),
                                FrameConfig(cfg.frame_tokens, tiny_weak.info.n_vocab))  # fmt: skip
-        uplink = LocalUplink(inner, decoder, tick_s=0.002)
-        service = OuterService(tiny_weak, uplink, max_context=cfg.max_context,
-                               on_stream_end=lambda r, t: ended.append((r, t)))  # fmt: skip
-        uplink.start()
-        service.start()
-        prompt = tiny_strong.tokenize("def add(a, b):")
-        subs = [
-            await service.submit(prompt, SamplingParams(0.7), request_id="a", max_tokens=16,
-                                 n=2, best_of=2, seed=3),
-            await service.submit(prompt, SamplingParams(0.0), request_id="b", max_tokens=16),
-        ]  # fmt: skip
-        greedy = [
-            tiny_strong.token_bytes(t)
-            for t in _plain(tiny_strong, _spec(tiny_strong, 0, 0.0, 0, 16))
-        ]
-        stop = next(b.decode() for b in greedy[3:12] if b.strip() and b.isascii())  # cuts it short
-        subs.append(
-            await service.submit(prompt, SamplingParams(0.0), request_id="c", max_tokens=16,
-                                 stop=(stop,))
-        )  # fmt: skip
-        for choice in [c for s in subs for c in s.choices]:
-            while choice.finished is None:
-                await choice.events.get()
-        await _until(lambda: len(ended) == 4, 30)
-        await service.aclose()
-        await uplink.aclose()
+        ledger = SqliteLedger(tmp_path / "ledger.db", Budgets(1 << 40))
+        async with in_process(inner, decoder, tiny_weak.info, Calibration(), ledger, tmp_path,
+                              tick_s=0.002) as pair:  # fmt: skip
+            service = OuterService(tiny_weak, pair.uplink, max_context=cfg.max_context,
+                                   on_stream_end=lambda r, t: ended.append((r, t)))  # fmt: skip
+            service.start()
+            prompt = tiny_strong.tokenize("def add(a, b):")
+            subs = [
+                await service.submit(prompt, SamplingParams(0.7), request_id="a", max_tokens=16,
+                                     n=2, best_of=2, seed=3),
+                await service.submit(prompt, SamplingParams(0.0), request_id="b", max_tokens=16),
+            ]  # fmt: skip
+            greedy = [
+                tiny_strong.token_bytes(t)
+                for t in _plain(tiny_strong, _spec(tiny_strong, 0, 0.0, 0, 16))
+            ]
+            stop = next(
+                b.decode() for b in greedy[3:12] if b.strip() and b.isascii()
+            )  # cuts it short
+            subs.append(
+                await service.submit(prompt, SamplingParams(0.0), request_id="c", max_tokens=16,
+                                     stop=(stop,))
+            )  # fmt: skip
+            for choice in [c for s in subs for c in s.choices]:
+                while choice.finished is None:
+                    await choice.events.get()
+            await _until(lambda: len(ended) == 4, 30)
+            await service.aclose()
+        ledger.close()
         session.close()
         return subs
 

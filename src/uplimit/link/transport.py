@@ -38,15 +38,15 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from uplimit.errors import BudgetExhausted, ConfigError, LinkClosed, LinkError
 from uplimit.link.alarms import Alarm, AlarmHook
 from uplimit.link.budget import DEFAULT_TICK_S, Limit, decide
 from uplimit.link.ledger import ChargeReceipt, Ledger
-from uplimit.link.meter import MeteredReader, MeteredWriter, ReceiveCounter
+from uplimit.link.meter import MeteredReader, MeteredWriter, OpenConnection, ReceiveCounter
 from uplimit.wire.fingerprint import (
     FingerprintMismatch,
     differences,
@@ -249,6 +249,7 @@ class InnerLink:
         n_vocab: int | None = None,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         on_alarm: AlarmHook | None = None,
+        open_connection: OpenConnection = asyncio.open_connection,
     ) -> InnerLink:
         """Connect both connections and shake hands; raises `FingerprintMismatch` (after
         sending the refusal up) if the outer's fingerprint differs from `fingerprint`.
@@ -260,7 +261,7 @@ class InnerLink:
             n_vocab = int(fingerprint["frame.n_vocab"])
         downlink_log = DownlinkLog(log_path)
         try:
-            reader, writer = await asyncio.open_connection(host, downlink_port)
+            reader, writer = await open_connection(host, downlink_port)
         except OSError as e:
             downlink_log.close()
             raise LinkClosed(f"cannot connect the downlink to {host}:{downlink_port}: {e}") from e
@@ -276,14 +277,20 @@ class InnerLink:
         )
         try:
             async with asyncio.timeout(handshake_timeout_s):
-                await link._handshake(host, uplink_port, fingerprint)
+                await link._handshake(host, uplink_port, fingerprint, open_connection)
         except BaseException:
             await link.aclose()
             raise
         link._pump = asyncio.create_task(link._read_downlink())
         return link
 
-    async def _handshake(self, host: str, uplink_port: int, fingerprint: dict[str, str]) -> None:
+    async def _handshake(
+        self,
+        host: str,
+        uplink_port: int,
+        fingerprint: dict[str, str],
+        open_connection: OpenConnection,
+    ) -> None:
         while not self._messages:
             data = await self._reader.read(_READ)
             if not data:
@@ -298,7 +305,7 @@ class InnerLink:
         self.outer_fingerprint = hello.as_dict()
         diffs = differences(self.outer_fingerprint, fingerprint)
         self._uplink = await MeteredWriter.connect(
-            host, uplink_port, self._ledger, tick_s=self.tick_s
+            host, uplink_port, self._ledger, tick_s=self.tick_s, open_connection=open_connection
         )
         if not diffs:
             await self._uplink.send(
@@ -498,6 +505,8 @@ async def serve_frames(
 # --- outer side -------------------------------------------------------------------------------
 
 FrameHook = Callable[[FrameContent, FrameStats], None]  # must not raise
+# How the outer listens: `asyncio.start_server`'s signature (handler, host, port).
+StartServer = Callable[..., Awaitable[Any]]
 
 
 class OuterLink:
@@ -559,10 +568,18 @@ class OuterLink:
     def decoder(self) -> FrameSink:
         return self._decoder
 
-    async def start(self, host: str, *, downlink_port: int = 0, uplink_port: int = 0) -> None:
-        """Listen for the inner's two connections (port 0: any free port)."""
-        down = await asyncio.start_server(self._on_downlink, host, downlink_port)
-        up = await asyncio.start_server(self._on_uplink, host, uplink_port)
+    async def start(
+        self,
+        host: str,
+        *,
+        downlink_port: int = 0,
+        uplink_port: int = 0,
+        start_server: StartServer = asyncio.start_server,
+    ) -> None:
+        """Listen for the inner's two connections (port 0: any free port); `start_server`:
+        asyncio's, or a `link.memory.MemoryNetwork`'s."""
+        down = await start_server(self._on_downlink, host, downlink_port)
+        up = await start_server(self._on_uplink, host, uplink_port)
         self._servers = [down, up]
         self.downlink_port = down.sockets[0].getsockname()[1]
         self.uplink_port = up.sockets[0].getsockname()[1]

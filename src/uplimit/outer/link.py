@@ -3,8 +3,8 @@
 `Uplink` is small on purpose: send a stream down, cancel one, learn the link's state, and get
 every decoded frame through one hook. `TransportUplink` wraps `link.transport.OuterLink` (two
 TCP connections, metered, strict); a request's options (request id, stop sequences, best_of,
-a retrieval) travel as JSON in OPEN_STREAM's `extra` field. `uplimit.both.LocalUplink` pairs
-an outer with an inner in one process.
+a retrieval) travel as JSON in OPEN_STREAM's `extra` field. `uplimit.both.in_process` joins
+it to an inner in one process, over the same link in memory.
 """
 
 from __future__ import annotations

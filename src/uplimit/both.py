@@ -24,10 +24,11 @@ from uplimit.config import Config
 from uplimit.inner.serve import serve_inner
 from uplimit.inner.service import InnerService
 from uplimit.link.budget import DEFAULT_TICK_S
+from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.ledger import Ledger
 from uplimit.link.memory import HOST, MemoryNetwork
 from uplimit.link.meter import ReceiveCounter
-from uplimit.link.transport import FrameHook, InnerLink, OuterLink, serve_frames
+from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel, ModelInfo
 from uplimit.outer.link import TransportUplink
 from uplimit.outer.serve import serve_outer

@@ -20,8 +20,8 @@ from uplimit.inner.rollout import WeakRollout
 from uplimit.inner.scheduler import SCORERS, SchedulerConfig
 from uplimit.inner.service import InnerService
 from uplimit.link.budget import Budgets
+from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.ledger import Ledger, open_ledger
-from uplimit.link.transport import InnerLink, serve_frames
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import load_configured
 from uplimit.wire.fingerprint import codec_fingerprint

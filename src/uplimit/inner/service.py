@@ -1,6 +1,6 @@
 """The inner side's service: scheduler + frame encoder, as the link's serving loop drives them.
 
-`InnerService` is a `link.transport.FrameSource`: the serving loop (`serve_frames`, or the
+`InnerService` is a `link.inner_link.FrameSource`: the serving loop (`serve_frames`, or the
 in-process link in tests) calls `open_stream`, `cancel`, `next_frame` and `resend` one at a
 time from a worker thread, in downlink order, so the encoder and its weak session are only ever
 touched by one thread at a time. The strong model runs in a thread of its own (`start`), so

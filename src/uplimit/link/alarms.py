@@ -6,10 +6,14 @@ own (`outer.monitor.MonitorAlarm`).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Alarm", "AlarmHook"]
+__all__ = ["Alarm", "AlarmHook", "raise_alarm"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -22,3 +26,13 @@ class Alarm:
 
 
 AlarmHook = Callable[[Alarm], None]  # must not raise
+
+
+def raise_alarm(alarms: list[Alarm], hook: AlarmHook | None, kind: str, message: str) -> Alarm:
+    """A link's alarm, now: kept in `alarms`, logged at ERROR, and given to `hook`."""
+    alarm = Alarm(time.time(), kind, message)
+    alarms.append(alarm)
+    log.error("ALARM %s on the link: %s", kind, message)
+    if hook is not None:
+        hook(alarm)
+    return alarm

@@ -1,7 +1,7 @@
 """What the outer service needs of a link, and the link that provides it.
 
 `Uplink` is small on purpose: send a stream down, cancel one, learn the link's state, and get
-every decoded frame through one hook. `TransportUplink` wraps `link.transport.OuterLink` (two
+every decoded frame through one hook. `TransportUplink` wraps `link.outer_link.OuterLink` (two
 TCP connections, metered, strict); a request's options (request id, stop sequences, best_of,
 a retrieval) travel as JSON in OPEN_STREAM's `extra` field. `uplimit.both.in_process` joins
 it to an inner in one process, over the same link in memory.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from uplimit.errors import LinkClosed
-from uplimit.link.transport import FrameHook, OuterLink
+from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.wire.frame import FrameContent, FrameDecoder, FrameStats
 from uplimit.wire.receiver import LinkState
 from uplimit.wire.request import GenerationRequest

@@ -23,7 +23,7 @@ from uplimit.coding.calibration import configured as configured_calibration
 from uplimit.config import Config, rollout_record_path
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics, serve_metrics
-from uplimit.link.transport import FrameHook, OuterLink
+from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import load_configured
 from uplimit.outer.app import ApiSettings, create_app

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from uplimit.errors import UplimitError
 from uplimit.inner.service import InnerService
+from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.kernel import KernelMeter, available
-from uplimit.link.transport import InnerLink, serve_frames
 from uplimit.models.base import Logits
 from uplimit.redteam.live import InnerEnv, Live, Outcome, Tap
 from uplimit.redteam.report import AttackRow, alarm_lines, short

@@ -31,9 +31,10 @@ from uplimit.inner.service import InnerService
 from uplimit.inner.spotcheck import SpotChecker, Verdict
 from uplimit.link.alarms import Alarm
 from uplimit.link.budget import Budgets
+from uplimit.link.inner_link import InnerLink
 from uplimit.link.ledger import SqliteLedger
 from uplimit.link.meter import ReceiveCounter
-from uplimit.link.transport import FrameHook, InnerLink, OuterLink
+from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel, Logits
 from uplimit.outer.link import TransportUplink
 from uplimit.outer.monitor import BitsMonitor, MonitorAlarm, MonitorThresholds

@@ -120,6 +120,27 @@ class FitReport:
     bits_per_token: float  # on the training data, with the fitted calibration (ideal code)
 
 
+def observe_regimes(
+    strong: LanguageModel,
+    weak: LanguageModel,
+    prompts: Sequence[Prompt],
+    temperatures: Sequence[float],
+    max_tokens: int,
+    seed: int,
+    progress: Progress,
+) -> tuple[Observations, Observations]:
+    """`observe` at each temperature, merged by regime: (greedy: T = 0, sampled: T > 0)."""
+    greedy, sampled = Observations(), Observations()
+    for t in temperatures:
+        obs = observe(strong, weak, prompts, SamplingParams(temperature=t), max_tokens, seed,
+                      progress)  # fmt: skip
+        target = greedy if t == 0 else sampled
+        target.margins += obs.margins
+        target.hits += obs.hits
+        target.miss_costs += obs.miss_costs
+    return greedy, sampled
+
+
 def fit(
     greedy: Observations, sampled: Observations, note: str
 ) -> tuple[Calibration, list[FitReport]]:

@@ -13,7 +13,8 @@ from uplimit.coding.calibration import Calibration
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError
 from uplimit.inner.audit import AuditStore
-from uplimit.inner.scheduler import Scheduler, SchedulerConfig, mean_logprob
+from uplimit.inner.scheduler import Scheduler, SchedulerConfig
+from uplimit.inner.scoring import mean_logprob
 from uplimit.models.base import LanguageModel, Logits, SeqId, Session
 from uplimit.wire.frame import FrameConfig, FrameDecoder, FrameEncoder
 from uplimit.wire.request import GenerationRequest, candidate_seed

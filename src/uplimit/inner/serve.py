@@ -17,7 +17,8 @@ from uplimit.config import Config, rollout_record_path
 from uplimit.errors import ConfigError, LinkClosed
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.rollout import WeakRollout
-from uplimit.inner.scheduler import SCORERS, SchedulerConfig
+from uplimit.inner.scheduler import SchedulerConfig
+from uplimit.inner.scoring import SCORERS
 from uplimit.inner.service import InnerService
 from uplimit.link.budget import Budgets
 from uplimit.link.inner_link import InnerLink, serve_frames

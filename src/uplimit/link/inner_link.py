@@ -309,7 +309,7 @@ class InnerLink:
     async def send_frame(self, frame: bytes) -> ChargeReceipt:
         """Send one coded frame (charged, at the next tick); if the budget cannot pay for it
         and for END, send END instead and raise `BudgetExhausted` (module doc)."""
-        uplink = self._require_uplink()
+        uplink = self.uplink_writer()
         wire = encode_uplink(Frame(frame))
         need = len(wire) + END_RESERVE_BYTES
         while True:
@@ -341,7 +341,9 @@ class InnerLink:
                 await self._uplink.send(encode_uplink(End(reason)), note=f"END {reason.name}")
         await self.aclose()
 
-    def _require_uplink(self) -> MeteredWriter:
+    def uplink_writer(self) -> MeteredWriter:
+        """The uplink's metered writer (every byte through it is charged); raises LinkClosed
+        once it is closed."""
         if self._uplink is None or self._uplink.closed:
             raise LinkClosed("the uplink is closed")
         return self._uplink

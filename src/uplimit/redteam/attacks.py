@@ -448,7 +448,7 @@ class MalformedAttack:
             async def inner(env: InnerEnv, payload: bytes = payload) -> object:
                 link: InnerLink = await env.connect()
                 # Around `send_frame`'s framing, still through the meter (charged).
-                await link._require_uplink().send(payload, note="redteam")
+                await link.uplink_writer().send(payload, note="redteam")
                 await asyncio.sleep(10 * env.settings.tick_s)
                 await link.aclose()
                 return None

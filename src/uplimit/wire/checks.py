@@ -23,7 +23,7 @@ cannot reproduce.
 
 `CheckParser` takes bytes in any chunking and returns complete jobs; anything malformed,
 oversized, non-minimal, of unknown type or truncated at `eof()` raises `ProtocolError`, and
-the parser stays in ERROR (`wire.protocol`'s `_Parser`).
+the parser stays in ERROR (`wire.parsing.Parser`).
 """
 
 from __future__ import annotations
@@ -34,15 +34,8 @@ from dataclasses import dataclass
 
 from uplimit.config import Config
 from uplimit.errors import ConfigError, ProtocolError
-from uplimit.wire.protocol import (
-    MAX_STREAM_TOKENS,
-    _Cursor,
-    _Parser,
-    _read_spec,
-    _spec_body,
-    _State,
-    _uvarint,
-)
+from uplimit.wire.parsing import Cursor, Parser, ParserState, uvarint
+from uplimit.wire.protocol import MAX_STREAM_TOKENS, encode_spec, read_spec
 from uplimit.wire.request import MAX_BEST_OF
 from uplimit.wire.streams import StreamSpec
 
@@ -105,10 +98,10 @@ def encode_check(job: CheckJob) -> bytes:
     """One CHECK message as bytes (the connection starts with `CHECK_PREAMBLE`)."""
     body = b"".join(
         [
-            _spec_body(job.spec),
-            _uvarint(job.best_of),
-            _uvarint(len(job.tokens)),
-            *map(_uvarint, job.tokens),
+            encode_spec(job.spec),
+            uvarint(job.best_of),
+            uvarint(len(job.tokens)),
+            *map(uvarint, job.tokens),
         ]
     )
     if len(body) > MAX_CHECK_BYTES:
@@ -116,7 +109,7 @@ def encode_check(job: CheckJob) -> bytes:
     return struct.pack(">BI", _CHECK, len(body)) + body
 
 
-class CheckParser(_Parser):
+class CheckParser(Parser):
     """The verifier's parser of one connection: the preamble, then CHECK messages."""
 
     def __init__(
@@ -131,15 +124,14 @@ class CheckParser(_Parser):
     def feed(self, data: bytes) -> list[CheckJob]:
         return super().feed(data)
 
-    def _next(self) -> tuple[CheckJob | None, int] | None:
-        buf = self._buf
-        if self.state is _State.START:
+    def parse_next(self, buf: bytearray) -> tuple[CheckJob | None, int] | None:
+        if self.state is ParserState.START:
             n = len(CHECK_PREAMBLE)
             if buf[:n] != CHECK_PREAMBLE[: len(buf)]:
                 raise ProtocolError(f"verifier preamble {bytes(buf[:n])!r} is not version 1")
             if len(buf) < n:
                 return None
-            self.state = _State.OPEN
+            self.state = ParserState.OPEN
             return None, n
         if buf[0] != _CHECK:  # refused at its first byte, before any length is read
             raise ProtocolError(f"unknown verifier message type {buf[0]}")
@@ -152,12 +144,12 @@ class CheckParser(_Parser):
             )
         if len(buf) < _HEADER + length:
             return None
-        return self._job(_Cursor(bytes(buf[_HEADER : _HEADER + length]), "CHECK")), (
+        return self._job(Cursor(bytes(buf[_HEADER : _HEADER + length]), "CHECK")), (
             _HEADER + length
         )
 
-    def _job(self, c: _Cursor) -> CheckJob:
-        spec = _read_spec(c, self.n_vocab)
+    def _job(self, c: Cursor) -> CheckJob:
+        spec = read_spec(c, self.n_vocab)
         best_of = c.uvarint(MAX_BEST_OF, "best_of")
         n = c.uvarint(MAX_STREAM_TOKENS, "token count")
         token_limit = (self.n_vocab or 1 << 32) - 1

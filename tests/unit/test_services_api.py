@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import uvicorn
 
 from uplimit.both import InProcess, in_process
 from uplimit.coding.calibration import Calibration
+from uplimit.errors import InternalError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.scheduler import SchedulerConfig
 from uplimit.inner.service import InnerService
@@ -349,3 +351,23 @@ def test_distill_collection_keeps_going_past_a_failed_request(tiny_strong, tiny_
     first, again = run(main())
     assert sorted(a.id for a in first) == sorted(a.id for a in again) == ["other", "short"]
     assert sorted(a.id for a in load_answers(out)) == ["other", "short"]  # nothing twice
+
+
+def test_our_faults_are_500s_with_the_cause_logged(tiny_strong, tiny_weak, tmp_path, monkeypatch,
+                                                   caplog):  # fmt: skip
+    """A broken invariant is never the client's fault: 500, and the cause in the log."""
+
+    async def broken(*args, **kwargs):
+        raise InternalError("the stream table is out of step")
+
+    monkeypatch.setattr(OuterService, "submit", broken)
+
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path) as s:
+            with pytest.raises(openai.InternalServerError) as e:
+                await s.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+            assert e.value.status_code == 500
+
+    with caplog.at_level(logging.ERROR, logger="uplimit.outer.app"):
+        run(main())
+    assert "the stream table is out of step" in caplog.text

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -43,13 +44,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from uplimit.coding.generate import Finish
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError, LinkClosed, UplimitError
+from uplimit.errors import ConfigError, InvalidRequest, LinkClosed, UplimitError
 from uplimit.outer.rollout import Rollout, RolloutBusy
 from uplimit.outer.service import Choice, Finished, OuterService, PromptTooLong, Submission
 from uplimit.wire.receiver import LinkState
 from uplimit.wire.request import MAX_STOPS, withheld_id
 
 __all__ = ["ApiSettings", "create_app"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,7 @@ def create_app(
         ]
         try:
             prompt = model.chat_tokens(messages)
-        except ConfigError as e:
+        except InvalidRequest as e:
             raise _invalid(str(e), "messages") from e
         max_tokens = body.max_completion_tokens or body.max_tokens
         sub = await submit(body, prompt, max_tokens, f"chatcmpl-{uuid.uuid4().hex[:24]}")
@@ -345,16 +348,18 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 def _api_error(e: UplimitError, service: OuterService) -> ApiError:
-    """The one mapping from uplimit's errors to HTTP."""
+    """The one mapping from uplimit's errors to HTTP: the client's input is a 400, the link's
+    state a 503, and anything else our fault, a 500 with its cause in the log."""
     if isinstance(e, PromptTooLong):
         return ApiError(400, str(e), "invalid_request_error", "context_length_exceeded", "messages")
-    if isinstance(e, ConfigError):
+    if isinstance(e, InvalidRequest):
         return _invalid(str(e), None)
     if isinstance(e, LinkClosed) and service.state is LinkState.EXHAUSTED:
         return ApiError(503, "upload budget exhausted", "server_error", "upload_budget_exhausted")
     if isinstance(e, LinkClosed):
         message = f"the inner side is unreachable ({service.uplink.reason})"
         return ApiError(503, message, "server_error", "inner_unreachable")
+    log.error("internal error answering a request: %r", e, exc_info=e)
     return ApiError(500, f"internal error: {e}", "server_error", None)
 
 

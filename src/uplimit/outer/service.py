@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from uplimit.coding.codec import Prediction, cost_bits
 from uplimit.coding.generate import Finish
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError, LinkClosed
+from uplimit.errors import InvalidRequest, LinkClosed
 from uplimit.models.base import LanguageModel, Logits
 from uplimit.outer.link import Uplink
 from uplimit.outer.monitor import BitsMonitor
@@ -52,7 +52,7 @@ SEED_MODULUS = 1 << 64
 StreamEndHook = Callable[[GenerationRequest, tuple[int, ...]], None]
 
 
-class PromptTooLong(ConfigError):
+class PromptTooLong(InvalidRequest):
     """The prompt and the requested tokens do not fit the context."""
 
 
@@ -144,11 +144,11 @@ class OuterService:
         n: int = 1,
         best_of: int = 1,
     ) -> Submission:
-        """Send the request's streams down; raises PromptTooLong, ConfigError, LinkClosed."""
+        """Send the request's streams down; raises PromptTooLong, InvalidRequest, LinkClosed."""
         if not prompt:
-            raise ConfigError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty")
         if not 1 <= n <= self.max_choices:
-            raise ConfigError(f"n must be in 1..{self.max_choices}, got {n}")
+            raise InvalidRequest(f"n must be in 1..{self.max_choices}, got {n}")
         room = self.max_context - len(prompt) - 1
         if max_tokens is None:
             max_tokens = room
@@ -184,7 +184,7 @@ class OuterService:
         reasoning; greedy parameters, since there is nothing to sample.
         """
         if self.reasoning is None:
-            raise ConfigError("this server does not keep reasoning inside")
+            raise InvalidRequest("this server does not keep reasoning inside")
         self._require_serving()
         sid = next(self._ids)
         prompt = tuple(self.model.tokenize(self.reasoning[0]))

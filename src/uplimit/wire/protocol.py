@@ -62,7 +62,7 @@ from enum import IntEnum
 from typing import TypeAlias
 
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError, ProtocolError
+from uplimit.errors import ConfigError, InvalidRequest, ProtocolError
 from uplimit.wire.parsing import Cursor, Parser, ParserState, read_uvarint, uvarint
 from uplimit.wire.streams import StreamSpec
 
@@ -358,7 +358,7 @@ def read_spec(c: Cursor, n_vocab: int | None) -> StreamSpec:
     try:
         params = SamplingParams(temperature, top_p, top_k)
         return StreamSpec(stream_id, prompt, params, seed, max_tokens)
-    except ConfigError as e:
+    except InvalidRequest as e:
         raise ProtocolError(f"{c.what}: {e}") from e
 
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from uplimit.errors import ConfigError
+from uplimit.errors import InvalidRequest, ProtocolError
 from uplimit.wire.streams import StreamSpec
 
 __all__ = [
@@ -69,12 +69,12 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         if len(self.stop) > MAX_STOPS:
-            raise ConfigError(f"at most {MAX_STOPS} stop sequences, got {len(self.stop)}")
+            raise InvalidRequest(f"at most {MAX_STOPS} stop sequences, got {len(self.stop)}")
         for s in self.stop:
             if not s or len(s.encode()) > MAX_STOP_BYTES:
-                raise ConfigError(f"a stop sequence must have 1..{MAX_STOP_BYTES} bytes")
+                raise InvalidRequest(f"a stop sequence must have 1..{MAX_STOP_BYTES} bytes")
         if not 1 <= self.best_of <= MAX_BEST_OF:
-            raise ConfigError(f"best_of must be in 1..{MAX_BEST_OF}, got {self.best_of}")
+            raise InvalidRequest(f"best_of must be in 1..{MAX_BEST_OF}, got {self.best_of}")
 
     def extra(self) -> bytes:
         """Everything but the spec, for OPEN_STREAM's `extra` field (compact JSON)."""
@@ -95,8 +95,8 @@ class GenerationRequest:
                 int(d["best_of"]),
                 None if withheld is None else str(withheld),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ConfigError(f"invalid stream options: {e!r}") from e
+        except (KeyError, TypeError, ValueError, AttributeError, InvalidRequest) as e:
+            raise ProtocolError(f"invalid stream options: {e!r}") from e
 
 
 def withheld_id(request_id: str, stream_id: int) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from uplimit.coding.codec import StepContext
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError
+from uplimit.errors import InternalError, InvalidRequest
 
 __all__ = ["StreamSpec", "StreamState", "StreamTable", "ends_stream"]
 
@@ -39,11 +39,11 @@ class StreamSpec:
 
     def __post_init__(self) -> None:
         if not self.prompt:
-            raise ConfigError("a stream needs a non-empty prompt")
+            raise InvalidRequest("a stream needs a non-empty prompt")
         if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.seed < 1 << 64:
-            raise ConfigError("seed must be in [0, 2**64)")
+            raise InvalidRequest("seed must be in [0, 2**64)")
 
 
 @dataclass
@@ -71,13 +71,13 @@ class StreamTable:
 
     def add(self, spec: StreamSpec) -> None:
         if spec.stream_id in self._ids:
-            raise ConfigError(f"stream {spec.stream_id} was already added")
+            raise InternalError(f"stream {spec.stream_id} was already added")
         self._ids.add(spec.stream_id)
         self.pending.append(spec)
 
     def admit(self, count: int) -> list[StreamState]:
         if count > len(self.pending):
-            raise ConfigError(f"cannot admit {count} streams: {len(self.pending)} pending")
+            raise InternalError(f"cannot admit {count} streams: {len(self.pending)} pending")
         admitted = [StreamState(self.pending.popleft()) for _ in range(count)]
         for state in admitted:
             self.active[state.spec.stream_id] = state

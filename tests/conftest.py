@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
+from support.net import free_port
+
 if TYPE_CHECKING:
     from uplimit.models.hf import HFModel
 
@@ -69,16 +71,18 @@ def tiny_weak(tiny_pair_dirs: tuple[Path, Path]) -> Iterator[HFModel]:
     model.close()
 
 
+@pytest.fixture(scope="session")
+def reference(tiny_strong: HFModel) -> tuple[list[int], list[int], list[bytes]]:
+    """This process's logits of the tiny strong model along support.hf's fixed text."""
+    from support.hf import CONTINUATION, PROMPT, logits_trace
+
+    prompt, forced = tiny_strong.tokenize(PROMPT), tiny_strong.tokenize(CONTINUATION)
+    with tiny_strong.session(max_sequences=1, max_context=256) as session:
+        return prompt, forced, logits_trace(session, prompt, forced)
+
+
 # --- link layer: ledger backends, a throwaway PostgreSQL server, the kernel meter -----------
 # Self-contained: imports are local so this block can move or go without touching the rest.
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _postgres_bindir() -> Path | None:
@@ -123,7 +127,7 @@ def postgres_url() -> Iterator[str]:
             unavailable("postgres", "running as root with no `postgres` user to run the server")
         shutil.chown(root, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def pg(tool: str, *args: str) -> None:
         subprocess.run(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 
 import httpx
 import openai
 
+from support.config import link_files, tiny_models, write_config
+from support.net import free_port
 from support.waiting import stop_task, wait_healthy
 from uplimit.config import load_config
 from uplimit.inner.audit import AuditStore
@@ -19,42 +20,18 @@ from uplimit.link.meter import ReceiveCounter
 from uplimit.outer.serve import serve_outer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_client_over_the_real_link(tiny_strong, tiny_weak, tiny_pair_dirs, tmp_path):
-    strong_dir, weak_dir = tiny_pair_dirs
     config_file = tmp_path / "uplimit.toml"
-    config_file.write_text(
-        f"""
-[models]
-strong = "{strong_dir}"
-weak = "{weak_dir}"
-backend = "hf"
-[coding]
-frame_tokens = 4
-max_streams = 8
-max_context = 256
-[link]
-downlink_port = {_free_port()}
-uplink_port = {_free_port()}
-tick_s = 0.02
-ledger = "{tmp_path / "ledger.db"}"
-lifetime_budget_bytes = 1000000
-downlink_log = "{tmp_path / "downlink.jsonl"}"
-receive_counter = "{tmp_path / "received.db"}"
-[inner]
-max_batch = 4
-audit = "{tmp_path / "audit.db"}"
-[outer]
-model_name = "tiny"
-"""
-    )
+    write_config(config_file, {
+        "models": tiny_models(tiny_pair_dirs),
+        "coding": {"frame_tokens": 4, "max_streams": 8, "max_context": 256},
+        "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.02,
+                 "lifetime_budget_bytes": 1000000, **link_files(tmp_path)},
+        "inner": {"max_batch": 4, "audit": tmp_path / "audit.db"},
+        "outer": {"model_name": "tiny"},
+    })  # fmt: skip
     # The port comes from the environment: overrides work.
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = {"UPLIMIT_OUTER_PORT": str(port), "UPLIMIT_OUTER_METRICS_PORT": str(metrics_port)}
     config = load_config(config_file, env=env)
     assert config.outer.port == port

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from support.net import free_port
 from uplimit.both import in_process
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.generate import Finish, Request, generate
@@ -254,19 +254,13 @@ def test_config_validation_of_the_outer_side(tmp_path):
 # --- the outer's feed -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _request(sid: int, n_tokens: int = 3) -> tuple[GenerationRequest, tuple[int, ...]]:
     spec = StreamSpec(sid, (1, 2, 3), SamplingParams(0.7), sid, 16)
     return GenerationRequest(spec, f"r{sid}"), tuple(range(4, 4 + n_tokens))
 
 
 def test_the_feed_never_blocks_while_the_verifier_is_down_and_delivers_once_up():
-    port = _free_port()
+    port = free_port()
     received: list[CheckJob] = []
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -338,7 +332,7 @@ def test_a_byte_from_the_verifier_is_an_alarm_and_the_connection_is_closed():
 
 def test_offers_follow_the_rate_and_skip_retrievals():
     async def main():
-        feed = VerifierFeed("127.0.0.1", _free_port(), 0.0)
+        feed = VerifierFeed("127.0.0.1", free_port(), 0.0)
         assert not any(feed.offer(*_request(sid)) for sid in range(200))
         feed.rate = 0.5
         picked = sum(feed.offer(*_request(sid)) for sid in range(400))

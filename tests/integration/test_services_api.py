@@ -14,6 +14,7 @@ import openai
 import pytest
 import uvicorn
 
+from support.scripted import ScriptedModel
 from uplimit.both import InProcess, in_process
 from uplimit.coding.calibration import Calibration
 from uplimit.errors import InternalError
@@ -231,7 +232,6 @@ def test_n_choices_and_best_of(tiny_strong, tiny_weak, tmp_path):
 
 
 def test_reasoning_stays_inside_and_can_be_retrieved(tiny_strong, tiny_weak, tmp_path):
-    from test_services_scheduler import ScriptedModel  # tests/unit is on sys.path
 
     script = tiny_strong.tokenize("<think>the secret plan</think>Answer:")
     strong = ScriptedModel(tiny_strong, script)

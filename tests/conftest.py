@@ -6,11 +6,13 @@ Model fixtures import torch lazily, so tests that need no model do not pay for i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import pytest
+
+from support.net import free_port
 
 if TYPE_CHECKING:
     from uplimit.models.hf import HFModel
@@ -69,58 +71,47 @@ def tiny_weak(tiny_pair_dirs: tuple[Path, Path]) -> Iterator[HFModel]:
     model.close()
 
 
+@pytest.fixture(scope="session")
+def reference(tiny_strong: HFModel) -> tuple[list[int], list[int], list[bytes]]:
+    """This process's logits of the tiny strong model along support.hf's fixed text."""
+    from support.hf import CONTINUATION, PROMPT, logits_trace
+
+    prompt, forced = tiny_strong.tokenize(PROMPT), tiny_strong.tokenize(CONTINUATION)
+    with tiny_strong.session(max_sequences=1, max_context=256) as session:
+        return prompt, forced, logits_trace(session, prompt, forced)
+
+
 @pytest.fixture
 def tiny_services_config(tiny_pair_dirs: tuple[Path, Path], tmp_path: Path):
-    """`make(outer="", env=None)`: the `Config` of `serve_outer` + `serve_inner` on the tiny
-    pair, with free ports, a 1 MB lifetime budget, files under tmp_path, and `outer` (TOML
-    lines) added to its [outer] section."""
-    from uplimit.config import Config, load_config
+    """`make(outer={}, env=None)`: the `Config` of `serve_outer` + `serve_inner` on the tiny
+    pair, with free ports, a 1 MB lifetime budget, files under tmp_path, `outer`'s keys added
+    to its [outer] section and `env` as the environment it is loaded with."""
+    from support.config import link_files, tiny_models, write_config
 
-    strong_dir, weak_dir = tiny_pair_dirs
-
-    def make(outer: str = "", env: dict[str, str] | None = None) -> Config:
-        path = tmp_path / "uplimit.toml"
-        path.write_text(
-            f"""
-[models]
-strong = "{strong_dir}"
-weak = "{weak_dir}"
-backend = "hf"
-[coding]
-frame_tokens = 4
-max_streams = 8
-max_context = 256
-[link]
-downlink_port = {_free_port()}
-uplink_port = {_free_port()}
-tick_s = 0.02
-ledger = "{tmp_path / "ledger.db"}"
-lifetime_budget_bytes = 1000000
-downlink_log = "{tmp_path / "downlink.jsonl"}"
-receive_counter = "{tmp_path / "received.db"}"
-[inner]
-max_batch = 4
-audit = "{tmp_path / "audit.db"}"
-[outer]
-model_name = "tiny"
-{outer}
-"""
+    def make(outer: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None):
+        return write_config(
+            tmp_path / "uplimit.toml",
+            {
+                "models": tiny_models(tiny_pair_dirs),
+                "coding": {"frame_tokens": 4, "max_streams": 8, "max_context": 256},
+                "link": {
+                    "downlink_port": free_port(),
+                    "uplink_port": free_port(),
+                    "tick_s": 0.02,
+                    "lifetime_budget_bytes": 1_000_000,
+                    **link_files(tmp_path),
+                },
+                "inner": {"max_batch": 4, "audit": tmp_path / "audit.db"},
+                "outer": {"model_name": "tiny", **(outer or {})},
+            },
+            env,
         )
-        return load_config(path, env=env or {})
 
     return make
 
 
 # --- link layer: ledger backends, a throwaway PostgreSQL server, the kernel meter -----------
 # Self-contained: imports are local so this block can move or go without touching the rest.
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _postgres_bindir() -> Path | None:
@@ -165,7 +156,7 @@ def postgres_url() -> Iterator[str]:
             unavailable("postgres", "running as root with no `postgres` user to run the server")
         shutil.chown(root, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def pg(tool: str, *args: str) -> None:
         subprocess.run(

@@ -23,14 +23,13 @@ import zstandard
 
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.codec import Prediction, cost_bits, plain_cost_bits
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
-from uplimit.inner.generate import Request, generate
 from uplimit.models.base import LanguageModel, Logits, SeqId, Session
+from uplimit.progress import Progress
 from uplimit.prompts import Prompt
 from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
 from uplimit.wire.streams import StreamSpec, StreamState
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ def run_bench(
             {
                 "id": p.id,
                 "tokens": len(r),
-                "finish_reason": g.finish_reason,
+                "finish_reason": g.finish_reason.openai,
                 "payload_bits": enc_out["stream_bits"].get(i, 0.0),
                 # frame overhead shared out per token
                 "bits": enc_out["stream_bits"].get(i, 0.0)

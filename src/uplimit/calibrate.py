@@ -12,19 +12,19 @@ integers and a few floats, must be identical on both sides.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from uplimit.coding.calibration import Calibration, fit_flag
 from uplimit.coding.codec import StepContext, predict
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
-from uplimit.inner.generate import Request, generate
 from uplimit.models.base import LanguageModel
+from uplimit.progress import Progress
 from uplimit.prompts import Prompt
 
-Progress = Callable[[str, int, int], None]
 MISS_SCALES = tuple(round(0.2 * 1.2**i, 4) for i in range(16))  # 0.2 .. 3.1
 
 
@@ -118,6 +118,27 @@ class FitReport:
     hit_rate: float
     miss_scale: float
     bits_per_token: float  # on the training data, with the fitted calibration (ideal code)
+
+
+def observe_regimes(
+    strong: LanguageModel,
+    weak: LanguageModel,
+    prompts: Sequence[Prompt],
+    temperatures: Sequence[float],
+    max_tokens: int,
+    seed: int,
+    progress: Progress,
+) -> tuple[Observations, Observations]:
+    """`observe` at each temperature, merged by regime: (greedy: T = 0, sampled: T > 0)."""
+    greedy, sampled = Observations(), Observations()
+    for t in temperatures:
+        obs = observe(strong, weak, prompts, SamplingParams(temperature=t), max_tokens, seed,
+                      progress)  # fmt: skip
+        target = greedy if t == 0 else sampled
+        target.margins += obs.margins
+        target.hits += obs.hits
+        target.miss_costs += obs.miss_costs
+    return greedy, sampled
 
 
 def fit(

@@ -26,19 +26,14 @@ checks what changes coded bytes; the rest only has to fit.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from uplimit.errors import ConfigError
-
-if TYPE_CHECKING:
-    from uplimit.coding.calibration import Calibration
 
 __all__ = [
     "CodingConfig",
@@ -48,14 +43,11 @@ __all__ = [
     "LinkConfig",
     "ModelsConfig",
     "OuterConfig",
+    "Side",
     "VerifierConfig",
-    "load_calibration",
     "load_config",
     "rollout_record_path",
-    "with_active_weak",
 ]
-
-log = logging.getLogger(__name__)
 
 
 def _home() -> Path:
@@ -248,20 +240,6 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     return config
 
 
-def load_calibration(config: Config, weak_sha256: str) -> Calibration:
-    """The configured calibration, else the one shipped for the pair (both sides must agree:
-    the fingerprint compares its digest). The outer has no strong model file, so for a pair
-    other than the pinned one it needs `models.calibration`."""
-    from uplimit.coding.calibration import Calibration, for_pair
-    from uplimit.models import store
-
-    if config.models.calibration:
-        return Calibration.load(Path(config.models.calibration).expanduser())
-    if config.models.strong == "strong":
-        return for_pair(store.STRONG.sha256, weak_sha256)
-    return Calibration()
-
-
 Side = Literal["inner", "outer"]
 
 
@@ -269,23 +247,3 @@ def rollout_record_path(config: Config, side: Side) -> Path:
     """Where a side records the weak model a rollout switched it to (`models.active`)."""
     section = config.inner if side == "inner" else config.outer
     return config.path(section.rollout_record, f"rollout-{side}.json")
-
-
-def with_active_weak(config: Config, side: Side) -> Config:
-    """`config` with `[models] weak` and `calibration` from the side's rollout record, if any."""
-    from uplimit.models.active import ActiveWeak
-
-    path = rollout_record_path(config, side)
-    record = ActiveWeak.load(path)
-    if record is None:
-        return config
-    log.warning(
-        "%s: serving the weak model a rollout switched to, %s (sha256 %s…), not [models] weak;"
-        " delete %s to go back",
-        side,
-        record.weak,
-        record.sha256[:16],
-        path,
-    )
-    models = dataclasses.replace(config.models, weak=record.weak, calibration=record.calibration)
-    return dataclasses.replace(config, models=models)

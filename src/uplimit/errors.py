@@ -1,8 +1,10 @@
-"""Every error uplimit raises, in one tree.
+"""Every error uplimit raises, in one tree; each says whose fault it is.
 
     UplimitError
-    ├── ConfigError          the caller asked for something invalid (bad path, bad value)
+    ├── InvalidRequest       a client's request is invalid (its input: the API answers 400)
+    ├── ConfigError          the operator's configuration or a command's arguments are invalid
     │   └── ModelPairError   strong and weak models cannot be used together
+    ├── InternalError        an invariant of uplimit's own broke: a bug (500, logged with cause)
     ├── ModelFetchError      a model could not be fetched, or failed its hash check
     ├── BackendError         a model backend failed (native call returned an error)
     ├── CodecError           coded data could not be coded or decoded
@@ -12,11 +14,13 @@
         ├── LedgerError      the durable ledger could not check or record a charge
         ├── LinkClosed       the uplink was closed (fail closed) and sends nothing more
         ├── KernelMeterError the kernel meter (netns, veth, nftables quota) failed
-        ├── ProtocolError    the peer broke the link protocol; the connection is closed
+        ├── ProtocolError    bytes from the peer broke the protocol: alarm, connection closed
         └── FingerprintMismatch  the sides' codec fingerprints differ: refuse to serve
 
-Foreign exceptions are mapped once, at the boundary that calls the foreign code,
-with `raise ... from`.
+Foreign exceptions are mapped once, at the boundary that calls the foreign code, with
+`raise ... from`; uplimit's own are mapped once at each outer boundary (`outer.app` for HTTP,
+`cli.main` for the command line). Code that parses a peer's bytes turns an InvalidRequest
+raised on them into a ProtocolError: there, the peer is at fault, not a client.
 """
 
 
@@ -24,8 +28,16 @@ class UplimitError(Exception):
     """Base of every error raised by uplimit."""
 
 
+class InvalidRequest(UplimitError):
+    """A client's request is invalid: its sampling parameters, stream limits or messages."""
+
+
 class ConfigError(UplimitError):
-    """Invalid configuration or arguments."""
+    """Invalid configuration or arguments (the operator's, or a caller's within uplimit)."""
+
+
+class InternalError(UplimitError):
+    """An invariant of uplimit's own broke: a bug, never the client's or the peer's fault."""
 
 
 class ModelPairError(ConfigError):

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 from uplimit.bench import stream_seed
 from uplimit.coding.sampling import SamplingParams
-from uplimit.inner.request import GenerationRequest
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.models.base import LanguageModel
 from uplimit.prompts import Prompt
+from uplimit.wire.request import GenerationRequest
 from uplimit.wire.streams import StreamSpec
 
 __all__ = ["SpeedSettings", "drain", "run_speed"]

@@ -68,8 +68,8 @@ def _receiver_target(corpus: Path):
 
     torch.set_num_threads(1)
     from uplimit.coding.calibration import Calibration
+    from uplimit.coding.generate import Request, generate
     from uplimit.coding.sampling import SamplingParams
-    from uplimit.inner.generate import Request, generate
     from uplimit.models.hf import HFModel
     from uplimit.models.tiny import build_tiny_pair
     from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_digest

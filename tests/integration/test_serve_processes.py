@@ -15,13 +15,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from support.config import tiny_models, write_config
+from support.net import free_port
 
 UPLIMIT = str(Path(sys.executable).with_name("uplimit"))
 
@@ -44,12 +46,6 @@ from uplimit.cli import main
 sys.argv = ["uplimit", "serve", "inner", "--config", sys.argv[1]]
 main()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Processes:
@@ -114,40 +110,20 @@ def _complete(url: str, **body) -> dict:
 
 
 def test_honest_streams_agree_and_a_dishonest_inner_is_caught(tiny_pair_dirs, tmp_path):
-    strong_dir, weak_dir = tiny_pair_dirs
-    port, outer_metrics, verifier_port, verifier_metrics = (_free_port() for _ in range(4))
+    port, outer_metrics, verifier_port, verifier_metrics = (free_port() for _ in range(4))
     verdicts = tmp_path / "verdicts.jsonl"
     config = tmp_path / "uplimit.toml"
-    config.write_text(
-        f"""
-[models]
-strong = "{strong_dir}"
-weak = "{weak_dir}"
-backend = "hf"
-[coding]
-frame_tokens = 4
-max_streams = 8
-max_context = 256
-[link]
-downlink_port = {_free_port()}
-uplink_port = {_free_port()}
-tick_s = 0.02
-lifetime_budget_bytes = 1000000
-[inner]
-max_batch = 4
-frame_delay_s = 0
-[outer]
-port = {port}
-metrics_port = {outer_metrics}
-model_name = "tiny"
-verifier = "127.0.0.1:{verifier_port}"
-verify_rate = 1.0
-[verifier]
-port = {verifier_port}
-verdicts = "{verdicts}"
-metrics_port = {verifier_metrics}
-"""
-    )
+    write_config(config, {
+        "models": tiny_models(tiny_pair_dirs),
+        "coding": {"frame_tokens": 4, "max_streams": 8, "max_context": 256},
+        "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.02,
+                 "lifetime_budget_bytes": 1000000},
+        "inner": {"max_batch": 4, "frame_delay_s": 0},
+        "outer": {"port": port, "metrics_port": outer_metrics, "model_name": "tiny",
+                  "verifier": f"127.0.0.1:{verifier_port}", "verify_rate": 1.0},
+        "verifier": {"port": verifier_port, "verdicts": verdicts,
+                     "metrics_port": verifier_metrics},
+    })  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     outer_url = f"http://127.0.0.1:{outer_metrics}/metrics"
     verifier_url = f"http://127.0.0.1:{verifier_metrics}/metrics"
@@ -208,30 +184,16 @@ metrics_port = {verifier_metrics}
 
 
 def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dirs, tmp_path):
-    strong_dir, weak_dir = tiny_pair_dirs
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     config = tmp_path / "uplimit.toml"
-    config.write_text(
-        f"""
-[models]
-strong = "{strong_dir}"
-weak = "{weak_dir}"
-backend = "hf"
-[coding]
-frame_tokens = 1
-max_context = 512
-[link]
-downlink_port = {_free_port()}
-uplink_port = {_free_port()}
-tick_s = 0.5
-[inner]
-frame_delay_s = 0
-[outer]
-port = {port}
-metrics_port = {metrics_port}
-model_name = "tiny"
-"""
-    )  # one token per half-second frame: the request below would run for minutes
+    # One token per half-second frame: the request below would run for minutes.
+    write_config(config, {
+        "models": tiny_models(tiny_pair_dirs),
+        "coding": {"frame_tokens": 1, "max_context": 512},
+        "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.5},
+        "inner": {"frame_delay_s": 0},
+        "outer": {"port": port, "metrics_port": metrics_port, "model_name": "tiny"},
+    })  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     procs = Processes(tmp_path)

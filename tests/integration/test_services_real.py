@@ -11,10 +11,10 @@ import openai
 import pytest
 
 from support.waiting import stop_task, wait_healthy
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.config import load_config
 from uplimit.inner.audit import AuditStore
-from uplimit.inner.generate import Request, generate
 from uplimit.inner.serve import serve_inner
 from uplimit.outer.serve import serve_outer
 

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from uplimit.coding.sampling import SamplingParams
-from uplimit.inner.request import GenerationRequest
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.speed import drain
+from uplimit.wire.request import GenerationRequest
 from uplimit.wire.streams import StreamSpec
 
 pytestmark = pytest.mark.real

@@ -21,14 +21,15 @@ from pathlib import Path
 import pytest
 
 from uplimit.coding.calibration import Calibration
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import LinkClosed
-from uplimit.inner.generate import Request, generate
 from uplimit.link.budget import CONNECT_CHARGE_BYTES, Budgets
+from uplimit.link.inner_link import END_RESERVE_BYTES
 from uplimit.link.ledger import SqliteLedger
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics, serve_metrics
-from uplimit.link.transport import END_RESERVE_BYTES, OuterLink
+from uplimit.link.outer_link import OuterLink
 from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_digest
 from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
 from uplimit.wire.protocol import (
@@ -70,7 +71,7 @@ def random_answer(spec, n_vocab, eos):
 
 from uplimit.errors import UplimitError
 from uplimit.link.ledger import SqliteLedger
-from uplimit.link.transport import InnerLink, serve_frames
+from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.wire.protocol import DownlinkLimits
 
 class Idle:
@@ -94,7 +95,7 @@ class Coded:
         self.k, self.todo, self.cancelled, self.info = k, {}, set(), weak.info
 
     def open_stream(self, spec, extra):
-        from uplimit.inner.generate import Request, generate
+        from uplimit.coding.generate import Request, generate
         self.enc.add_stream(spec)
         if json.loads(extra or b"{}").get("answer") == "random":
             self.todo[spec.stream_id] = random_answer(spec, self.info.n_vocab, self.info.eos_ids)

@@ -14,7 +14,7 @@ from uplimit.coding.calibration import Calibration, FlagModel, fit_flag
 from uplimit.coding.codec import StepContext, decode_token, encode_token, predict
 from uplimit.coding.noise import TAU, PositionNoise, position_key
 from uplimit.coding.sampling import SamplingParams, sample, support
-from uplimit.errors import ConfigError
+from uplimit.errors import ConfigError, InvalidRequest
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_support_is_top_k_then_top_p(tiny_logits):
 def test_sampling_params_are_validated():
     for bad in ({"temperature": -0.1}, {"temperature": math.nan}, {"top_p": 0.0},
                 {"top_p": 1.5}, {"top_k": -1}):  # fmt: skip
-        with pytest.raises(ConfigError):
+        with pytest.raises(InvalidRequest):  # a client's input
             SamplingParams(**bad)
 
 

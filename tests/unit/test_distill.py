@@ -10,13 +10,13 @@ import torch
 from gguf import GGMLQuantizationType
 
 from uplimit.coding.calibration import Calibration
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.distill import lora
 from uplimit.distill.collect import Answer, load_answers
 from uplimit.distill.export import export_distilled, list_distilled
 from uplimit.distill.train import TrainConfig, examples, split, train, turn_end
 from uplimit.errors import ConfigError
-from uplimit.inner.generate import Request, generate
 from uplimit.models.hf import HFModel
 from uplimit.models.store import sha256_file
 from uplimit.models.tiny import export_gguf as tiny_gguf
@@ -114,7 +114,7 @@ def test_training_lowers_held_out_bits_and_resumes_exactly(
     class Crash(Exception):
         pass
 
-    def crash_at_5(step: int, total: int, loss: float) -> None:
+    def crash_at_5(note: str, step: int, total: int) -> None:
         if step == 5:
             raise Crash
 

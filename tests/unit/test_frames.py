@@ -120,7 +120,7 @@ def test_random_schedules_round_trip(tiny_weak, withheld, seed, n_streams):
 
 def likely_frames(strong, specs, k=K) -> list[FrameContent]:
     """Frames of real generations of the tiny strong model (mostly likely tokens)."""
-    from uplimit.inner.generate import Request, generate
+    from uplimit.coding.generate import Request, generate
 
     gens, _ = generate(
         strong,
@@ -290,7 +290,7 @@ def test_a_switch_codes_new_streams_with_the_new_model_and_lets_old_ones_finish(
     """Streams 0 and 1 start on the weak model; after the switch, 2 and 3 are coded with the
     new one (here the strong model itself, so its guesses always hit) while 0 and 1 finish on
     the old one, which then leaves. A decoder that misses the switch is caught."""
-    from uplimit.inner.generate import Request, generate
+    from uplimit.coding.generate import Request, generate
 
     specs = make_specs(tiny_weak, 4, random.Random(5), max_tokens=24)
     gens, _ = generate(

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import subprocess
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import uplimit
+from support.hf import (
+    PROMPT,
+    logits_trace,
+)
 from uplimit.errors import ConfigError
 from uplimit.models.chat import Message
-from uplimit.models.hf import HFModel, HFSession
+from uplimit.models.hf import HFModel
 from uplimit.models.tiny import build_tiny_pair, export_gguf
 
 TEXTS = [
@@ -26,20 +24,6 @@ TEXTS = [
     "emoji 🙂🚀 and a tab\there",
     "  leading spaces, trailing newline\n\n",
 ]
-PROMPT = "def fibonacci(n):\n"
-# Forced continuation: fixed tokens, independent of what the model would pick.
-CONTINUATION = '    """Return n numbers."""\n    numbers = [0, 1]\n    return numbers\n'
-
-
-def logits_trace(session: HFSession, prompt: Sequence[int], forced: Sequence[int]) -> list[bytes]:
-    """Raw bytes of the logits after the prompt and after each forced token, one per call."""
-    seq, logits = session.prefill(prompt)
-    trace = [logits.tobytes()]
-    for token in forced:
-        trace.append(session.step({seq: token})[seq].tobytes())
-    return trace
-
-
 # --- tokenizer -------------------------------------------------------------------------------
 
 
@@ -96,13 +80,6 @@ def test_chat_tokens_end_with_assistant_header(tiny_strong: HFModel) -> None:
 # --- determinism -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_strong: HFModel) -> tuple[list[int], list[int], list[bytes]]:
-    prompt, forced = tiny_strong.tokenize(PROMPT), tiny_strong.tokenize(CONTINUATION)
-    with tiny_strong.session(max_sequences=1, max_context=256) as session:
-        return prompt, forced, logits_trace(session, prompt, forced)
-
-
 def test_logits_are_float32_copies(tiny_strong: HFModel) -> None:
     with tiny_strong.session(max_sequences=1, max_context=64) as session:
         seq, first = session.prefill(tiny_strong.tokenize(PROMPT))
@@ -154,38 +131,6 @@ def test_truncate_then_restep_reproduces(tiny_strong: HFModel, reference: tuple)
         assert session.length(seq) == keep
         again = [session.step({seq: t})[seq].tobytes() for t in forced[4:]]
     assert again == expected[5:]
-
-
-def test_fresh_process_gives_same_logits(
-    tiny_strong: HFModel, tiny_pair_dirs: tuple[Path, Path], reference: tuple
-) -> None:
-    prompt, forced, expected = reference
-    script = """
-import hashlib, json, sys
-import torch
-torch.set_num_threads(1)
-from uplimit.models.hf import HFModel
-model_dir, prompt, forced = json.loads(sys.argv[1])
-model = HFModel(model_dir)
-with model.session(max_sequences=1, max_context=256) as session:
-    seq, logits = session.prefill(prompt)
-    digest = hashlib.sha256(logits.tobytes())
-    for token in forced:
-        digest.update(session.step({seq: token})[seq].tobytes())
-print(digest.hexdigest())
-"""
-    src = str(Path(uplimit.__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    argument = json.dumps([str(tiny_pair_dirs[0]), prompt, forced])
-    result = subprocess.run(
-        [sys.executable, "-c", script, argument],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=True,
-    )
-    assert result.stdout.split()[-1] == hashlib.sha256(b"".join(expected)).hexdigest()
 
 
 def test_gguf_file_loads_to_the_same_model(

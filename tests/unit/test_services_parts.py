@@ -8,16 +8,12 @@ from hypothesis import strategies as st
 
 from uplimit.coding.sampling import SamplingParams
 from uplimit.config import load_config
-from uplimit.errors import ConfigError
+from uplimit.errors import ConfigError, InvalidRequest, ProtocolError
 from uplimit.inner.audit import AuditStore, GenerationRecord
 from uplimit.inner.reasoning import NoiseKeys, Splitter
-from uplimit.inner.request import (
-    GenerationRequest,
-    StopMatcher,
-    candidate_seed,
-    choice_seed,
-)
 from uplimit.outer.text import TextAssembler
+from uplimit.wire.request import GenerationRequest, candidate_seed, choice_seed
+from uplimit.wire.stops import StopMatcher
 from uplimit.wire.streams import StreamSpec
 
 # A toy vocabulary: token i is the i-th piece; 9 and 10 cut a UTF-8 character in two.
@@ -68,12 +64,15 @@ def test_request_options_round_trip():
     assert GenerationRequest.from_extra(spec, req.extra()) == req
     retrieval = GenerationRequest(spec, "w", withheld_id="chatcmpl-1/3")
     assert GenerationRequest.from_extra(spec, retrieval.extra()).withheld_id == "chatcmpl-1/3"
-    for bad in (b"", b"{}", b"[1]", b'{"request_id": "x", "stop": 5, "best_of": 1}'):
-        with pytest.raises(ConfigError):
+    # Options that came down the link are the peer's bytes; the same limits on a client's input
+    # are the client's fault.
+    for bad in (b"", b"{}", b"[1]", b'{"request_id": "x", "stop": 5, "best_of": 1}',
+                b'{"request_id": "x", "stop": [], "best_of": 17}'):  # fmt: skip
+        with pytest.raises(ProtocolError):
             GenerationRequest.from_extra(spec, bad)
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidRequest):
         GenerationRequest(spec, "x", stop=("a",) * 5)
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidRequest):
         GenerationRequest(spec, "x", best_of=0)
 
 

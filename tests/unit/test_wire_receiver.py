@@ -44,7 +44,7 @@ class Scenario:
     """Three streams answered by the tiny strong model, framed K tokens a tick, coded."""
 
     def __init__(self, strong, weak) -> None:
-        from uplimit.inner.generate import Request, generate
+        from uplimit.coding.generate import Request, generate
 
         self.weak = weak
         self.config = FrameConfig(K, weak.info.n_vocab)

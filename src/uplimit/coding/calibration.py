@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from uplimit.config import ModelsConfig
 from uplimit.errors import ConfigError
+from uplimit.models.pins import STRONG
 
 FLAG_BITS = 16  # hit probabilities are multiples of 2**-16
 FLAG_TOTAL = 1 << FLAG_BITS
@@ -147,3 +149,14 @@ def fit_flag(
         c = min(_MAX_COUNT, max(_MIN_COUNT, round(FLAG_TOTAL * h / n)))
         counts += [c] * int(k)
     return FlagModel(tuple(edges), tuple(counts))
+
+
+def configured(models: ModelsConfig, weak_sha256: str) -> Calibration:
+    """The configured calibration, else the one shipped for the pair (both sides must agree:
+    the fingerprint compares its digest). The outer has no strong model file, so for a pair
+    other than the pinned one it needs `models.calibration`."""
+    if models.calibration:
+        return Calibration.load(Path(models.calibration).expanduser())
+    if models.strong == "strong":
+        return for_pair(STRONG.sha256, weak_sha256)
+    return Calibration()

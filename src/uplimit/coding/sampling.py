@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uplimit.coding.noise import PositionNoise
-from uplimit.errors import ConfigError
+from uplimit.errors import InternalError, InvalidRequest
 
 # Nucleus candidates are first looked for among the tokens within this many units of x = logits/T
 # of the top one (a comparison over the vocabulary instead of a partition); the full sort is
@@ -35,11 +35,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0):
-            raise ConfigError(f"temperature must be in [0, 2], got {self.temperature}")
+            raise InvalidRequest(f"temperature must be in [0, 2], got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ConfigError(f"top_k must be a non-negative integer, got {self.top_k}")
+            raise InvalidRequest(f"top_k must be a non-negative integer, got {self.top_k}")
 
     @property
     def greedy(self) -> bool:
@@ -86,7 +86,7 @@ def sample(
     if params.greedy:
         return int(np.argmax(logits))
     if noise is None:
-        raise ConfigError("sampling at T > 0 needs the position's noise")
+        raise InternalError("sampling at T > 0 needs the position's noise")
     x = logits.astype(np.float64) / params.temperature
     winner, _, _ = noise.perturbed_argmax(x, support(logits, params))
     return winner

@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import openai
 
 from uplimit.errors import ConfigError
+from uplimit.progress import Progress
 from uplimit.prompts import Prompt
-
-Progress = Callable[[int, int], None]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ async def collect(
             done[answer.key] = answer
             finished += 1
             if progress:
-                progress(finished, total)
+                progress("", finished, total)
 
         try:
             await asyncio.gather(*(ask(i, p, t) for i, p, t in todo))

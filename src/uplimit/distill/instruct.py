@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable
 
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
-from uplimit.inner.generate import Request, generate
 from uplimit.models.base import LanguageModel
 from uplimit.models.chat import Message
+from uplimit.progress import Progress
 from uplimit.prompts import Prompt, humaneval, stdlib_questions
 
 LANGUAGES = (
@@ -37,8 +37,6 @@ _ASKS = (
 )
 _WRITER = SamplingParams(temperature=1.0, top_p=0.95)
 _MAX_QUESTION_TOKENS = 80
-
-Progress = Callable[[int, int], None]
 
 
 def self_instruct(
@@ -77,7 +75,7 @@ def self_instruct(
                 message = Message(role="user", content=question)
                 prompts.append(Prompt(f"self/{len(prompts):04d}", (message,)))
         if progress:
-            progress(len(prompts), count)
+            progress("", len(prompts), count)
     return prompts
 
 

@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from uplimit.distill.collect import Answer
 from uplimit.errors import ConfigError
 from uplimit.models.base import LanguageModel
 from uplimit.models.chat import Message
+from uplimit.progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -70,9 +71,6 @@ class TrainResult:
     train_tokens: int  # answer tokens per epoch
     before: Evaluation
     after: Evaluation
-
-
-Progress = Callable[[int, int, float], None]  # step, total steps, running loss (bits/token)
 
 
 def turn_end(model: LanguageModel) -> int:
@@ -203,7 +201,7 @@ def train(
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == len(schedule):
             _checkpoint(workdir / CHECKPOINT, identity, adapters, optimizer, step + 1)
         if progress:
-            progress(step + 1, len(schedule), running)
+            progress(f"{running:.3f} bits/token", step + 1, len(schedule))
     model.eval()
     seconds = time.monotonic() - started
     after = evaluate(model, held_out, config.batch_tokens)

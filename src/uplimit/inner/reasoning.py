@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from uplimit.inner.request import derive_seed
+from uplimit.wire.request import derive_seed
 
 __all__ = ["NoiseKeys", "Split", "Splitter"]
 

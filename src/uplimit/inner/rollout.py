@@ -52,7 +52,7 @@ class _Incoming:
 
 
 class WeakRollout:
-    """`link.transport.ModelSink` for an `InnerService` (module doc)."""
+    """`link.inner_link.ModelSink` for an `InnerService` (module doc)."""
 
     def __init__(
         self,

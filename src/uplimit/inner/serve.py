@@ -12,15 +12,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from uplimit.config import Config, load_calibration, rollout_record_path
+from uplimit.coding.calibration import configured as configured_calibration
+from uplimit.config import Config, rollout_record_path
 from uplimit.errors import ConfigError, LinkClosed
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.rollout import WeakRollout
-from uplimit.inner.scheduler import SCORERS, SchedulerConfig
+from uplimit.inner.scheduler import SchedulerConfig
+from uplimit.inner.scoring import SCORERS
 from uplimit.inner.service import InnerService
 from uplimit.link.budget import Budgets
+from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.ledger import Ledger, open_ledger
-from uplimit.link.transport import InnerLink, serve_frames
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import load_configured
 from uplimit.wire.fingerprint import codec_fingerprint
@@ -112,7 +114,7 @@ async def serve_inner(
     connect_timeout_s: float = 300.0,
 ) -> EndReason:
     """Serve one link to its end; returns why it ended (SHUTDOWN, or a budget)."""
-    calibration = load_calibration(config, weak.info.file_sha256)
+    calibration = configured_calibration(config.models, weak.info.file_sha256)
     audit = AuditStore(config.path(config.inner.audit, "audit.db"))
     ledger = open_ledger(
         str(config.path(config.link.ledger, "ledger.db")), budgets_for(config, strong)

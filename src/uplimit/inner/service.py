@@ -1,6 +1,6 @@
 """The inner side's service: scheduler + frame encoder, as the link's serving loop drives them.
 
-`InnerService` is a `link.transport.FrameSource`: the serving loop (`serve_frames`, or the
+`InnerService` is a `link.inner_link.FrameSource`: the serving loop (`serve_frames`, or the
 in-process link in tests) calls `open_stream`, `cancel`, `next_frame` and `resend` one at a
 time from a worker thread, in downlink order, so the encoder and its weak session are only ever
 touched by one thread at a time. The strong model runs in a thread of its own (`start`), so
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.codec import Prediction, cost_bits
 from uplimit.inner.audit import AuditStore
-from uplimit.inner.request import GenerationRequest
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.models.base import LanguageModel, Logits
-from uplimit.wire.frame import FrameConfig, FrameEncoder
+from uplimit.wire.frame import FrameConfig, FrameEncoder, overhead_per_token
+from uplimit.wire.request import GenerationRequest
 from uplimit.wire.streams import StreamSpec, StreamState
 
 if TYPE_CHECKING:  # the rotation imports torch: only services that rotate pay for it
@@ -111,10 +111,9 @@ class InnerService:
         data, stats = self.encoder.encode(frame.content)
         self.frames += 1
         self.uploaded_bytes += len(data)
-        if stats.tokens:
-            overhead = (8 * len(data) - stats.token_bits) / stats.tokens
-            for sid, toks in frame.content.tokens.items():
-                self._bits[sid] += overhead * len(toks)
+        overhead = overhead_per_token(len(data), stats.token_bits, stats.tokens)
+        for sid, toks in frame.content.tokens.items():
+            self._bits[sid] += overhead * len(toks)
         for sid in frame.retired:
             self.scheduler.release(sid, self._bits.pop(sid, 0.0))
         return data

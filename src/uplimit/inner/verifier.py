@@ -41,9 +41,9 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from uplimit.config import Config
 from uplimit.errors import ConfigError, ProtocolError
 from uplimit.inner.serve import scheduler_config
-from uplimit.inner.spotcheck import Speculation, Verdict, check_reproducible, verify
+from uplimit.inner.spotcheck import Speculation, Verdict, verify
 from uplimit.models.base import LanguageModel
-from uplimit.wire.checks import CheckJob, CheckParser
+from uplimit.wire.checks import CheckJob, CheckParser, check_reproducible
 
 __all__ = ["Verifier", "VerifierMetrics", "serve_verifier"]
 

@@ -114,11 +114,6 @@ class KernelReading:
     def over_quota(self) -> bool:
         return self.dropped_packets > 0
 
-    @property
-    def data_bytes(self) -> int:
-        """IP bytes of what passed, less the payload-free TCP segments."""
-        return self.sent_bytes - self.ctl_bytes
-
 
 def _ruleset(ifname: str, quota_bytes: int) -> str:
     counters = ["sent", "dropped", "ctl", "other", *(f"tcp{d}" for d in _DOFFS)]

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from uplimit.errors import BudgetExhausted, ConfigError, LedgerError
 from uplimit.link._sqlite import LOCK_WAIT_S, connect_durable
+from uplimit.link.alarms import Alarm, AlarmHook
 from uplimit.link.budget import Budgets, Limit, Usage, decide
 
 __all__ = [
@@ -99,15 +100,6 @@ class LedgerState:
 
 
 @dataclass(frozen=True)
-class Alarm:
-    seq: int
-    at: float
-    link: str
-    kind: str  # "budget-exhausted" | "budget-changed"
-    message: str
-
-
-@dataclass(frozen=True)
 class BudgetChange:
     seq: int
     at: float
@@ -116,9 +108,6 @@ class BudgetChange:
     old: Budgets
     new: Budgets
     rearmed: Limit | None  # the latch this change cleared
-
-
-AlarmHook = Callable[[Alarm], None]
 
 
 class Ledger(Protocol):
@@ -293,7 +282,7 @@ class _SqlLedger(ABC):
             " RETURNING seq",
             (self.name, self.link, at, kind, message),
         ).fetchone()[0]
-        return Alarm(seq, at, self.link, kind, message)
+        return Alarm(at, kind, message, link=self.link, seq=seq)
 
     def _raise_alarm(self, alarm: Alarm) -> None:
         """After commit: log it and tell the hook (which must not raise)."""
@@ -429,7 +418,7 @@ class _SqlLedger(ABC):
                 " ORDER BY seq",
                 (self.name,),
             ).fetchall()
-        return [Alarm(*r) for r in rows]
+        return [Alarm(at, kind, msg, link=link, seq=seq) for seq, at, link, kind, msg in rows]
 
     def budget_changes(self) -> list[BudgetChange]:
         with self._lock, self._transaction(write=False) as execute:

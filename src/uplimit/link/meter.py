@@ -31,7 +31,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,10 @@ from uplimit.link.budget import (
 from uplimit.link.ledger import ChargeReceipt, Ledger
 
 __all__ = ["MeteredReader", "MeteredWriter", "ReceiveCounter"]
+
+
+# How an end opens a connection: `asyncio.open_connection`'s signature.
+OpenConnection = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
 class MeteredWriter:
@@ -83,14 +87,15 @@ class MeteredWriter:
         *,
         tick_s: float = DEFAULT_TICK_S,
         clock: Callable[[], float] = time.monotonic,
-        **open_kwargs: Any,
+        open_connection: OpenConnection = asyncio.open_connection,
     ) -> MeteredWriter:
-        """Charge the connection, then open it (`asyncio.open_connection(host, port, ...)`)."""
+        """Charge the connection, then open it (`open_connection(host, port)`: asyncio's, or a
+        `link.memory.MemoryNetwork`'s)."""
         await asyncio.to_thread(
             ledger.charge, 0, timing_bytes=CONNECT_CHARGE_BYTES, note=f"connect {host}:{port}"
         )
         try:
-            _, writer = await asyncio.open_connection(host, port, **open_kwargs)
+            _, writer = await open_connection(host, port)
         except OSError as e:
             raise LinkClosed(f"cannot connect the uplink to {host}:{port}: {e}") from e
         return cls(writer, ledger, tick_s=tick_s, clock=clock)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from uplimit.config import Config, Side, rollout_record_path
 from uplimit.errors import ConfigError
 
-__all__ = ["ActiveWeak"]
+__all__ = ["ActiveWeak", "with_active_weak"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,3 +53,21 @@ class ActiveWeak:
         if not all(isinstance(v, str) and v for v in (record.weak, record.calibration)):
             raise ConfigError(f"rollout record {path} names no model or calibration")
         return record
+
+
+def with_active_weak(config: Config, side: Side) -> Config:
+    """`config` with `[models] weak` and `calibration` from the side's rollout record, if any."""
+    path = rollout_record_path(config, side)
+    record = ActiveWeak.load(path)
+    if record is None:
+        return config
+    log.warning(
+        "%s: serving the weak model a rollout switched to, %s (sha256 %s…), not [models] weak;"
+        " delete %s to go back",
+        side,
+        record.weak,
+        record.sha256[:16],
+        path,
+    )
+    models = dataclasses.replace(config.models, weak=record.weak, calibration=record.calibration)
+    return dataclasses.replace(config, models=models)

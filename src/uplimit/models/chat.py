@@ -15,7 +15,7 @@ from typing import Literal, TypedDict
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from uplimit.errors import ConfigError
+from uplimit.errors import InvalidRequest
 
 
 class Message(TypedDict):
@@ -38,7 +38,7 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Message]) -> str:
         if not messages:
-            raise ConfigError("a chat needs at least one message")
+            raise InvalidRequest("a chat needs at least one message")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         template = env.from_string(self.source)
         return template.render(messages=list(messages), add_generation_prompt=True)

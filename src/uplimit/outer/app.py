@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -41,16 +42,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from uplimit.coding.generate import Finish
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError, LinkClosed, UplimitError
-from uplimit.inner.request import MAX_STOPS
+from uplimit.errors import ConfigError, InvalidRequest, LinkClosed, UplimitError
 from uplimit.outer.rollout import Rollout, RolloutBusy
 from uplimit.outer.service import Choice, Finished, OuterService, PromptTooLong, Submission
 from uplimit.outer.status import StatusBoard
 from uplimit.outer.status_page import add_status_routes
 from uplimit.wire.receiver import LinkState
+from uplimit.wire.request import MAX_STOPS, withheld_id
 
 __all__ = ["ApiSettings", "create_app"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -273,13 +277,13 @@ def create_app(
         ]
         try:
             prompt = model.chat_tokens(messages)
-        except ConfigError as e:
+        except InvalidRequest as e:
             raise _invalid(str(e), "messages") from e
         max_tokens = body.max_completion_tokens or body.max_tokens
         sub = await submit(body, prompt, max_tokens, f"chatcmpl-{uuid.uuid4().hex[:24]}")
         if body.stream:
-            return _sse(_chat_chunks(sub, body, settings, service))
-        return await _chat_response(sub, body, settings, service)
+            return _sse(_chunks(_CHAT, sub, body, settings, service))
+        return await _response(_CHAT, sub, body, settings, service)
 
     @app.post("/v1/completions")
     async def completions(body: _CompletionBody) -> Any:
@@ -298,8 +302,8 @@ def create_app(
             raise _invalid("the prompt is empty", "prompt")
         sub = await submit(body, ids, body.max_tokens or 16, f"cmpl-{uuid.uuid4().hex[:24]}")
         if body.stream:
-            return _sse(_completion_chunks(sub, body, settings, service))
-        return await _completion_response(sub, body, settings, service)
+            return _sse(_chunks(_COMPLETION, sub, body, settings, service))
+        return await _response(_COMPLETION, sub, body, settings, service)
 
     @app.post("/v1/uplimit/withheld")
     async def withheld(body: _WithheldBody) -> dict:
@@ -352,16 +356,18 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 def _api_error(e: UplimitError, service: OuterService) -> ApiError:
-    """The one mapping from uplimit's errors to HTTP."""
+    """The one mapping from uplimit's errors to HTTP: the client's input is a 400, the link's
+    state a 503, and anything else our fault, a 500 with its cause in the log."""
     if isinstance(e, PromptTooLong):
         return ApiError(400, str(e), "invalid_request_error", "context_length_exceeded", "messages")
-    if isinstance(e, ConfigError):
+    if isinstance(e, InvalidRequest):
         return _invalid(str(e), None)
     if isinstance(e, LinkClosed) and service.state is LinkState.EXHAUSTED:
         return ApiError(503, "upload budget exhausted", "server_error", "upload_budget_exhausted")
     if isinstance(e, LinkClosed):
         message = f"the inner side is unreachable ({service.uplink.reason})"
         return ApiError(503, message, "server_error", "inner_unreachable")
+    log.error("internal error answering a request: %r", e, exc_info=e)
     return ApiError(500, f"internal error: {e}", "server_error", None)
 
 
@@ -399,7 +405,7 @@ def _choice_extra(sub: Submission, index: int, f: Finished, settings: ApiSetting
     if f.tokens:
         extra["bits_per_token"] = round(f.bits / f.tokens, 4)
     if settings.reasoning:
-        extra["withheld_id"] = f"{sub.request_id}/{sub.choices[index].stream_id}"
+        extra["withheld_id"] = withheld_id(sub.request_id, sub.choices[index].stream_id)
         extra["withheld_tokens"] = f.withheld
     return extra
 
@@ -420,47 +426,51 @@ async def _gather(sub: Submission, service: OuterService) -> list[tuple[str, Fin
             await service.cancel(c)
         raise
     for _, f in results:
-        if f.reason == "error":
+        if f.reason is Finish.ERROR:
             raise _link_error(f, service)
     return list(results)
 
 
-async def _chat_response(
-    sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
+@dataclass(frozen=True)
+class _Shape:
+    """What differs between chat completions and completions; the builders below share the rest."""
+
+    object: str
+    chunk_object: str
+    chat: bool
+
+    def content(self, text: str) -> dict:
+        """A whole choice's text."""
+        return {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+
+    def delta(self, text: str) -> dict:
+        """A chunk's text ("" on a choice's last chunk)."""
+        if self.chat:
+            return {"delta": {"content": text} if text else {}}
+        return {"text": text}
+
+
+_CHAT = _Shape("chat.completion", "chat.completion.chunk", chat=True)
+_COMPLETION = _Shape("text_completion", "text_completion", chat=False)
+
+
+async def _response(
+    shape: _Shape, sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
 ) -> dict:
     results = await _gather(sub, service)
     finished = [f for _, f in results]
     return {
         "id": sub.request_id,
-        "object": "chat.completion",
+        "object": shape.object,
         "created": int(time.time()),
         "model": body.model,
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": f.reason,
+                **shape.content(text),
+                "finish_reason": f.reason.openai,
                 "logprobs": None,
             }
-            for i, (text, f) in enumerate(results)
-        ],
-        "usage": _usage(sub, finished),
-        "uplimit": _extra(sub, finished, settings),
-    }
-
-
-async def _completion_response(
-    sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
-) -> dict:
-    results = await _gather(sub, service)
-    finished = [f for _, f in results]
-    return {
-        "id": sub.request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": body.model,
-        "choices": [
-            {"index": i, "text": text, "finish_reason": f.reason, "logprobs": None}
             for i, (text, f) in enumerate(results)
         ],
         "usage": _usage(sub, finished),
@@ -507,64 +517,36 @@ def _stream_error(finished: Finished, service: OuterService) -> dict:
     return {"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}}
 
 
-async def _chat_chunks(
-    sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
+async def _chunks(
+    shape: _Shape, sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
 ) -> AsyncIterator[dict]:
     created = int(time.time())
 
-    def chunk(i: int, delta: dict, finish: str | None = None, **extra: Any) -> dict:
+    def chunk(i: int, content: dict, finish: str | None = None, **extra: Any) -> dict:
         return {
             "id": sub.request_id,
-            "object": "chat.completion.chunk",
+            "object": shape.chunk_object,
             "created": created,
             "model": body.model,
-            "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": i, **content, "finish_reason": finish, "logprobs": None}],
             **extra,
         }
 
-    for i in range(len(sub.choices)):
-        yield chunk(i, {"role": "assistant", "content": ""})
+    if shape.chat:  # each chat choice opens with its role
+        for i in range(len(sub.choices)):
+            yield chunk(i, {"delta": {"role": "assistant", "content": ""}})
     finished: dict[int, Finished] = {}
     async for i, event in _events(sub, service):
         if isinstance(event, str):
-            yield chunk(i, {"content": event})
-        elif event.reason == "error":
+            yield chunk(i, shape.delta(event))
+        elif event.reason is Finish.ERROR:
             yield _stream_error(event, service)
             return
         else:
             finished[i] = event
-            yield chunk(i, {}, event.reason, uplimit=_choice_extra(sub, i, event, settings))
+            extra = _choice_extra(sub, i, event, settings)
+            yield chunk(i, shape.delta(""), event.reason.openai, uplimit=extra)
     if (body.stream_options or {}).get("include_usage"):
         done = [finished[i] for i in range(len(sub.choices))]
         usage = {**chunk(0, {}), "choices": [], "usage": _usage(sub, done)}
         yield {**usage, "uplimit": _extra(sub, done, settings)}
-
-
-async def _completion_chunks(
-    sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
-) -> AsyncIterator[dict]:
-    created = int(time.time())
-
-    def chunk(i: int, text: str, finish: str | None = None, **extra: Any) -> dict:
-        return {
-            "id": sub.request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}],
-            **extra,
-        }
-
-    finished: dict[int, Finished] = {}
-    async for i, event in _events(sub, service):
-        if isinstance(event, str):
-            yield chunk(i, event)
-        elif event.reason == "error":
-            yield _stream_error(event, service)
-            return
-        else:
-            finished[i] = event
-            yield chunk(i, "", event.reason, uplimit=_choice_extra(sub, i, event, settings))
-    if (body.stream_options or {}).get("include_usage"):
-        done = [finished[i] for i in range(len(sub.choices))]
-        yield {**chunk(0, ""), "choices": [], "usage": _usage(sub, done)}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from uplimit.coding.calibration import Calibration
 from uplimit.errors import ConfigError, UplimitError
-from uplimit.link.transport import OuterLink
+from uplimit.link.outer_link import OuterLink
 from uplimit.models.active import ActiveWeak
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import check_same_tokenizer
@@ -117,7 +117,10 @@ class Rollout:
                 session.close()
                 loaded.close()
 
-            await self.link.switch_weak(session, calibration, release, fingerprint)
+            decoder = self.link.decoder
+            await self.link.switch_weak(
+                lambda: decoder.switch(session, calibration, release), fingerprint
+            )
             model = None  # the decoder owns it now
             ActiveWeak(str(path), str(calibration_path), status.sha256).save(self.record)
             status.state, status.switched = "switched", time.time()

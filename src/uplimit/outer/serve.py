@@ -19,20 +19,21 @@ from pathlib import Path
 
 import uvicorn
 
-from uplimit.config import Config, load_calibration, rollout_record_path
-from uplimit.inner.spotcheck import check_reproducible
+from uplimit.coding.calibration import configured as configured_calibration
+from uplimit.config import Config, rollout_record_path
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics, serve_metrics
-from uplimit.link.transport import OuterLink
+from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import load_configured
 from uplimit.outer.app import ApiSettings, create_app
-from uplimit.outer.link import FrameHook, TransportUplink
+from uplimit.outer.link import TransportUplink
 from uplimit.outer.monitor import BitsMonitor, MonitorThresholds
 from uplimit.outer.rollout import Rollout
 from uplimit.outer.service import OuterService
 from uplimit.outer.status import Alarm, StatusBoard, status_meters
 from uplimit.outer.verifier_feed import VerifierFeed
+from uplimit.wire.checks import check_reproducible
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig, FrameDecoder
 
@@ -54,7 +55,7 @@ async def serve_outer(
 ) -> None:
     """Serve until the HTTP server exits (a signal) or this is cancelled; then shut the link
     down (SHUTDOWN, so the inner stops too)."""
-    calibration = load_calibration(config, weak.info.file_sha256)
+    calibration = configured_calibration(config.models, weak.info.file_sha256)
     coding = config.coding
     frame_config = FrameConfig(
         coding.frame_tokens, weak.info.n_vocab, withheld_counts=config.reasoning is not None

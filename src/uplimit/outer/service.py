@@ -8,9 +8,10 @@ tokens of every decoded frame to the choices they belong to. A choice's events a
 
 A choice finishes when its stream ends on the link (EOS, max_tokens, or the inner's explicit
 end), or earlier when the outer sees a stop sequence: then it also cancels the stream, which
-matters when the link cannot tell the inner about stop sequences (`outer.link`). The reason:
-"stop" for EOS or a stop sequence, "length" otherwise. If the link stops serving, every open
-choice finishes with an error.
+matters when the link cannot tell the inner about stop sequences (`outer.link`). The reason is a
+`Finish` (EOS, STOP for a stop sequence, LENGTH, CANCELLED when the client went away); the API
+says "stop" for the first two and "length" otherwise. If the link stops serving, every open
+choice finishes with ERROR.
 
 Uplink bits per choice: what its tokens cost in the frames (`coding.codec.cost_bits`, from the
 decoder's observer) plus its share, by tokens, of the rest of each frame.
@@ -32,16 +33,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uplimit.coding.codec import Prediction, cost_bits
+from uplimit.coding.generate import Finish
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError, LinkClosed
-from uplimit.inner.request import GenerationRequest, choice_seed
+from uplimit.errors import InvalidRequest, LinkClosed
 from uplimit.models.base import LanguageModel, Logits
 from uplimit.outer.link import Uplink
 from uplimit.outer.monitor import BitsMonitor
 from uplimit.outer.text import TextAssembler
-from uplimit.wire.frame import FrameContent, FrameStats
+from uplimit.wire.frame import FrameContent, FrameStats, overhead_per_token
 from uplimit.wire.receiver import LinkState
-from uplimit.wire.streams import StreamSpec, StreamState
+from uplimit.wire.request import GenerationRequest, choice_seed
+from uplimit.wire.streams import StreamSpec, StreamState, ends_stream
 
 __all__ = ["Choice", "Finished", "OuterService", "PromptTooLong", "StreamEndHook", "Submission"]
 
@@ -51,17 +53,17 @@ SEED_MODULUS = 1 << 64
 StreamEndHook = Callable[[GenerationRequest, tuple[int, ...]], None]
 
 
-class PromptTooLong(ConfigError):
+class PromptTooLong(InvalidRequest):
     """The prompt and the requested tokens do not fit the context."""
 
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" | "length" | "error"
+    reason: Finish
     tokens: int  # uploaded tokens of this choice (a stop sequence's own token included)
     bits: float  # uplink bits this choice cost, its share of each frame's overhead included
     payload_bits: float  # of which its tokens' own code
-    error: str = ""  # set when reason is "error"
+    error: str = ""  # set when reason is ERROR
     withheld: int | None = None  # reasoning tokens kept inside; None: no reasoning configured
 
 
@@ -145,11 +147,11 @@ class OuterService:
         n: int = 1,
         best_of: int = 1,
     ) -> Submission:
-        """Send the request's streams down; raises PromptTooLong, ConfigError, LinkClosed."""
+        """Send the request's streams down; raises PromptTooLong, InvalidRequest, LinkClosed."""
         if not prompt:
-            raise ConfigError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty")
         if not 1 <= n <= self.max_choices:
-            raise ConfigError(f"n must be in 1..{self.max_choices}, got {n}")
+            raise InvalidRequest(f"n must be in 1..{self.max_choices}, got {n}")
         room = self.max_context - len(prompt) - 1
         if max_tokens is None:
             max_tokens = room
@@ -185,7 +187,7 @@ class OuterService:
         reasoning; greedy parameters, since there is nothing to sample.
         """
         if self.reasoning is None:
-            raise ConfigError("this server does not keep reasoning inside")
+            raise InvalidRequest("this server does not keep reasoning inside")
         self._require_serving()
         sid = next(self._ids)
         prompt = tuple(self.model.tokenize(self.reasoning[0]))
@@ -205,7 +207,7 @@ class OuterService:
     async def cancel(self, choice: Choice) -> None:
         """The client went away: stop the stream (the inner ends it at its next frame)."""
         if choice.finished is None:
-            self._finish(choice, "length")
+            self._finish(choice, Finish.CANCELLED)
         if choice.stream_id in self._open:
             await self.uplink.cancel(choice.stream_id)
 
@@ -244,7 +246,7 @@ class OuterService:
             del self._bits[stale]
         n_tokens = sum(map(len, content.tokens.values()))
         token_bits = 0.0 if stats.raw else sum(bits.values())
-        shared = (8 * stats.bytes - token_bits) / n_tokens if n_tokens else 0.0
+        shared = overhead_per_token(stats.bytes, token_bits, n_tokens)
         if self.reasoning:  # before the tokens: a stop sequence among them finishes the choice
             for sid in self._open.keys() & content.withheld.keys():
                 self._open[sid].withheld = content.withheld[sid]
@@ -259,7 +261,9 @@ class OuterService:
             if sid in content.ended or self._ends_implicitly(choice):
                 del self._open[sid]
                 if choice.finished is None:
-                    self._finish(choice, "stop" if choice.last_token in self.eos else "length")
+                    self._finish(
+                        choice, Finish.EOS if choice.last_token in self.eos else Finish.LENGTH
+                    )
                 if self.on_stream_end is not None:
                     self.on_stream_end(choice.request, tuple(choice.decoded))
                 if self.on_choice_end is not None:
@@ -278,19 +282,19 @@ class OuterService:
         if text:
             choice.events.put_nowait(text)
         if choice.text.stopped:
-            self._finish(choice, "stop")
+            self._finish(choice, Finish.STOP)
             task = asyncio.ensure_future(self.uplink.cancel(choice.stream_id))
             task.add_done_callback(lambda t: t.exception())
 
     def _ends_implicitly(self, choice: Choice) -> bool:
-        return choice.last_token in self.eos or choice.received >= choice.max_tokens
+        return ends_stream(choice.decoded, choice.max_tokens, self.eos)
 
-    def _finish(self, choice: Choice, reason: str, error: str = "") -> None:
+    def _finish(self, choice: Choice, reason: Finish, error: str = "") -> None:
         tail = choice.text.finish()
-        if tail and reason != "error":
+        if tail and reason is not Finish.ERROR:
             choice.events.put_nowait(tail)
         withheld = None
-        if self.reasoning and reason != "error":
+        if self.reasoning and reason is not Finish.ERROR:
             withheld = choice.withheld or 0  # a frame leaves zero counts out
         choice.finished = Finished(
             reason, choice.text.tokens, choice.bits, choice.payload_bits, error, withheld
@@ -301,7 +305,7 @@ class OuterService:
         state = await self.uplink.wait_final()
         for choice in self._open.values():
             if choice.finished is None:
-                self._finish(choice, "error", f"link {state}: {self.uplink.reason}")
+                self._finish(choice, Finish.ERROR, f"link {state}: {self.uplink.reason}")
         self._open.clear()
 
     async def aclose(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Callable, Iterable
 
-from uplimit.inner.request import StopMatcher
+from uplimit.wire.stops import StopMatcher
 
 __all__ = ["TextAssembler"]
 

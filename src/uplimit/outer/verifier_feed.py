@@ -1,7 +1,7 @@
 """The outer side's feed to the spot-check verifier: a random share of finished streams.
 
 `offer` (the service's `on_stream_end` hook, on the event loop) picks a stream at `rate` with
-the OS's randomness (`inner.spotcheck.pick`: the inner cannot predict which streams are
+the OS's randomness (`wire.checks.pick`: the inner cannot predict which streams are
 checked), encodes it as a CHECK (`wire.checks`) and queues it. A task sends the queue over one
 TCP connection, made when there is something to send and remade after a failure, with backoff.
 Serving never waits for the feed and never fails because of it: an offer does not block, the
@@ -23,10 +23,9 @@ import logging
 from collections import deque
 
 from uplimit.errors import ConfigError
-from uplimit.inner.request import GenerationRequest
-from uplimit.inner.spotcheck import pick
 from uplimit.link.metrics import OuterMetrics
-from uplimit.wire.checks import CHECK_PREAMBLE, CheckJob, encode_check
+from uplimit.wire.checks import CHECK_PREAMBLE, CheckJob, encode_check, pick
+from uplimit.wire.request import GenerationRequest
 
 __all__ = ["VerifierFeed"]
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from uplimit.errors import UplimitError
 from uplimit.inner.service import InnerService
+from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.kernel import KernelMeter, available
-from uplimit.link.transport import InnerLink, serve_frames
 from uplimit.models.base import Logits
 from uplimit.redteam.live import InnerEnv, Live, Outcome, Tap
 from uplimit.redteam.report import AttackRow, alarm_lines, short
@@ -448,7 +448,7 @@ class MalformedAttack:
             async def inner(env: InnerEnv, payload: bytes = payload) -> object:
                 link: InnerLink = await env.connect()
                 # Around `send_frame`'s framing, still through the meter (charged).
-                await link._require_uplink().send(payload, note="redteam")
+                await link.uplink_writer().send(payload, note="redteam")
                 await asyncio.sleep(10 * env.settings.tick_s)
                 await link.aclose()
                 return None

@@ -28,15 +28,18 @@ from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import LinkError, UplimitError
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.inner.service import InnerService
-from uplimit.inner.spotcheck import CheckJob, SpotChecker, Verdict
+from uplimit.inner.spotcheck import SpotChecker, Verdict
+from uplimit.link.alarms import Alarm
 from uplimit.link.budget import Budgets
+from uplimit.link.inner_link import InnerLink
 from uplimit.link.ledger import SqliteLedger
 from uplimit.link.meter import ReceiveCounter
-from uplimit.link.transport import InnerLink, LinkAlarm, OuterLink
+from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel, Logits
-from uplimit.outer.link import FrameHook, TransportUplink
+from uplimit.outer.link import TransportUplink
 from uplimit.outer.monitor import BitsMonitor, MonitorAlarm, MonitorThresholds
 from uplimit.outer.service import Finished, OuterService
+from uplimit.wire.checks import CheckJob
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameStats
 from uplimit.wire.receiver import LinkState
@@ -127,7 +130,7 @@ class Outcome:
     ended: float
     state: LinkState
     reason: str
-    link_alarms: list[LinkAlarm]
+    link_alarms: list[Alarm]
     monitor_alarms: list[MonitorAlarm]
     verdicts: list[Verdict]
     received_bytes: int  # the outer's receive counter

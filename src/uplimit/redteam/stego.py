@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from uplimit.inner.scheduler import Scheduler, SchedulerConfig, _Candidate
+from uplimit.inner.runs import CandidateRun
+from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.models.base import LanguageModel, Logits, SeqId
 from uplimit.wire.streams import StreamSpec
 
@@ -81,10 +82,10 @@ class StegoScheduler(Scheduler):
         self.stego = stego
         self._weak = weak.session(config.max_batch, config.max_context + 1)
         # candidate -> (weak sequence, tokens fed, latest weak logits)
-        self._weak_seq: dict[_Candidate, tuple[SeqId, int, Logits]] = {}
+        self._weak_seq: dict[CandidateRun, tuple[SeqId, int, Logits]] = {}
         self.bits_hidden = 0
 
-    def _weak_logits(self, c: _Candidate) -> Logits:
+    def _weak_logits(self, c: CandidateRun) -> Logits:
         for done in [d for d in self._weak_seq if d.done]:
             self._weak.drop(self._weak_seq.pop(done)[0])
         if c not in self._weak_seq:
@@ -97,8 +98,8 @@ class StegoScheduler(Scheduler):
         self._weak_seq[c] = (seq, fed, logits)
         return logits
 
-    def _sample(self, c: _Candidate, logits: Logits) -> tuple[int, float]:
-        token, logprob = super()._sample(c, logits)  # logprob only matters to best-of scoring
+    def choose(self, c: CandidateRun, logits: Logits) -> tuple[int, float]:
+        token, logprob = super().choose(c, logits)  # logprob only matters to best-of scoring
         spec = c.stream.request.spec
         carrier = self.stego.carrier(spec, len(c.tokens), self._weak_logits(c))
         if carrier is None:

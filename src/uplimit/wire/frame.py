@@ -119,6 +119,13 @@ class FrameStats:
     hits: int = 0
 
 
+def overhead_per_token(frame_bytes: int, token_bits: float, tokens: int) -> float:
+    """A frame's bits beyond its tokens' own code (counts, flags, check, padding; all of a raw
+    frame's), per token. Both sides charge each stream its tokens' code plus this for each of
+    its tokens, so a frame's bits are attributed to streams in one way."""
+    return (8 * frame_bytes - token_bits) / tokens if tokens else 0.0
+
+
 class _WeakState:
     """One weak model's sequences and latest logits, one per active stream coded with it."""
 
@@ -613,6 +620,3 @@ class FrameDecoder(_FrameSide):
             raise CodecError("integrity check failed")
         io.dec.finish()
         return content, raw
-
-    def _order_of(self, content: FrameContent) -> list[int]:
-        return list(self.table.active)

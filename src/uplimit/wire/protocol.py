@@ -58,11 +58,12 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import IntEnum
 from typing import TypeAlias
 
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError, ProtocolError
+from uplimit.errors import ConfigError, InvalidRequest, ProtocolError
+from uplimit.wire.parsing import Cursor, Parser, ParserState, read_uvarint, uvarint
 from uplimit.wire.streams import StreamSpec
 
 __all__ = [
@@ -90,7 +91,9 @@ __all__ = [
     "UplinkMessage",
     "UplinkParser",
     "encode_downlink",
+    "encode_spec",
     "encode_uplink",
+    "read_spec",
 ]
 
 PROTOCOL_VERSION = 1
@@ -235,17 +238,6 @@ class _Type(IntEnum):
 # --- encoding ---------------------------------------------------------------------------------
 
 
-def _uvarint(n: int) -> bytes:
-    if n < 0:
-        raise ConfigError(f"varints are unsigned, got {n}")
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _text(s: str, limit: int, what: str) -> bytes:
     data = s.encode()
     if len(data) > limit:
@@ -260,19 +252,19 @@ def _check_key(key: str) -> None:
         raise ConfigError(f"fingerprint key {key!r} must be 1.. of [A-Za-z0-9._-]")
 
 
-def _spec_body(spec: StreamSpec) -> bytes:
+def encode_spec(spec: StreamSpec) -> bytes:
     """A stream spec's fields, as OPEN_STREAM (and the verifier's CHECK, `wire.checks`) lay
     them out."""
     p = spec.params
     return b"".join(
         [
-            _uvarint(spec.stream_id),
+            uvarint(spec.stream_id),
             struct.pack(">Q", spec.seed),
-            _uvarint(spec.max_tokens),
+            uvarint(spec.max_tokens),
             struct.pack(">dd", p.temperature, p.top_p),
-            _uvarint(p.top_k),
-            _uvarint(len(spec.prompt)),
-            *map(_uvarint, spec.prompt),
+            uvarint(p.top_k),
+            uvarint(len(spec.prompt)),
+            *map(uvarint, spec.prompt),
         ]
     )
 
@@ -283,20 +275,20 @@ def _body(msg: DownlinkMessage) -> tuple[_Type, bytes]:
             keys = [k for k, _ in fields]
             if keys != sorted(set(keys)) or len(keys) > MAX_FIELDS:
                 raise ConfigError(f"HELLO needs at most {MAX_FIELDS} sorted, unique keys")
-            parts = [_uvarint(len(fields))]
+            parts = [uvarint(len(fields))]
             for key, value in fields:
                 _check_key(key)
                 k, v = _text(key, MAX_KEY_BYTES, "key"), _text(value, MAX_VALUE_BYTES, "value")
-                parts += [_uvarint(len(k)), k, _uvarint(len(v)), v]
+                parts += [uvarint(len(k)), k, uvarint(len(v)), v]
             return _Type.HELLO, b"".join(parts)
         case OpenStream(spec, extra):
             if len(extra) > MAX_EXTRA_BYTES:
                 raise ConfigError(f"OPEN_STREAM extra is over {MAX_EXTRA_BYTES:,} bytes")
-            return _Type.OPEN_STREAM, _spec_body(spec) + _uvarint(len(extra)) + extra
+            return _Type.OPEN_STREAM, encode_spec(spec) + uvarint(len(extra)) + extra
         case Cancel(stream_id):
-            return _Type.CANCEL, _uvarint(stream_id)
+            return _Type.CANCEL, uvarint(stream_id)
         case Resend(frame_no):
-            return _Type.RESEND, _uvarint(frame_no)
+            return _Type.RESEND, uvarint(frame_no)
         case Shutdown():
             return _Type.SHUTDOWN, b""
         case ModelOffer(sha256, size, calibration):
@@ -304,7 +296,7 @@ def _body(msg: DownlinkMessage) -> tuple[_Type, bytes]:
                 raise ConfigError(f"a model offer needs a sha256 and 1..{MAX_MODEL_BYTES} bytes")
             if len(calibration) > MAX_CALIBRATION_BYTES:
                 raise ConfigError(f"a calibration is at most {MAX_CALIBRATION_BYTES} bytes")
-            body = [sha256, _uvarint(size), _uvarint(len(calibration)), calibration]
+            body = [sha256, uvarint(size), uvarint(len(calibration)), calibration]
             return _Type.MODEL_OFFER, b"".join(body)
         case ModelData(data):
             if not data:
@@ -342,7 +334,7 @@ def encode_uplink(msg: UplinkMessage) -> bytes:
         case Frame(data):
             if not 1 <= len(data) <= MAX_FRAME_BYTES:
                 raise ConfigError(f"a frame is 1..{MAX_FRAME_BYTES} bytes, got {len(data)}")
-            return _uvarint(len(data)) + data
+            return uvarint(len(data)) + data
         case End(reason):
             return bytes([0, EndReason(reason)])
     raise ConfigError(f"not an uplink message: {msg!r}")
@@ -351,63 +343,8 @@ def encode_uplink(msg: UplinkMessage) -> bytes:
 # --- parsing ----------------------------------------------------------------------------------
 
 
-def _read_uvarint(
-    buf: bytes | bytearray, pos: int, limit: int, what: str
-) -> tuple[int, int] | None:
-    """(value, position after it), or None if `buf` ends inside it. Raises if the value
-    exceeds `limit` or is not minimally encoded (one value, one encoding)."""
-    value = 0
-    for i in range(max(1, -(-limit.bit_length() // 7))):
-        if pos + i >= len(buf):
-            return None
-        byte = buf[pos + i]
-        value |= (byte & 0x7F) << (7 * i)
-        if value > limit:
-            raise ProtocolError(f"{what} exceeds {limit}")
-        if not byte & 0x80:
-            if byte == 0 and i > 0:
-                raise ProtocolError(f"{what} is not minimally encoded")
-            return value, pos + i + 1
-    raise ProtocolError(f"{what} is longer than any value up to {limit} needs")
-
-
-class _Cursor:
-    """Reads one complete message body; running short or leaving bytes over is an error."""
-
-    def __init__(self, data: bytes, what: str) -> None:
-        self.data, self.pos, self.what = data, 0, what
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise ProtocolError(f"{self.what} is truncated")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def uvarint(self, limit: int, what: str) -> int:
-        got = _read_uvarint(self.data, self.pos, limit, f"{self.what}: {what}")
-        if got is None:
-            raise ProtocolError(f"{self.what} is truncated")
-        value, self.pos = got
-        return value
-
-    def text(self, limit: int, what: str) -> str:
-        raw = self.take(self.uvarint(limit, f"{what} length"))
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError as e:
-            raise ProtocolError(f"{self.what}: {what} is not UTF-8") from e
-        if not text.isprintable():
-            raise ProtocolError(f"{self.what}: {what} has control characters")
-        return text
-
-    def done(self) -> None:
-        if self.pos != len(self.data):
-            raise ProtocolError(f"{self.what} has {len(self.data) - self.pos} bytes left over")
-
-
-def _read_spec(c: _Cursor, n_vocab: int | None) -> StreamSpec:
-    """The fields `_spec_body` wrote; token ids must be below `n_vocab` when it is known."""
+def read_spec(c: Cursor, n_vocab: int | None) -> StreamSpec:
+    """The fields `encode_spec` wrote; token ids must be below `n_vocab` when it is known."""
     stream_id = c.uvarint(MAX_STREAM_ID, "stream id")
     (seed,) = struct.unpack(">Q", c.take(8))
     max_tokens = c.uvarint(MAX_STREAM_TOKENS, "max_tokens")
@@ -421,68 +358,8 @@ def _read_spec(c: _Cursor, n_vocab: int | None) -> StreamSpec:
     try:
         params = SamplingParams(temperature, top_p, top_k)
         return StreamSpec(stream_id, prompt, params, seed, max_tokens)
-    except ConfigError as e:
+    except InvalidRequest as e:
         raise ProtocolError(f"{c.what}: {e}") from e
-
-
-class _State(StrEnum):
-    START = "start"  # before the preamble / verdict
-    FIRST = "first"  # downlink: preamble read, HELLO expected
-    OPEN = "open"  # messages flow
-    DONE = "done"  # after the last message (SHUTDOWN, END, refusal): nothing may follow
-    ERROR = "error"
-
-
-class _Parser:
-    """Buffering, the ERROR latch and `eof`, shared by both directions."""
-
-    def __init__(self) -> None:
-        self.state = _State.START
-        self._buf = bytearray()
-        self._error: ProtocolError | None = None
-
-    def feed(self, data: bytes) -> list:
-        if self._error is not None:
-            raise ProtocolError(f"parser is in ERROR after: {self._error}") from self._error
-        self._buf += data
-        out = []
-        try:
-            while self._buf:
-                if self.state is _State.DONE:
-                    raise ProtocolError(f"{len(self._buf)} bytes after the last message")
-                got = self._next()
-                if got is None:
-                    break
-                msg, used = got
-                del self._buf[:used]
-                if msg is not None:  # None: a preamble, consumed without a message
-                    out.append(msg)
-        except ProtocolError as e:
-            self._fail(e)
-            raise
-        return out
-
-    def eof(self) -> None:
-        """The connection ended: fine between messages, an error inside one."""
-        if self._error is not None:
-            raise ProtocolError(f"parser is in ERROR after: {self._error}") from self._error
-        if self._buf:
-            error = ProtocolError(f"stream ended inside a message ({len(self._buf)} bytes)")
-            self._fail(error)
-            raise error
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def _fail(self, e: ProtocolError) -> None:
-        self._error = e
-        self.state = _State.ERROR
-        self._buf.clear()
-
-    def _next(self) -> tuple[object | None, int] | None:
-        """The next message and the bytes it used, or None until more bytes arrive."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -504,7 +381,7 @@ class DownlinkLimits:
             raise ConfigError("the downlink rate must be > 0, its burst >= one message")
 
 
-class DownlinkParser(_Parser):
+class DownlinkParser(Parser):
     """The inner side's parser of the downlink: preamble, HELLO, then the other messages."""
 
     def __init__(self, limits: DownlinkLimits | None = None, *, n_vocab: int | None = None):
@@ -517,15 +394,14 @@ class DownlinkParser(_Parser):
     def feed(self, data: bytes) -> list[DownlinkMessage]:
         return super().feed(data)
 
-    def _next(self) -> tuple[DownlinkMessage | None, int] | None:
-        buf = self._buf
-        if self.state is _State.START:
+    def parse_next(self, buf: bytearray) -> tuple[DownlinkMessage | None, int] | None:
+        if self.state is ParserState.START:
             n = len(DOWNLINK_PREAMBLE)
             if buf[:n] != DOWNLINK_PREAMBLE[: len(buf)]:
                 raise ProtocolError(f"downlink preamble {bytes(buf[:n])!r} is not protocol 1")
             if len(buf) < n:
                 return None
-            self.state = _State.FIRST
+            self.state = ParserState.FIRST
             return None, n
         if len(buf) < 5:
             return None
@@ -541,11 +417,11 @@ class DownlinkParser(_Parser):
             )
         if len(buf) < 5 + length:
             return None
-        if (kind is _Type.HELLO) != (self.state is _State.FIRST):
+        if (kind is _Type.HELLO) != (self.state is ParserState.FIRST):
             raise ProtocolError("HELLO must be the first downlink message, and only once")
-        msg = self._message(kind, _Cursor(bytes(buf[5 : 5 + length]), kind.name))
+        msg = self._message(kind, Cursor(bytes(buf[5 : 5 + length]), kind.name))
         self._track_transfer(msg)
-        self.state = _State.DONE if kind is _Type.SHUTDOWN else _State.OPEN
+        self.state = ParserState.DONE if kind is _Type.SHUTDOWN else ParserState.OPEN
         return msg, 5 + length
 
     def _track_transfer(self, msg: DownlinkMessage) -> None:
@@ -564,7 +440,7 @@ class DownlinkParser(_Parser):
                     raise ProtocolError("SWITCH before the offered model has fully arrived")
                 self.model_bytes_left = None
 
-    def _message(self, kind: _Type, c: _Cursor) -> DownlinkMessage:
+    def _message(self, kind: _Type, c: Cursor) -> DownlinkMessage:
         msg: DownlinkMessage
         if kind is _Type.HELLO:
             n = c.uvarint(MAX_FIELDS, "field count")
@@ -581,7 +457,7 @@ class DownlinkParser(_Parser):
                 raise ProtocolError(f"HELLO: {e}") from e
             msg = Hello(fields)
         elif kind is _Type.OPEN_STREAM:
-            spec = _read_spec(c, self.n_vocab)
+            spec = read_spec(c, self.n_vocab)
             msg = OpenStream(spec, c.take(c.uvarint(MAX_EXTRA_BYTES, "extra length")))
         elif kind is _Type.CANCEL:
             msg = Cancel(c.uvarint(MAX_STREAM_ID, "stream id"))
@@ -605,7 +481,7 @@ class DownlinkParser(_Parser):
         return msg
 
 
-class UplinkParser(_Parser):
+class UplinkParser(Parser):
     """The outer side's parser of the uplink: a verdict, then frames, then maybe END.
 
     `field_count` is the number of keys the outer sent in HELLO (a refusal indexes them).
@@ -623,18 +499,17 @@ class UplinkParser(_Parser):
     def feed(self, data: bytes) -> list[UplinkMessage]:
         return super().feed(data)
 
-    def _next(self) -> tuple[UplinkMessage, int] | None:
-        buf = self._buf
-        if self.state is _State.START:
+    def parse_next(self, buf: bytearray) -> tuple[UplinkMessage, int] | None:
+        if self.state is ParserState.START:
             if buf[0] == _ACCEPT:
                 if len(buf) < 1 + DIGEST_BYTES:
                     return None
-                self.state = _State.OPEN
+                self.state = ParserState.OPEN
                 return Accept(bytes(buf[1 : 1 + DIGEST_BYTES])), 1 + DIGEST_BYTES
             if buf[0] == _REFUSE:
-                return self._refusal()
+                return self._refusal(buf)
             raise ProtocolError(f"uplink verdict byte {buf[0]:#04x} is not protocol 1")
-        got = _read_uvarint(buf, 0, self.max_frame_bytes, "frame length")
+        got = read_uvarint(buf, 0, self.max_frame_bytes, "frame length")
         if got is None:
             return None
         length, pos = got
@@ -645,14 +520,14 @@ class UplinkParser(_Parser):
                 reason = EndReason(buf[1])
             except ValueError:
                 raise ProtocolError(f"unknown END reason {buf[1]}") from None
-            self.state = _State.DONE
+            self.state = ParserState.DONE
             return End(reason), 2
         if len(buf) < pos + length:
             return None
         return Frame(bytes(buf[pos : pos + length])), pos + length
 
-    def _refusal(self) -> tuple[Refuse, int] | None:
-        buf, pos = self._buf, 1
+    def _refusal(self, buf: bytearray) -> tuple[Refuse, int] | None:
+        pos = 1
         if len(buf) < 2:
             return None
         n = buf[pos]
@@ -676,7 +551,7 @@ class UplinkParser(_Parser):
                 raise ProtocolError("a refused value has control characters")
             fields.append((index, value))
             pos += 2 + length
-        self.state = _State.DONE
+        self.state = ParserState.DONE
         return Refuse(tuple(fields)), pos
 
 

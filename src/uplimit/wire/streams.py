@@ -11,12 +11,20 @@ same order, so "the i-th active stream" means the same stream on both.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from uplimit.coding.codec import StepContext
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError
+from uplimit.errors import InternalError, InvalidRequest
+
+__all__ = ["StreamSpec", "StreamState", "StreamTable", "ends_stream"]
+
+
+def ends_stream(tokens: Sequence[int], max_tokens: int, eos_ids: Container[int]) -> bool:
+    """The end both sides know without a word: the stream's last token is an end-of-sequence
+    token, or it has its `max_tokens` tokens."""
+    return bool(tokens) and (tokens[-1] in eos_ids or len(tokens) >= max_tokens)
 
 
 @dataclass(frozen=True)
@@ -31,11 +39,11 @@ class StreamSpec:
 
     def __post_init__(self) -> None:
         if not self.prompt:
-            raise ConfigError("a stream needs a non-empty prompt")
+            raise InvalidRequest("a stream needs a non-empty prompt")
         if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.seed < 1 << 64:
-            raise ConfigError("seed must be in [0, 2**64)")
+            raise InvalidRequest("seed must be in [0, 2**64)")
 
 
 @dataclass
@@ -63,26 +71,22 @@ class StreamTable:
 
     def add(self, spec: StreamSpec) -> None:
         if spec.stream_id in self._ids:
-            raise ConfigError(f"stream {spec.stream_id} was already added")
+            raise InternalError(f"stream {spec.stream_id} was already added")
         self._ids.add(spec.stream_id)
         self.pending.append(spec)
 
     def admit(self, count: int) -> list[StreamState]:
         if count > len(self.pending):
-            raise ConfigError(f"cannot admit {count} streams: {len(self.pending)} pending")
+            raise InternalError(f"cannot admit {count} streams: {len(self.pending)} pending")
         admitted = [StreamState(self.pending.popleft()) for _ in range(count)]
         for state in admitted:
             self.active[state.spec.stream_id] = state
         return admitted
 
-    def peek_pending(self, count: int) -> Sequence[StreamSpec]:
-        return [self.pending[i] for i in range(min(count, len(self.pending)))]
-
     def append_token(self, state: StreamState, token: int) -> None:
         """Record a coded token; the stream finishes on end-of-sequence or at max_tokens."""
         state.tokens.append(token)
-        if token in self.eos_ids or len(state.tokens) >= state.spec.max_tokens:
-            state.finished = True
+        state.finished = ends_stream(state.tokens, state.spec.max_tokens, self.eos_ids)
 
     def remove(self, stream_id: int) -> StreamState:
         return self.active.pop(stream_id)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from support.net import free_port
 from support.waiting import eventually, stop_task, wait_healthy
 from uplimit.inner.serve import serve_inner
 from uplimit.outer.serve import serve_outer
@@ -32,12 +32,6 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(
     os.environ.get("UPLIMIT_ARTIFACTS", Path(__file__).parents[2] / "build" / "test-artifacts")
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _at(data: dict, dotted: str) -> list:
@@ -78,11 +72,11 @@ def test_status_page_draws_the_running_system(
 ):
     if not Path(CHROMIUM).exists():
         missing("browser", f"no {CHROMIUM} (make installs Debian's chromium as root)")
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     config = tiny_services_config(
-        f'admin_key = "{ADMIN_KEY}"\nstatus_interval_s = 0.2\nport = {port}\n'
-        f"metrics_port = {metrics_port}"
-    )
+        {"admin_key": ADMIN_KEY, "status_interval_s": 0.2, "port": port,
+         "metrics_port": metrics_port}
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     bearer = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -174,9 +168,9 @@ def test_status_page_draws_the_running_system(
 def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
     """An outer alone, its budget left to the inner's default: the page says what it does not
     know instead of drawing guesses."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     config = tiny_services_config(
-        f"status_interval_s = 0.1\nport = {port}\nmetrics_port = {metrics_port}",
+        {"status_interval_s": 0.1, "port": port, "metrics_port": metrics_port},
         env={"UPLIMIT_LINK_LIFETIME_BUDGET_BYTES": "0"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -212,9 +206,9 @@ def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
 
 
 def test_a_meter_that_cannot_be_read_is_reported_not_drawn_as_zero(tiny_weak, tiny_services_config):
-    port = _free_port()
+    port = free_port()
     config = tiny_services_config(
-        f'status_interval_s = 0.1\nport = {port}\nmetrics_port = 0\nkernel_meter = "nosuchns"'
+        {"status_interval_s": 0.1, "port": port, "metrics_port": 0, "kernel_meter": "nosuchns"}
     )
     url = f"http://127.0.0.1:{port}"
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -20,16 +19,17 @@ import httpx
 import openai
 import pytest
 
+from support.config import link_files, write_config
+from support.net import free_port
 from support.waiting import eventually, stop_task, wait_healthy
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.sampling import SamplingParams
-from uplimit.config import load_config, with_active_weak
 from uplimit.errors import FingerprintMismatch, ProtocolError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.rollout import WeakRollout
 from uplimit.inner.serve import scheduler_config, serve_inner
 from uplimit.inner.service import InnerService
-from uplimit.models.active import ActiveWeak
+from uplimit.models.active import ActiveWeak, with_active_weak
 from uplimit.models.llama import LlamaModel
 from uplimit.models.tiny import export_gguf
 from uplimit.outer.serve import serve_outer
@@ -38,12 +38,6 @@ from uplimit.wire.protocol import ModelOffer
 from uplimit.wire.streams import StreamSpec
 
 ADMIN = "admin-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,41 +51,18 @@ def ggufs(tiny_pair_dirs, tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def _config(tmp_path: Path, strong: Path, weak: Path):
-    path = tmp_path / "uplimit.toml"
-    path.write_text(
-        f"""
-[models]
-strong = "{strong}"
-weak = "{weak}"
-threads = 1
-[coding]
-frame_tokens = 2
-max_streams = 8
-max_context = 512
-[link]
-downlink_port = {_free_port()}
-uplink_port = {_free_port()}
-tick_s = 0.05
-ledger = "{tmp_path / "ledger.db"}"
-lifetime_budget_bytes = 10000000
-downlink_log = "{tmp_path / "downlink.jsonl"}"
-receive_counter = "{tmp_path / "received.db"}"
-downlink_bytes_per_s = 40000000
-[inner]
-max_batch = 4
-frame_delay_s = 0.0
-audit = "{tmp_path / "audit.db"}"
-received_models = "{tmp_path / "received"}"
-rollout_record = "{tmp_path / "inner.json"}"
-[outer]
-port = {_free_port()}
-metrics_port = {_free_port()}
-model_name = "tiny"
-admin_key = "{ADMIN}"
-rollout_record = "{tmp_path / "outer.json"}"
-"""
-    )
-    return load_config(path, env={})
+    return write_config(tmp_path / "uplimit.toml", {
+        "models": {"strong": strong, "weak": weak, "threads": 1},
+        "coding": {"frame_tokens": 2, "max_streams": 8, "max_context": 512},
+        "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.05,
+                 "lifetime_budget_bytes": 10000000, "downlink_bytes_per_s": 40000000,
+                 **link_files(tmp_path)},
+        "inner": {"max_batch": 4, "frame_delay_s": 0.0, "audit": tmp_path / "audit.db",
+                  "received_models": tmp_path / "received",
+                  "rollout_record": tmp_path / "inner.json"},
+        "outer": {"port": free_port(), "metrics_port": free_port(), "model_name": "tiny",
+                  "admin_key": ADMIN, "rollout_record": tmp_path / "outer.json"},
+    })  # fmt: skip
 
 
 def _load(path: Path) -> LlamaModel:

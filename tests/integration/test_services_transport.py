@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 
 import httpx
 import openai
 
+from support.net import free_port
 from support.waiting import stop_task, wait_healthy
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.serve import serve_inner
@@ -18,15 +18,9 @@ from uplimit.link.meter import ReceiveCounter
 from uplimit.outer.serve import serve_outer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_client_over_the_real_link(tiny_strong, tiny_weak, tiny_services_config):
     # The port comes from the environment: overrides work.
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = {"UPLIMIT_OUTER_PORT": str(port), "UPLIMIT_OUTER_METRICS_PORT": str(metrics_port)}
     config = tiny_services_config(env=env)
     assert config.outer.port == port

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,25 +15,28 @@ from pathlib import Path
 
 import pytest
 
+from support.net import free_port
+from uplimit.both import in_process
 from uplimit.coding.calibration import Calibration
+from uplimit.coding.generate import Finish, Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.config import Config, load_config
 from uplimit.errors import ConfigError
 from uplimit.inner import spotcheck
-from uplimit.inner.generate import Request, generate
-from uplimit.inner.request import GenerationRequest, candidate_seed
 from uplimit.inner.scheduler import Scheduler
 from uplimit.inner.serve import scheduler_config
 from uplimit.inner.service import InnerService
 from uplimit.inner.spotcheck import Speculation, verify
 from uplimit.inner.verifier import Verifier
+from uplimit.link.budget import Budgets
+from uplimit.link.ledger import SqliteLedger
 from uplimit.link.metrics import OuterMetrics
-from uplimit.outer.link import LocalUplink
 from uplimit.outer.serve import _verifier_feed
 from uplimit.outer.service import OuterService
 from uplimit.outer.verifier_feed import VerifierFeed
 from uplimit.wire.checks import CHECK_PREAMBLE, CheckJob, CheckParser, encode_check
 from uplimit.wire.frame import FrameConfig, FrameDecoder
+from uplimit.wire.request import GenerationRequest, candidate_seed
 from uplimit.wire.streams import StreamSpec
 
 
@@ -252,19 +254,13 @@ def test_config_validation_of_the_outer_side(tmp_path):
 # --- the outer's feed -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _request(sid: int, n_tokens: int = 3) -> tuple[GenerationRequest, tuple[int, ...]]:
     spec = StreamSpec(sid, (1, 2, 3), SamplingParams(0.7), sid, 16)
     return GenerationRequest(spec, f"r{sid}"), tuple(range(4, 4 + n_tokens))
 
 
 def test_the_feed_never_blocks_while_the_verifier_is_down_and_delivers_once_up():
-    port = _free_port()
+    port = free_port()
     received: list[CheckJob] = []
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -336,7 +332,7 @@ def test_a_byte_from_the_verifier_is_an_alarm_and_the_connection_is_closed():
 
 def test_offers_follow_the_rate_and_skip_retrievals():
     async def main():
-        feed = VerifierFeed("127.0.0.1", _free_port(), 0.0)
+        feed = VerifierFeed("127.0.0.1", free_port(), 0.0)
         assert not any(feed.offer(*_request(sid)) for sid in range(200))
         feed.rate = 0.5
         picked = sum(feed.offer(*_request(sid)) for sid in range(400))
@@ -365,32 +361,35 @@ def test_finished_streams_reach_the_hook_with_every_decoded_token(tiny_strong, t
         session = tiny_weak.session(cfg.max_streams, cfg.max_context + 1)
         decoder = FrameDecoder(session, tiny_weak.info.eos_ids, Calibration(),
                                FrameConfig(cfg.frame_tokens, tiny_weak.info.n_vocab))  # fmt: skip
-        uplink = LocalUplink(inner, decoder, tick_s=0.002)
-        service = OuterService(tiny_weak, uplink, max_context=cfg.max_context,
-                               on_stream_end=lambda r, t: ended.append((r, t)))  # fmt: skip
-        uplink.start()
-        service.start()
-        prompt = tiny_strong.tokenize("def add(a, b):")
-        subs = [
-            await service.submit(prompt, SamplingParams(0.7), request_id="a", max_tokens=16,
-                                 n=2, best_of=2, seed=3),
-            await service.submit(prompt, SamplingParams(0.0), request_id="b", max_tokens=16),
-        ]  # fmt: skip
-        greedy = [
-            tiny_strong.token_bytes(t)
-            for t in _plain(tiny_strong, _spec(tiny_strong, 0, 0.0, 0, 16))
-        ]
-        stop = next(b.decode() for b in greedy[3:12] if b.strip() and b.isascii())  # cuts it short
-        subs.append(
-            await service.submit(prompt, SamplingParams(0.0), request_id="c", max_tokens=16,
-                                 stop=(stop,))
-        )  # fmt: skip
-        for choice in [c for s in subs for c in s.choices]:
-            while choice.finished is None:
-                await choice.events.get()
-        await _until(lambda: len(ended) == 4, 30)
-        await service.aclose()
-        await uplink.aclose()
+        ledger = SqliteLedger(tmp_path / "ledger.db", Budgets(1 << 40))
+        async with in_process(inner, decoder, tiny_weak.info, Calibration(), ledger, tmp_path,
+                              tick_s=0.002) as pair:  # fmt: skip
+            service = OuterService(tiny_weak, pair.uplink, max_context=cfg.max_context,
+                                   on_stream_end=lambda r, t: ended.append((r, t)))  # fmt: skip
+            service.start()
+            prompt = tiny_strong.tokenize("def add(a, b):")
+            subs = [
+                await service.submit(prompt, SamplingParams(0.7), request_id="a", max_tokens=16,
+                                     n=2, best_of=2, seed=3),
+                await service.submit(prompt, SamplingParams(0.0), request_id="b", max_tokens=16),
+            ]  # fmt: skip
+            greedy = [
+                tiny_strong.token_bytes(t)
+                for t in _plain(tiny_strong, _spec(tiny_strong, 0, 0.0, 0, 16))
+            ]
+            stop = next(
+                b.decode() for b in greedy[3:12] if b.strip() and b.isascii()
+            )  # cuts it short
+            subs.append(
+                await service.submit(prompt, SamplingParams(0.0), request_id="c", max_tokens=16,
+                                     stop=(stop,))
+            )  # fmt: skip
+            for choice in [c for s in subs for c in s.choices]:
+                while choice.finished is None:
+                    await choice.events.get()
+            await _until(lambda: len(ended) == 4, 30)
+            await service.aclose()
+        ledger.close()
         session.close()
         return subs
 
@@ -402,7 +401,7 @@ def test_finished_streams_reach_the_hook_with_every_decoded_token(tiny_strong, t
         assert choice.finished.tokens <= len(tokens)  # tokens past a stop are in the check
         job = CheckJob(request.spec, tokens, request.best_of)
         assert verify(tiny_strong, job, max_context=256).agree
-    assert subs[2].choices[0].finished.reason == "stop"
+    assert subs[2].choices[0].finished.reason is Finish.STOP
 
 
 def test_a_job_that_cannot_be_re_run_is_an_alarm_not_a_pass(tiny_strong, tmp_path):

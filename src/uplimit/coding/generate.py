@@ -10,10 +10,31 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from uplimit.coding.codec import StepContext
 from uplimit.coding.sampling import SamplingParams, sample
 from uplimit.models.base import LanguageModel
+
+
+class Finish(StrEnum):
+    """Why a generation ended, one meaning each, on both sides (the audit store keeps the
+    value); `openai` is what the API says."""
+
+    EOS = "eos"  # the model's end-of-sequence token
+    LENGTH = "length"  # max_tokens (or the context) reached
+    STOP = "stop"  # a stop sequence matched
+    CANCELLED = "cancelled"  # the client went away, or the outer cancelled the stream
+    ERROR = "error"  # the link or the model failed
+    RETRIEVED = "retrieved"  # withheld reasoning uploaded at an operator's request
+
+    @property
+    def openai(self) -> str:
+        """OpenAI's finish_reason: "stop" when the model or a stop sequence ended the text."""
+        return _OPENAI.get(self, self.value)
+
+
+_OPENAI = {Finish.EOS: "stop", Finish.CANCELLED: "length"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +48,7 @@ class Request:
 @dataclass
 class Generation:
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "stop" (end-of-sequence token) or "length"
+    finish_reason: Finish | None = None  # EOS or LENGTH once generated
 
 
 @dataclass
@@ -63,7 +84,7 @@ def generate(
                 token = sample(logits[i], req.params, ctx.noise(logits[i].size))
                 gen.tokens.append(token)
                 if token in eos or len(gen.tokens) >= req.max_tokens:
-                    gen.finish_reason = "stop" if token in eos else "length"
+                    gen.finish_reason = Finish.EOS if token in eos else Finish.LENGTH
                     live.discard(i)
                     session.drop(seq_of[i])
                 else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -13,14 +14,16 @@ import openai
 import pytest
 import uvicorn
 
+from support.scripted import ScriptedModel
+from uplimit.both import InProcess, in_process
 from uplimit.coding.calibration import Calibration
+from uplimit.errors import InternalError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.scheduler import SchedulerConfig
 from uplimit.inner.service import InnerService
 from uplimit.link.budget import Budgets
 from uplimit.link.ledger import SqliteLedger
 from uplimit.outer.app import ApiSettings, create_app
-from uplimit.outer.link import LocalUplink
 from uplimit.outer.service import OuterService
 from uplimit.wire.frame import FrameConfig, FrameDecoder
 
@@ -32,9 +35,9 @@ THINK = ("<think>", "</think>")
 class Stack:
     client: openai.AsyncOpenAI
     url: str
-    uplink: LocalUplink
+    pair: InProcess
     audit: AuditStore
-    ledger: SqliteLedger | None
+    ledger: SqliteLedger
 
 
 @contextlib.asynccontextmanager
@@ -43,36 +46,40 @@ async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=
     cfg = SchedulerConfig(**{"max_batch": 8, "max_context": 256, "frame_tokens": 4,
                              "reasoning": reasoning, **config})  # fmt: skip
     audit = AuditStore(tmp_path / "audit.db")
-    ledger = SqliteLedger(tmp_path / "ledger.db", Budgets(budget)) if budget else None
+    ledger = SqliteLedger(tmp_path / "ledger.db", Budgets(budget or 1 << 40))
     inner = InnerService(strong, weak, Calibration(), cfg, audit=audit)
     session = weak.session(cfg.max_streams, cfg.max_context + 1)
     fc = FrameConfig(cfg.frame_tokens, weak.info.n_vocab, withheld_counts=reasoning is not None)
     decoder = FrameDecoder(session, weak.info.eos_ids, Calibration(), fc)
-    uplink = LocalUplink(inner, decoder, tick_s=0.002, ledger=ledger)
-    service = OuterService(weak, uplink, max_context=cfg.max_context, reasoning=reasoning)
-    settings = ApiSettings(model_name=MODEL, api_key=api_key, reasoning=reasoning is not None)
-    app = create_app(service, settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    uplink.start()
-    service.start()
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
-    client = openai.AsyncOpenAI(base_url=url, api_key=api_key or "none", max_retries=0)
     try:
-        yield Stack(client, url, uplink, audit, ledger)
+        async with in_process(inner, decoder, weak.info, Calibration(), ledger, tmp_path,
+                              tick_s=0.002) as pair:  # fmt: skip
+            service = OuterService(weak, pair.uplink, max_context=cfg.max_context,
+                                   reasoning=reasoning)  # fmt: skip
+            settings = ApiSettings(model_name=MODEL, api_key=api_key,
+                                   reasoning=reasoning is not None)  # fmt: skip
+            app = create_app(service, settings)
+            server = uvicorn.Server(
+                uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+            )
+            service.start()
+            serving = asyncio.create_task(server.serve())
+            while not server.started:
+                await asyncio.sleep(0.01)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            url = f"http://127.0.0.1:{port}/v1"
+            client = openai.AsyncOpenAI(base_url=url, api_key=api_key or "none", max_retries=0)
+            try:
+                yield Stack(client, url, pair, audit, ledger)
+            finally:
+                await client.close()
+                server.should_exit = True
+                await serving
+                await service.aclose()
     finally:
-        await client.close()
-        server.should_exit = True
-        await serving
-        await service.aclose()
-        await uplink.aclose()
         session.close()
         audit.close()
-        if ledger:
-            ledger.close()
+        ledger.close()
 
 
 def run(coro):
@@ -142,6 +149,29 @@ def test_streaming_matches_the_audit_record(tiny_strong, tiny_weak, tmp_path):
     run(main())
 
 
+def test_completions_stream_like_chat_with_the_uplimit_figures(tiny_strong, tiny_weak, tmp_path):
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path) as s:
+            args = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 12, "temperature": 0}
+            whole = await s.client.completions.create(**args, seed=3)
+            stream = await s.client.completions.create(
+                **args, seed=3, stream=True, stream_options={"include_usage": True}
+            )
+            chunks = [c async for c in stream]
+            text = "".join(ch.text for c in chunks for ch in c.choices)
+            assert text == whole.choices[0].text
+            assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+            last = chunks[-1]  # the usage chunk carries the same figures as chat's
+            assert (
+                last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+            )
+            extra = last.model_extra["uplimit"]
+            assert extra["seed"] == 3 and extra["uploaded_bits"] > 0
+            assert extra["choices"][0]["tokens"] == last.usage.completion_tokens
+
+    run(main())
+
+
 def test_64_concurrent_streaming_clients(tiny_strong, tiny_weak, tmp_path):
     """Every response is byte-identical to the inner's audit record; nothing is lost."""
 
@@ -175,7 +205,7 @@ def test_64_concurrent_streaming_clients(tiny_strong, tiny_weak, tmp_path):
                 assert text == data.decode("utf-8", errors="replace"), i
                 assert rec.seed == i and rec.bits_uploaded is not None
             total = sum(r.bits_uploaded for r in s.audit.query(last=100))
-            assert total == pytest.approx(8 * sum(map(len, s.uplink.frames)), rel=1e-6)
+            assert total == pytest.approx(8 * sum(f.bytes for f in s.pair.frames), rel=1e-6)
 
     run(main())
 
@@ -191,7 +221,7 @@ def test_n_choices_and_best_of(tiny_strong, tiny_weak, tmp_path):
             recs = s.audit.query(request_id=r.id)
             assert len(recs) == 9 and sum(x.chosen for x in recs) == 3
             uploaded = [x for x in recs if x.chosen]
-            assert len(s.uplink.frames) > 0
+            assert len(s.pair.frames) > 0
             for ch in r.choices:
                 rec = uploaded[ch.index]
                 assert ch.message.content == tiny_strong.detokenize(
@@ -202,7 +232,6 @@ def test_n_choices_and_best_of(tiny_strong, tiny_weak, tmp_path):
 
 
 def test_reasoning_stays_inside_and_can_be_retrieved(tiny_strong, tiny_weak, tmp_path):
-    from test_services_scheduler import ScriptedModel  # tests/unit is on sys.path
 
     script = tiny_strong.tokenize("<think>the secret plan</think>Answer:")
     strong = ScriptedModel(tiny_strong, script)
@@ -227,13 +256,13 @@ def test_reasoning_stays_inside_and_can_be_retrieved(tiny_strong, tiny_weak, tmp
                     last = chunk.model_extra["uplimit"]
             (rec,) = s.audit.query(request_id=chunk.id)
             assert last["withheld_tokens"] == len(rec.withheld)
-            crossed = len(s.uplink.frames)
+            crossed = len(s.pair.frames)
             async with httpx.AsyncClient() as http:
                 got = await http.post(f"{s.url}/uplimit/withheld", json={"id": wid})
             assert got.status_code == 200
             assert "the secret plan" in got.json()["text"]
             assert got.json()["uplimit"]["uploaded_bits"] > 0
-            assert len(s.uplink.frames) > crossed  # it crossed the uplink, charged
+            assert len(s.pair.frames) > crossed  # it crossed the uplink, charged
 
     run(main())
 
@@ -322,3 +351,23 @@ def test_distill_collection_keeps_going_past_a_failed_request(tiny_strong, tiny_
     first, again = run(main())
     assert sorted(a.id for a in first) == sorted(a.id for a in again) == ["other", "short"]
     assert sorted(a.id for a in load_answers(out)) == ["other", "short"]  # nothing twice
+
+
+def test_our_faults_are_500s_with_the_cause_logged(tiny_strong, tiny_weak, tmp_path, monkeypatch,
+                                                   caplog):  # fmt: skip
+    """A broken invariant is never the client's fault: 500, and the cause in the log."""
+
+    async def broken(*args, **kwargs):
+        raise InternalError("the stream table is out of step")
+
+    monkeypatch.setattr(OuterService, "submit", broken)
+
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path) as s:
+            with pytest.raises(openai.InternalServerError) as e:
+                await s.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+            assert e.value.status_code == 500
+
+    with caplog.at_level(logging.ERROR, logger="uplimit.outer.app"):
+        run(main())
+    assert "the stream table is out of step" in caplog.text

@@ -9,33 +9,34 @@ run the same pure functions here:
 - seeds: `choice_seed` gives each of a request's n choices its stream seed (choice 0 keeps the
   request's seed, so a client-supplied seed means what the client expects), and
   `candidate_seed` each best-of-N candidate's (candidate 0 keeps the stream's seed);
-- stop sequences: `StopMatcher` finds a stop in the bytes of the uploaded tokens. The inner
-  stops generating and ends the stream after the token that completes a stop; the outer,
-  fed the same tokens, stops at the same token and trims the text.
+- withheld reasoning: `withheld_id` names what a stream's candidate kept inside, so that the
+  outer can tell a client the id under which an operator may retrieve it;
+- stop sequences: `wire.stops.StopMatcher`; which streams get spot-checked: `wire.checks`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from uplimit.errors import ConfigError
+from uplimit.errors import InvalidRequest, ProtocolError
 from uplimit.wire.streams import StreamSpec
 
 __all__ = [
+    "MAX_BEST_OF",
     "MAX_STOPS",
     "MAX_STOP_BYTES",
     "GenerationRequest",
-    "StopMatcher",
     "candidate_seed",
     "choice_seed",
     "derive_seed",
+    "withheld_id",
 ]
 
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
 MAX_STOP_BYTES = 256  # bounds the matcher's hold-back, so streaming never stalls on it
+MAX_BEST_OF = 16  # candidates per stream: each costs the inner a strong-model sequence
 
 
 def derive_seed(seed: int, *labels: object) -> int:
@@ -68,12 +69,12 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         if len(self.stop) > MAX_STOPS:
-            raise ConfigError(f"at most {MAX_STOPS} stop sequences, got {len(self.stop)}")
+            raise InvalidRequest(f"at most {MAX_STOPS} stop sequences, got {len(self.stop)}")
         for s in self.stop:
             if not s or len(s.encode()) > MAX_STOP_BYTES:
-                raise ConfigError(f"a stop sequence must have 1..{MAX_STOP_BYTES} bytes")
-        if not 1 <= self.best_of <= 16:
-            raise ConfigError(f"best_of must be in 1..16, got {self.best_of}")
+                raise InvalidRequest(f"a stop sequence must have 1..{MAX_STOP_BYTES} bytes")
+        if not 1 <= self.best_of <= MAX_BEST_OF:
+            raise InvalidRequest(f"best_of must be in 1..{MAX_BEST_OF}, got {self.best_of}")
 
     def extra(self) -> bytes:
         """Everything but the spec, for OPEN_STREAM's `extra` field (compact JSON)."""
@@ -94,45 +95,10 @@ class GenerationRequest:
                 int(d["best_of"]),
                 None if withheld is None else str(withheld),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ConfigError(f"invalid stream options: {e!r}") from e
+        except (KeyError, TypeError, ValueError, AttributeError, InvalidRequest) as e:
+            raise ProtocolError(f"invalid stream options: {e!r}") from e
 
 
-class StopMatcher:
-    """Finds the first stop sequence in a byte stream fed piece by piece.
-
-    `feed` returns the bytes that are safe to show: everything before a stop, and never a tail
-    that could still become one (held back until the next piece settles it).
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = [s.encode() for s in stops]
-        self._longest = max(map(len, self._stops), default=0)
-        self._held = b""
-        self.stopped = False
-
-    def feed(self, piece: bytes) -> bytes:
-        if self.stopped:
-            return b""
-        buf = self._held + piece
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            self._held = b""
-            return buf[: min(hits)]
-        keep = self._partial(buf)
-        self._held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep]
-
-    def flush(self) -> bytes:
-        """At the end of the stream: the held-back tail was not a stop after all."""
-        out, self._held = self._held, b""
-        return out
-
-    def _partial(self, buf: bytes) -> int:
-        """Length of the longest tail of `buf` that is a proper prefix of some stop."""
-        for k in range(min(len(buf), self._longest - 1), 0, -1):
-            tail = buf[-k:]
-            if any(s.startswith(tail) for s in self._stops):
-                return k
-        return 0
+def withheld_id(request_id: str, stream_id: int) -> str:
+    """The id under which a stream's withheld reasoning is kept (the outer knows it too)."""
+    return f"{request_id}/{stream_id}"

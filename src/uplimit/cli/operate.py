@@ -1,0 +1,154 @@
+"""`uplimit meters|budget|audit`: the meters side by side, the ledger, the audit store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from uplimit.cli.common import (
+    CONFIG_HELP,
+    app,
+    console,
+)
+
+
+@app.command()
+def meters(
+    ledger: str | None = typer.Option(None, help="Inner ledger: SQLite file or PostgreSQL URL."),
+    budget: str | None = typer.Option(None, help="Budget name [SQLite: link, PostgreSQL: global]."),
+    received: Path | None = typer.Option(None, help="The outer's receive-counter file."),
+    counter: str = typer.Option("uplink", help="Count name in the receive-counter file."),
+    kernel: str | None = typer.Option(None, help="Kernel meter name (namespace uplimit-NAME)."),
+    slack: int = typer.Option(0, help="Bytes of disagreement to accept (TCP retransmissions)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Ledger, outer count and kernel count side by side; exit 1 if they disagree.
+
+    Overhead (IP/TCP headers; ACKs the inner sends for downlink traffic) is shown apart.
+    """
+    import json
+
+    from uplimit.link.agreement import as_json, checks, figures, read_meters
+
+    readings = read_meters(
+        ledger=ledger, budget=budget, received=received, counter=counter, kernel=kernel
+    )
+    found = checks(readings, slack)
+    if json_out:
+        print(json.dumps(as_json(readings, found), indent=2))
+    else:
+        table = Table("meter", "bytes", "", title="uplimit meters")
+        for row in figures(readings):
+            table.add_row(*row)
+        Console().print(table)
+        for c in found:
+            mark = "[green]agree[/green]" if c.ok else "[red]DISAGREE[/red]"
+            Console().print(f"{mark}  {c.name}: {c.detail}")
+    if not all(c.ok for c in found):
+        raise typer.Exit(1)
+
+
+audit_app = typer.Typer(help="Query the inner side's audit store.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+def _open_audit(config: Path | None, db: Path | None):
+    from uplimit.config import load_config
+    from uplimit.inner.audit import AuditStore
+
+    cfg = load_config(config)
+    return AuditStore(db or cfg.path(cfg.inner.audit, "audit.db"))
+
+
+@audit_app.command("list")
+def audit_list(
+    last: int = typer.Option(20, help="How many records."),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    db: Path | None = typer.Option(None, help="Audit store file [inner.audit]."),
+) -> None:
+    """The latest generations: chosen and discarded candidates, retrievals."""
+    import datetime
+
+    store = _open_audit(config, db)
+    table = Table("when", "request", "stream", "cand.", "chosen", "tokens", "uploaded",
+                  "withheld", "finish", "bits")  # fmt: skip
+    for r in store.query(last=last):
+        when = datetime.datetime.fromtimestamp(r.t_received).strftime("%m-%d %H:%M:%S")
+        bits = "" if r.bits_uploaded is None else f"{r.bits_uploaded:.0f}"
+        table.add_row(when, r.request_id, str(r.stream_id), str(r.candidate),
+                      "yes" if r.chosen else "", str(len(r.tokens)), str(len(r.uploaded)),
+                      str(len(r.withheld)), r.finish_reason, bits)  # fmt: skip
+    store.close()
+    Console().print(table)
+
+
+@audit_app.command("show")
+def audit_show(
+    request_id: str = typer.Argument(..., help="A request id (or a withheld id with --withheld)."),
+    withheld: bool = typer.Option(False, help="Look up a withheld-reasoning id instead."),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    db: Path | None = typer.Option(None, help="Audit store file [inner.audit]."),
+) -> None:
+    """Every record of one request, as JSON: seeds, tokens, texts, withheld reasoning, timings."""
+    import dataclasses
+    import json
+
+    store = _open_audit(config, db)
+    found = store.query(withheld_id=request_id) if withheld else store.query(request_id=request_id)
+    store.close()
+    if not found:
+        console.print(f"no records for {request_id!r}")
+        raise typer.Exit(1)
+    print(json.dumps([dataclasses.asdict(r) for r in found], indent=1))
+
+
+budget_app = typer.Typer(help="Read the uplink ledger; raise its budget (audited).")
+app.add_typer(budget_app, name="budget")
+
+
+@budget_app.command("show")
+def budget_show(
+    ledger: str = typer.Option(..., help="Ledger: SQLite path or postgresql:// URL."),
+) -> None:
+    """Budgets, bytes charged, whether the ledger is latched shut, and past raises."""
+    from uplimit.link.ledger import open_ledger
+
+    book = open_ledger(ledger)
+    try:
+        state, changes = book.usage(), book.budget_changes()
+    finally:
+        book.close()
+    b = state.budgets
+    table = Table("measure", "value", title=f"ledger {state.name}")
+    table.add_row(
+        "lifetime budget / charged", f"{b.lifetime_bytes:,} / {state.usage.lifetime_bytes:,}"
+    )
+    table.add_row("of which wire / timing", f"{state.wire_bytes:,} / {state.timing_bytes:,}")
+    table.add_row("per-day / per-second budget", f"{b.per_day_bytes} / {b.per_second_bytes}")
+    table.add_row("latched shut by", str(state.exhausted_by.value if state.exhausted_by else "-"))
+    table.add_row("budget changes", str(len(changes)))
+    Console().print(table)
+
+
+@budget_app.command("raise")
+def budget_raise(
+    ledger: str = typer.Option(..., help="Ledger: SQLite path or postgresql:// URL."),
+    lifetime: int = typer.Option(..., help="New lifetime budget in bytes."),
+    per_day: int | None = typer.Option(None, help="New per-day budget in bytes (none: no limit)."),
+    per_second: int | None = typer.Option(None, help="New per-second budget in bytes."),
+    who: str = typer.Option(..., help="The operator taking this action."),
+    reason: str = typer.Option(..., help="Why; kept in the ledger's audit table."),
+) -> None:
+    """Set new budgets and clear the exhausted latch; recorded with who, when and why."""
+    from uplimit.link.budget import Budgets
+    from uplimit.link.ledger import open_ledger
+
+    book = open_ledger(ledger)
+    try:
+        change = book.raise_budget(Budgets(lifetime, per_day, per_second), who=who, reason=reason)
+    finally:
+        book.close()
+    console.print(f"budget changed: {change}")

@@ -1,0 +1,236 @@
+"""`uplimit bench|speed|calibrate|plan`: measurements, the coder's fit, the seed post's sums."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from uplimit.cli.common import (
+    app,
+    console,
+    progress_bar,
+)
+
+
+@app.command()
+def bench(
+    prompts: Path = typer.Option(..., help="JSONL file: one {id, messages} per line."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    top_k: int = typer.Option(0, help="Keep only the k most probable tokens (0: off)."),
+    max_tokens: int = typer.Option(128, help="Tokens generated per prompt at most."),
+    limit: int | None = typer.Option(None, help="Use only the first K prompts."),
+    streams: int | None = typer.Option(
+        None, help="Run this many concurrent streams, cycling through the prompts (new seeds)."
+    ),
+    frame_tokens: int = typer.Option(16, help="Tokens per stream per frame."),
+    seed: int = typer.Option(0, help="Base of the per-prompt sampling seeds."),
+    calibration: Path | None = typer.Option(
+        None, help="Calibration JSON (default: the one shipped for this model pair)."
+    ),
+    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
+    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full result here."),
+) -> None:
+    """Generate with the strong model, code the responses in frames, decode, compare.
+
+    Prints bits per token (all-in, payload, plain weak-model coding, general-purpose
+    compressors), the decoder's guess rate, exactness and coding speed.
+    """
+    import itertools
+    import json
+
+    from uplimit.bench import BenchSettings, run_bench, summary_rows
+    from uplimit.coding.calibration import Calibration, for_pair
+    from uplimit.coding.sampling import SamplingParams
+    from uplimit.models.loading import ModelPair, load_model
+    from uplimit.prompts import Prompt, load_jsonl
+
+    records = load_jsonl(prompts)[:limit]
+    if streams:
+        records = [
+            Prompt(f"{p.id}#{i // len(records)}", p.messages)
+            for i, p in zip(range(streams), itertools.cycle(records), strict=False)
+        ]
+    settings = BenchSettings(
+        SamplingParams(temperature, top_p, top_k), max_tokens, frame_tokens, seed
+    )
+    with console.status("loading models"):
+        pair = ModelPair(load_model(strong), load_model(weak))
+        decoder_weak = load_model(weak)  # a separate instance, as the outer side has
+    calib = (
+        Calibration.load(calibration)
+        if calibration
+        else for_pair(pair.strong.info.file_sha256, pair.weak.info.file_sha256)
+    )
+    with progress_bar() as update:
+        result = run_bench(records, settings, pair.strong, pair.weak, decoder_weak, calib, update)
+    table = Table("measure", "value", title=f"uplimit bench: {prompts.name}, T={temperature}")
+    for label, value in summary_rows(result):
+        table.add_row(label, value)
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_out}")
+    if not result["exact_roundtrip"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def speed(
+    prompts: Path = typer.Option(..., help="JSONL file: one {id, messages} per line."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    max_tokens: int = typer.Option(64, help="Tokens generated per prompt at most."),
+    limit: int | None = typer.Option(None, help="Use only the first K prompts."),
+    max_batch: int = typer.Option(4, help="Strong sequences generated at once."),
+    draft_tokens: int = typer.Option(4, help="Weak-model drafts per step in the speculative runs."),
+    rounds: int = typer.Option(2, help="Each round runs both modes, in alternating order."),
+    seed: int = typer.Option(0, help="Base of the per-prompt sampling seeds."),
+    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
+    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full result here."),
+) -> None:
+    """Inner generation throughput with and without the weak model as speculative drafter."""
+    import json
+
+    from uplimit.coding.sampling import SamplingParams
+    from uplimit.models.loading import ModelPair, load_model
+    from uplimit.prompts import load_jsonl
+    from uplimit.speed import SpeedSettings, run_speed
+
+    records = load_jsonl(prompts)[:limit]
+    settings = SpeedSettings(
+        SamplingParams(temperature), max_tokens, max_batch, draft_tokens, rounds, seed
+    )
+    with console.status("loading models"):
+        pair = ModelPair(load_model(strong), load_model(weak))
+    with console.status("generating, alternating plain and speculative runs"):
+        result = run_speed(records, settings, pair.strong, pair.weak)
+    table = Table(
+        "measure", "plain", f"{draft_tokens} drafts", title=f"uplimit speed, T={temperature}"
+    )
+    for key in ("tokens", "seconds", "tokens_per_s", "strong_s", "draft_s"):
+        plain, spec = result["plain"][key], result["speculative"][key]
+        table.add_row(key, f"{plain:,.2f}", f"{spec:,.2f}")
+    Console().print(table)
+    console.print(
+        f"speed-up {result['speedup']:.2f}x, drafts accepted {result['acceptance']:.1%}, "
+        f"{result['tokens_per_strong_call']:.2f} tokens per strong call, "
+        f"{result['streams_identical_to_plain']}/{result['prompts']} streams identical to plain"
+    )
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_out}")
+
+
+@app.command()
+def calibrate(
+    out: Path = typer.Option(..., help="Where to write the calibration JSON."),
+    count: int = typer.Option(
+        64, help="Training prompts (HumanEval + standard-library questions)."
+    ),
+    temperatures: str = typer.Option("0,0.7,1.0", help="Comma-separated; 0 is greedy."),
+    max_tokens: int = typer.Option(128, help="Tokens per answer."),
+    seed: int = typer.Option(1, help="Sampling seed base and prompt-selection seed."),
+    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
+    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    prompts_file: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="Fit on the first COUNT prompts of this JSONL file instead (e.g. ones a distilled "
+        "weak model was not trained on).",
+    ),
+) -> None:
+    """Fit how the coder predicts the strong model from the weak one (never on eval prompts)."""
+    from uplimit.calibrate import fit, observe_regimes
+    from uplimit.models.loading import ModelPair, load_model
+    from uplimit.prompts import load_jsonl, training_set
+
+    temps = [float(t) for t in temperatures.split(",")]
+    prompts = load_jsonl(prompts_file)[:count] if prompts_file else training_set(count, seed)
+    with console.status("loading models"):
+        pair = ModelPair(load_model(strong), load_model(weak))
+    with progress_bar() as update:
+        greedy, sampled = observe_regimes(
+            pair.strong, pair.weak, prompts, temps, max_tokens, seed, update
+        )
+    note = (
+        f"fitted by `uplimit calibrate` on {len(prompts)} "
+        f"{prompts_file.name if prompts_file else 'training'} prompts (seed {seed}), "
+        f"T in {temps}, {max_tokens} tokens; strong {pair.strong.info.file_sha256[:16]}, "
+        f"weak {pair.weak.info.file_sha256[:16]}"
+    )
+    calibration, reports = fit(greedy, sampled, note)
+    table = Table("regime", "tokens", "guess hit rate", "miss scale", "bits/token (train)")
+    for r in reports:
+        table.add_row(
+            r.regime, str(r.tokens), f"{100 * r.hit_rate:.1f} %", f"{r.miss_scale}",
+            f"{r.bits_per_token:.3f}",
+        )  # fmt: skip
+    Console().print(table)
+    out.write_text(calibration.to_json() + "\n")
+    console.print(f"wrote {out} (digest {calibration.digest()[:16]})")
+
+
+@app.command()
+def plan(
+    weights_bytes: float | None = typer.Option(None, help="Size of the strong weights, bytes."),
+    parameters: float | None = typer.Option(None, help="Or: parameter count ..."),
+    bytes_per_parameter: float = typer.Option(2.0, help="... times bytes per parameter."),
+    tokens_per_day: float = typer.Option(..., help="Tokens served per day."),
+    bits_per_token: float | None = typer.Option(None, help="Uplink bits per token (assumed)."),
+    bench: Path | None = typer.Option(None, help="Or: take bits/token from a bench --json file."),
+    attacker_share: float = typer.Option(1.0, help="Share of uplink bytes an attacker can use."),
+    days: float = typer.Option(365.0, help="How long the service runs."),
+    lifetime_budget: float | None = typer.Option(None, help="Lifetime upload budget, bytes."),
+    per_day_budget: float | None = typer.Option(None, help="Per-day upload budget, bytes."),
+    target_days: float | None = typer.Option(None, help="Budget needed to hold out this long."),
+    plot: Path | None = typer.Option(None, help="Also draw time to exfiltrate (PNG file)."),
+) -> None:
+    """The seed post's arithmetic: upload volume, time to exfiltrate, budgets (uplimit.plan)."""
+    import json
+
+    from uplimit.errors import ConfigError
+    from uplimit.plan import Plan, budget_for
+    from uplimit.plan import plan as compute
+    from uplimit.plan import weights_bytes as from_parameters
+
+    if (weights_bytes is None) == (parameters is None):
+        raise ConfigError("give --weights-bytes or --parameters (with --bytes-per-parameter)")
+    weights = weights_bytes or from_parameters(parameters, bytes_per_parameter)
+    if bench is not None:
+        bits_per_token = json.loads(bench.read_text())["bits_per_token"]
+    if bits_per_token is None:
+        raise ConfigError("give --bits-per-token or --bench")
+    p = Plan(weights, tokens_per_day, bits_per_token, attacker_share, days,
+             lifetime_budget, per_day_budget)  # fmt: skip
+    r = compute(p)
+    table = Table("", "value", title="uplimit plan")
+    table.add_row("weights", f"{weights:.3g} bytes")
+    table.add_row("bits per token", f"{bits_per_token:g}")
+    table.add_row("uploaded per day", f"{r.upload_bytes_per_day:.3g} bytes")
+    table.add_row(f"uploaded in {days:g} days", f"{r.upload_bytes_total:.3g} bytes "
+                  f"({100 * r.upload_fraction_of_weights:.3g} % of the weights)")  # fmt: skip
+    table.add_row("attacker's rate", f"{r.attacker_bytes_per_day:.3g} bytes/day")
+    table.add_row("time to exfiltrate at that rate", f"{r.days_to_exfiltrate:.3g} days "
+                  f"({r.days_to_exfiltrate / 365.25:.3g} years)")  # fmt: skip
+    if r.lifetime_stops_attacker is not None:
+        verdict = "never: the lifetime budget stops it" if r.lifetime_stops_attacker else "yes"
+        table.add_row("can the weights get out?", f"{verdict} (at most "
+                      f"{100 * r.attacker_max_fraction:.3g} % of them)")  # fmt: skip
+    if r.budget_fits_traffic is not None:
+        table.add_row("budgets fit the honest traffic", "yes" if r.budget_fits_traffic else "NO")
+    if target_days is not None:
+        need = budget_for(p, target_days)
+        table.add_row(f"per-day budget for {target_days:g} days", f"{need.per_day_bytes:.3g} "
+                      f"bytes ({need.headroom:.3g} x the honest traffic)")  # fmt: skip
+        table.add_row("lifetime budget that never lets them out", f"< {need.lifetime_bytes:.3g}")
+    Console().print(table)
+    if plot is not None:
+        from uplimit.plan_plot import plot_plan
+
+        plot_plan(p, plot)
+        Console().print(f"plot: {plot}")

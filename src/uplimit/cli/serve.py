@@ -1,0 +1,163 @@
+"""`uplimit serve inner|outer|both|verifier`, `rollout`, `demo`: the running system."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from uplimit.cli.common import CONFIG_HELP, app, console, load_service_models, progress_bar
+from uplimit.errors import UplimitError
+
+serve_app = typer.Typer(
+    help="Run the inner side, the outer side, or both (docs/serving.md).", no_args_is_help=True
+)
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("inner")
+def serve_inner_cmd(
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    host: str | None = typer.Option(None, help="The outer's link address [link.host]."),
+) -> None:
+    """The inner side: strong model, encoder, ledger, audit store; connects to the outer."""
+    import asyncio
+
+    from uplimit.config import load_config
+    from uplimit.inner.serve import serve_inner
+    from uplimit.models.active import with_active_weak
+
+    cfg = with_active_weak(load_config(config), "inner")
+    models = load_service_models(cfg, ("strong", "weak"))
+    console.print(f"inner: connecting to {host or cfg.link.host}:{cfg.link.downlink_port}")
+    reason = asyncio.run(serve_inner(cfg, models["strong"], models["weak"], host=host))
+    console.print(f"inner: link ended ({reason.name.lower()})")
+
+
+@serve_app.command("outer")
+def serve_outer_cmd(
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+) -> None:
+    """The outer side: OpenAI-compatible API, decoder; listens for the inner."""
+    import asyncio
+
+    from uplimit.config import load_config
+    from uplimit.models.active import with_active_weak
+    from uplimit.outer.serve import serve_outer
+
+    cfg = with_active_weak(load_config(config), "outer")
+    weak = load_service_models(cfg, ("weak",))["weak"]
+
+    def listening() -> None:
+        console.print(f"outer: API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
+
+    asyncio.run(serve_outer(cfg, weak, on_listening=listening))
+
+
+@serve_app.command("both")
+def serve_both_cmd(
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+) -> None:
+    """Both sides in one process, joined by the real (metered) link over loopback."""
+    import asyncio
+
+    from uplimit.both import serve_both
+    from uplimit.config import load_config
+    from uplimit.models.active import with_active_weak
+    from uplimit.models.loading import load_configured
+
+    cfg = load_config(config)
+    inner_cfg, outer_cfg = with_active_weak(cfg, "inner"), with_active_weak(cfg, "outer")
+    models = load_service_models(inner_cfg, ("strong", "weak"))
+    outer_weak = load_configured(outer_cfg.models.weak, cfg.models)  # the outer's own copy
+
+    def listening() -> None:
+        console.print(f"API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
+
+    asyncio.run(
+        serve_both(
+            inner_cfg, outer_cfg, models["strong"], models["weak"], outer_weak,
+            on_listening=listening,
+        )
+    )  # fmt: skip
+
+
+@serve_app.command("verifier")
+def serve_verifier_cmd(
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+) -> None:
+    """The spot-check verifier (inner side, docs/security.md).
+
+    Its own strong model re-runs the streams the outer sends it; each verdict is recorded."""
+    import asyncio
+    import logging
+
+    from uplimit.config import load_config
+    from uplimit.inner.verifier import serve_verifier
+    from uplimit.models.active import with_active_weak
+    from uplimit.wire.checks import check_reproducible
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # The drafter is the weak model the inner started with: after a rollout, its record's.
+    cfg = with_active_weak(load_config(config), "inner")
+    check_reproducible(cfg)  # before minutes of loading
+    roles = ("strong", "weak") if cfg.inner.draft_tokens else ("strong",)  # weak: the drafter
+    models = load_service_models(cfg, roles)
+
+    def listening(port: int) -> None:
+        console.print(f"verifier: listening on {cfg.verifier.host}:{port}")
+
+    asyncio.run(serve_verifier(cfg, models["strong"], models.get("weak"), on_listening=listening))
+
+
+@app.command()
+def rollout(
+    weak: Path = typer.Option(..., help="The new weak model (a GGUF file on the outer's host)."),
+    calibration: Path = typer.Option(..., help="Its calibration JSON (uplimit calibrate)."),
+    url: str = typer.Option("http://127.0.0.1:8000", help="The outer side's API."),
+    admin_key: str = typer.Option(
+        ..., envvar="UPLIMIT_ADMIN_KEY", help="The outer's admin key (outer.admin_key)."
+    ),
+    follow: bool = typer.Option(True, help="Show progress until the switch (or failure)."),
+) -> None:
+    """Switch a running deployment to a new weak model (docs/distill.md).
+
+    The outer sends it down to the inner (not budgeted), then both sides code new streams with
+    it; running streams finish on the old one."""
+    import time
+
+    import httpx
+
+    headers = {"authorization": f"Bearer {admin_key}"}
+    endpoint = f"{url.rstrip('/')}/admin/rollout"
+    body = {"weak": str(weak.resolve()), "calibration": str(calibration.resolve())}
+    r = httpx.post(endpoint, json=body, headers=headers, timeout=30)
+    if r.status_code != 202:
+        raise UplimitError(f"the outer refused the rollout ({r.status_code}): {r.text}")
+    status = r.json()
+    with progress_bar() as update:
+        while follow and status["state"] in ("checking", "sending"):
+            if status["total_bytes"]:
+                update("sending the weak model down", status["sent_bytes"], status["total_bytes"])
+            time.sleep(1.0)
+            status = httpx.get(endpoint, headers=headers, timeout=30).json()
+    if status["state"] == "failed":
+        raise UplimitError(f"rollout failed: {status['error']}")
+    sha = status["sha256"][:16]
+    console.print(f"rollout of {status['weak']} (sha256 {sha}): {status['state']}")
+
+
+@app.command()
+def demo(
+    max_tokens: int = typer.Option(96, help="Tokens per answer at most."),
+) -> None:
+    """Serve a few prompts through the real inner/outer processes; show every uploaded bit.
+
+    Starts both sides on loopback (the inner behind the kernel quota in its own network
+    namespace when root), asks through the official `openai` client at T=0 and T=0.7, and
+    prints each answer with its uploaded bits and what gzip would need (`make demo`).
+    """
+    from uplimit.demo import run_service_demo
+
+    run_service_demo(Console(), max_tokens=max_tokens)

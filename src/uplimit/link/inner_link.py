@@ -1,0 +1,443 @@
+"""The inner's end of the link (`link.transport` draws both): `InnerLink` and `serve_frames`.
+
+- every uplink byte goes through `MeteredWriter`: charged durably, then written at a tick;
+- nothing is ever written to the downlink connection (only its ACKs leave, in the kernel);
+- the downlink is parsed strictly, size- and rate-limited (`DownlinkLimits`) and logged, one
+  JSON line per message (`DownlinkLog`); a violation closes the link and raises an alarm;
+- the budget fails closed, and says so: before each frame the inner checks that the frame
+  leaves `END_RESERVE_BYTES` for an END message; when it does not, the inner sends END
+  (reason: which budget) instead and stops. If another link sharing the budget takes those
+  bytes first, the ledger refuses and the uplink just closes (the outer sees no END).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Protocol
+
+from uplimit.errors import BudgetExhausted, ConfigError, LinkClosed, LinkError
+from uplimit.link.alarms import Alarm, AlarmHook, raise_alarm
+from uplimit.link.budget import DEFAULT_TICK_S, Limit, decide
+from uplimit.link.ledger import ChargeReceipt, Ledger
+from uplimit.link.meter import MeteredWriter, OpenConnection
+from uplimit.link.transport import HANDSHAKE_TIMEOUT_S, READ_BYTES
+from uplimit.wire.fingerprint import (
+    FingerprintMismatch,
+    differences,
+    fingerprint_digest,
+    refusal_fields,
+)
+from uplimit.wire.protocol import (
+    Accept,
+    ByteRate,
+    Cancel,
+    DownlinkLimits,
+    DownlinkMessage,
+    DownlinkParser,
+    End,
+    EndReason,
+    Frame,
+    Hello,
+    ModelData,
+    ModelOffer,
+    OpenStream,
+    ProtocolError,
+    Refuse,
+    Resend,
+    Shutdown,
+    Switch,
+    encode_downlink,
+    encode_uplink,
+)
+from uplimit.wire.streams import StreamSpec
+
+__all__ = [
+    "END_RESERVE_BYTES",
+    "DownlinkLog",
+    "FrameSource",
+    "InnerLink",
+    "ModelSink",
+    "serve_frames",
+]
+
+log = logging.getLogger(__name__)
+
+# What an honest inner keeps back so that END can always be paid for. A charge's timing part
+# is at most T = 12 bytes (after up to 2**40 silent ticks, 3,500 years at 100 ms: 83 bits,
+# plus a byte if the tick slips); END is 2 bytes plus its timing. The frame sent last left at
+# least R - T, which must cover 2 + T: R >= 2 + 2T = 26.
+END_RESERVE_BYTES = 32
+
+_END_FOR = {Limit.LIFETIME: EndReason.LIFETIME, Limit.PER_DAY: EndReason.PER_DAY}
+
+
+class DownlinkLog:
+    """Everything that came down, one JSON object per line, flushed as written (inner side)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._file = self.path.open("a", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot open the downlink log {self.path}: {e}") from e
+
+    def write(self, kind: str, **fields: object) -> None:
+        self._file.write(json.dumps({"at": time.time(), "type": kind, **fields}) + "\n")
+        self._file.flush()
+
+    def message(self, msg: DownlinkMessage) -> None:
+        size = len(encode_downlink(msg))  # encodings are canonical: the bytes that came
+        match msg:
+            case Hello():
+                self.write("hello", bytes=size, fingerprint=msg.as_dict())
+            case OpenStream(spec, extra):
+                p = spec.params
+                self.write(
+                    "open_stream",
+                    bytes=size,
+                    stream_id=spec.stream_id,
+                    prompt=list(spec.prompt),
+                    temperature=p.temperature,
+                    top_p=p.top_p,
+                    top_k=p.top_k,
+                    seed=spec.seed,
+                    max_tokens=spec.max_tokens,
+                    extra=_printable(extra),
+                )
+            case Cancel(stream_id):
+                self.write("cancel", bytes=size, stream_id=stream_id)
+            case Resend(frame_no):
+                self.write("resend", bytes=size, frame_no=frame_no)
+            case Shutdown():
+                self.write("shutdown", bytes=size)
+            case ModelOffer(sha256, model_bytes, calibration):
+                self.write(
+                    "model_offer",
+                    bytes=size,
+                    sha256=sha256.hex(),
+                    size=model_bytes,
+                    calibration=_printable(calibration),
+                )
+            case ModelData(data):  # the file itself is kept by the rollout, not in the log
+                self.write("model_data", bytes=size, length=len(data))
+            case Switch(digest):
+                self.write("switch", bytes=size, fingerprint_sha256=digest.hex())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _printable(data: bytes) -> str:
+    """`data` as text if it is (the service fields are JSON), else as hex."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return "hex:" + data.hex()
+    return text if text.isprintable() else "hex:" + data.hex()
+
+
+class InnerLink:
+    """The inner side of one link; build it with `connect` (module doc)."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ledger: Ledger,
+        downlink_log: DownlinkLog,
+        limits: DownlinkLimits,
+        *,
+        n_vocab: int | None,
+        tick_s: float,
+        on_alarm: AlarmHook | None,
+    ) -> None:
+        self._reader, self._down = reader, writer  # never written to: outer -> inner only
+        self._ledger = ledger
+        self._log = downlink_log
+        self._parser = DownlinkParser(limits, n_vocab=n_vocab)
+        self._rate = ByteRate(limits.bytes_per_s, limits.burst_bytes, time.monotonic())
+        self._uplink: MeteredWriter | None = None
+        self._messages: deque[DownlinkMessage] = deque()
+        self._arrived = asyncio.Event()
+        self._failure: LinkError | None = None  # why the downlink stopped
+        self._pump: asyncio.Task[None] | None = None
+        self._on_alarm = on_alarm
+        self.tick_s = tick_s
+        self.alarms: list[Alarm] = []
+        self.outer_fingerprint: dict[str, str] = {}
+        self._closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        downlink_port: int,
+        uplink_port: int,
+        ledger: Ledger,
+        fingerprint: dict[str, str],
+        *,
+        log_path: str | Path,
+        tick_s: float = DEFAULT_TICK_S,
+        limits: DownlinkLimits | None = None,
+        n_vocab: int | None = None,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        on_alarm: AlarmHook | None = None,
+        open_connection: OpenConnection = asyncio.open_connection,
+    ) -> InnerLink:
+        """Connect both connections and shake hands; raises `FingerprintMismatch` (after
+        sending the refusal up) if the outer's fingerprint differs from `fingerprint`.
+
+        `n_vocab`: prompt token ids must be below it (default: the fingerprint's
+        `frame.n_vocab`, when it has one).
+        """
+        if n_vocab is None and "frame.n_vocab" in fingerprint:
+            n_vocab = int(fingerprint["frame.n_vocab"])
+        downlink_log = DownlinkLog(log_path)
+        try:
+            reader, writer = await open_connection(host, downlink_port)
+        except OSError as e:
+            downlink_log.close()
+            raise LinkClosed(f"cannot connect the downlink to {host}:{downlink_port}: {e}") from e
+        link = cls(
+            reader,
+            writer,
+            ledger,
+            downlink_log,
+            limits or DownlinkLimits(),
+            n_vocab=n_vocab,
+            tick_s=tick_s,
+            on_alarm=on_alarm,
+        )
+        try:
+            async with asyncio.timeout(handshake_timeout_s):
+                await link._handshake(host, uplink_port, fingerprint, open_connection)
+        except BaseException:
+            await link.aclose()
+            raise
+        link._pump = asyncio.create_task(link._read_downlink())
+        return link
+
+    async def _handshake(
+        self,
+        host: str,
+        uplink_port: int,
+        fingerprint: dict[str, str],
+        open_connection: OpenConnection,
+    ) -> None:
+        while not self._messages:
+            data = await self._reader.read(READ_BYTES)
+            if not data:
+                raise LinkClosed("the outer closed the downlink before its HELLO")
+            try:
+                self._take(data)
+            except ProtocolError as e:
+                self._violation(e)
+                raise
+        hello = self._messages.popleft()
+        assert isinstance(hello, Hello)  # the parser lets only HELLO come first
+        self.outer_fingerprint = hello.as_dict()
+        diffs = differences(self.outer_fingerprint, fingerprint)
+        self._uplink = await MeteredWriter.connect(
+            host, uplink_port, self._ledger, tick_s=self.tick_s, open_connection=open_connection
+        )
+        if not diffs:
+            await self._uplink.send(
+                encode_uplink(Accept(fingerprint_digest(fingerprint))), note="accept"
+            )
+            return
+        fields = refusal_fields(list(self.outer_fingerprint), diffs)
+        await self._uplink.send(encode_uplink(Refuse(fields)), note="refuse")
+        message = "codec fingerprints differ, refusing to serve: " + "; ".join(
+            d.describe() for d in diffs
+        )
+        log.error("%s", message)
+        self._log.write("refused", differences=[d.describe() for d in diffs])
+        raise FingerprintMismatch(message, diffs)
+
+    def _take(self, data: bytes) -> None:
+        """Rate-check, parse and log downlink bytes; queue the messages."""
+        if not self._rate.take(len(data), time.monotonic()):
+            raise ProtocolError(
+                f"downlink faster than {self._rate.rate:,.0f} bytes/s"
+                f" (burst {self._rate.burst:,} bytes)"
+            )
+        for msg in self._parser.feed(data):
+            self._log.message(msg)
+            self._messages.append(msg)
+
+    async def _read_downlink(self) -> None:
+        try:
+            while data := await self._reader.read(READ_BYTES):
+                self._take(data)
+                self._arrived.set()
+            self._failure = LinkClosed("the outer closed the downlink")
+        except ProtocolError as e:
+            self._failure = e
+            self._violation(e)
+        except (ConnectionError, OSError) as e:
+            self._failure = LinkClosed(f"downlink failed: {e}")
+        self._arrived.set()
+
+    def _violation(self, e: ProtocolError) -> None:
+        """The outer broke the downlink's rules: log, alarm, stop listening to it."""
+        self._log.write("violation", error=str(e))
+        raise_alarm(self.alarms, self._on_alarm, "downlink", f"downlink violation: {e}")
+        self._down.close()
+
+    def pending(self) -> list[DownlinkMessage]:
+        """Messages that came down since the last call; raises once they are all taken and
+        the downlink has failed or closed."""
+        if not self._messages and self._failure is not None:
+            raise self._failure
+        out = list(self._messages)
+        self._messages.clear()
+        self._arrived.clear()
+        return out
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until a downlink message arrives (or the downlink stops), at most `timeout_s`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._arrived.wait()
+
+    async def send_frame(self, frame: bytes) -> ChargeReceipt:
+        """Send one coded frame (charged, at the next tick); if the budget cannot pay for it
+        and for END, send END instead and raise `BudgetExhausted` (module doc)."""
+        uplink = self.uplink_writer()
+        wire = encode_uplink(Frame(frame))
+        need = len(wire) + END_RESERVE_BYTES
+        while True:
+            state = await asyncio.to_thread(self._ledger.usage)
+            if state.exhausted_by is not None:  # latched: not even END can be paid for
+                await self.aclose()
+                raise BudgetExhausted(
+                    f"upload budget exhausted ({state.exhausted_by.label})",
+                    limit=state.exhausted_by.value,
+                )
+            refused = decide(state.budgets, state.usage, need, time.time()).refused
+            if refused is None:
+                return await uplink.send(wire, note=f"frame {len(frame)} B")
+            per_second = state.budgets.per_second_bytes
+            if refused is Limit.PER_SECOND and per_second is not None and need <= per_second:
+                await asyncio.sleep(1.0 - time.time() % 1.0)  # room in the next second
+                continue
+            await self.end(_END_FOR.get(refused, EndReason.PER_SECOND))
+            raise BudgetExhausted(
+                f"upload budget exhausted: the {refused.label} budget cannot pay for a frame of"
+                f" {len(wire):,} bytes and END; sent END",
+                limit=refused.value,
+            )
+
+    async def end(self, reason: EndReason) -> None:
+        """Send END (if the budget still allows) and close both connections."""
+        if self._uplink is not None and not self._uplink.closed:
+            with contextlib.suppress(LinkError):
+                await self._uplink.send(encode_uplink(End(reason)), note=f"END {reason.name}")
+        await self.aclose()
+
+    def uplink_writer(self) -> MeteredWriter:
+        """The uplink's metered writer (every byte through it is charged); raises LinkClosed
+        once it is closed."""
+        if self._uplink is None or self._uplink.closed:
+            raise LinkClosed("the uplink is closed")
+        return self._uplink
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pump is not None and self._pump is not asyncio.current_task():
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+        if self._uplink is not None:
+            await self._uplink.aclose()
+        self._down.close()
+        with contextlib.suppress(OSError):
+            await self._down.wait_closed()
+        self._log.close()
+
+
+class FrameSource(Protocol):
+    """What the inner's serving loop drives: streams in, coded frames out.
+
+    Methods are called from a worker thread, one at a time, in downlink order.
+    """
+
+    def open_stream(self, spec: StreamSpec, extra: bytes) -> None:
+        """A new stream, in the outer's order; `extra`: its service fields (OPEN_STREAM)."""
+        ...
+
+    def cancel(self, stream_id: int) -> None: ...
+
+    def next_frame(self) -> bytes | None:
+        """The next coded frame, or None when there is nothing to say this tick."""
+        ...
+
+    def resend(self, first: int) -> list[bytes]:
+        """Raw copies of frames `first`.. (`FrameEncoder.resend`)."""
+        ...
+
+
+class ModelSink(Protocol):
+    """Where a rollout's downlink messages go, in order (`inner.rollout.WeakRollout`)."""
+
+    def offer(self, offer: ModelOffer) -> None: ...
+
+    def data(self, data: bytes) -> None: ...
+
+    def switch(self, fingerprint_sha256: bytes) -> None:
+        """Switch the source's weak model; raises if the new fingerprint is not this one."""
+        ...
+
+
+async def serve_frames(
+    link: InnerLink, source: FrameSource, *, models: ModelSink | None = None
+) -> EndReason:
+    """The inner's loop: apply downlink messages, send a frame per tick while there is one,
+    until SHUTDOWN (END sent) or the budget runs out. Returns why it ended; on any other
+    failure (a rollout message without `models` among them) it sends END(error), closes, and
+    raises."""
+    resends: deque[bytes] = deque()
+    try:
+        while True:
+            for msg in link.pending():
+                match msg:
+                    case ModelOffer() | ModelData() | Switch() if models is None:
+                        raise ProtocolError("a model rollout, but this inner takes none")
+                    case ModelOffer():
+                        await asyncio.to_thread(models.offer, msg)
+                    case ModelData(data):
+                        await asyncio.to_thread(models.data, data)
+                    case Switch(digest):
+                        await asyncio.to_thread(models.switch, digest)
+                    case OpenStream(spec, extra):
+                        await asyncio.to_thread(source.open_stream, spec, extra)
+                    case Cancel(stream_id):
+                        await asyncio.to_thread(source.cancel, stream_id)
+                    case Resend(first):
+                        # Replaces any resend under way: this one starts where the decoder is.
+                        resends = deque(await asyncio.to_thread(source.resend, first))
+                    case Shutdown():
+                        await link.end(EndReason.SHUTDOWN)
+                        return EndReason.SHUTDOWN
+            frame = resends.popleft() if resends else await asyncio.to_thread(source.next_frame)
+            if frame is None:
+                await link.wait(link.tick_s)  # idle: nothing is sent
+                continue
+            await link.send_frame(frame)
+    except BudgetExhausted as e:
+        await link.aclose()
+        return _END_FOR.get(Limit(e.limit), EndReason.PER_SECOND)
+    except (LinkClosed, asyncio.CancelledError):  # nobody to tell, or no way to: just stop
+        await link.aclose()
+        raise
+    except Exception:
+        await link.end(EndReason.ERROR)
+        raise

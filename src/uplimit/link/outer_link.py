@@ -1,0 +1,377 @@
+"""The outer's end of the link (`link.transport` draws both): `OuterLink`.
+
+It accepts one inner (the uplink must come from the downlink's address; other connections
+are closed and alarmed), counts every byte read from the inner on either connection
+(`MeteredReader` into the `ReceiveCounter`: bytes on the downlink are an upload that bypassed
+the meter, and fail the link), decodes frames with the frame decoder, delivers decoded frames
+only, asks for resends, and keeps `state` (`wire.receiver.LinkState`): a gateway answers 503
+unless it is `serving`. Alarms go to the log (ERROR), `alarms`, the metrics and `on_alarm`.
+Nothing the inner sends can raise out of the outer's tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from uplimit.errors import LinkClosed
+from uplimit.link.alarms import Alarm, AlarmHook, raise_alarm
+from uplimit.link.meter import MeteredReader, ReceiveCounter
+from uplimit.link.metrics import OuterMetrics
+from uplimit.link.transport import HANDSHAKE_TIMEOUT_S
+from uplimit.wire.fingerprint import (
+    fingerprint_sha256,
+)
+from uplimit.wire.frame import FrameContent, FrameStats
+from uplimit.wire.protocol import (
+    DOWNLINK_PREAMBLE,
+    MAX_FRAME_BYTES,
+    Cancel,
+    DownlinkMessage,
+    Hello,
+    ModelData,
+    ModelOffer,
+    OpenStream,
+    Resend,
+    Shutdown,
+    Switch,
+    encode_downlink,
+)
+from uplimit.wire.receiver import (
+    Accepted,
+    AlarmKind,
+    Delivered,
+    Ended,
+    Failed,
+    FrameSink,
+    LinkState,
+    ReceiverEvent,
+    Rejected,
+    UplinkReceiver,
+)
+from uplimit.wire.streams import StreamSpec
+
+__all__ = ["DOWNLINK_GRACE_S", "FrameHook", "OuterLink", "StartServer"]
+
+# When the downlink goes (the inner closed it, or a write failed), the uplink's END or end of
+# stream says why; an inner that leaves its uplink open this long without one has failed.
+DOWNLINK_GRACE_S = 10.0
+
+FrameHook = Callable[[FrameContent, FrameStats], None]  # must not raise
+# How the outer listens: `asyncio.start_server`'s signature (handler, host, port).
+StartServer = Callable[..., Awaitable[Any]]
+
+
+class OuterLink:
+    """The outer side of one link (module doc). `start` it, then `wait_serving`."""
+
+    def __init__(
+        self,
+        fingerprint: dict[str, str],
+        decoder: FrameSink,
+        counter: ReceiveCounter,
+        *,
+        on_frame: FrameHook | None = None,
+        on_alarm: AlarmHook | None = None,
+        metrics: OuterMetrics | None = None,
+        budget_bytes: int | None = None,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        downlink_grace_s: float = DOWNLINK_GRACE_S,
+    ) -> None:
+        self.fingerprint = dict(fingerprint)
+        self._decoder = decoder
+        self._receiver = UplinkReceiver(fingerprint, decoder, max_frame_bytes=max_frame_bytes)
+        self._counter = counter
+        self._on_frame = on_frame
+        self._on_alarm = on_alarm
+        self.metrics = metrics
+        if metrics is not None and budget_bytes is not None:
+            metrics.set_budget(budget_bytes, counter.total())
+        self._handshake_timeout_s = handshake_timeout_s
+        self._downlink_grace_s = downlink_grace_s
+        # The decoder's stream table changes in two places (open_stream, decoding in a
+        # worker thread); this lock keeps them apart.
+        self._decoding = asyncio.Lock()
+        # Held from a decoder change to its downlink message (OPEN_STREAM, SWITCH), so the
+        # inner sees them in the order the decoder applied them.
+        self._ordering = asyncio.Lock()
+        self._servers: list[asyncio.Server] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self._down: asyncio.StreamWriter | None = None
+        self._downlink_gone: str | None = None  # why, once the downlink is lost
+        self._closing = False
+        self._up_connected = False
+        self.peer: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+        self.alarms: list[Alarm] = []
+        self.delivered_frames = 0
+        self.downlink_port = self.uplink_port = 0
+
+    @property
+    def state(self) -> LinkState:
+        return self._receiver.state
+
+    @property
+    def reason(self) -> str:
+        return self._receiver.reason
+
+    @property
+    def decoder(self) -> FrameSink:
+        return self._decoder
+
+    async def start(
+        self,
+        host: str,
+        *,
+        downlink_port: int = 0,
+        uplink_port: int = 0,
+        start_server: StartServer = asyncio.start_server,
+    ) -> None:
+        """Listen for the inner's two connections (port 0: any free port); `start_server`:
+        asyncio's, or a `link.memory.MemoryNetwork`'s."""
+        down = await start_server(self._on_downlink, host, downlink_port)
+        up = await start_server(self._on_uplink, host, uplink_port)
+        self._servers = [down, up]
+        self.downlink_port = down.sockets[0].getsockname()[1]
+        self.uplink_port = up.sockets[0].getsockname()[1]
+
+    async def wait_serving(self, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+        """Until the handshake succeeded; raises `LinkClosed` with the reason if it failed."""
+        async with asyncio.timeout(timeout_s):
+            while self.state is LinkState.HANDSHAKING:
+                await self._changed.wait()
+        if self.state is not LinkState.SERVING:
+            raise LinkClosed(f"link {self.state}: {self.reason}")
+
+    async def wait_final(self, timeout_s: float | None = None) -> LinkState:
+        """Until the link is exhausted, closed or failed."""
+        async with asyncio.timeout(timeout_s):
+            while not self.state.final:
+                await self._changed.wait()
+        return self.state
+
+    async def open_stream(self, spec: StreamSpec, extra: bytes = b"") -> None:
+        """Add a stream to the decoder's table, then send it down (with its service fields)."""
+        self._require_serving()
+        if self._downlink_gone:  # the link is ending: leave the decoder's table alone
+            raise LinkClosed(self._downlink_gone)
+        async with self._ordering:
+            async with self._decoding:
+                self._decoder.add_stream(spec)
+            await self._send_down(OpenStream(spec, extra))
+
+    async def send_model(self, msg: ModelOffer | ModelData) -> None:
+        """A rollout's transfer (`outer.rollout`); the caller paces it to the downlink's rate."""
+        self._require_serving()
+        await self._send_down(msg)
+
+    async def switch_weak(
+        self, switch_decoder: Callable[[], None], fingerprint: dict[str, str]
+    ) -> None:
+        """From this point in the stream order, both sides code new streams with the new weak
+        model (`wire.frame`): `switch_decoder` switches this side's decoder (between frames),
+        then SWITCH goes down; `fingerprint` is the codec's after the switch."""
+        self._require_serving()
+        async with self._ordering:
+            async with self._decoding:
+                switch_decoder()
+            self.fingerprint = dict(fingerprint)
+            await self._send_down(Switch(fingerprint_sha256(fingerprint)))
+
+    async def cancel(self, stream_id: int) -> None:
+        self._require_serving()
+        await self._send_down(Cancel(stream_id))
+
+    async def shutdown(self, timeout_s: float = 10.0) -> LinkState:
+        """Ask the inner to stop (SHUTDOWN); wait for its END, then close."""
+        if self.state is LinkState.SERVING:
+            with contextlib.suppress(LinkClosed):
+                await self._send_down(Shutdown())
+            with contextlib.suppress(TimeoutError):
+                await self.wait_final(timeout_s)
+        await self.aclose()
+        return self.state
+
+    def _require_serving(self) -> None:
+        if self.state is not LinkState.SERVING:
+            raise LinkClosed(f"link {self.state}: {self.reason}")
+
+    async def _send_down(self, msg: DownlinkMessage) -> None:
+        if self._down is None or self._down.is_closing() or self._downlink_gone:
+            raise LinkClosed(self._downlink_gone or "the downlink is not connected")
+        try:
+            await self._send_down_raw(encode_downlink(msg))
+        except (ConnectionError, OSError) as e:
+            self._downlink_lost(f"downlink write failed: {e}")
+            raise LinkClosed(f"downlink write failed: {e}") from e
+
+    def _downlink_lost(self, why: str) -> None:
+        """The downlink is gone. The inner closes it when it ends, END first: give the uplink
+        a grace period (`DOWNLINK_GRACE_S`) to say how the link ended before failing it."""
+        if self._downlink_gone is not None or self.state.final or self._closing:
+            return
+        self._downlink_gone = why
+
+        async def grace() -> None:
+            with contextlib.suppress(TimeoutError):
+                await self.wait_final(self._downlink_grace_s)
+            if not self.state.final:
+                await self._fail(AlarmKind.CLOSED, f"{why}, and the uplink did not end")
+
+        self._spawn(grace())
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refuse_connection(self, writer: asyncio.StreamWriter, which: str) -> None:
+        peer = writer.get_extra_info("peername")
+        writer.close()
+        self._alarm(AlarmKind.CONNECTION, f"closed an unexpected {which} connection from {peer}")
+
+    async def _on_downlink(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self._down is not None or self.state is not LinkState.HANDSHAKING:
+            self._refuse_connection(writer, "downlink")
+            return
+        self._down = writer
+        self._writers.append(writer)
+        self.peer = writer.get_extra_info("peername")[0]
+        self._spawn(self._handshake_deadline())
+        try:
+            await self._send_down_raw(
+                DOWNLINK_PREAMBLE + encode_downlink(Hello.of(self.fingerprint))
+            )
+            # Outer -> inner only: any byte the inner sends here bypassed its meter.
+            metered = MeteredReader(reader, self._counter)
+            data = await metered.read()
+            if data:
+                self._received(len(data))
+                await self._fail(
+                    AlarmKind.DOWNLINK_UPLOAD,
+                    f"the inner sent {len(data)} bytes on the downlink, bypassing its meter",
+                )
+            self._downlink_lost("the inner closed the downlink")
+        except (ConnectionError, OSError) as e:
+            self._downlink_lost(f"downlink connection failed: {e}")
+        except Exception as e:  # never let a bug here pass silently or crash the server
+            await self._fail(AlarmKind.INTERNAL, f"downlink: {e!r}")
+
+    async def _send_down_raw(self, data: bytes) -> None:
+        assert self._down is not None
+        self._down.write(data)
+        await self._down.drain()
+        if self.metrics is not None:
+            self.metrics.downlink_bytes.inc(len(data))
+
+    async def _handshake_deadline(self) -> None:
+        try:
+            async with asyncio.timeout(self._handshake_timeout_s):
+                while self.state is LinkState.HANDSHAKING:
+                    await self._changed.wait()
+        except TimeoutError:
+            await self._fail(
+                AlarmKind.TIMEOUT, f"no verdict from the inner in {self._handshake_timeout_s} s"
+            )
+
+    async def _on_uplink(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")[0]
+        if self._up_connected or self._down is None or peer != self.peer:
+            self._refuse_connection(writer, "uplink")
+            return
+        self._up_connected = True
+        self._writers.append(writer)
+        metered = MeteredReader(reader, self._counter)
+        try:
+            while True:
+                try:
+                    data = await metered.read()
+                except (ConnectionError, OSError) as e:
+                    await self._fail(AlarmKind.CLOSED, f"uplink connection failed: {e}")
+                    break
+                self._received(len(data))
+                async with self._decoding:
+                    if data:
+                        events = await asyncio.to_thread(self._receiver.receive, data)
+                    else:
+                        events = self._receiver.eof()
+                await self._handle(events)
+                if not data or self.state is LinkState.FAILED:
+                    break
+        except Exception as e:  # a bug on this side: fail closed, never crash
+            await self._fail(AlarmKind.INTERNAL, f"uplink: {e!r}")
+        finally:
+            self._close_connections()
+
+    def _received(self, n: int) -> None:
+        if self.metrics is not None and n:
+            self.metrics.received(n)
+
+    async def _handle(self, events: list[ReceiverEvent]) -> None:
+        for event in events:
+            match event:
+                case Delivered(content, stats, wire_bytes):
+                    self.delivered_frames += 1
+                    if self.metrics is not None:
+                        self.metrics.frame(wire_bytes, stats.tokens)
+                    if self._on_frame is not None:
+                        self._on_frame(content, stats)
+                case Rejected(frame_no, reason, resend_from):
+                    if self.metrics is not None:
+                        self.metrics.frames.labels("rejected").inc()
+                    if resend_from is not None:
+                        if self.metrics is not None:
+                            self.metrics.mismatches.inc()
+                        self._alarm(
+                            AlarmKind.MISMATCH,
+                            f"frame {frame_no} rejected, nothing of it delivered ({reason});"
+                            f" asking for a resend from frame {resend_from}",
+                        )
+                        with contextlib.suppress(LinkClosed):
+                            await self._send_down(Resend(resend_from))
+                case Failed(kind, message):
+                    self._alarm(kind, message)
+                case Accepted() | Ended():
+                    pass
+        if self.metrics is not None:
+            self.metrics.state.state(self.state.value)
+        if self.state is LinkState.FAILED:
+            self._close_connections()
+        # A new event per change: a waiter that checked the state holds the current one.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _fail(self, kind: AlarmKind, message: str) -> None:
+        async with self._decoding:
+            events = self._receiver.fail(kind, message)
+        await self._handle(events)
+
+    def _alarm(self, kind: AlarmKind, message: str) -> None:
+        if self.metrics is not None:
+            self.metrics.alarms.labels(kind.value).inc()
+        raise_alarm(self.alarms, self._on_alarm, kind.value, message)
+
+    def _close_connections(self) -> None:
+        for server in self._servers:
+            server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def aclose(self) -> None:
+        """Close everything; the state stays as it is."""
+        self._closing = True
+        self._close_connections()
+        for task in list(self._tasks):
+            task.cancel()
+        for server in self._servers:
+            with contextlib.suppress(OSError):
+                await server.wait_closed()
+        for writer in self._writers:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

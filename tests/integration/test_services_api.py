@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 
 from support.scripted import ScriptedModel
+from support.waiting import eventually
 from uplimit.both import InProcess, in_process
 from uplimit.coding.calibration import Calibration
 from uplimit.errors import InternalError
@@ -64,8 +65,10 @@ async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=
             )
             service.start()
             serving = asyncio.create_task(server.serve())
-            while not server.started:
-                await asyncio.sleep(0.01)
+            # Started, or ended trying (then awaiting it raises what went wrong).
+            await eventually(lambda: server.started or serving.done(), "uvicorn to start")
+            if serving.done():
+                await serving
             port = server.servers[0].sockets[0].getsockname()[1]
             url = f"http://127.0.0.1:{port}/v1"
             client = openai.AsyncOpenAI(base_url=url, api_key=api_key or "none", max_retries=0)

@@ -31,7 +31,7 @@ from uplimit.inner.verifier import Verifier
 from uplimit.link.budget import Budgets
 from uplimit.link.ledger import SqliteLedger
 from uplimit.link.metrics import OuterMetrics
-from uplimit.outer.serve import _verifier_feed
+from uplimit.outer.serve import configured_verifier_feed
 from uplimit.outer.service import OuterService
 from uplimit.outer.verifier_feed import VerifierFeed
 from uplimit.wire.checks import CHECK_PREAMBLE, CheckJob, CheckParser, encode_check
@@ -248,7 +248,7 @@ def test_config_validation_of_the_outer_side(tmp_path):
     reasoning = '[inner]\nreasoning_open = "<a>"\nreasoning_close = "</a>"\n'
     config = _config(tmp_path, reasoning + '[outer]\nverifier = "127.0.0.1:7303"')
     with pytest.raises(ConfigError, match="withheld reasoning"):
-        _verifier_feed(config, OuterMetrics())  # the outer refuses to offer those streams
+        configured_verifier_feed(config, OuterMetrics())  # the outer refuses to offer those streams
 
 
 # --- the outer's feed -------------------------------------------------------------------------

@@ -68,17 +68,17 @@ def test_calibration_needs_both_kinds_of_traffic():
 def test_serve_outer_turns_the_monitor_on_from_config_and_counts_its_alarms(tmp_path):
     from uplimit.config import load_config
     from uplimit.link.metrics import OuterMetrics
-    from uplimit.outer.serve import _monitor
+    from uplimit.outer.serve import configured_monitor
 
     metrics = OuterMetrics()
-    assert _monitor(load_config(None, env={}), metrics) is None  # off by default
+    assert configured_monitor(load_config(None, env={}), metrics) is None  # off by default
     MonitorThresholds(Allowance(16.0, 0.5), Allowance(16.0, 1.0)).save(tmp_path / "t.json")
     config = load_config(None, env={"UPLIMIT_OUTER_MONITOR": str(tmp_path / "t.json")})
-    monitor = _monitor(config, metrics)
+    monitor = configured_monitor(config, metrics)
     for _ in range(12):
         monitor.add(GREEDY, 2.0)
     assert len(monitor.alarms) == 1
     assert 'uplimit_alarms_total{kind="bits"} 1.0' in metrics.exposition().decode()
     bad = load_config(None, env={"UPLIMIT_OUTER_MONITOR": str(tmp_path / "none.json")})
     with pytest.raises(ConfigError, match="monitor thresholds"):
-        _monitor(bad, metrics)
+        configured_monitor(bad, metrics)

@@ -37,7 +37,7 @@ from uplimit.wire.checks import check_reproducible
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig, FrameDecoder
 
-__all__ = ["serve_outer"]
+__all__ = ["configured_monitor", "configured_verifier_feed", "serve_outer"]
 
 # On SIGTERM, requests still running after this long are cut (a non-streaming request only
 # notices a gone client when it answers, so without a limit a stop waits for every answer).
@@ -66,7 +66,7 @@ async def serve_outer(
     counter = ReceiveCounter(config.path(config.link.receive_counter, "received.db"))
 
     metrics = OuterMetrics()
-    feed = _verifier_feed(config, metrics)
+    feed = configured_verifier_feed(config, metrics)
     budget = config.link.lifetime_budget_bytes or None  # 0: the inner's default, unknown here
 
     def build(hook: FrameHook) -> OuterLink:
@@ -93,7 +93,7 @@ async def serve_outer(
         service = OuterService(
             weak, uplink, max_context=coding.max_context, max_choices=config.outer.max_choices,
             reasoning=config.reasoning, max_reasoning_tokens=config.inner.max_reasoning_tokens,
-            monitor=_monitor(config, metrics), on_stream_end=feed.offer if feed else None,
+            monitor=configured_monitor(config, metrics), on_stream_end=feed.offer if feed else None,
         )  # fmt: skip
         service.start()
         status = StatusBoard(
@@ -156,7 +156,7 @@ def _alarms(uplink: TransportUplink, service: OuterService) -> list[Alarm]:
     return found
 
 
-def _monitor(config: Config, metrics: OuterMetrics) -> BitsMonitor | None:
+def configured_monitor(config: Config, metrics: OuterMetrics) -> BitsMonitor | None:
     """The bits/token monitor when `[outer] monitor` names its thresholds; its alarms count in
     `uplimit_alarms_total{kind="bits"}`."""
     if not config.outer.monitor:
@@ -165,7 +165,7 @@ def _monitor(config: Config, metrics: OuterMetrics) -> BitsMonitor | None:
     return BitsMonitor(thresholds, on_alarm=lambda _: metrics.alarms.labels("bits").inc())
 
 
-def _verifier_feed(config: Config, metrics: OuterMetrics) -> VerifierFeed | None:
+def configured_verifier_feed(config: Config, metrics: OuterMetrics) -> VerifierFeed | None:
     """The spot-check feed when `[outer] verifier` names the verifier (docs/security.md). It
     refuses what a re-run cannot reproduce, withheld reasoning among it: those streams must not
     be offered, and with reasoning configured any stream may have some."""

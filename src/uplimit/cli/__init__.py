@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import sys
 
-from uplimit.cli import distill, gauge, models, operate, redteam, research, serve
+# isort: off
+# Registered on import, and `uplimit --help` lists them in this order: serving first.
+from uplimit.cli import serve, research, redteam, operate, models, gauge, distill
+
+# isort: on
 from uplimit.cli.common import app, console
 from uplimit.errors import UplimitError
 
 __all__ = ["app", "main"]
 
-_COMMANDS = (models, research, serve, operate, gauge, distill, redteam)  # registered on import
+_COMMANDS = (serve, research, redteam, operate, models, gauge, distill)
 
 
 def _message(e: BaseException) -> str | None:

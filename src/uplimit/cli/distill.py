@@ -16,7 +16,7 @@ distill_app = typer.Typer(
     help="Distil the strong model into the weak one on the outer side (docs/distill.md).",
     no_args_is_help=True,
 )
-app.add_typer(distill_app, name="distill")
+app.add_typer(distill_app, name="distill", rich_help_panel="Models")
 
 
 @distill_app.command("prompts")

@@ -16,7 +16,7 @@ from uplimit.cli.common import (
 gauge_app = typer.Typer(
     help="Gauge transforms: new weights, same function (docs/gauge.md).", no_args_is_help=True
 )
-app.add_typer(gauge_app, name="gauge")
+app.add_typer(gauge_app, name="gauge", rich_help_panel="Models")
 
 
 @gauge_app.command("apply")

@@ -16,7 +16,7 @@ from uplimit.cli.common import (
 )
 
 models_app = typer.Typer(help="Fetch and inspect the strong/weak model pair.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
+app.add_typer(models_app, name="models", rich_help_panel="Models")
 
 
 @models_app.command("fetch")

@@ -15,7 +15,7 @@ from uplimit.cli.common import (
 )
 
 
-@app.command()
+@app.command(rich_help_panel="Operate")
 def meters(
     ledger: str | None = typer.Option(None, help="Inner ledger: SQLite file or PostgreSQL URL."),
     budget: str | None = typer.Option(None, help="Budget name [SQLite: link, PostgreSQL: global]."),
@@ -52,7 +52,7 @@ def meters(
 
 
 audit_app = typer.Typer(help="Query the inner side's audit store.", no_args_is_help=True)
-app.add_typer(audit_app, name="audit")
+app.add_typer(audit_app, name="audit", rich_help_panel="Operate")
 
 
 def _open_audit(config: Path | None, db: Path | None):
@@ -106,7 +106,7 @@ def audit_show(
 
 
 budget_app = typer.Typer(help="Read the uplink ledger; raise its budget (audited).")
-app.add_typer(budget_app, name="budget")
+app.add_typer(budget_app, name="budget", rich_help_panel="Operate")
 
 
 @budget_app.command("show")

@@ -12,7 +12,7 @@ from uplimit.cli.common import (
 )
 
 
-@app.command()
+@app.command(rich_help_panel="Measure")
 def redteam(
     out: Path = typer.Option(..., help="Directory for report.md, report.json and the run's files."),
     prompts: Path = typer.Option(..., help="Evaluation prompts (dev.jsonl): false positives."),

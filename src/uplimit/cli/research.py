@@ -15,7 +15,7 @@ from uplimit.cli.common import (
 )
 
 
-@app.command()
+@app.command(rich_help_panel="Measure")
 def bench(
     prompts: Path = typer.Option(..., help="JSONL file: one {id, messages} per line."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
@@ -79,7 +79,7 @@ def bench(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(rich_help_panel="Measure")
 def speed(
     prompts: Path = typer.Option(..., help="JSONL file: one {id, messages} per line."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
@@ -126,7 +126,7 @@ def speed(
         console.print(f"wrote {json_out}")
 
 
-@app.command()
+@app.command(rich_help_panel="Measure")
 def calibrate(
     out: Path = typer.Option(..., help="Where to write the calibration JSON."),
     count: int = typer.Option(
@@ -175,7 +175,7 @@ def calibrate(
     console.print(f"wrote {out} (digest {calibration.digest()[:16]})")
 
 
-@app.command()
+@app.command(rich_help_panel="Measure")
 def plan(
     weights_bytes: float | None = typer.Option(None, help="Size of the strong weights, bytes."),
     parameters: float | None = typer.Option(None, help="Or: parameter count ..."),

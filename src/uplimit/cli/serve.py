@@ -13,7 +13,7 @@ from uplimit.errors import UplimitError
 serve_app = typer.Typer(
     help="Run the inner side, the outer side, or both (docs/serving.md).", no_args_is_help=True
 )
-app.add_typer(serve_app, name="serve")
+app.add_typer(serve_app, name="serve", rich_help_panel="Serve")
 
 
 @serve_app.command("inner")
@@ -111,7 +111,7 @@ def serve_verifier_cmd(
     asyncio.run(serve_verifier(cfg, models["strong"], models.get("weak"), on_listening=listening))
 
 
-@app.command()
+@app.command(rich_help_panel="Serve")
 def rollout(
     weak: Path = typer.Option(..., help="The new weak model (a GGUF file on the outer's host)."),
     calibration: Path = typer.Option(..., help="Its calibration JSON (uplimit calibrate)."),
@@ -148,7 +148,7 @@ def rollout(
     console.print(f"rollout of {status['weak']} (sha256 {sha}): {status['state']}")
 
 
-@app.command()
+@app.command(rich_help_panel="Serve")
 def demo(
     max_tokens: int = typer.Option(96, help="Tokens per answer at most."),
 ) -> None:

@@ -297,6 +297,15 @@ def test_bad_inputs_give_openai_errors(tiny_strong, tiny_weak, tmp_path):
             with pytest.raises(openai.BadRequestError) as e:
                 await c.completions.create(model=MODEL, prompt=[10**9])
             assert e.value.param == "prompt"
+            # Past the protocol's own limit: once, the inner refused it and ended the link for
+            # every user. It is refused here, and the link serves the next request.
+            with pytest.raises(openai.BadRequestError) as e:
+                await c.chat.completions.create(
+                    model=MODEL, messages=CHAT, max_tokens=4, extra_body={"top_k": 2**32 + 1}
+                )
+            assert "top_k" in e.value.message
+            r = await c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+            assert r.choices[0].message.content is not None
 
     run(main())
 

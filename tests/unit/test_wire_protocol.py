@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError
+from uplimit.errors import ConfigError, InvalidRequest
 from uplimit.wire.protocol import (
     DOWNLINK_PREAMBLE,
     MAX_FRAME_BYTES,
@@ -34,6 +34,7 @@ from uplimit.wire.protocol import (
     Shutdown,
     Switch,
     UplinkParser,
+    accepted_downlink,
     encode_downlink,
     encode_uplink,
 )
@@ -426,3 +427,53 @@ def test_byte_rate_is_a_token_bucket():
     assert not rate.take(51, 0.5)
     assert rate.take(300, 100.0) and not rate.take(1, 100.0)  # refills up to the burst only
     assert not rate.take(1, 99.0)  # a clock stepped back refills nothing
+
+
+# --- what the outer sends is what the inner accepts --------------------------------------------
+
+
+def test_accepted_downlink_is_the_encoding_the_inner_parses():
+    msg = OpenStream(SPEC, b'{"request_id": "x"}')
+    assert accepted_downlink(msg, DownlinkLimits(), 1000) == encode_downlink(msg)
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        (StreamSpec(3, (1, 2), SamplingParams(0.5, 1.0, 2**32 + 1), 1, 50), "top_k"),
+        (StreamSpec(3, (1, 1000), SamplingParams(), 1, 50), "prompt token"),
+        (
+            StreamSpec(3, tuple(range(900)) * 2_000, SamplingParams(), 1, 50),
+            "the limit is 1,048,576",
+        ),
+    ],
+)
+def test_what_the_inner_would_refuse_is_refused_before_sending(spec, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        accepted_downlink(OpenStream(spec), DownlinkLimits(), 1000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    temperature=st.floats(allow_nan=True, allow_infinity=True),
+    top_p=st.floats(allow_nan=True, allow_infinity=True),
+    top_k=st.integers(min_value=0, max_value=2**70),
+    max_tokens=st.integers(min_value=0, max_value=2**40),
+    seed=st.integers(min_value=0, max_value=2**64 - 1),
+    prompt=st.lists(st.integers(min_value=0, max_value=2**25), min_size=0, max_size=40),
+    extra=st.binary(max_size=64),
+)
+def test_any_stream_is_refused_or_parsed_by_the_inner(
+    temperature, top_p, top_k, max_tokens, seed, prompt, extra
+):
+    """Whatever a request carries: either it is refused before it is sent (a client's error),
+    or the inner's parser reads exactly it. Nothing in between would end the link."""
+    try:
+        spec = StreamSpec(7, tuple(prompt), SamplingParams(temperature, top_p, top_k), seed,
+                          max_tokens)  # fmt: skip
+        data = accepted_downlink(OpenStream(spec, extra), DownlinkLimits(), 151_936)
+    except (InvalidRequest, ConfigError, ProtocolError):
+        return
+    parser = DownlinkParser(n_vocab=151_936)
+    parser.feed(DOWNLINK_PREAMBLE + encode_downlink(Hello(())))
+    assert parser.feed(data) == [OpenStream(spec, extra)]

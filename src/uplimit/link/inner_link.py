@@ -32,6 +32,7 @@ from uplimit.wire.fingerprint import (
     differences,
     fingerprint_digest,
     refusal_fields,
+    vocabulary_size,
 )
 from uplimit.wire.protocol import (
     Accept,
@@ -196,8 +197,8 @@ class InnerLink:
         `n_vocab`: prompt token ids must be below it (default: the fingerprint's
         `frame.n_vocab`, when it has one).
         """
-        if n_vocab is None and "frame.n_vocab" in fingerprint:
-            n_vocab = int(fingerprint["frame.n_vocab"])
+        if n_vocab is None:
+            n_vocab = vocabulary_size(fingerprint)
         downlink_log = DownlinkLog(log_path)
         try:
             reader, writer = await open_connection(host, downlink_port)

@@ -16,19 +16,18 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from uplimit.errors import LinkClosed
+from uplimit.errors import ConfigError, InvalidRequest, LinkClosed, ProtocolError
 from uplimit.link.alarms import Alarm, AlarmHook, raise_alarm
 from uplimit.link.meter import MeteredReader, ReceiveCounter
 from uplimit.link.metrics import OuterMetrics
 from uplimit.link.transport import HANDSHAKE_TIMEOUT_S
-from uplimit.wire.fingerprint import (
-    fingerprint_sha256,
-)
+from uplimit.wire.fingerprint import fingerprint_sha256, vocabulary_size
 from uplimit.wire.frame import FrameContent, FrameStats
 from uplimit.wire.protocol import (
     DOWNLINK_PREAMBLE,
     MAX_FRAME_BYTES,
     Cancel,
+    DownlinkLimits,
     DownlinkMessage,
     Hello,
     ModelData,
@@ -37,6 +36,7 @@ from uplimit.wire.protocol import (
     Resend,
     Shutdown,
     Switch,
+    accepted_downlink,
     encode_downlink,
 )
 from uplimit.wire.receiver import (
@@ -80,8 +80,12 @@ class OuterLink:
         max_frame_bytes: int = MAX_FRAME_BYTES,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         downlink_grace_s: float = DOWNLINK_GRACE_S,
+        downlink_limits: DownlinkLimits | None = None,
     ) -> None:
+        """`downlink_limits`: what the inner's downlink parser enforces (the same
+        configuration); a stream it would refuse is refused here instead (`open_stream`)."""
         self.fingerprint = dict(fingerprint)
+        self._downlink_limits = downlink_limits or DownlinkLimits()
         self._decoder = decoder
         self._receiver = UplinkReceiver(fingerprint, decoder, max_frame_bytes=max_frame_bytes)
         self._counter = counter
@@ -155,14 +159,24 @@ class OuterLink:
         return self.state
 
     async def open_stream(self, spec: StreamSpec, extra: bytes = b"") -> None:
-        """Add a stream to the decoder's table, then send it down (with its service fields)."""
+        """Add a stream to the decoder's table, then send it down (with its service fields).
+
+        A stream the inner's downlink parser would refuse (a parameter or prompt past the
+        protocol's limits) would make the inner end the link for every user: it raises
+        InvalidRequest instead, and nothing is added or sent."""
         self._require_serving()
         if self._downlink_gone:  # the link is ending: leave the decoder's table alone
             raise LinkClosed(self._downlink_gone)
+        try:
+            data = accepted_downlink(
+                OpenStream(spec, extra), self._downlink_limits, vocabulary_size(self.fingerprint)
+            )
+        except (ConfigError, ProtocolError) as e:
+            raise InvalidRequest(f"the inner would refuse this stream: {e}") from e
         async with self._ordering:
             async with self._decoding:
                 self._decoder.add_stream(spec)
-            await self._send_down(OpenStream(spec, extra))
+            await self._send_down_bytes(data)
 
     async def send_model(self, msg: ModelOffer | ModelData) -> None:
         """A rollout's transfer (`outer.rollout`); the caller paces it to the downlink's rate."""
@@ -201,10 +215,13 @@ class OuterLink:
             raise LinkClosed(f"link {self.state}: {self.reason}")
 
     async def _send_down(self, msg: DownlinkMessage) -> None:
+        await self._send_down_bytes(encode_downlink(msg))
+
+    async def _send_down_bytes(self, data: bytes) -> None:
         if self._down is None or self._down.is_closing() or self._downlink_gone:
             raise LinkClosed(self._downlink_gone or "the downlink is not connected")
         try:
-            await self._send_down_raw(encode_downlink(msg))
+            await self._send_down_raw(data)
         except (ConnectionError, OSError) as e:
             self._downlink_lost(f"downlink write failed: {e}")
             raise LinkClosed(f"downlink write failed: {e}") from e

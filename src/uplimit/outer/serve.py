@@ -36,6 +36,7 @@ from uplimit.outer.verifier_feed import VerifierFeed
 from uplimit.wire.checks import check_reproducible
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig, FrameDecoder
+from uplimit.wire.protocol import DownlinkLimits
 
 __all__ = ["configured_monitor", "configured_verifier_feed", "serve_outer"]
 
@@ -71,8 +72,9 @@ async def serve_outer(
 
     def build(hook: FrameHook) -> OuterLink:
         return OuterLink(
-            fingerprint, decoder, counter, on_frame=hook, metrics=metrics, budget_bytes=budget
-        )
+            fingerprint, decoder, counter, on_frame=hook, metrics=metrics, budget_bytes=budget,
+            downlink_limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),
+        )  # fmt: skip
 
     uplink = TransportUplink(build, decoder)
     rollout = Rollout(

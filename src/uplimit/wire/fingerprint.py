@@ -45,6 +45,7 @@ __all__ = [
     "refusal_fields",
     "refused_differences",
     "short_value",
+    "vocabulary_size",
 ]
 
 # Bump whenever a change to coding, sampling, noise or the frame grammar changes the bytes
@@ -65,6 +66,12 @@ def numpy_simd() -> str:
     features = umath.__cpu_features__
     dispatched = [t for t in umath.__cpu_dispatch__ if features.get(t)]
     return f"baseline {','.join(umath.__cpu_baseline__)}; dispatch {','.join(dispatched)}"
+
+
+def vocabulary_size(fingerprint: dict[str, str]) -> int | None:
+    """The vocabulary size a codec fingerprint names (prompt token ids are below it), if any."""
+    value = fingerprint.get("frame.n_vocab")
+    return None if value is None else int(value)
 
 
 def codec_fingerprint(

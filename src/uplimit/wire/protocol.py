@@ -62,7 +62,7 @@ from enum import IntEnum
 from typing import TypeAlias
 
 from uplimit.coding.sampling import SamplingParams
-from uplimit.errors import ConfigError, InvalidRequest, ProtocolError
+from uplimit.errors import ConfigError, InternalError, InvalidRequest, ProtocolError
 from uplimit.wire.parsing import Cursor, Parser, ParserState, read_uvarint, uvarint
 from uplimit.wire.streams import StreamSpec
 
@@ -90,6 +90,7 @@ __all__ = [
     "Switch",
     "UplinkMessage",
     "UplinkParser",
+    "accepted_downlink",
     "encode_downlink",
     "encode_spec",
     "encode_uplink",
@@ -479,6 +480,21 @@ class DownlinkParser(Parser):
             msg = Shutdown()
         c.done()
         return msg
+
+
+def accepted_downlink(msg: DownlinkMessage, limits: DownlinkLimits, n_vocab: int | None) -> bytes:
+    """`msg` encoded, once the inner's own parser (these limits, past HELLO) has read it back
+    as the same message. A message the parser would refuse raises ProtocolError with its
+    reason, and the encoder's own refusal is a ConfigError: the outer runs what a client's
+    request put in a message through this before sending it, so no request reaches the inner
+    that would make it end the link. An encoder and parser that disagree are a bug
+    (InternalError)."""
+    data = encode_downlink(msg)
+    probe = DownlinkParser(limits, n_vocab=n_vocab)
+    probe.state = ParserState.OPEN
+    if probe.feed(data) != [msg]:
+        raise InternalError(f"the downlink parser reads {type(msg).__name__} back differently")
+    return data
 
 
 class UplinkParser(Parser):

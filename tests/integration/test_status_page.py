@@ -165,33 +165,43 @@ def test_status_page_draws_the_running_system(
     assert (ARTIFACTS / "status-page.png").stat().st_size > 10_000
 
 
-def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
-    """An outer alone, its budget left to the inner's default: the page says what it does not
-    know instead of drawing guesses."""
-    port, metrics_port = free_port(), free_port()
-    config = tiny_services_config(
-        {"status_interval_s": 0.1, "port": port, "metrics_port": metrics_port},
-        env={"UPLIMIT_LINK_LIFETIME_BUDGET_BYTES": "0"},
-    )
-    url = f"http://127.0.0.1:{port}"
+def _status_of_an_outer_alone(weak, config, until, what: str) -> tuple[dict, str, str | None]:
+    """Serve the outer alone (no inner connects), poll /status.json until `until(snapshot)`;
+    returns that snapshot, the page, and the Prometheus text when metrics are on."""
+    url = f"http://127.0.0.1:{config.outer.port}"
 
     async def main():
-        outer = asyncio.create_task(serve_outer(config, tiny_weak))
+        outer = asyncio.create_task(serve_outer(config, weak))
         await wait_healthy(url, serving=False)
         async with httpx.AsyncClient(base_url=url) as http:
             snapshot: dict = {}
 
-            async def two_samples() -> bool:
+            async def reached() -> bool:
                 snapshot.update((await http.get("/status.json")).json())  # no admin key: open
-                return len(snapshot["uplink"]) >= 1
+                return until(snapshot)
 
-            await eventually(two_samples, "two samples")
+            await eventually(reached, what)
             page = (await http.get("/status")).text
-            metrics = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+            metrics = None
+            if config.outer.metrics_port:
+                metrics_url = f"http://127.0.0.1:{config.outer.metrics_port}/metrics"
+                metrics = (await http.get(metrics_url)).text
         await stop_task(outer)
         return snapshot, page, metrics
 
-    s, page, metrics = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
+    """An outer alone, its budget left to the inner's default: the page says what it does not
+    know instead of drawing guesses."""
+    config = tiny_services_config(
+        {"status_interval_s": 0.1, "port": free_port(), "metrics_port": free_port()},
+        env={"UPLIMIT_LINK_LIFETIME_BUDGET_BYTES": "0"},
+    )
+    s, page, metrics = _status_of_an_outer_alone(
+        tiny_weak, config, lambda s: len(s["uplink"]) >= 1, "a first uplink sample"
+    )
     assert s["link"]["state"] == "handshaking"
     b = s["budget"]
     assert b["source"] == "receive counter" and b["lifetime_bytes"] is None
@@ -206,28 +216,13 @@ def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
 
 
 def test_a_meter_that_cannot_be_read_is_reported_not_drawn_as_zero(tiny_weak, tiny_services_config):
-    port = free_port()
     config = tiny_services_config(
-        {"status_interval_s": 0.1, "port": port, "metrics_port": 0, "kernel_meter": "nosuchns"}
+        {"status_interval_s": 0.1, "port": free_port(), "metrics_port": 0,
+         "kernel_meter": "nosuchns"}
+    )  # fmt: skip
+    s, page, _ = _status_of_an_outer_alone(
+        tiny_weak, config, lambda s: s["meters"]["error"] is not None, "a failed meter read"
     )
-    url = f"http://127.0.0.1:{port}"
-
-    async def main():
-        outer = asyncio.create_task(serve_outer(config, tiny_weak))
-        await wait_healthy(url, serving=False)
-        async with httpx.AsyncClient(base_url=url) as http:
-            snapshot: dict = {}
-
-            async def failed() -> bool:
-                snapshot.update((await http.get("/status.json")).json())
-                return snapshot["meters"]["error"] is not None
-
-            await eventually(failed, "a failed meter read")
-            page = (await http.get("/status")).text
-        await stop_task(outer)
-        return snapshot, page
-
-    s, page = asyncio.run(main())
     assert s["meters"]["error"]  # no such namespace (or no nft/ip to ask)
     assert s["burndown"] == [] and s["uplink"] == [] and s["budget"]["used_bytes"] is None
     assert "meter read failed: " in page

@@ -1,4 +1,5 @@
-"""`uplimit bench|speed|calibrate|plan`: measurements, the coder's fit, the seed post's sums."""
+"""`uplimit bench|speed|calibrate|plan|load`: measurements, the coder's fit, the seed post's
+sums, and a running deployment under load."""
 
 from __future__ import annotations
 
@@ -8,11 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from uplimit.cli.common import (
-    app,
-    console,
-    progress_bar,
-)
+from uplimit.cli.common import app, console, counter_bar, progress_bar
 
 
 @app.command(rich_help_panel="Measure")
@@ -234,3 +231,78 @@ def plan(
 
         plot_plan(p, plot)
         Console().print(f"plot: {plot}")
+
+
+@app.command(rich_help_panel="Measure")
+def load(
+    prompts: Path = typer.Option(..., help="JSONL file: one {id, messages} per line."),
+    url: str = typer.Option("http://127.0.0.1:8000", help="The outer side's API."),
+    clients: str = typer.Option("1,4,16", help="Comma-separated load levels: concurrent clients."),
+    requests: int = typer.Option(4, help="Requests each client sends, one after another."),
+    max_tokens: int = typer.Option(64, help="Tokens per answer at most."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    model: str = typer.Option("uplimit", help="The model name the outer serves."),
+    api_key: str | None = typer.Option(None, envvar="UPLIMIT_API_KEY", help="The API key."),
+    admin_key: str | None = typer.Option(
+        None, envvar="UPLIMIT_ADMIN_KEY", help="The admin key, for /status.json (if it wants one)."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every level's figures here."),
+) -> None:
+    """Drive a running deployment with N concurrent streaming clients and measure it.
+
+    Per level: answers, errors, tokens/s, the tokens' own code (payload) and everything the
+    budget was charged meanwhile (all-in) in bits per token, and time to first text and
+    between chunks (p50, p95). Measure on a deployment of your own: other traffic is charged too.
+    """
+    import asyncio
+    import json
+
+    from uplimit.errors import ConfigError
+    from uplimit.load import LoadSettings, run_load
+    from uplimit.prompts import load_jsonl
+
+    try:
+        levels = [int(c) for c in clients.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--clients: comma-separated integers, got {clients!r}") from e
+    records = load_jsonl(prompts)
+    table = Table(
+        "clients", "answers", "errors", "tok/s", "payload b/t", "all-in b/t", "all-in/payload",
+        "TTFT p50/p95 s", "between p50/p95 s", title=f"uplimit load: {url}, T={temperature}",
+    )  # fmt: skip
+    results = []
+    for n in levels:
+        settings = LoadSettings(
+            url, n, requests, max_tokens, temperature, model, api_key, admin_key
+        )
+        with counter_bar(f"{n} clients") as update:
+            done = 0
+
+            def answered(answer, total=n * requests) -> None:
+                nonlocal done
+                done += 1
+                update(answer.error or "", done, total)
+
+            summary = asyncio.run(run_load(settings, records, on_answer=answered)).summary()
+        results.append(summary)
+        table.add_row(
+            str(n), str(summary["answers"]), str(summary["errors"]),
+            _fmt(summary["tokens_per_s"], ".1f"), _fmt(summary["payload_bits_per_token"], ".3f"),
+            _fmt(summary["all_in_bits_per_token"], ".3f"),
+            _fmt(summary["all_in_over_payload"], ".2f"),
+            _pair(summary["ttft_s"]), _pair(summary["between_chunks_s"]),
+        )  # fmt: skip
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps({"url": url, "levels": results}, indent=2))
+        console.print(f"wrote {json_out}")
+    if any(r["errors"] for r in results):
+        raise typer.Exit(1)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pair(p: dict[str, float] | None) -> str:
+    return "-" if p is None else f"{p['p50']:.2f} / {p['p95']:.2f}"

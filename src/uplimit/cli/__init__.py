@@ -2,7 +2,7 @@
 
     common    the root command, the console, progress bars, loading a service's models
     models    models fetch | list
-    research  bench, speed, calibrate, plan, load
+    research  bench, quality, speed, calibrate, plan, load
     serve     serve inner | outer | both | verifier, rollout, demo
     operate   meters, budget show | raise, audit list | show
     gauge     gauge apply | export | verify

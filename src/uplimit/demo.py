@@ -7,10 +7,12 @@ As root with nftables, the inner runs in its own network namespace behind the ke
 (`link.kernel`), reaching only the outer's end of a veth pair; otherwise all on loopback.
 Everything lives in a fresh directory (config, ledger, audit store, logs), so the budget used
 is this run's. The client sends a fixed set of prompts at T = 0 and T = 0.7, streaming, and
-shows each answer with its tokens, uplink bits and what gzip would need for the same text;
-then a summary against the strong weights. On exit (also on Ctrl-C or a failure) the outer
-is sent SIGTERM, which shuts the link down (SHUTDOWN), the inner stops, and anything left is
-killed by pid; the namespace is removed by name.
+shows each answer with its tokens, uplink bits and what gzip would need for the same text.
+Then `clients` more clients ask at once (`uplimit.load`), so that the figure at scale stands
+next to the few-users one; then a summary against the strong weights (`--json` writes it).
+On exit (also on Ctrl-C or a failure) the outer is sent SIGTERM, which shuts the link down
+(SHUTDOWN), the inner stops, and anything left is killed by pid; the namespace is removed by
+name.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import json
 import os
 import signal
 import socket
@@ -37,10 +40,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from uplimit.errors import BackendError
+from uplimit.link.agreement import read_meters
 from uplimit.link.budget import Budgets
 from uplimit.link.kernel import KernelMeter, KernelReading, available
-from uplimit.link.ledger import LedgerState, open_ledger
+from uplimit.link.ledger import LedgerState
+from uplimit.load import LoadResult, LoadSettings, run_load
 from uplimit.models import store
+from uplimit.prompts import training_set
 
 __all__ = ["DEMO_PROMPTS", "run_service_demo"]
 
@@ -54,6 +60,7 @@ TEMPERATURES = (0.0, 0.7)
 MODEL_NAME = "uplimit-demo"
 START_TIMEOUT_S = 600.0  # loading both models on a busy 2-core machine takes ~10-60 s
 STOP_TIMEOUT_S = 30.0
+AT_SCALE_MAX_TOKENS = 32  # each of the many clients' answers: enough to fill frames
 
 
 @dataclass
@@ -77,14 +84,14 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _config(workdir: Path, link_host: str, budget: int) -> tuple[Path, int]:
-    """The demo's config file, and the outer's HTTP port."""
+def _config(workdir: Path, link_host: str, budget: int, streams: int) -> tuple[Path, int]:
+    """The demo's config file (room for `streams` at once), and the outer's HTTP port."""
     path, port = workdir / "uplimit.toml", _free_port()
     path.write_text(
         f"""[models]
 threads = 1  # three model contexts share the cores: more threads only spin
 [coding]
-max_streams = 8
+max_streams = {streams}
 max_context = 1024
 [link]
 host = "{link_host}"
@@ -96,9 +103,10 @@ downlink_log = "{workdir / "downlink.jsonl"}"
 receive_counter = "{workdir / "received.db"}"
 [inner]
 frame_delay_s = 1.0
-max_batch = {len(DEMO_PROMPTS)}
+max_batch = {streams}
 audit = "{workdir / "audit.db"}"
 [outer]
+status_interval_s = 1.0  # `uplimit load` waits for a fresh budget sample
 port = {port}
 model_name = "{MODEL_NAME}"
 metrics_port = {_free_port()}
@@ -239,8 +247,11 @@ def _panel(a: Answer) -> Panel:
     return Panel(body, title=f"T = {a.temperature}  ({a.finish})", expand=False)
 
 
-def run_service_demo(console: Console, *, max_tokens: int = 96) -> None:
-    """The whole demo (module doc); raises BackendError if a side fails to start."""
+def run_service_demo(
+    console: Console, *, max_tokens: int = 96, clients: int = 32, json_out: Path | None = None
+) -> dict:
+    """The whole demo (module doc); returns its figures (what `json_out` gets). Raises
+    BackendError if a side fails to start."""
     strong = store.status(store.STRONG)
     if not strong.verified:
         raise BackendError("the model pair is not fetched: run `uplimit models fetch`")
@@ -257,67 +268,166 @@ def run_service_demo(console: Console, *, max_tokens: int = 96) -> None:
     console.print(f"uplimit demo: separate inner and outer processes, {where}; files in {workdir}")
     if meter:
         meter.create()
+    at_scale = None
     try:
         link_host = meter.outer_address if meter else "127.0.0.1"
-        config, port = _config(workdir, link_host, budget)
+        config, port = _config(workdir, link_host, budget, max(len(DEMO_PROMPTS), clients))
         url = f"http://127.0.0.1:{port}"
         with _processes(workdir, config, meter) as (outer, inner):
             procs = {"outer": outer, "inner": inner}
             load_s = asyncio.run(_wait_serving(url, procs, workdir, console))
             console.print(f"link up after {load_s:.0f} s (models loaded, fingerprints agree)")
+            start = _ledger(workdir)
             answers, seconds = asyncio.run(_client(url, max_tokens, console))
+            few = _ledger(workdir)
+            if clients:
+                at_scale = _at_scale(url, clients, console)
+            end = _ledger(workdir)
         kernel = meter.read() if meter else None
     finally:
         if meter:
             meter.teardown()
-    ledger = open_ledger(str(workdir / "ledger.db"))
-    state = ledger.usage()
-    ledger.close()
-    console.print(_summary(answers, seconds, weights, state, kernel))
+    figures = _figures(answers, seconds, start, few, at_scale, end, kernel, weights)
+    console.print(_summary(figures, end))
+    if json_out is not None:
+        json_out.write_text(json.dumps(figures, indent=2))
+        console.print(f"wrote {json_out}")
+    return figures
 
 
-def _summary(
+def _ledger(workdir: Path) -> LedgerState:
+    """The ledger's state now, read-only (the inner keeps charging it)."""
+    state = read_meters(ledger=str(workdir / "ledger.db")).ledger
+    assert state is not None  # read_meters was given a ledger
+    return state
+
+
+def _at_scale(url: str, clients: int, console: Console) -> LoadResult:
+    """`clients` streaming clients at once, one answer each (training-set prompts)."""
+    settings = LoadSettings(url, clients, requests_per_client=1, max_tokens=AT_SCALE_MAX_TOKENS,
+                            temperature=0.7, model=MODEL_NAME)  # fmt: skip
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"{clients} clients at once (answers)", total=clients)
+        result = asyncio.run(
+            run_load(settings, training_set(clients), on_answer=lambda _: progress.advance(task))
+        )
+    if any(a.error for a in result.answers):
+        errors = sorted({a.error for a in result.answers if a.error})
+        raise BackendError(f"the concurrent phase had errors: {'; '.join(errors)}")
+    return result
+
+
+def _charged(before: LedgerState, after: LedgerState) -> dict[str, int]:
+    return {
+        "charged_bytes": after.usage.lifetime_bytes - before.usage.lifetime_bytes,
+        "wire_bytes": after.wire_bytes - before.wire_bytes,
+        "timing_bytes": after.timing_bytes - before.timing_bytes,
+    }
+
+
+def _figures(
     answers: list[Answer],
     seconds: float,
-    weights: int,
-    state: LedgerState,
+    start: LedgerState,
+    few: LedgerState,
+    at_scale: LoadResult | None,
+    end: LedgerState,
     kernel: KernelReading | None,
-) -> Table:
-    tokens = sum(a.tokens for a in answers)
-    answer_bits = sum(a.bits for a in answers)
-    payload = sum(a.payload_bits for a in answers)
-    charged = 8 * state.usage.lifetime_bytes  # frames, framing, handshake, timing: everything
-    gzip_bits = sum(a.gzip_bits for a in answers)
-    rate = charged / max(seconds, 1e-9)
+    weights: int,
+) -> dict:
+    """The demo's figures, JSON-ready: the few answers' (top level), the concurrent phase's,
+    and the whole run's. A phase's charge is the ledger's growth over it."""
+    scale = None
+    if at_scale is not None:
+        s = at_scale.summary()
+        scale = {
+            "clients": s["clients"],
+            "answers": s["answers"],
+            "tokens": s["tokens"],
+            **_charged(few, end),
+            "frame_bits": sum(a.bits for a in at_scale.answers),
+            "payload_bits": sum(a.payload_bits for a in at_scale.answers),
+            "seconds": s["seconds"],
+            "ttft_s": s["ttft_s"],
+            "between_chunks_s": s["between_chunks_s"],
+        }
+    return {
+        "tokens": sum(a.tokens for a in answers),
+        **_charged(start, few),
+        "frame_bits": sum(a.bits for a in answers),
+        "payload_bits": sum(a.payload_bits for a in answers),
+        "seconds": seconds,
+        "answers": [
+            {
+                "prompt": a.prompt, "temperature": a.temperature, "finish": a.finish,
+                "tokens": a.tokens, "frame_bits": a.bits, "payload_bits": a.payload_bits,
+                "gzip_bits": a.gzip_bits, "text": a.text,
+            }
+            for a in answers
+        ],
+        "at_scale": scale,
+        "link_setup_bytes": start.usage.lifetime_bytes,  # the connection's charge, handshake
+        "total_charged_bytes": end.usage.lifetime_bytes,
+        "kernel": None if kernel is None else {
+            "sent_bytes": kernel.sent_bytes, "tcp_payload_bytes": kernel.tcp_payload_bytes,
+        },
+        "weights_bytes": weights,
+        "lifetime_budget_bytes": end.budgets.lifetime_bytes,
+    }  # fmt: skip
+
+
+def _per_token(bits: float, tokens: int) -> str:
+    return f"{bits / max(tokens, 1):.3f}"
+
+
+def _summary(f: dict, end: LedgerState) -> Table:
+    tokens, charged = f["tokens"], f["charged_bytes"]
+    gzip_bits = sum(a["gzip_bits"] for a in f["answers"])
+    rate = 8 * charged / max(f["seconds"], 1e-9)
     table = Table("summary", "value", title="what crossed the uplink")
-    table.add_row("answers / tokens", f"{len(answers)} / {tokens}")
+    table.add_row("answers / tokens", f"{len(f['answers'])} / {tokens}")
     table.add_row(
         "bits in the answers' frames",
-        f"{answer_bits:,.0f} ({answer_bits / max(tokens, 1):.3f} bits/token, of which the"
-        f" tokens' own code {payload / max(tokens, 1):.3f})",
+        f"{f['frame_bits']:,.0f} ({_per_token(f['frame_bits'], tokens)} bits/token, of which"
+        f" the tokens' own code {_per_token(f['payload_bits'], tokens)})",
     )
     table.add_row(
         "gzip, each answer on its own",
         f"{gzip_bits:,} bits ({gzip_bits / max(tokens, 1):.1f} bits/token)",
     )
     table.add_row(
-        "charged to the ledger (all-in)",
-        f"{state.usage.lifetime_bytes:,} bytes "
-        f"(wire {state.wire_bytes:,}, timing {state.timing_bytes:,})",
+        "charged while answering (all-in)",
+        f"{charged:,} bytes = {_per_token(8 * charged, tokens)} bits/token "
+        f"(wire {f['wire_bytes']:,}, timing {f['timing_bytes']:,})",
     )
-    if kernel is not None:
+    if (s := f["at_scale"]) is not None:
+        table.add_row(
+            f"{s['clients']} clients at once (all-in)",
+            f"{s['answers']} answers, {s['tokens']} tokens, {s['charged_bytes']:,} bytes = "
+            f"{_per_token(8 * s['charged_bytes'], s['tokens'])} bits/token (the tokens' own "
+            f"code {_per_token(s['payload_bits'], s['tokens'])}); first text after "
+            f"{s['ttft_s']['p50']:.1f} s (median), {s['ttft_s']['p95']:.1f} s (p95)",
+        )
+    table.add_row(
+        "charged to the ledger, whole run",
+        f"{end.usage.lifetime_bytes:,} bytes (wire {end.wire_bytes:,}, timing "
+        f"{end.timing_bytes:,}; the link's set-up {f['link_setup_bytes']:,})",
+    )
+    if (k := f["kernel"]) is not None:
         table.add_row(
             "kernel quota counted (IP bytes)",
-            f"{kernel.sent_bytes:,} bytes, of which TCP payload {kernel.tcp_payload_bytes:,}",
+            f"{k['sent_bytes']:,} bytes, of which TCP payload {k['tcp_payload_bytes']:,}",
         )
+    weights = f["weights_bytes"]
     table.add_row("strong weights", f"{weights:,} bytes")
-    table.add_row("uploaded / weights", f"{state.usage.lifetime_bytes / weights:.2e}")
-    used = 100 * state.usage.lifetime_bytes / state.budgets.lifetime_bytes
+    table.add_row("uploaded / weights", f"{end.usage.lifetime_bytes / weights:.2e}")
+    used = 100 * end.usage.lifetime_bytes / end.budgets.lifetime_bytes
     table.add_row(
         "lifetime budget (1 % of the weights)",
-        f"{state.budgets.lifetime_bytes:,} bytes; this run used {used:.4f} %",
+        f"{end.budgets.lifetime_bytes:,} bytes; this run used {used:.4f} %",
     )
-    table.add_row("strong tokens/s while answering", f"{tokens / max(seconds, 1e-9):.1f}")
+    table.add_row("strong tokens/s while answering", f"{tokens / max(f['seconds'], 1e-9):.1f}")
     table.add_row(
         "an attacker owning the whole uplink, at this rate",
         f"{8 * weights / rate / 86400 / 365.25:,.1f} years for the weights ({rate:.0f} bits/s);"

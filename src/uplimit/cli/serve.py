@@ -151,13 +151,18 @@ def rollout(
 @app.command(rich_help_panel="Serve")
 def demo(
     max_tokens: int = typer.Option(96, help="Tokens per answer at most."),
+    clients: int = typer.Option(32, help="Then this many clients at once (0: skip)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the figures here."),
 ) -> None:
     """Serve a few prompts through the real inner/outer processes; show every uploaded bit.
 
     Starts both sides on loopback (the inner behind the kernel quota in its own network
     namespace when root), asks through the official `openai` client at T=0 and T=0.7, and
-    prints each answer with its uploaded bits and what gzip would need (`make demo`).
+    prints each answer with its uploaded bits and what gzip would need; then many clients ask
+    at once, for the figure at scale (`make demo`).
     """
     from uplimit.demo import run_service_demo
 
-    run_service_demo(Console(), max_tokens=max_tokens)
+    if clients < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--clients")
+    run_service_demo(Console(), max_tokens=max_tokens, clients=clients, json_out=json_out)

@@ -39,7 +39,7 @@ from rich.table import Table
 from uplimit.errors import BackendError
 from uplimit.link.budget import Budgets
 from uplimit.link.kernel import KernelMeter, KernelReading, available
-from uplimit.link.ledger import LedgerState, open_ledger
+from uplimit.link.ledger import LedgerState, init_ledger, open_ledger
 from uplimit.models import store
 
 __all__ = ["DEMO_PROMPTS", "run_service_demo"]
@@ -260,6 +260,7 @@ def run_service_demo(console: Console, *, max_tokens: int = 96) -> None:
     try:
         link_host = meter.outer_address if meter else "127.0.0.1"
         config, port = _config(workdir, link_host, budget)
+        init_ledger(workdir / "ledger.db", Budgets(budget))  # `uplimit budget init`
         url = f"http://127.0.0.1:{port}"
         with _processes(workdir, config, meter) as (outer, inner):
             procs = {"outer": outer, "inner": inner}

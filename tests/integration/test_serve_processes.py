@@ -56,6 +56,11 @@ class Processes:
         self.env = {**os.environ, "UPLIMIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
         self.procs: dict[str, subprocess.Popen] = {}
 
+    def init_ledger(self, config: Path) -> None:
+        """`uplimit budget init`: serving refuses a ledger that was never initialised."""
+        subprocess.run([UPLIMIT, "budget", "init", "--config", str(config)], env=self.env,
+                       check=True, capture_output=True, timeout=120)  # fmt: skip
+
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = (self.dir / f"{name}.log").open("w")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
@@ -136,6 +141,7 @@ def test_honest_streams_agree_and_a_dishonest_inner_is_caught(tiny_pair_dirs, tm
         )
 
     try:
+        procs.init_ledger(config)
         procs.start("verifier", [UPLIMIT, "serve", "verifier", *cfg])
         procs.start("outer", [UPLIMIT, "serve", "outer", *cfg])  # before the verifier listens:
         procs.start("inner", [UPLIMIT, "serve", "inner", *cfg])  # the feed keeps retrying
@@ -198,6 +204,7 @@ def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dir
     metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     procs = Processes(tmp_path)
     try:
+        procs.init_ledger(config)
         procs.start("both", [UPLIMIT, "serve", "both", "--config", str(config)])
         procs.wait_for(lambda: _healthy(url), "the link")
         body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 400, "temperature": 1.0}

@@ -105,8 +105,32 @@ def audit_show(
     print(json.dumps([dataclasses.asdict(r) for r in found], indent=1))
 
 
-budget_app = typer.Typer(help="Read the uplink ledger; raise its budget (audited).")
+budget_app = typer.Typer(
+    help="Create the uplink ledger (init), read it, raise its budget (audited)."
+)
 app.add_typer(budget_app, name="budget", rich_help_panel="Operate")
+
+
+@budget_app.command("init")
+def budget_init(
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    ledger: str | None = typer.Option(None, help="Ledger: SQLite path or URL [link.ledger]."),
+) -> None:
+    """Create the ledger with the configured budgets, its creation time and a random id.
+
+    The only way a ledger comes to exist: serving refuses a missing one, so a deleted ledger
+    cannot come back empty. Refuses a ledger that is already initialised."""
+    from uplimit.config import load_config
+    from uplimit.inner.serve import budgets_for, ledger_location
+    from uplimit.link.ledger import init_ledger
+
+    cfg = load_config(config)
+    state = init_ledger(ledger or ledger_location(cfg), budgets_for(cfg))
+    console.print(
+        f"ledger {state.ledger_id} initialised: budget {state.name!r},"
+        f" lifetime {state.budgets.lifetime_bytes:,} bytes, per day"
+        f" {state.budgets.per_day_bytes}, per second {state.budgets.per_second_bytes}"
+    )
 
 
 @budget_app.command("show")
@@ -128,6 +152,7 @@ def budget_show(
     )
     table.add_row("of which wire / timing", f"{state.wire_bytes:,} / {state.timing_bytes:,}")
     table.add_row("per-day / per-second budget", f"{b.per_day_bytes} / {b.per_second_bytes}")
+    table.add_row("ledger id", state.ledger_id)
     table.add_row("latched shut by", str(state.exhausted_by.value if state.exhausted_by else "-"))
     table.add_row("budget changes", str(len(changes)))
     Console().print(table)

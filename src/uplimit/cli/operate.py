@@ -17,6 +17,11 @@ from uplimit.cli.common import (
 
 @app.command(rich_help_panel="Operate")
 def meters(
+    config: Path | None = typer.Option(
+        None,
+        help="The served system's config: its ledger, receive counter and kernel meter"
+        " ([outer] kernel_meter), unless given below.",
+    ),
     ledger: str | None = typer.Option(None, help="Inner ledger: SQLite file or PostgreSQL URL."),
     budget: str | None = typer.Option(None, help="Budget name [SQLite: link, PostgreSQL: global]."),
     received: Path | None = typer.Option(None, help="The outer's receive-counter file."),
@@ -33,6 +38,14 @@ def meters(
 
     from uplimit.link.agreement import as_json, checks, figures, read_meters
 
+    if config is not None:
+        from uplimit.config import load_config
+        from uplimit.inner.serve import ledger_location
+
+        cfg = load_config(config)
+        ledger = ledger or ledger_location(cfg)
+        received = received or cfg.path(cfg.link.receive_counter, "received.db")
+        kernel = kernel or cfg.outer.kernel_meter or None
     readings = read_meters(
         ledger=ledger, budget=budget, received=received, counter=counter, kernel=kernel
     )

@@ -127,11 +127,17 @@ async def serve_inner(
     *,
     host: str | None = None,
     connect_timeout_s: float = 300.0,
+    ledger: Ledger | None = None,
+    confined: bool = False,
 ) -> EndReason:
-    """Serve one link to its end; returns why it ended (SHUTDOWN, or a budget)."""
+    """Serve one link to its end; returns why it ended (SHUTDOWN, or a budget).
+
+    `ledger`: what to charge (a confined inner's `ChargeClient`; default: the configured
+    ledger, opened here). `confined`: what the handshake tells the outer (`inner.confine`)."""
     calibration = configured_calibration(config.models, weak.info.file_sha256)
     audit = AuditStore(config.path(config.inner.audit, "audit.db"))
-    ledger = open_served(ledger_location(config), budgets_for(config))
+    if ledger is None:
+        ledger = open_served(ledger_location(config), budgets_for(config))
     rotation = rotation_for(config, strong)
     if rotation is not None:  # the first copy may take minutes to write (docs/gauge.md)
         strong = (await asyncio.to_thread(rotation.start)).model
@@ -146,7 +152,7 @@ async def serve_inner(
     try:
         fingerprint = codec_fingerprint(weak.info, calibration, service.frame_config)
         link = await _connect(config, host or config.link.host, ledger, fingerprint,
-                              weak.info.n_vocab, connect_timeout_s)  # fmt: skip
+                              weak.info.n_vocab, connect_timeout_s, confined)  # fmt: skip
         log.info("inner: link up, serving")
         service.start()
         return await serve_frames(link, service, models=rollout)
@@ -166,6 +172,7 @@ async def _connect(
     fingerprint: dict[str, str],
     n_vocab: int,
     timeout_s: float,
+    confined: bool,
 ) -> InnerLink:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -175,6 +182,7 @@ async def _connect(
                 log_path=config.path(config.link.downlink_log, "downlink.jsonl"),
                 tick_s=config.link.tick_s, n_vocab=n_vocab,
                 limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),
+                confined=confined,
             )  # fmt: skip
         except LinkClosed:
             if time.monotonic() > deadline:

@@ -246,10 +246,18 @@ class KernelMeter:
         ):
             raise KernelMeterError(f"could not remove {self.outer_ifname}")
 
-    def command(self, argv: list[str], *, privileged: bool = False) -> list[str]:
+    def command(
+        self, argv: list[str], *, privileged: bool = False, user: tuple[int, int] | None = None
+    ) -> list[str]:
         """`argv` as a command line that runs inside the namespace, without capabilities
-        unless `privileged`."""
-        return ["ip", "netns", "exec", self.netns, *([] if privileged else _DROP_CAPS), *argv]
+        unless `privileged`; as `user` (uid, gid, no supplementary groups) when given."""
+        if privileged:
+            return ["ip", "netns", "exec", self.netns, *argv]
+        switch = (
+            [] if user is None else [f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups"]
+        )
+        drop = [_DROP_CAPS[0], *switch, *_DROP_CAPS[1:]]
+        return ["ip", "netns", "exec", self.netns, *drop, *argv]
 
     def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
         """Start `argv` inside the namespace, without capabilities (`subprocess.Popen` kwargs)."""

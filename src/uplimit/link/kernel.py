@@ -23,7 +23,7 @@ Inside the namespace, table `inet uplimit` hooks output on `uli-<name>`:
 
 The quota counts IP packets as the output hook sees them (one header per GSO packet), headers
 included, so what passed holds fewer than Q payload bytes. nft reports the quota's `used` capped
-at Q; the counters keep going. Processes started with `command` lose every capability
+at Q; the counters keep going. Processes started with `command`, `popen` or `run` lose every capability
 (`setpriv`), and with `user` their root identity too, so even a compromised inner process
 cannot remove the quota.
 
@@ -45,6 +45,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from uplimit.errors import ConfigError, KernelMeterError
 
@@ -258,6 +259,14 @@ class KernelMeter:
         )
         drop = [_DROP_CAPS[0], *switch, *_DROP_CAPS[1:]]
         return ["ip", "netns", "exec", self.netns, *drop, *argv]
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        """Start `argv` inside the namespace, without capabilities (`subprocess.Popen` kwargs)."""
+        return subprocess.Popen(self.command(argv), **kwargs)
+
+    def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run `argv` inside the namespace, without capabilities (`subprocess.run` kwargs)."""
+        return subprocess.run(self.command(argv), **kwargs)
 
     def read(self) -> KernelReading:
         """The quota and every counter, from one `nft -j list table`."""

@@ -23,9 +23,9 @@ Inside the namespace, table `inet uplimit` hooks output on `uli-<name>`:
 
 The quota counts IP packets as the output hook sees them (one header per GSO packet), headers
 included, so what passed holds fewer than Q payload bytes. nft reports the quota's `used` capped
-at Q; the counters keep going. Processes started with `command`, `popen` or `run` lose every capability
-(`setpriv`), and with `user` their root identity too, so even a compromised inner process
-cannot remove the quota.
+at Q; the counters keep going. Processes started with `command`, `popen` or `run` lose every
+capability (`setpriv`), and with `user` their root identity too, so even a compromised inner
+process cannot remove the quota.
 
 Needs root on Linux with `ip` (iproute2), `nft` (nftables) and `setpriv` (util-linux):
 `available()` says whether, and why not.

@@ -108,11 +108,11 @@ class Served:
 
     def stop(self) -> dict[str, int]:
         codes = {}
-        for side in ("outer", "inner"):  # the outer's SHUTDOWN ends the inner
+        for side in ("outer", "both", "inner"):  # the outer's SHUTDOWN ends the inner
             proc = self.procs.pop(side, None)
             if proc is None:
                 continue
-            if side == "outer":
+            if side != "inner":
                 proc.send_signal(signal.SIGTERM)
             try:
                 codes[side] = proc.wait(60)
@@ -191,3 +191,20 @@ def test_without_confinement_it_refuses_or_alarms(world):
         assert UNCONFINED_ALARM in served.log("inner")
     finally:
         served.stop()
+
+
+def test_serve_both_as_root_confines_its_inner_half(world):
+    base, config, env = world
+    name = re.search(r'kernel_meter = "(\w+)"', config.read_text())[1]
+    served = Served(base, config, env)
+    try:
+        served.start("both")
+        served.wait_healthy()
+        assert served.metric("uplimit_inner_confined") == "1.0"
+        _complete(served.url)
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert f"uplimit-{name}" in listed
+    finally:
+        codes = served.stop()
+    assert codes == {"both": 0}, served.log("both")[-3000:]
+    assert "ALARM" not in served.log("both")

@@ -167,11 +167,15 @@ def test_init_records_an_id_and_its_time_and_runs_once(ledger_target) -> None:
     assert other.ledger_id != state.ledger_id
 
 
-def test_a_deleted_budget_row_refuses_to_serve_or_reinit(ledger_target, caplog) -> None:
+def test_a_deleted_budget_row_refuses_to_serve_or_reinit(
+    ledger_target, caplog, monkeypatch
+) -> None:
     ledger = ledger_target.open(Budgets(1000))
     ledger.charge(700)
     ledger.close()
     _delete_budget_row(ledger_target)
+    # Another test's library may have disabled existing loggers (dictConfig's default).
+    monkeypatch.setattr(logging.getLogger("uplimit.link.ledger"), "disabled", False)
     caplog.set_level(logging.ERROR, logger="uplimit.link.ledger")
     with pytest.raises(LedgerError, match="missing from the ledger"):
         open_served(ledger_target.where, Budgets(1000), name=ledger_target.name)

@@ -54,6 +54,7 @@ def serve_inner_cmd(
     from uplimit.config import load_config
     from uplimit.inner.confine import require_confinable
     from uplimit.models.active import with_active_weak
+    from uplimit.wire.protocol import EndReason
 
     if charge_socket is None and not unconfined:
         require_confinable()  # before anything else touches a file
@@ -62,7 +63,7 @@ def serve_inner_cmd(
         run = _inner(config, cfg, host, unconfined)
         console.print(f"inner: connecting to {host or cfg.link.host}:{cfg.link.downlink_port}")
         result = asyncio.run(run)
-        if isinstance(result, int):  # the confined child's exit status
+        if not isinstance(result, EndReason):  # the confined child's exit status
             raise typer.Exit(result)
         console.print(f"inner: link ended ({result.name.lower()})")
         return

@@ -27,11 +27,18 @@ def _inner(config: Path | None, cfg, host: str | None, unconfined: bool):
     when `unconfined` (loading its models here first)."""
     import logging
 
-    from uplimit.inner.confine import UNCONFINED_ALARM, run_confined
+    from uplimit.inner.confine import UNCONFINED_ALARM, Launch, run_confined
     from uplimit.inner.serve import serve_inner
 
     if not unconfined:
-        return run_confined(cfg, config, host=host)
+
+        def launched(launch: Launch) -> None:
+            console.print(
+                f"inner: confined in namespace uplimit-{launch.meter} (quota"
+                f" {launch.quota_bytes:,} bytes) as {launch.user}"
+            )
+
+        return run_confined(cfg, config, host=host, on_launch=launched)
     logging.getLogger("uplimit.inner").error("%s", UNCONFINED_ALARM)
     models = load_service_models(cfg, ("strong", "weak"))
     return serve_inner(cfg, models["strong"], models["weak"], host=host, confined=False)
@@ -59,10 +66,9 @@ def serve_inner_cmd(
     if charge_socket is None and not unconfined:
         require_confinable()  # before anything else touches a file
     cfg = with_active_weak(load_config(config), "inner")
+    console.print(f"inner: connecting to {host or cfg.link.host}:{cfg.link.downlink_port}")
     if charge_socket is None:
-        run = _inner(config, cfg, host, unconfined)
-        console.print(f"inner: connecting to {host or cfg.link.host}:{cfg.link.downlink_port}")
-        result = asyncio.run(run)
+        result = asyncio.run(_inner(config, cfg, host, unconfined))
         if not isinstance(result, EndReason):  # the confined child's exit status
             raise typer.Exit(result)
         console.print(f"inner: link ended ({result.name.lower()})")

@@ -54,6 +54,7 @@ from uplimit.models.loading import resolve
 
 __all__ = [
     "UNCONFINED_ALARM",
+    "Launch",
     "check_confined",
     "kernel_quota_bytes",
     "require_confinable",

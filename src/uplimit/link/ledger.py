@@ -229,6 +229,7 @@ class _SqlLedger(ABC):
 
     _lock_row = ""  # appended to the state SELECT to lock the row (PostgreSQL)
     _schema_lock = ""  # run before creating the schema (PostgreSQL)
+    _schema_extra: tuple[str, ...] = ()  # run after it (PostgreSQL: the budget guard)
 
     def __init__(self, *, name: str, link: str | None, on_alarm: AlarmHook | None) -> None:
         if not name:
@@ -273,6 +274,8 @@ class _SqlLedger(ABC):
             if self._schema_lock:
                 execute(self._schema_lock, ())
             for statement in _SCHEMA.format(id=id_type).split(";"):
+                execute(statement, ())
+            for statement in self._schema_extra:
                 execute(statement, ())
             self._init_budget(execute, budgets, exclusive=exclusive)
 
@@ -555,6 +558,42 @@ class SqliteLedger(_SqlLedger):
 
 _SCHEMA_LOCK = int.from_bytes(b"uplimit")  # advisory lock key for schema creation
 
+# PostgreSQL: a role that is not the ledger's owner (nor a member of its role) may only charge.
+# It gets SELECT and UPDATE on the budget row (a charge locks and updates it) and INSERT on the
+# charge and alarm logs (`PostgresLedger.grant_charger`); this trigger refuses any change that
+# could let more out: budgets, the ledger id, usage going down, the latch cleared, a row
+# inserted or deleted. Rate windows are left to the code (the lifetime budget is the bound).
+# No '%' or '?' in it: the statements go through the shared placeholder rewriting.
+_PG_GUARD = (
+    """CREATE OR REPLACE FUNCTION uplimit_budget_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_has_role(current_user, (SELECT tableowner FROM pg_catalog.pg_tables
+            WHERE schemaname = TG_TABLE_SCHEMA AND tablename = TG_TABLE_NAME), 'MEMBER') THEN
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+    IF TG_OP <> 'UPDATE' THEN
+        RAISE EXCEPTION 'uplimit: only the ledger''s owner creates or deletes budgets';
+    END IF;
+    IF (NEW.name, NEW.lifetime_limit, NEW.per_day_limit, NEW.per_second_limit, NEW.ledger_id,
+        NEW.created_at) IS DISTINCT FROM (OLD.name, OLD.lifetime_limit, OLD.per_day_limit,
+        OLD.per_second_limit, OLD.ledger_id, OLD.created_at) THEN
+        RAISE EXCEPTION 'uplimit: only the ledger''s owner changes a budget';
+    END IF;
+    IF NEW.lifetime_bytes < OLD.lifetime_bytes OR NEW.wire_bytes < OLD.wire_bytes
+        OR NEW.timing_bytes < OLD.timing_bytes OR NEW.charges < OLD.charges THEN
+        RAISE EXCEPTION 'uplimit: a charge never lowers the usage';
+    END IF;
+    IF OLD.exhausted_by IS NOT NULL AND (NEW.exhausted_by, NEW.exhausted_at)
+        IS DISTINCT FROM (OLD.exhausted_by, OLD.exhausted_at) THEN
+        RAISE EXCEPTION 'uplimit: only the ledger''s owner clears the latch';
+    END IF;
+    RETURN NEW;
+END $$""",
+    "CREATE OR REPLACE TRIGGER uplimit_budget_guard BEFORE INSERT OR UPDATE OR DELETE"
+    " ON uplimit_budget FOR EACH ROW EXECUTE FUNCTION uplimit_budget_guard()",
+)
+
 
 class PostgresLedger(_SqlLedger):
     """Named budgets in PostgreSQL, shared by any number of links (processes, hosts).
@@ -567,6 +606,7 @@ class PostgresLedger(_SqlLedger):
     _lock_row = " FOR UPDATE"
     # Serialise schema creation: CREATE TABLE IF NOT EXISTS races between sessions.
     _schema_lock = f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})"
+    _schema_extra = _PG_GUARD
 
     def __init__(
         self,
@@ -619,6 +659,26 @@ class PostgresLedger(_SqlLedger):
                 yield self._execute
         except self._psycopg.Error as e:
             raise LedgerError(f"PostgreSQL ledger: {e}") from e
+
+    def grant_charger(self, role: str) -> None:
+        """Operator action: let `role` charge (and read) every budget of this database, and
+        nothing else (`_PG_GUARD`): the inner host's role; raising stays with the owner."""
+        from psycopg import sql
+
+        who = sql.Identifier(role)
+        grants = [
+            "GRANT USAGE ON SCHEMA public TO {}",
+            "GRANT SELECT, UPDATE ON uplimit_budget TO {}",
+            "GRANT SELECT, INSERT ON uplimit_charges, uplimit_alarms TO {}",
+            "GRANT SELECT ON uplimit_budget_changes TO {}",
+            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}",
+        ]
+        try:
+            with self._lock, self._db.transaction():
+                for grant in grants:
+                    self._db.execute(sql.SQL(grant).format(who))
+        except self._psycopg.Error as e:
+            raise LedgerError(f"PostgreSQL ledger: granting {role!r}: {e}") from e
 
     def _now(self, execute: Execute) -> float:
         if self._clock is not None:

@@ -111,3 +111,21 @@ def test_the_inner_role_may_charge_and_nothing_else(postgres_url: str) -> None:
         assert state.exhausted_by is not None
         owner.raise_budget(Budgets(2000), who="operator", reason="ticket 7")
         assert owner.usage().exhausted_by is None
+
+
+def test_budget_grant_is_an_operator_command(postgres_url: str) -> None:
+    import psycopg
+    from typer.testing import CliRunner
+
+    from uplimit.cli import app
+
+    name, role = _name(), f"inner_{uuid.uuid4().hex[:8]}"
+    init_ledger(postgres_url, Budgets(1000), name=name)
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+    out = CliRunner().invoke(
+        app, ["budget", "grant", "--ledger", postgres_url, "--role", role, "--budget", name]
+    )
+    assert out.exit_code == 0, out.output
+    with PostgresLedger(postgres_url.replace("postgres@", f"{role}@", 1), name=name) as inner:
+        assert inner.charge(10).lifetime_bytes == 10

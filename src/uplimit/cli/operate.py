@@ -13,6 +13,7 @@ from uplimit.cli.common import (
     app,
     console,
 )
+from uplimit.errors import ConfigError
 
 
 @app.command(rich_help_panel="Operate")
@@ -144,6 +145,26 @@ def budget_init(
         f" lifetime {state.budgets.lifetime_bytes:,} bytes, per day"
         f" {state.budgets.per_day_bytes}, per second {state.budgets.per_second_bytes}"
     )
+
+
+@budget_app.command("grant")
+def budget_grant(
+    ledger: str = typer.Option(..., help="The PostgreSQL ledger's URL, as its owner."),
+    role: str = typer.Option(..., help="The inner host's database role."),
+    budget: str = typer.Option("global", help="An initialised budget in that database."),
+) -> None:
+    """PostgreSQL: let ROLE charge and read the budgets, and nothing else (no raise, no lower
+    usage, no latch cleared: a trigger refuses them to anyone but the owner)."""
+    from uplimit.link.ledger import PostgresLedger
+
+    if not ledger.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("budget grant is for a PostgreSQL ledger (a SQLite file has no roles)")
+    book = PostgresLedger(ledger, name=budget)
+    try:
+        book.grant_charger(role)
+    finally:
+        book.close()
+    console.print(f"{role} may charge the budgets of this database, and nothing else")
 
 
 @budget_app.command("show")

@@ -83,13 +83,19 @@ def reference(tiny_strong: HFModel) -> tuple[list[int], list[int], list[bytes]]:
 
 @pytest.fixture
 def tiny_services_config(tiny_pair_dirs: tuple[Path, Path], tmp_path: Path):
-    """`make(outer={}, env=None)`: the `Config` of `serve_outer` + `serve_inner` on the tiny
-    pair, with free ports, a 1 MB lifetime budget, files under tmp_path, `outer`'s keys added
-    to its [outer] section and `env` as the environment it is loaded with."""
-    from support.config import link_files, tiny_models, write_config
+    """`make(outer={}, env=None, ledger=True)`: the `Config` of `serve_outer` + `serve_inner`
+    on the tiny pair, with free ports, a 1 MB lifetime budget (its ledger initialised unless
+    `ledger` is false: an outer alone has none on its host), files under tmp_path, `outer`'s
+    keys added to its [outer] section and `env` as the environment it is loaded with."""
+    from support.config import init_ledger_for, link_files, tiny_models, write_config
 
-    def make(outer: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None):
-        return write_config(
+    def make(
+        outer: Mapping[str, object] | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        ledger: bool = True,
+    ):
+        config = write_config(
             tmp_path / "uplimit.toml",
             {
                 "models": tiny_models(tiny_pair_dirs),
@@ -106,6 +112,9 @@ def tiny_services_config(tiny_pair_dirs: tuple[Path, Path], tmp_path: Path):
             },
             env,
         )
+        if ledger:
+            init_ledger_for(config)
+        return config
 
     return make
 

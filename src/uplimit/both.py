@@ -2,8 +2,9 @@
 
 Neither side imports the other (they share only `wire`); what runs both at once lives here.
 
-- `serve_both`: `uplimit serve both`, the two services in one process joined by the real
-  (metered) link over loopback.
+- `serve_both`: `uplimit serve both`, the outer in this process and the inner confined in
+  its namespace (`inner.confine`; or in this process too with `--unconfined`), joined by the
+  real (metered) link.
 - `in_process`: an outer's `Uplink` to an `InnerService` in the same process over the real
   link, its two ends joined in memory (`link.memory`), so that the service tests exercise the
   production serving loop.
@@ -15,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from uplimit.coding.calibration import Calibration
 from uplimit.config import Config
-from uplimit.inner.serve import serve_inner
 from uplimit.inner.service import InnerService
 from uplimit.link.budget import DEFAULT_TICK_S
 from uplimit.link.inner_link import InnerLink, serve_frames
@@ -40,17 +41,16 @@ __all__ = ["InProcess", "in_process", "serve_both"]
 
 
 async def serve_both(
-    inner_config: Config,
+    run_inner: Coroutine[Any, Any, object],
     outer_config: Config,
-    strong: LanguageModel,
-    inner_weak: LanguageModel,
     outer_weak: LanguageModel,
     *,
     on_listening: Callable[[], None] | None = None,
 ) -> None:
-    """Run the inner and the outer until the outer stops; each side has its own weak model
-    (and config: a rollout record is per side)."""
-    inner = asyncio.create_task(serve_inner(inner_config, strong, inner_weak))
+    """Run the inner (`inner.confine.run_confined`, or `serve_inner` in this process when
+    unconfined) and the outer until the outer stops; each side has its own weak model (and
+    config: a rollout record is per side)."""
+    inner = asyncio.create_task(run_inner)
     try:
         await serve_outer(outer_config, outer_weak, on_listening=on_listening)
     finally:

@@ -15,7 +15,8 @@ checks what changes coded bytes; the rest only has to fit.
               budget bytes (lifetime 0 = 1 % of the strong weights), downlink_log,
               receive_counter, downlink_bytes_per_s
     [inner]   max_batch, frame_delay_s, best_of, scorer, reasoning_open/_close,
-              max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record
+              max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record,
+              user (the confined inner's unprivileged user)
     [outer]   host, port, model_name, api_key, max_choices, monitor, admin_key, kernel_meter,
               status_interval_s, rollout_record
     [gauge]   period_s (0 = no rotation), secret_file, origin, lead_s, dtype, directory, audit
@@ -99,6 +100,8 @@ class InnerConfig:
     draft_tokens: int = 0  # weak-model drafts per step (speculative decoding); 0: off
     received_models: str = ""  # weak models a rollout sent down; "": $UPLIMIT_HOME/received
     rollout_record: str = ""  # the weak model a rollout switched to; "": ...rollout-inner.json
+    # -- confinement (inner.confine) --
+    user: str = "nobody"  # the confined inner runs as this unprivileged user
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,18 @@
     this process (client)  --HTTP-->  outer process  <--link (2 x TCP)-->  inner process
                                      (weak model)                          (strong + weak)
 
-As root with nftables, the inner runs in its own network namespace behind the kernel quota
-(`link.kernel`), reaching only the outer's end of a veth pair; otherwise all on loopback.
-Everything lives in a fresh directory (config, ledger, audit store, logs), so the budget used
-is this run's. The client sends a fixed set of prompts at T = 0 and T = 0.7, streaming, and
-shows each answer with its tokens, uplink bits and what gzip would need for the same text.
-Then `clients` more clients ask at once (`uplimit.load`), so that the figure at scale stands
-next to the few-users one; then a summary against the strong weights (`--json` writes it).
+As root with nftables, `uplimit serve inner` confines itself (`inner.confine`: its own network
+namespace behind the kernel quota, an unprivileged user, charge-only access to the ledger);
+otherwise it runs `--unconfined` on loopback (with its ALARM line in inner.log). Everything
+lives in a fresh directory (config, ledger, audit store, logs, hard links to the model pair
+that the inner's user can read), so the budget used is this run's. The client sends a fixed
+set of prompts at T = 0 and T = 0.7, streaming, and shows each answer with its tokens, uplink
+bits and what gzip would need for the same text. Then `clients` more clients ask at once
+(`uplimit.load`), so that the figure at scale stands next to the few-users one; then a summary
+against the strong weights (`--json` writes it).
 On exit (also on Ctrl-C or a failure) the outer is sent SIGTERM, which shuts the link down
-(SHUTDOWN), the inner stops, and anything left is killed by pid; the namespace is removed by
-name.
+(SHUTDOWN), the inner stops (its launcher removes the namespace), and anything left is killed
+by pid.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextlib
 import gzip
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,7 +46,7 @@ from uplimit.errors import BackendError
 from uplimit.link.agreement import read_meters
 from uplimit.link.budget import Budgets
 from uplimit.link.kernel import KernelMeter, KernelReading, available
-from uplimit.link.ledger import LedgerState
+from uplimit.link.ledger import LedgerState, init_ledger
 from uplimit.load import LoadResult, LoadSettings, run_load
 from uplimit.models import store
 from uplimit.prompts import training_set
@@ -84,32 +87,41 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _config(workdir: Path, link_host: str, budget: int, streams: int) -> tuple[Path, int]:
-    """The demo's config file (room for `streams` at once), and the outer's HTTP port."""
+def _config(
+    workdir: Path, models: tuple[Path, Path], meter: str, budget: int, streams: int
+) -> tuple[Path, int]:
+    """The demo's config file (room for `streams` at once), and the outer's HTTP port. The
+    ledger has a directory of its own: the confined inner may write the inner/ directory,
+    never the ledger's."""
     path, port = workdir / "uplimit.toml", _free_port()
+    (workdir / "ledger").mkdir()
     path.write_text(
         f"""[models]
+strong = "{models[0]}"
+weak = "{models[1]}"
 threads = 1  # three model contexts share the cores: more threads only spin
 [coding]
 max_streams = {streams}
 max_context = 1024
 [link]
-host = "{link_host}"
 downlink_port = {_free_port()}
 uplink_port = {_free_port()}
-ledger = "{workdir / "ledger.db"}"
+ledger = "{workdir / "ledger" / "ledger.db"}"
 lifetime_budget_bytes = {budget}
-downlink_log = "{workdir / "downlink.jsonl"}"
+downlink_log = "{workdir / "inner" / "downlink.jsonl"}"
 receive_counter = "{workdir / "received.db"}"
 [inner]
 frame_delay_s = 1.0
 max_batch = {streams}
-audit = "{workdir / "audit.db"}"
+audit = "{workdir / "inner" / "audit.db"}"
+received_models = "{workdir / "inner" / "received"}"
+rollout_record = "{workdir / "inner" / "rollout.json"}"
 [outer]
 status_interval_s = 1.0  # `uplimit load` waits for a fresh budget sample
 port = {port}
 model_name = "{MODEL_NAME}"
 metrics_port = {_free_port()}
+kernel_meter = "{meter}"
 """
     )
     return path, port
@@ -121,7 +133,7 @@ def _uplimit(*args: str) -> list[str]:
 
 @contextlib.contextmanager
 def _processes(
-    workdir: Path, config: Path, meter: KernelMeter | None
+    workdir: Path, config: Path, confined: bool
 ) -> Iterator[tuple[subprocess.Popen, subprocess.Popen]]:
     """Start outer then inner; on exit stop them in that order and leave nothing behind."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -129,10 +141,10 @@ def _processes(
     procs: list[subprocess.Popen] = []
     try:
         for side, log in zip(("outer", "inner"), logs, strict=True):
-            spawn = meter.popen if meter and side == "inner" else subprocess.Popen
-            argv = _uplimit("serve", side, "--config", str(config))
+            extra = ["--unconfined"] if side == "inner" and not confined else []
+            argv = _uplimit("serve", side, "--config", str(config), *extra)
             options = {"stdout": log, "stderr": subprocess.STDOUT, "env": env}
-            procs.append(spawn(argv, start_new_session=True, **options))
+            procs.append(subprocess.Popen(argv, start_new_session=True, **options))
         yield procs[0], procs[1]
     finally:
         # SIGTERM to the outer: uvicorn exits, the outer sends SHUTDOWN, the inner ends.
@@ -247,46 +259,65 @@ def _panel(a: Answer) -> Panel:
     return Panel(body, title=f"T = {a.temperature}  ({a.finish})", expand=False)
 
 
+def _readable_models(workdir: Path) -> tuple[Path, Path]:
+    """Hard links (or copies) of the pair in `workdir`: $UPLIMIT_HOME may sit in a directory
+    the confined inner's user cannot enter (root's home)."""
+    links = []
+    for spec in (store.STRONG, store.WEAK):
+        source = store.status(spec).path
+        link = workdir / source.name
+        try:
+            os.link(source, link)
+        except OSError:  # another filesystem (a tmpfs /tmp, say): a copy, removed at the end
+            shutil.copyfile(source, link)
+        links.append(link)
+    return links[0], links[1]
+
+
 def run_service_demo(
     console: Console, *, max_tokens: int = 96, clients: int = 32, json_out: Path | None = None
 ) -> dict:
     """The whole demo (module doc); returns its figures (what `json_out` gets). Raises
     BackendError if a side fails to start."""
     strong = store.status(store.STRONG)
-    if not strong.verified:
+    if not strong.verified or not store.status(store.WEAK).verified:
         raise BackendError("the model pair is not fetched: run `uplimit models fetch`")
     weights = strong.path.stat().st_size
     budget = Budgets.default_for(weights).lifetime_bytes
     workdir = Path(tempfile.mkdtemp(prefix="uplimit-demo-"))
+    workdir.chmod(0o755)  # the confined inner's user reads its config and the models here
     can = available()
-    meter = KernelMeter(f"demo{os.getpid() % 100000}", 2 * budget) if can.ok else None
+    meter = f"demo{os.getpid() % 100000}"
     where = (
-        "the inner in its own network namespace behind the kernel quota"
-        if meter
-        else (f"all on loopback (no kernel quota: {can.reason})")
+        "the inner confined in its own network namespace behind the kernel quota, as an"
+        " unprivileged user with charge-only access to the ledger"
+        if can.ok
+        else f"all on loopback, the inner unconfined ({can.reason})"
     )
     console.print(f"uplimit demo: separate inner and outer processes, {where}; files in {workdir}")
-    if meter:
-        meter.create()
+    models = _readable_models(workdir)
+    streams = max(len(DEMO_PROMPTS), clients)
+    config, port = _config(workdir, models, meter, budget, streams)
+    ledger = workdir / "ledger" / "ledger.db"
+    init_ledger(ledger, Budgets(budget))  # `uplimit budget init`
+    url = f"http://127.0.0.1:{port}"
     at_scale = None
     try:
-        link_host = meter.outer_address if meter else "127.0.0.1"
-        config, port = _config(workdir, link_host, budget, max(len(DEMO_PROMPTS), clients))
-        url = f"http://127.0.0.1:{port}"
-        with _processes(workdir, config, meter) as (outer, inner):
+        with _processes(workdir, config, can.ok) as (outer, inner):
             procs = {"outer": outer, "inner": inner}
             load_s = asyncio.run(_wait_serving(url, procs, workdir, console))
             console.print(f"link up after {load_s:.0f} s (models loaded, fingerprints agree)")
-            start = _ledger(workdir)
+            start = _ledger(ledger)
             answers, seconds = asyncio.run(_client(url, max_tokens, console))
-            few = _ledger(workdir)
+            few = _ledger(ledger)
             if clients:
                 at_scale = _at_scale(url, clients, console)
-            end = _ledger(workdir)
-        kernel = meter.read() if meter else None
+            end = _ledger(ledger)
+            # Read while the inner runs: its launcher removes the namespace when it ends.
+            kernel = KernelMeter(meter, 1).read() if can.ok else None
     finally:
-        if meter:
-            meter.teardown()
+        for model in models:  # links or copies of the pair: the originals stay
+            model.unlink(missing_ok=True)
     figures = _figures(answers, seconds, start, few, at_scale, end, kernel, weights)
     console.print(_summary(figures, end))
     if json_out is not None:
@@ -295,9 +326,9 @@ def run_service_demo(
     return figures
 
 
-def _ledger(workdir: Path) -> LedgerState:
+def _ledger(path: Path) -> LedgerState:
     """The ledger's state now, read-only (the inner keeps charging it)."""
-    state = read_meters(ledger=str(workdir / "ledger.db")).ledger
+    state = read_meters(ledger=str(path)).ledger
     assert state is not None  # read_meters was given a ledger
     return state
 

@@ -74,7 +74,7 @@ def _receiver_target(corpus: Path):
     from uplimit.models.tiny import build_tiny_pair
     from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_digest
     from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
-    from uplimit.wire.protocol import Accept, Frame
+    from uplimit.wire.protocol import Accept, Frame, LedgerReport
     from uplimit.wire.receiver import Delivered, UplinkReceiver
     from uplimit.wire.streams import StreamSpec
 
@@ -104,6 +104,7 @@ def _receiver_target(corpus: Path):
     enc = side(FrameEncoder)
     frames = [enc.encode(c)[0] for c in contents]
     stream = encode_uplink(Accept(fingerprint_digest(fingerprint)))
+    stream += encode_uplink(LedgerReport(bytes(16), 0, False))
     stream += b"".join(encode_uplink(Frame(f)) for f in frames)
     corpus.mkdir(parents=True, exist_ok=True)
     for step in (0, 7, 63):

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from support.config import link_files, write_config
+from support.config import init_ledger_for, link_files, write_config
 from support.net import free_port
 from support.waiting import eventually, stop_task, wait_healthy
 from uplimit.coding.calibration import Calibration
@@ -51,7 +51,7 @@ def ggufs(tiny_pair_dirs, tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def _config(tmp_path: Path, strong: Path, weak: Path):
-    return write_config(tmp_path / "uplimit.toml", {
+    config = write_config(tmp_path / "uplimit.toml", {
         "models": {"strong": strong, "weak": weak, "threads": 1},
         "coding": {"frame_tokens": 2, "max_streams": 8, "max_context": 512},
         "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.05,
@@ -63,6 +63,8 @@ def _config(tmp_path: Path, strong: Path, weak: Path):
         "outer": {"port": free_port(), "metrics_port": free_port(), "model_name": "tiny",
                   "admin_key": ADMIN, "rollout_record": tmp_path / "outer.json"},
     })  # fmt: skip
+    init_ledger_for(config)
+    return config
 
 
 def _load(path: Path) -> LlamaModel:

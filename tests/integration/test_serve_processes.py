@@ -24,6 +24,7 @@ import httpx
 
 from support.config import tiny_models, write_config
 from support.net import free_port
+from uplimit.inner.confine import UNCONFINED_ALARM
 
 UPLIMIT = str(Path(sys.executable).with_name("uplimit"))
 
@@ -43,7 +44,7 @@ def dishonest(strong, weak, *args, **kwargs):
 
 serve.InnerService = dishonest
 from uplimit.cli import main
-sys.argv = ["uplimit", "serve", "inner", "--config", sys.argv[1]]
+sys.argv = ["uplimit", "serve", "inner", "--unconfined", "--config", sys.argv[1]]
 main()
 """
 
@@ -55,6 +56,11 @@ class Processes:
         self.dir = tmp_path
         self.env = {**os.environ, "UPLIMIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
         self.procs: dict[str, subprocess.Popen] = {}
+
+    def init_ledger(self, config: Path) -> None:
+        """`uplimit budget init`: serving refuses a ledger that was never initialised."""
+        subprocess.run([UPLIMIT, "budget", "init", "--config", str(config)], env=self.env,
+                       check=True, capture_output=True, timeout=120)  # fmt: skip
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = (self.dir / f"{name}.log").open("w")
@@ -136,9 +142,11 @@ def test_honest_streams_agree_and_a_dishonest_inner_is_caught(tiny_pair_dirs, tm
         )
 
     try:
+        procs.init_ledger(config)
         procs.start("verifier", [UPLIMIT, "serve", "verifier", *cfg])
         procs.start("outer", [UPLIMIT, "serve", "outer", *cfg])  # before the verifier listens:
-        procs.start("inner", [UPLIMIT, "serve", "inner", *cfg])  # the feed keeps retrying
+        # Unconfined: the tiny pair lies where only root can read it (test_confined_inner.py)
+        procs.start("inner", [UPLIMIT, "serve", "inner", "--unconfined", *cfg])
         procs.wait_for(lambda: "listening on" in procs.log("verifier"), "the verifier")
         procs.wait_for(lambda: _healthy(url), "the link")
 
@@ -198,7 +206,8 @@ def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dir
     metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     procs = Processes(tmp_path)
     try:
-        procs.start("both", [UPLIMIT, "serve", "both", "--config", str(config)])
+        procs.init_ledger(config)
+        procs.start("both", [UPLIMIT, "serve", "both", "--unconfined", "--config", str(config)])
         procs.wait_for(lambda: _healthy(url), "the link")
         body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 400, "temperature": 1.0}
         client = subprocess.Popen(  # a non-streaming request that will not finish by itself
@@ -215,6 +224,9 @@ def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dir
         client.kill()
         client.wait()
         assert "timeout graceful shutdown exceeded" in procs.log("both")  # cut, not finished
-        assert "ALARM" not in procs.log("both")  # the link ended by SHUTDOWN, not by failing
+        # The link ended by SHUTDOWN, not by failing: the one ALARM says it ran unconfined.
+        assert [x for x in procs.log("both").splitlines() if "ALARM" in x] == [UNCONFINED_ALARM], (
+            procs.log("both")
+        )
     finally:
         procs.stop_all()

@@ -10,6 +10,7 @@ import socket
 import openai
 import pytest
 
+from support.config import init_ledger_for
 from support.waiting import stop_task, wait_healthy
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
@@ -57,6 +58,7 @@ metrics_port = 0
 """
     )
     config = load_config(config_file, env={})
+    init_ledger_for(config)
     url = f"http://127.0.0.1:{config.outer.port}"
 
     async def ask(client, prompt, t):

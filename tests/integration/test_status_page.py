@@ -198,6 +198,7 @@ def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
     config = tiny_services_config(
         {"status_interval_s": 0.1, "port": free_port(), "metrics_port": free_port()},
         env={"UPLIMIT_LINK_LIFETIME_BUDGET_BYTES": "0"},
+        ledger=False,
     )
     s, page, metrics = _status_of_an_outer_alone(
         tiny_weak, config, lambda s: len(s["uplink"]) >= 1, "a first uplink sample"
@@ -218,7 +219,7 @@ def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
 def test_a_meter_that_cannot_be_read_is_reported_not_drawn_as_zero(tiny_weak, tiny_services_config):
     config = tiny_services_config(
         {"status_interval_s": 0.1, "port": free_port(), "metrics_port": 0,
-         "kernel_meter": "nosuchns"}
+         "kernel_meter": "nosuchns"}, ledger=False,
     )  # fmt: skip
     s, page, _ = _status_of_an_outer_alone(
         tiny_weak, config, lambda s: s["meters"]["error"] is not None, "a failed meter read"

@@ -41,6 +41,7 @@ from uplimit.wire.protocol import (
     EndReason,
     Frame,
     Hello,
+    LedgerReport,
     Resend,
     encode_downlink,
     encode_uplink,
@@ -54,6 +55,9 @@ HOST = "127.0.0.1"
 # Upper bound for waits on the inner process: starting Python with torch and the tiny pair
 # takes ~10 s here, several times that on a machine whose CPUs other jobs hold.
 SLOW = 240
+# An accept (5 bytes) and the ledger report after it (19 bytes while the ledger's total is
+# below 128: only the connection charge and the accept are charged before it here).
+VERDICT = 5 + len(encode_uplink(LedgerReport(bytes(16), 0, False)))
 
 # The inner process. "coded": answers each stream when it opens, with the tiny strong model, or
 # with `random_answer` (~10 bits a token: spends a budget quickly) if the stream's service
@@ -308,11 +312,11 @@ def test_a_link_shakes_hands_serves_metrics_and_shuts_down(tmp_path, outer):
             http.shutdown()
     # Up went the connection charge, the accept and END(shutdown), each charged first.
     state = SqliteLedger(tmp_path / "ledger.db").usage()
-    assert outer.counter.total() == state.wire_bytes == 5 + 2
+    assert outer.counter.total() == state.wire_bytes == VERDICT + 2
     assert state.timing_bytes >= CONNECT_CHARGE_BYTES
     text = metrics.decode()
-    assert "uplimit_uplink_bytes_total 7.0" in text
-    assert f"uplimit_budget_left_bytes {100_000.0 - 7}" in text
+    assert f"uplimit_uplink_bytes_total {VERDICT + 2.0}" in text
+    assert f"uplimit_budget_left_bytes {100_000.0 - VERDICT - 2}" in text
     assert 'uplimit_link_state{uplimit_link_state="closed"} 1.0' in text
     assert 'uplimit_alarms_total{kind="connection"} 1.0' in text
     assert log_types(tmp_path / "downlink.jsonl") == ["hello", "shutdown"]
@@ -411,6 +415,7 @@ async def serving_fake(outer: Outer, coded: Coded) -> FakeInner:
     await outer.link.start(HOST)
     await fake.connect(outer.link)
     await fake.send(encode_uplink(Accept(fingerprint_digest(coded.fingerprint))))
+    await fake.send(encode_uplink(LedgerReport(bytes(16), 0, False)))
     await outer.link.wait_serving(10)
     for s in coded.specs:
         await outer.link.open_stream(s)
@@ -506,7 +511,7 @@ def test_bytes_from_the_inner_on_the_downlink_fail_the_link_and_are_counted(oute
     run(main)
     assert outer.kinds() == [AlarmKind.DOWNLINK_UPLOAD] and "bypassing" in outer.link.reason
     # The receive counter has them: `uplimit meters` shows more received than charged.
-    assert outer.counter.total() == 5 + len(coded.wire(0)) + 4
+    assert outer.counter.total() == VERDICT + len(coded.wire(0)) + 4
 
 
 @pytest.mark.parametrize("then", ["END", "nothing"])
@@ -587,7 +592,7 @@ def test_the_inner_enforces_the_downlink_limits(tmp_path, outer, flood):
         config = inner_config(tmp_path, outer, fingerprint=outer.fingerprint, limits=limits)
         config.update(down=fake.downlink_port, up=fake.uplink_port)
         async with inner_process(config) as proc:
-            await until(lambda: len(fake.up) >= 5)  # the accept
+            await until(lambda: len(fake.up) >= VERDICT)  # the accept and the ledger report
             if flood == "one oversized message":
                 header = encode_downlink(Cancel(1))[:1] + (5000).to_bytes(4, "big")
                 fake.down_writer.write(header)
@@ -604,9 +609,9 @@ def test_the_inner_enforces_the_downlink_limits(tmp_path, outer, flood):
     assert rc == 3 and out["error"] == "ProtocolError"
     expected = "5,000 bytes; the limit is 1,024" if flood != "too fast" else "faster than 4,000"
     assert expected in out["message"]
-    # Up went the accept and END(error), nothing else; all of it charged.
-    assert result["up"][5:] == encode_uplink(End(EndReason.ERROR))
-    assert SqliteLedger(tmp_path / "ledger.db").usage().wire_bytes == 7
+    # Up went the accept, the ledger report and END(error), nothing else; all of it charged.
+    assert result["up"][VERDICT:] == encode_uplink(End(EndReason.ERROR))
+    assert SqliteLedger(tmp_path / "ledger.db").usage().wire_bytes == VERDICT + 2
     assert log_types(tmp_path / "downlink.jsonl")[0] == "hello"
     assert log_types(tmp_path / "downlink.jsonl")[-1] == "violation"
 

@@ -65,7 +65,7 @@ def test_a_meter_that_is_not_there_is_an_error_not_a_zero(tmp_path):
     done = meters(*args, "--counter", "other")
     assert done.returncode == 2 and "no count named 'other'" in said(done.stderr)
     done = meters("--ledger", args[1], "--budget", "nope")
-    assert done.returncode == 2 and "no budget 'nope'" in said(done.stderr)
+    assert done.returncode == 2 and "budget 'nope' is missing" in said(done.stderr)
 
 
 def test_slack_tolerates_retransmissions_at_the_kernel():

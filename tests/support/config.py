@@ -8,7 +8,7 @@ from pathlib import Path
 
 from uplimit.config import Config, load_config
 
-__all__ = ["link_files", "tiny_models", "write_config"]
+__all__ = ["init_ledger_for", "link_files", "tiny_models", "write_config"]
 
 
 def _value(v: object) -> str:
@@ -32,6 +32,15 @@ def write_config(
         lines += [f"{k} = {_value(v)}" for k, v in keys.items()]
     path.write_text("\n".join(lines) + "\n")
     return load_config(path, env=dict(env or {}))
+
+
+def init_ledger_for(config: Config) -> None:
+    """`uplimit budget init` for `config`, once: serving refuses a ledger never initialised."""
+    from uplimit.inner.serve import budgets_for, ledger_location
+    from uplimit.link.ledger import init_ledger
+
+    if not Path(ledger_location(config)).exists():
+        init_ledger(ledger_location(config), budgets_for(config))
 
 
 def tiny_models(pair_dirs: tuple[Path, Path]) -> dict[str, object]:

@@ -52,3 +52,22 @@ def test_a_budget_below_what_was_charged_is_refused(tmp_path):
               "--reason", "b"],
     )  # fmt: skip
     assert isinstance(out.exception, ConfigError)
+
+
+def test_init_creates_the_ledger_from_the_config_once(tmp_path):
+    path = tmp_path / "ledger.db"
+    config = tmp_path / "uplimit.toml"
+    config.write_text(f'[link]\nledger = "{path}"\nlifetime_budget_bytes = 5000\n')
+    runner = CliRunner()
+    out = runner.invoke(app, ["budget", "init", "--config", str(config)])
+    assert out.exit_code == 0, out.output
+    ledger = open_ledger(path)
+    state = ledger.usage()
+    ledger.close()
+    assert state.budgets == Budgets(5000) and state.ledger_id in out.output
+    again = runner.invoke(app, ["budget", "init", "--config", str(config)])
+    assert isinstance(again.exception, ConfigError) and "already initialised" in str(
+        again.exception
+    )
+    shown = runner.invoke(app, ["budget", "show", "--ledger", str(path)])
+    assert state.ledger_id in shown.output

@@ -3,17 +3,21 @@ the PostgreSQL runs skip, saying why, where no server can be started)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import re
 import sqlite3
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from support.ledger import check_exhausted
 from uplimit.errors import BudgetExhausted, ConfigError, LedgerError
 from uplimit.link.budget import SECONDS_PER_DAY, Budgets, Limit
-from uplimit.link.ledger import Alarm, SqliteLedger
+from uplimit.link.ledger import Alarm, SqliteLedger, init_ledger, open_served
 
 T0 = 1_800_000_000.0
 
@@ -120,9 +124,76 @@ def test_budgets_never_change_on_open(ledger_target) -> None:
     ledger_target.open(Budgets(1000)).close()  # the same budgets are fine
 
 
-def test_a_new_ledger_needs_budgets(ledger_target) -> None:
-    with pytest.raises(ConfigError, match="give its budgets"):
+# --- never fail open: a ledger is created only by `uplimit budget init` -------------------------
+
+
+def _delete_budget_row(target) -> None:
+    """What an attacker with write access to the database would do to reset the usage."""
+    if target.kind == "sqlite":
+        db = sqlite3.connect(target.where)
+        with db:
+            db.execute("DELETE FROM uplimit_budget WHERE name = ?", (target.name,))
+        db.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(target.where, autocommit=True) as db:
+            db.execute("DELETE FROM uplimit_budget WHERE name = %s", (target.name,))
+
+
+def test_serving_never_creates_a_ledger(ledger_target) -> None:
+    with pytest.raises(LedgerError, match="uplimit budget init"):
         ledger_target.open()
+    if ledger_target.kind == "sqlite":
+        assert not Path(ledger_target.where).exists()  # not even an empty file
+    with pytest.raises(LedgerError, match="uplimit budget init"):
+        open_served(ledger_target.where, Budgets(1000), name=ledger_target.name)
+
+
+def test_init_records_an_id_and_its_time_and_runs_once(ledger_target) -> None:
+    before = time.time()
+    state = init_ledger(ledger_target.where, Budgets(1000, 10), name=ledger_target.name)
+    assert re.fullmatch(r"[0-9a-f]{32}", state.ledger_id)
+    assert before - 5 <= state.created_at <= time.time() + 5  # PostgreSQL: the server's clock
+    assert (state.budgets, state.usage.lifetime_bytes) == (Budgets(1000, 10), 0)
+    with pytest.raises(ConfigError, match="already initialised"):
+        init_ledger(ledger_target.where, Budgets(1000, 10), name=ledger_target.name)
+    served = open_served(ledger_target.where, Budgets(1000, 10), name=ledger_target.name)
+    assert served.usage().ledger_id == state.ledger_id  # the id survives reopening
+    served.close()
+    with pytest.raises(ConfigError, match="budget raise"):
+        open_served(ledger_target.where, Budgets(2000, 10), name=ledger_target.name)
+    other = init_ledger(ledger_target.where, Budgets(1000, 10), name=ledger_target.name + "b")
+    assert other.ledger_id != state.ledger_id
+
+
+def test_a_deleted_budget_row_refuses_to_serve_or_reinit(
+    ledger_target, caplog, monkeypatch
+) -> None:
+    ledger = ledger_target.open(Budgets(1000))
+    ledger.charge(700)
+    ledger.close()
+    _delete_budget_row(ledger_target)
+    # Another test's library may have disabled existing loggers (dictConfig's default).
+    monkeypatch.setattr(logging.getLogger("uplimit.link.ledger"), "disabled", False)
+    caplog.set_level(logging.ERROR, logger="uplimit.link.ledger")
+    with pytest.raises(LedgerError, match="missing from the ledger"):
+        open_served(ledger_target.where, Budgets(1000), name=ledger_target.name)
+    assert "ALARM ledger-unusable" in caplog.text
+    # Re-creating the row would start the usage at 0 again: not even init does that.
+    with pytest.raises(LedgerError, match="tampered"):
+        init_ledger(ledger_target.where, Budgets(1000), name=ledger_target.name)
+
+
+def test_an_empty_or_corrupt_sqlite_file_refuses_to_serve(tmp_path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(LedgerError, match="no such table"):
+        open_served(empty, Budgets(1000))
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerError):
+        open_served(corrupt, Budgets(1000))
 
 
 def test_per_day_window_uses_utc_days(ledger_target) -> None:

@@ -25,6 +25,7 @@ from uplimit.wire.protocol import (
     EndReason,
     Frame,
     Hello,
+    LedgerReport,
     ModelData,
     ModelOffer,
     OpenStream,
@@ -43,6 +44,8 @@ from uplimit.wire.streams import StreamSpec
 SPEC = StreamSpec(3, (1, 2, 300), SamplingParams(0.5, 0.9, 5), 0x0102030405060708, 50)
 FIELDS = 3  # keys in the HELLO the uplink parsers answer
 HELLO = encode_downlink(Hello.of({"a": "1"}))
+# An accept and the ledger report that must follow it (id 0..0, total 0, not confined).
+ACCEPTED = b"\x11abcd\x13" + bytes(16) + b"\x00\x00"
 
 # --- pinned layouts ---------------------------------------------------------------------------
 
@@ -77,6 +80,7 @@ def test_downlink_bytes_are_pinned(msg, hex_bytes):
     ("msg", "hex_bytes"),
     [
         (Accept(b"\xde\xad\xbe\xef"), "11deadbeef"),
+        (LedgerReport(bytes(range(16)), 300, True), "13" + bytes(range(16)).hex() + "ac02" "01"),
         (Refuse(((0, "a"), (3, "xy"))), "12" "02" "0001" + "61" + "0302" + "7879"),
         (Frame(b"\xab"), "01ab"),
         (Frame(bytes(200)), "c801" + "00" * 200),
@@ -92,6 +96,8 @@ def test_every_uplink_message_is_as_small_as_the_layout_allows():
     # An accept is 5 bytes once per connection; a frame pays 1 length byte up to 127 bytes,
     # 2 up to 16,383; END is 2.
     assert len(encode_uplink(Accept(bytes(4)))) == 5
+    # The ledger report follows it once: 16 id bytes, the total (<= 9 bytes up to 2**63), flags.
+    assert len(encode_uplink(LedgerReport(bytes(16), 10**6, False))) == 1 + 16 + 3 + 1
     assert [len(encode_uplink(Frame(bytes(n)))) - n for n in (1, 127, 128, 16383, 16384)] == [
         1, 1, 2, 2, 3,
     ]  # fmt: skip
@@ -147,9 +153,12 @@ verdicts = st.one_of(
 )
 frames = st.builds(Frame, st.binary(min_size=1, max_size=300))
 ends = st.builds(End, st.sampled_from(list(EndReason)))
+reports = st.builds(LedgerReport, st.binary(min_size=16, max_size=16),
+                    st.integers(0, (1 << 63) - 1), st.booleans())  # fmt: skip
 uplinks = st.one_of(
-    st.tuples(st.builds(Accept, st.binary(min_size=4, max_size=4)), st.lists(frames, max_size=8),
-              st.one_of(st.none(), ends)).map(lambda t: [t[0], *t[1], *([t[2]] if t[2] else [])]),
+    st.tuples(st.builds(Accept, st.binary(min_size=4, max_size=4)), reports,
+              st.lists(frames, max_size=8), st.one_of(st.none(), ends),
+              ).map(lambda t: [t[0], t[1], *t[2], *([t[3]] if t[3] else [])]),
     verdicts.map(lambda v: [v]),
 )  # fmt: skip
 
@@ -231,6 +240,8 @@ def test_bytes_after_shutdown_are_refused(msgs, garbage):
 @settings(max_examples=100, deadline=None)
 @given(msgs=uplinks, garbage=st.binary(min_size=1, max_size=20))
 def test_bytes_after_end_or_a_refusal_are_refused(msgs, garbage):
+    if isinstance(msgs[-1], Accept):  # the ledger report must come before END
+        msgs = [*msgs, LedgerReport(bytes(16), 0, False)]
     if not isinstance(msgs[-1], End | Refuse):
         msgs = [*msgs, End(EndReason.LIFETIME)]
     parser = UplinkParser(FIELDS)
@@ -255,10 +266,8 @@ def _canonical_prefix(parse, encode, data: bytes) -> None:
 @given(data=st.binary(max_size=64))
 def test_random_uplink_bytes_parse_canonically_or_raise_protocol_error(data):
     _canonical_prefix(lambda: UplinkParser(FIELDS), uplink_bytes, data)
-    # The same after a valid verdict, where frames and END are parsed.
-    _canonical_prefix(
-        lambda: UplinkParser(FIELDS), uplink_bytes, encode_uplink(Accept(b"abcd")) + data
-    )
+    # The same after a valid verdict and ledger report, where frames and END are parsed.
+    _canonical_prefix(lambda: UplinkParser(FIELDS), uplink_bytes, ACCEPTED + data)
 
 
 @settings(max_examples=400, deadline=None)
@@ -273,9 +282,12 @@ def test_random_downlink_bytes_parse_canonically_or_raise_protocol_error(data, h
     [
         (b"\x13", "not protocol 1"),  # unknown verdict
         (b"\x21abcd", "not protocol 1"),  # accept of protocol 2
-        (b"\x11abcd\x81\x00", "not minimally encoded"),
-        (b"\x11abcd\x80\x80\x80", "longer than any value up to 1048576"),
-        (b"\x11abcd\x00\x09", "unknown END reason"),
+        (ACCEPTED + b"\x81\x00", "not minimally encoded"),
+        (ACCEPTED + b"\x80\x80\x80", "longer than any value up to 1048576"),
+        (ACCEPTED + b"\x00\x09", "unknown END reason"),
+        (b"\x11abcd\x01\xab", "expected the ledger report after the accept"),
+        (b"\x11abcd\x13" + bytes(16) + b"\x00\x02", "only bit 0"),
+        (b"\x11abcd\x13" + bytes(16) + b"\x80\x00", "not minimally encoded"),
         (b"\x12\x00", "names 0 fields"),
         (b"\x12\x06", "names 6 fields"),
         (b"\x12\x02\x01\x00\x01\x00", "out of order"),
@@ -291,11 +303,11 @@ def test_malformed_uplink_input_is_refused(data, error):
 
 def test_an_oversized_frame_is_refused_from_its_length_alone():
     parser = UplinkParser(FIELDS, max_frame_bytes=1000)
-    parser.feed(encode_uplink(Accept(b"abcd")))
+    parser.feed(ACCEPTED)
     with pytest.raises(ProtocolError, match="exceeds 1000"):
         parser.feed(bytes([0xE9, 0x07]))  # 1001: no frame byte needed to refuse it
     with pytest.raises(ProtocolError, match="exceeds"):
-        UplinkParser(FIELDS).feed(b"\x11abcd" + bytes([0x81, 0x80, 0x40]))  # 2**20 + 1
+        UplinkParser(FIELDS).feed(ACCEPTED + bytes([0x81, 0x80, 0x40]))  # 2**20 + 1
     assert MAX_FRAME_BYTES == 1 << 20
 
 
@@ -409,6 +421,8 @@ def test_encoders_refuse_what_the_parsers_would():
         encode_uplink(Frame(b""))
     with pytest.raises(ConfigError):
         encode_uplink(Accept(b"abc"))
+    with pytest.raises(ConfigError):
+        encode_uplink(LedgerReport(bytes(15), 0, False))
     with pytest.raises(ConfigError):
         encode_uplink(Refuse(((2, "x"), (1, "y"))))
     with pytest.raises(ConfigError):

@@ -20,6 +20,7 @@ from uplimit.wire.protocol import (
     End,
     EndReason,
     Frame,
+    LedgerReport,
     Refuse,
     encode_uplink,
 )
@@ -85,7 +86,9 @@ class Scenario:
 
     @property
     def accept(self) -> bytes:
-        return encode_uplink(Accept(fingerprint_digest(self.fingerprint)))
+        """An accept and the ledger report that must follow it."""
+        verdict = encode_uplink(Accept(fingerprint_digest(self.fingerprint)))
+        return verdict + encode_uplink(REPORT)
 
     def wire(self, n: int) -> bytes:
         return encode_uplink(Frame(self.frames[n]))
@@ -94,6 +97,9 @@ class Scenario:
 @pytest.fixture(scope="module")
 def sc(tiny_strong, tiny_weak) -> Scenario:
     return Scenario(tiny_strong, tiny_weak)
+
+
+REPORT = LedgerReport(bytes(range(16)), 1234, confined=True)
 
 
 def delivered(events) -> list[FrameContent]:
@@ -120,10 +126,30 @@ def test_frames_are_delivered_in_order_whole_or_byte_by_byte(sc):
 
 def test_a_verdict_with_another_fingerprint_fails_the_link(sc):
     with sc.receiver() as rx:
-        events = rx.receive(encode_uplink(Accept(b"\x00\x00\x00\x00")) + sc.wire(0))
+        wrong = encode_uplink(Accept(b"\x00\x00\x00\x00")) + encode_uplink(REPORT)
+        events = rx.receive(wrong + sc.wire(0))
         assert events == [Failed(AlarmKind.FINGERPRINT, rx.reason)]
         assert "fingerprint digest 00000000 is not ours" in rx.reason
         assert rx.state is LinkState.FAILED and rx.receive(sc.wire(0)) == []
+
+
+def test_the_ledger_report_is_judged_before_anything_is_served(sc):
+    verdict = encode_uplink(Accept(fingerprint_digest(sc.fingerprint)))
+    with sc.side(FrameDecoder) as dec:
+        seen: list[LedgerReport] = []
+
+        def refuse(report: LedgerReport) -> str:
+            seen.append(report)
+            return "a reset ledger"
+
+        rx = UplinkReceiver(sc.fingerprint, dec, check_ledger=refuse)
+        assert rx.receive(verdict) == [] and rx.state is LinkState.HANDSHAKING
+        events = rx.receive(encode_uplink(REPORT) + sc.wire(0))
+        assert events == [Failed(AlarmKind.LEDGER, "a reset ledger")] and seen == [REPORT]
+        assert rx.delivered == 0 and rx.state is LinkState.FAILED
+    with sc.receiver() as rx:  # a frame where the report must be: malformed
+        (failed,) = rx.receive(verdict + sc.wire(0))
+        assert failed.kind is AlarmKind.PROTOCOL and "ledger report" in failed.message
 
 
 def test_a_refusal_fails_the_link_naming_the_fields(sc):
@@ -211,7 +237,7 @@ def test_how_an_uplink_ends_decides_the_state(sc, stream, kind, message):
 def test_a_shutdown_end_closes_the_link(sc):
     with sc.receiver() as rx:
         events = rx.receive(sc.accept + encode_uplink(End(EndReason.SHUTDOWN))) + rx.eof()
-        assert events == [Accepted(), Ended(EndReason.SHUTDOWN)]
+        assert events == [Accepted(REPORT), Ended(EndReason.SHUTDOWN)]
         assert rx.state is LinkState.CLOSED
 
 

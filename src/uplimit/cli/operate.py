@@ -13,10 +13,16 @@ from uplimit.cli.common import (
     app,
     console,
 )
+from uplimit.errors import ConfigError
 
 
 @app.command(rich_help_panel="Operate")
 def meters(
+    config: Path | None = typer.Option(
+        None,
+        help="The served system's config: its ledger, receive counter and kernel meter"
+        " ([outer] kernel_meter), unless given below.",
+    ),
     ledger: str | None = typer.Option(None, help="Inner ledger: SQLite file or PostgreSQL URL."),
     budget: str | None = typer.Option(None, help="Budget name [SQLite: link, PostgreSQL: global]."),
     received: Path | None = typer.Option(None, help="The outer's receive-counter file."),
@@ -33,6 +39,14 @@ def meters(
 
     from uplimit.link.agreement import as_json, checks, figures, read_meters
 
+    if config is not None:
+        from uplimit.config import load_config
+        from uplimit.inner.serve import ledger_location
+
+        cfg = load_config(config)
+        ledger = ledger or ledger_location(cfg)
+        received = received or cfg.path(cfg.link.receive_counter, "received.db")
+        kernel = kernel or cfg.outer.kernel_meter or None
     readings = read_meters(
         ledger=ledger, budget=budget, received=received, counter=counter, kernel=kernel
     )
@@ -105,8 +119,52 @@ def audit_show(
     print(json.dumps([dataclasses.asdict(r) for r in found], indent=1))
 
 
-budget_app = typer.Typer(help="Read the uplink ledger; raise its budget (audited).")
+budget_app = typer.Typer(
+    help="Create the uplink ledger (init), read it, raise its budget (audited)."
+)
 app.add_typer(budget_app, name="budget", rich_help_panel="Operate")
+
+
+@budget_app.command("init")
+def budget_init(
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    ledger: str | None = typer.Option(None, help="Ledger: SQLite path or URL [link.ledger]."),
+) -> None:
+    """Create the ledger with the configured budgets, its creation time and a random id.
+
+    The only way a ledger comes to exist: serving refuses a missing one, so a deleted ledger
+    cannot come back empty. Refuses a ledger that is already initialised."""
+    from uplimit.config import load_config
+    from uplimit.inner.serve import budgets_for, ledger_location
+    from uplimit.link.ledger import init_ledger
+
+    cfg = load_config(config)
+    state = init_ledger(ledger or ledger_location(cfg), budgets_for(cfg))
+    console.print(
+        f"ledger {state.ledger_id} initialised: budget {state.name!r},"
+        f" lifetime {state.budgets.lifetime_bytes:,} bytes, per day"
+        f" {state.budgets.per_day_bytes}, per second {state.budgets.per_second_bytes}"
+    )
+
+
+@budget_app.command("grant")
+def budget_grant(
+    ledger: str = typer.Option(..., help="The PostgreSQL ledger's URL, as its owner."),
+    role: str = typer.Option(..., help="The inner host's database role."),
+    budget: str = typer.Option("global", help="An initialised budget in that database."),
+) -> None:
+    """PostgreSQL: let ROLE charge and read the budgets, and nothing else (no raise, no lower
+    usage, no latch cleared: a trigger refuses them to anyone but the owner)."""
+    from uplimit.link.ledger import PostgresLedger
+
+    if not ledger.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("budget grant is for a PostgreSQL ledger (a SQLite file has no roles)")
+    book = PostgresLedger(ledger, name=budget)
+    try:
+        book.grant_charger(role)
+    finally:
+        book.close()
+    console.print(f"{role} may charge the budgets of this database, and nothing else")
 
 
 @budget_app.command("show")
@@ -128,6 +186,7 @@ def budget_show(
     )
     table.add_row("of which wire / timing", f"{state.wire_bytes:,} / {state.timing_bytes:,}")
     table.add_row("per-day / per-second budget", f"{b.per_day_bytes} / {b.per_second_bytes}")
+    table.add_row("ledger id", state.ledger_id)
     table.add_row("latched shut by", str(state.exhausted_by.value if state.exhausted_by else "-"))
     table.add_row("budget changes", str(len(changes)))
     Console().print(table)

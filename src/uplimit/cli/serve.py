@@ -16,22 +16,72 @@ serve_app = typer.Typer(
 app.add_typer(serve_app, name="serve", rich_help_panel="Serve")
 
 
+UNCONFINED_HELP = (
+    "Serve the inner side without its network namespace, kernel quota, unprivileged user and"
+    " charge-only ledger (an ALARM; the outer shows uplimit_inner_confined 0)."
+)
+
+
+def _inner(config: Path | None, cfg, host: str | None, unconfined: bool):
+    """The inner side's coroutine: confined (as root, `inner.confine`), or in this process
+    when `unconfined` (loading its models here first)."""
+    import logging
+
+    from uplimit.inner.confine import UNCONFINED_ALARM, Launch, run_confined
+    from uplimit.inner.serve import serve_inner
+
+    if not unconfined:
+
+        def launched(launch: Launch) -> None:
+            console.print(
+                f"inner: confined in namespace uplimit-{launch.meter} (quota"
+                f" {launch.quota_bytes:,} bytes) as {launch.user}"
+            )
+
+        return run_confined(cfg, config, host=host, on_launch=launched)
+    logging.getLogger("uplimit.inner").error("%s", UNCONFINED_ALARM)
+    models = load_service_models(cfg, ("strong", "weak"))
+    return serve_inner(cfg, models["strong"], models["weak"], host=host, confined=False)
+
+
 @serve_app.command("inner")
 def serve_inner_cmd(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
     host: str | None = typer.Option(None, help="The outer's link address [link.host]."),
+    unconfined: bool = typer.Option(False, "--unconfined", help=UNCONFINED_HELP),
+    charge_socket: Path | None = typer.Option(None, hidden=True),  # the confined child's
 ) -> None:
-    """The inner side: strong model, encoder, ledger, audit store; connects to the outer."""
+    """The inner side: strong model, encoder, ledger, audit store; connects to the outer.
+
+    As root it confines itself: its own network namespace behind the kernel quota, an
+    unprivileged user, no capabilities, charge-only access to the ledger (docs/security.md).
+    Elsewhere it refuses to start unless --unconfined is given."""
     import asyncio
 
     from uplimit.config import load_config
-    from uplimit.inner.serve import serve_inner
+    from uplimit.inner.confine import require_confinable
     from uplimit.models.active import with_active_weak
+    from uplimit.wire.protocol import EndReason
 
+    if charge_socket is None and not unconfined:
+        require_confinable()  # before anything else touches a file
     cfg = with_active_weak(load_config(config), "inner")
-    models = load_service_models(cfg, ("strong", "weak"))
     console.print(f"inner: connecting to {host or cfg.link.host}:{cfg.link.downlink_port}")
-    reason = asyncio.run(serve_inner(cfg, models["strong"], models["weak"], host=host))
+    if charge_socket is None:
+        result = asyncio.run(_inner(config, cfg, host, unconfined))
+        if not isinstance(result, EndReason):  # the confined child's exit status
+            raise typer.Exit(result)
+        console.print(f"inner: link ended ({result.name.lower()})")
+        return
+    from uplimit.inner.confine import check_confined
+    from uplimit.inner.serve import serve_inner
+    from uplimit.link.charge_service import ChargeClient
+
+    check_confined()
+    ledger = ChargeClient(charge_socket)
+    models = load_service_models(cfg, ("strong", "weak"))
+    reason = asyncio.run(serve_inner(cfg, models["strong"], models["weak"], host=host,
+                                     ledger=ledger, confined=True))  # fmt: skip
     console.print(f"inner: link ended ({reason.name.lower()})")
 
 
@@ -58,29 +108,28 @@ def serve_outer_cmd(
 @serve_app.command("both")
 def serve_both_cmd(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    unconfined: bool = typer.Option(False, "--unconfined", help=UNCONFINED_HELP),
 ) -> None:
-    """Both sides in one process, joined by the real (metered) link over loopback."""
+    """Both sides, joined by the real (metered) link: the outer in this process, the inner
+    confined as `serve inner` is (or in this process too with --unconfined)."""
     import asyncio
 
     from uplimit.both import serve_both
     from uplimit.config import load_config
+    from uplimit.inner.confine import require_confinable
     from uplimit.models.active import with_active_weak
-    from uplimit.models.loading import load_configured
 
+    if not unconfined:
+        require_confinable()  # before anything else touches a file
     cfg = load_config(config)
     inner_cfg, outer_cfg = with_active_weak(cfg, "inner"), with_active_weak(cfg, "outer")
-    models = load_service_models(inner_cfg, ("strong", "weak"))
-    outer_weak = load_configured(outer_cfg.models.weak, cfg.models)  # the outer's own copy
+    run_inner = _inner(config, inner_cfg, None, unconfined)
+    outer_weak = load_service_models(outer_cfg, ("weak",))["weak"]  # the outer's own copy
 
     def listening() -> None:
         console.print(f"API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
 
-    asyncio.run(
-        serve_both(
-            inner_cfg, outer_cfg, models["strong"], models["weak"], outer_weak,
-            on_listening=listening,
-        )
-    )  # fmt: skip
+    asyncio.run(serve_both(run_inner, outer_cfg, outer_weak, on_listening=listening))
 
 
 @serve_app.command("verifier")

@@ -22,37 +22,52 @@ from uplimit.inner.scoring import SCORERS
 from uplimit.inner.service import InnerService
 from uplimit.link.budget import Budgets
 from uplimit.link.inner_link import InnerLink, serve_frames
-from uplimit.link.ledger import Ledger, open_ledger
+from uplimit.link.ledger import Ledger, open_served
 from uplimit.models.base import LanguageModel
-from uplimit.models.loading import load_configured
+from uplimit.models.loading import load_configured, resolve
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.protocol import DownlinkLimits, EndReason
 
 if TYPE_CHECKING:
     from uplimit.inner.rotation import GaugeRotation
 
-__all__ = ["budgets_for", "rotation_for", "scheduler_config", "serve_inner", "weights_bytes"]
+__all__ = [
+    "budgets_for",
+    "ledger_location",
+    "rotation_for",
+    "scheduler_config",
+    "serve_inner",
+    "weights_bytes",
+]
 
 log = logging.getLogger(__name__)
 
 CONNECT_RETRY_S = 0.5
 
 
-def weights_bytes(model: LanguageModel) -> int:
+def weights_bytes(path: str | Path) -> int:
     """Size of a model's weights on disk: the GGUF file, or a directory's weight files."""
-    path = Path(model.info.path)
+    path = Path(path)
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
-def budgets_for(config: Config, strong: LanguageModel) -> Budgets:
+def budgets_for(config: Config) -> Budgets:
+    """The configured budgets; lifetime 0 means 1 % of the configured strong weights' size
+    (the file on disk: no model is loaded)."""
     link = config.link
-    default = Budgets.default_for(weights_bytes(strong)).lifetime_bytes
-    lifetime = link.lifetime_budget_bytes or default
+    lifetime = link.lifetime_budget_bytes or (
+        Budgets.default_for(weights_bytes(resolve(config.models.strong))).lifetime_bytes
+    )
     return Budgets(
         lifetime, link.per_day_budget_bytes or None, link.per_second_budget_bytes or None
     )
+
+
+def ledger_location(config: Config) -> str:
+    """The configured ledger: a PostgreSQL URL, or a SQLite path ($UPLIMIT_HOME/ledger.db)."""
+    return str(config.path(config.link.ledger, "ledger.db"))
 
 
 def scheduler_config(config: Config) -> SchedulerConfig:
@@ -112,13 +127,17 @@ async def serve_inner(
     *,
     host: str | None = None,
     connect_timeout_s: float = 300.0,
+    ledger: Ledger | None = None,
+    confined: bool = False,
 ) -> EndReason:
-    """Serve one link to its end; returns why it ended (SHUTDOWN, or a budget)."""
+    """Serve one link to its end; returns why it ended (SHUTDOWN, or a budget).
+
+    `ledger`: what to charge (a confined inner's `ChargeClient`; default: the configured
+    ledger, opened here). `confined`: what the handshake tells the outer (`inner.confine`)."""
     calibration = configured_calibration(config.models, weak.info.file_sha256)
     audit = AuditStore(config.path(config.inner.audit, "audit.db"))
-    ledger = open_ledger(
-        str(config.path(config.link.ledger, "ledger.db")), budgets_for(config, strong)
-    )
+    if ledger is None:
+        ledger = open_served(ledger_location(config), budgets_for(config))
     rotation = rotation_for(config, strong)
     if rotation is not None:  # the first copy may take minutes to write (docs/gauge.md)
         strong = (await asyncio.to_thread(rotation.start)).model
@@ -133,7 +152,7 @@ async def serve_inner(
     try:
         fingerprint = codec_fingerprint(weak.info, calibration, service.frame_config)
         link = await _connect(config, host or config.link.host, ledger, fingerprint,
-                              weak.info.n_vocab, connect_timeout_s)  # fmt: skip
+                              weak.info.n_vocab, connect_timeout_s, confined)  # fmt: skip
         log.info("inner: link up, serving")
         service.start()
         return await serve_frames(link, service, models=rollout)
@@ -153,6 +172,7 @@ async def _connect(
     fingerprint: dict[str, str],
     n_vocab: int,
     timeout_s: float,
+    confined: bool,
 ) -> InnerLink:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -162,6 +182,7 @@ async def _connect(
                 log_path=config.path(config.link.downlink_log, "downlink.jsonl"),
                 tick_s=config.link.tick_s, n_vocab=n_vocab,
                 limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),
+                confined=confined,
             )  # fmt: skip
         except LinkClosed:
             if time.monotonic() > deadline:

@@ -45,6 +45,7 @@ from uplimit.wire.protocol import (
     EndReason,
     Frame,
     Hello,
+    LedgerReport,
     ModelData,
     ModelOffer,
     OpenStream,
@@ -157,6 +158,7 @@ class InnerLink:
         n_vocab: int | None,
         tick_s: float,
         on_alarm: AlarmHook | None,
+        confined: bool,
     ) -> None:
         self._reader, self._down = reader, writer  # never written to: outer -> inner only
         self._ledger = ledger
@@ -169,6 +171,7 @@ class InnerLink:
         self._failure: LinkError | None = None  # why the downlink stopped
         self._pump: asyncio.Task[None] | None = None
         self._on_alarm = on_alarm
+        self._confined = confined
         self.tick_s = tick_s
         self.alarms: list[Alarm] = []
         self.outer_fingerprint: dict[str, str] = {}
@@ -190,12 +193,14 @@ class InnerLink:
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         on_alarm: AlarmHook | None = None,
         open_connection: OpenConnection = asyncio.open_connection,
+        confined: bool = False,
     ) -> InnerLink:
         """Connect both connections and shake hands; raises `FingerprintMismatch` (after
         sending the refusal up) if the outer's fingerprint differs from `fingerprint`.
 
         `n_vocab`: prompt token ids must be below it (default: the fingerprint's
-        `frame.n_vocab`, when it has one).
+        `frame.n_vocab`, when it has one). `confined`: what the ledger report tells the outer
+        (this process runs in its namespace behind the kernel quota).
         """
         if n_vocab is None:
             n_vocab = vocabulary_size(fingerprint)
@@ -214,6 +219,7 @@ class InnerLink:
             n_vocab=n_vocab,
             tick_s=tick_s,
             on_alarm=on_alarm,
+            confined=confined,
         )
         try:
             async with asyncio.timeout(handshake_timeout_s):
@@ -251,6 +257,7 @@ class InnerLink:
             await self._uplink.send(
                 encode_uplink(Accept(fingerprint_digest(fingerprint))), note="accept"
             )
+            await self._report_ledger()
             return
         fields = refusal_fields(list(self.outer_fingerprint), diffs)
         await self._uplink.send(encode_uplink(Refuse(fields)), note="refuse")
@@ -260,6 +267,14 @@ class InnerLink:
         log.error("%s", message)
         self._log.write("refused", differences=[d.describe() for d in diffs])
         raise FingerprintMismatch(message, diffs)
+
+    async def _report_ledger(self) -> None:
+        """The handshake's ledger step: the ledger's id and total (before this message) go
+        up, so the outer can refuse a ledger that charged less than it received."""
+        state = await asyncio.to_thread(self._ledger.usage)
+        report = LedgerReport(bytes.fromhex(state.ledger_id), state.usage.lifetime_bytes,
+                              self._confined)  # fmt: skip
+        await self.uplink_writer().send(encode_uplink(report), note="ledger report")
 
     def _take(self, data: bytes) -> None:
         """Rate-check, parse and log downlink bytes; queue the messages."""

@@ -23,8 +23,9 @@ Inside the namespace, table `inet uplimit` hooks output on `uli-<name>`:
 
 The quota counts IP packets as the output hook sees them (one header per GSO packet), headers
 included, so what passed holds fewer than Q payload bytes. nft reports the quota's `used` capped
-at Q; the counters keep going. Processes started with `popen`/`run` lose every capability
-(`setpriv`), so even a compromised inner process cannot remove the quota.
+at Q; the counters keep going. Processes started with `command`, `popen` or `run` lose every
+capability (`setpriv`), and with `user` their root identity too, so even a compromised inner
+process cannot remove the quota.
 
 Needs root on Linux with `ip` (iproute2), `nft` (nftables) and `setpriv` (util-linux):
 `available()` says whether, and why not.
@@ -246,10 +247,18 @@ class KernelMeter:
         ):
             raise KernelMeterError(f"could not remove {self.outer_ifname}")
 
-    def command(self, argv: list[str], *, privileged: bool = False) -> list[str]:
+    def command(
+        self, argv: list[str], *, privileged: bool = False, user: tuple[int, int] | None = None
+    ) -> list[str]:
         """`argv` as a command line that runs inside the namespace, without capabilities
-        unless `privileged`."""
-        return ["ip", "netns", "exec", self.netns, *([] if privileged else _DROP_CAPS), *argv]
+        unless `privileged`; as `user` (uid, gid, no supplementary groups) when given."""
+        if privileged:
+            return ["ip", "netns", "exec", self.netns, *argv]
+        switch = (
+            [] if user is None else [f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups"]
+        )
+        drop = [_DROP_CAPS[0], *switch, *_DROP_CAPS[1:]]
+        return ["ip", "netns", "exec", self.netns, *drop, *argv]
 
     def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
         """Start `argv` inside the namespace, without capabilities (`subprocess.Popen` kwargs)."""

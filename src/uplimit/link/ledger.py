@@ -25,6 +25,7 @@ sharing a budget agree on windows (a clock can be injected for tests).
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import sqlite3
 import threading
@@ -35,7 +36,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from uplimit.errors import BudgetExhausted, ConfigError, LedgerError
 from uplimit.link._sqlite import LOCK_WAIT_S, connect_durable
@@ -51,12 +52,15 @@ __all__ = [
     "LedgerState",
     "PostgresLedger",
     "SqliteLedger",
+    "init_ledger",
     "open_ledger",
+    "open_served",
 ]
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+INIT_COMMAND = "uplimit budget init"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class LedgerState:
     charges: int
     exhausted_by: Limit | None
     exhausted_at: float | None
+    ledger_id: str = ""  # random, set when the budget was initialised (`init_ledger`)
+    created_at: float = 0.0
 
     @property
     def remaining_bytes(self) -> int:
@@ -147,6 +153,8 @@ CREATE TABLE IF NOT EXISTS uplimit_budget (
     second_bytes BIGINT NOT NULL DEFAULT 0,
     exhausted_by TEXT,
     exhausted_at DOUBLE PRECISION,
+    ledger_id TEXT NOT NULL CHECK (length(ledger_id) = 32),
+    created_at DOUBLE PRECISION NOT NULL,
     CHECK (lifetime_bytes <= lifetime_limit),
     CHECK (wire_bytes + timing_bytes = lifetime_bytes)
 );
@@ -169,7 +177,8 @@ CREATE TABLE IF NOT EXISTS uplimit_alarms (
 
 _STATE_COLUMNS = (
     "lifetime_limit, per_day_limit, per_second_limit, lifetime_bytes, wire_bytes, timing_bytes,"
-    " charges, day, day_bytes, second, second_bytes, exhausted_by, exhausted_at"
+    " charges, day, day_bytes, second, second_bytes, exhausted_by, exhausted_at, ledger_id,"
+    " created_at"
 )
 
 
@@ -178,7 +187,7 @@ def _limit_or_none(value: str | None) -> Limit | None:
 
 
 def _state(name: str, row: Sequence[Any]) -> LedgerState:
-    lim, per_day, per_s, life, wire, timing, charges, day, day_b, sec, sec_b, by, at = row
+    lim, per_day, per_s, life, wire, timing, charges, day, day_b, sec, sec_b, by, at, lid, t0 = row
     return LedgerState(
         name=name,
         budgets=Budgets(lim, per_day, per_s),
@@ -188,6 +197,8 @@ def _state(name: str, row: Sequence[Any]) -> LedgerState:
         charges=charges,
         exhausted_by=_limit_or_none(by),
         exhausted_at=at,
+        ledger_id=lid,
+        created_at=t0,
     )
 
 
@@ -217,6 +228,8 @@ class _SqlLedger(ABC):
     """The ledger logic, on any database that provides `_transaction` and `_now`."""
 
     _lock_row = ""  # appended to the state SELECT to lock the row (PostgreSQL)
+    _schema_lock = ""  # run before creating the schema (PostgreSQL)
+    _schema_extra: tuple[str, ...] = ()  # run after it (PostgreSQL: the budget guard)
 
     def __init__(self, *, name: str, link: str | None, on_alarm: AlarmHook | None) -> None:
         if not name:
@@ -247,33 +260,75 @@ class _SqlLedger(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _init_budget(self, execute: Execute, budgets: Budgets | None) -> None:
-        """Create this budget's row, or check the stored one matches `budgets`."""
-        row = execute(
-            f"SELECT {_STATE_COLUMNS} FROM uplimit_budget WHERE name = ?", (self.name,)
-        ).fetchone()
-        if row is None:
-            if budgets is None:
-                raise ConfigError(f"ledger has no budget {self.name!r} yet: give its budgets")
+    def _open(self, budgets: Budgets | None, *, id_type: str, exclusive: bool) -> None:
+        """Without `budgets` (serving), open an initialised budget and never create anything;
+        with them, create the schema and the budget if absent (`_init_budget`)."""
+        if budgets is None:
+            try:
+                with self._transaction(write=False) as execute:
+                    self._read(execute, lock=False)
+            except LedgerError as e:
+                raise LedgerError(f"{e}; a ledger is created only by `{INIT_COMMAND}`") from e
+            return
+        with self._transaction() as execute:
+            if self._schema_lock:
+                execute(self._schema_lock, ())
+            for statement in _SCHEMA.format(id=id_type).split(";"):
+                execute(statement, ())
+            for statement in self._schema_extra:
+                execute(statement, ())
+            self._init_budget(execute, budgets, exclusive=exclusive)
+
+    def _init_budget(self, execute: Execute, budgets: Budgets, *, exclusive: bool) -> None:
+        """Create this budget's row (a new random ledger id), or check the stored one matches
+        `budgets`; `exclusive`: refuse one that exists (`init_ledger`)."""
+        state = self._read(execute, lock=False, missing_ok=True)
+        if state is None:
+            charged = execute(
+                "SELECT count(*) FROM uplimit_charges WHERE budget = ?", (self.name,)
+            ).fetchone()[0]
+            if charged:  # the row was deleted: re-creating it would reset the usage to 0
+                raise LedgerError(
+                    f"budget {self.name!r} is gone but {charged} charges to it are recorded:"
+                    " the ledger was tampered with; refusing to re-create it"
+                )
+            now = self._now(execute)
             execute(
                 "INSERT INTO uplimit_budget (name, lifetime_limit, per_day_limit,"
-                " per_second_limit) VALUES (?, ?, ?, ?)",
-                (self.name, *_limits(budgets)),
+                " per_second_limit, ledger_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (self.name, *_limits(budgets), secrets.token_hex(16), now),
             )
             return
-        stored = _state(self.name, row).budgets
-        if budgets is not None and budgets != stored:
+        if exclusive:
+            raise ConfigError(
+                f"budget {self.name!r} is already initialised (ledger id {state.ledger_id},"
+                f" created {_iso(state.created_at)}); change it with `uplimit budget raise`"
+            )
+        if budgets != state.budgets:
             # Never change a budget on open: that would make a config edit an unlogged raise.
             raise ConfigError(
-                f"ledger budget {self.name!r} is {_describe(stored)}, not {_describe(budgets)};"
-                " change it with raise_budget (an audited operator action)"
+                f"ledger budget {self.name!r} is {_describe(state.budgets)}, not"
+                f" {_describe(budgets)}; change it with raise_budget (an audited operator action)"
             )
 
-    def _read(self, execute: Execute, *, lock: bool) -> LedgerState:
+    @overload
+    def _read(self, execute: Execute, *, lock: bool) -> LedgerState: ...
+
+    @overload
+    def _read(self, execute: Execute, *, lock: bool, missing_ok: bool) -> LedgerState | None: ...
+
+    def _read(
+        self, execute: Execute, *, lock: bool, missing_ok: bool = False
+    ) -> LedgerState | None:
         sql = f"SELECT {_STATE_COLUMNS} FROM uplimit_budget WHERE name = ?"
         row = execute(sql + (self._lock_row if lock else ""), (self.name,)).fetchone()
         if row is None:
-            raise LedgerError(f"budget {self.name!r} is missing from the ledger")
+            if missing_ok:
+                return None
+            raise LedgerError(
+                f"budget {self.name!r} is missing from the ledger (never initialised with"
+                " `uplimit budget init`, or deleted)"
+            )
         return _state(self.name, row)
 
     def _alarm(self, execute: Execute, at: float, kind: str, message: str) -> Alarm:
@@ -465,16 +520,16 @@ class SqliteLedger(_SqlLedger):
         link: str | None = None,
         clock: Clock | None = None,
         on_alarm: AlarmHook | None = None,
+        exclusive: bool = False,
     ) -> None:
         super().__init__(name=name, link=link, on_alarm=on_alarm)
         self.path = Path(path)
         self._clock = clock or time.time
+        if budgets is None and not self.path.is_file():  # connecting would create it
+            raise LedgerError(f"ledger {self.path} does not exist: create it with `{INIT_COMMAND}`")
         self._db = connect_durable(self.path)
         try:
-            with self._transaction() as execute:
-                for statement in _SCHEMA.format(id="INTEGER PRIMARY KEY").split(";"):
-                    execute(statement, ())
-                self._init_budget(execute, budgets)
+            self._open(budgets, id_type="INTEGER PRIMARY KEY", exclusive=exclusive)
         except BaseException:
             self._db.close()
             raise
@@ -503,6 +558,42 @@ class SqliteLedger(_SqlLedger):
 
 _SCHEMA_LOCK = int.from_bytes(b"uplimit")  # advisory lock key for schema creation
 
+# PostgreSQL: a role that is not the ledger's owner (nor a member of its role) may only charge.
+# It gets SELECT and UPDATE on the budget row (a charge locks and updates it) and INSERT on the
+# charge and alarm logs (`PostgresLedger.grant_charger`); this trigger refuses any change that
+# could let more out: budgets, the ledger id, usage going down, the latch cleared, a row
+# inserted or deleted. Rate windows are left to the code (the lifetime budget is the bound).
+# No '%' or '?' in it: the statements go through the shared placeholder rewriting.
+_PG_GUARD = (
+    """CREATE OR REPLACE FUNCTION uplimit_budget_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_has_role(current_user, (SELECT tableowner FROM pg_catalog.pg_tables
+            WHERE schemaname = TG_TABLE_SCHEMA AND tablename = TG_TABLE_NAME), 'MEMBER') THEN
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+    IF TG_OP <> 'UPDATE' THEN
+        RAISE EXCEPTION 'uplimit: only the ledger''s owner creates or deletes budgets';
+    END IF;
+    IF (NEW.name, NEW.lifetime_limit, NEW.per_day_limit, NEW.per_second_limit, NEW.ledger_id,
+        NEW.created_at) IS DISTINCT FROM (OLD.name, OLD.lifetime_limit, OLD.per_day_limit,
+        OLD.per_second_limit, OLD.ledger_id, OLD.created_at) THEN
+        RAISE EXCEPTION 'uplimit: only the ledger''s owner changes a budget';
+    END IF;
+    IF NEW.lifetime_bytes < OLD.lifetime_bytes OR NEW.wire_bytes < OLD.wire_bytes
+        OR NEW.timing_bytes < OLD.timing_bytes OR NEW.charges < OLD.charges THEN
+        RAISE EXCEPTION 'uplimit: a charge never lowers the usage';
+    END IF;
+    IF OLD.exhausted_by IS NOT NULL AND (NEW.exhausted_by, NEW.exhausted_at)
+        IS DISTINCT FROM (OLD.exhausted_by, OLD.exhausted_at) THEN
+        RAISE EXCEPTION 'uplimit: only the ledger''s owner clears the latch';
+    END IF;
+    RETURN NEW;
+END $$""",
+    "CREATE OR REPLACE TRIGGER uplimit_budget_guard BEFORE INSERT OR UPDATE OR DELETE"
+    " ON uplimit_budget FOR EACH ROW EXECUTE FUNCTION uplimit_budget_guard()",
+)
+
 
 class PostgresLedger(_SqlLedger):
     """Named budgets in PostgreSQL, shared by any number of links (processes, hosts).
@@ -513,6 +604,9 @@ class PostgresLedger(_SqlLedger):
     """
 
     _lock_row = " FOR UPDATE"
+    # Serialise schema creation: CREATE TABLE IF NOT EXISTS races between sessions.
+    _schema_lock = f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})"
+    _schema_extra = _PG_GUARD
 
     def __init__(
         self,
@@ -523,6 +617,7 @@ class PostgresLedger(_SqlLedger):
         link: str | None = None,
         clock: Clock | None = None,
         on_alarm: AlarmHook | None = None,
+        exclusive: bool = False,
     ) -> None:
         super().__init__(name=name, link=link, on_alarm=on_alarm)
         try:
@@ -545,13 +640,8 @@ class PostgresLedger(_SqlLedger):
             self._db.close()
             raise LedgerError("PostgreSQL runs with fsync=off: charges would not be durable")
         try:
-            with self._transaction() as execute:
-                # Serialise schema creation: CREATE TABLE IF NOT EXISTS races between sessions.
-                execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
-                schema = _SCHEMA.format(id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
-                for statement in schema.split(";"):
-                    execute(statement, ())
-                self._init_budget(execute, budgets)
+            identity = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+            self._open(budgets, id_type=identity, exclusive=exclusive)
         except BaseException:
             self._db.close()
             raise
@@ -570,6 +660,26 @@ class PostgresLedger(_SqlLedger):
         except self._psycopg.Error as e:
             raise LedgerError(f"PostgreSQL ledger: {e}") from e
 
+    def grant_charger(self, role: str) -> None:
+        """Operator action: let `role` charge (and read) every budget of this database, and
+        nothing else (`_PG_GUARD`): the inner host's role; raising stays with the owner."""
+        from psycopg import sql
+
+        who = sql.Identifier(role)
+        grants = [
+            "GRANT USAGE ON SCHEMA public TO {}",
+            "GRANT SELECT, UPDATE ON uplimit_budget TO {}",
+            "GRANT SELECT, INSERT ON uplimit_charges, uplimit_alarms TO {}",
+            "GRANT SELECT ON uplimit_budget_changes TO {}",
+            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}",
+        ]
+        try:
+            with self._lock, self._db.transaction():
+                for grant in grants:
+                    self._db.execute(sql.SQL(grant).format(who))
+        except self._psycopg.Error as e:
+            raise LedgerError(f"PostgreSQL ledger: granting {role!r}: {e}") from e
+
     def _now(self, execute: Execute) -> float:
         if self._clock is not None:
             return self._clock()
@@ -580,8 +690,43 @@ class PostgresLedger(_SqlLedger):
 
 
 def open_ledger(where: str | Path, budgets: Budgets | None = None, **kwargs: Any) -> Ledger:
-    """A `PostgresLedger` for a `postgresql://` (or `postgres://`) URL, else a `SqliteLedger`."""
+    """A `PostgresLedger` for a `postgresql://` (or `postgres://`) URL, else a `SqliteLedger`.
+
+    Without `budgets` it opens an initialised budget or raises `LedgerError`; with them it
+    creates the budget if absent (`init_ledger`, tests) or checks that they match."""
     text = str(where)
     if text.startswith(("postgresql://", "postgres://")):
         return PostgresLedger(text, budgets, **kwargs)
     return SqliteLedger(where, budgets, **kwargs)
+
+
+def init_ledger(where: str | Path, budgets: Budgets, **kwargs: Any) -> LedgerState:
+    """Create a budget (`uplimit budget init`): its limits, creation time and a random ledger
+    id. Refuses one that exists, or whose row is gone while charges to it are recorded."""
+    ledger = open_ledger(where, budgets, exclusive=True, **kwargs)
+    try:
+        return ledger.usage()
+    finally:
+        ledger.close()
+
+
+def open_served(where: str | Path, budgets: Budgets, **kwargs: Any) -> Ledger:
+    """The ledger a service charges: it must exist, be initialised and hold `budgets`.
+    Anything else refuses to start with an ALARM line: serving never creates a ledger, so a
+    deleted or swapped one cannot come back empty."""
+    try:
+        ledger = open_ledger(where, **kwargs)
+    except LedgerError as e:
+        log.error("ALARM ledger-unusable: %s", e)
+        raise
+    try:
+        stored = ledger.usage().budgets
+        if stored != budgets:
+            raise ConfigError(
+                f"ledger budget is {_describe(stored)}, the configuration says"
+                f" {_describe(budgets)}; change it with `uplimit budget raise` (audited)"
+            )
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger

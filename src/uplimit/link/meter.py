@@ -182,6 +182,13 @@ class MeteredWriter:
             await self._writer.wait_closed()
 
 
+_SEEN_TABLE = (
+    "CREATE TABLE IF NOT EXISTS uplimit_ledger_seen (name TEXT PRIMARY KEY,"
+    " ledger_id TEXT NOT NULL, charged_bytes BIGINT NOT NULL, received_bytes BIGINT NOT NULL,"
+    " at DOUBLE PRECISION NOT NULL)"
+)
+
+
 class ReceiveCounter:
     """Durable count of uplink bytes the outer side received, in its own SQLite file."""
 
@@ -199,6 +206,7 @@ class ReceiveCounter:
             "INSERT INTO uplimit_received VALUES (?, 0, 0, NULL) ON CONFLICT (name) DO NOTHING",
             (name,),
         )
+        self._write(_SEEN_TABLE, ())
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> None:
         with self._lock:
@@ -225,6 +233,27 @@ class ReceiveCounter:
                 "SELECT bytes FROM uplimit_received WHERE name = ?", (self.name,)
             ).fetchone()
         return row[0]
+
+    # The inner's ledger as the outer last saw it at a handshake (`link.outer_link`).
+
+    def seen_ledger(self) -> tuple[str, int, int] | None:
+        """(ledger id, its total, this count then) from the last accepted handshake, or None
+        before the first."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT ledger_id, charged_bytes, received_bytes FROM uplimit_ledger_seen"
+                " WHERE name = ?",
+                (self.name,),
+            ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def record_ledger(self, ledger_id: str, charged_bytes: int, received_bytes: int) -> None:
+        self._write(
+            "INSERT INTO uplimit_ledger_seen VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE"
+            " SET ledger_id = excluded.ledger_id, charged_bytes = excluded.charged_bytes,"
+            " received_bytes = excluded.received_bytes, at = excluded.at",
+            (self.name, ledger_id, charged_bytes, received_bytes, time.time()),
+        )
 
     def close(self) -> None:
         self._db.close()

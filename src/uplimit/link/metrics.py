@@ -108,6 +108,13 @@ class OuterMetrics:
             registry=r,
         )
         self.meters_agree.set(float("nan"))
+        self.inner_confined = Gauge(
+            "uplimit_inner_confined",
+            "1 if the inner said at the handshake that it runs in its namespace behind the"
+            " kernel quota, 0 if it runs unconfined, NaN before a handshake (the inner's claim).",
+            registry=r,
+        )
+        self.inner_confined.set(float("nan"))
         self._budget: int | None = None
 
     def set_budget(self, lifetime_bytes: int, received_bytes: int) -> None:

@@ -30,6 +30,7 @@ from uplimit.wire.protocol import (
     DownlinkLimits,
     DownlinkMessage,
     Hello,
+    LedgerReport,
     ModelData,
     ModelOffer,
     OpenStream,
@@ -87,7 +88,10 @@ class OuterLink:
         self.fingerprint = dict(fingerprint)
         self._downlink_limits = downlink_limits or DownlinkLimits()
         self._decoder = decoder
-        self._receiver = UplinkReceiver(fingerprint, decoder, max_frame_bytes=max_frame_bytes)
+        self._receiver = UplinkReceiver(
+            fingerprint, decoder, max_frame_bytes=max_frame_bytes, check_ledger=self._check_ledger
+        )
+        self._received_before = 0  # the counter when the inner's uplink connected
         self._counter = counter
         self._on_frame = on_frame
         self._on_alarm = on_alarm
@@ -113,6 +117,7 @@ class OuterLink:
         self._changed = asyncio.Event()
         self.alarms: list[Alarm] = []
         self.delivered_frames = 0
+        self.inner_confined: bool | None = None  # the inner's claim at the handshake
         self.downlink_port = self.uplink_port = 0
 
     @property
@@ -304,6 +309,7 @@ class OuterLink:
             return
         self._up_connected = True
         self._writers.append(writer)
+        self._received_before = self._counter.total()
         metered = MeteredReader(reader, self._counter)
         try:
             while True:
@@ -354,7 +360,9 @@ class OuterLink:
                             await self._send_down(Resend(resend_from))
                 case Failed(kind, message):
                     self._alarm(kind, message)
-                case Accepted() | Ended():
+                case Accepted(report):
+                    self._ledger_accepted(report)
+                case Ended():
                     pass
         if self.metrics is not None:
             self.metrics.state.state(self.state.value)
@@ -363,6 +371,46 @@ class OuterLink:
         # A new event per change: a waiter that checked the state holds the current one.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    # -- the handshake's ledger step: ids and totals (issue 15, item 3) --
+
+    def _check_ledger(self, report: LedgerReport) -> str | None:
+        """Refuse a link whose ledger has charged less than this outer has received: every
+        byte received was charged first, so a lower total means the ledger was reset or
+        swapped. For the ledger seen last time, its surplus (charged - received, at the
+        handshake) can only grow: each byte received since was charged since, and the
+        surplus (timing charges, frames charged but lost) is never paid back. A smaller
+        one is a restored or rolled-back copy. Runs in the receiver's worker thread."""
+        lid, charged, received = report.ledger_id.hex(), report.charged_bytes, self._received_before
+        if received > charged:
+            return (
+                f"the inner's ledger {lid} has charged {charged:,} bytes, but this outer has"
+                f" received {received:,}: a reset or swapped ledger; refusing the link"
+            )
+        seen = self._counter.seen_ledger()
+        if seen is not None and seen[0] == lid and charged - received < seen[1] - seen[2]:
+            return (
+                f"the inner's ledger {lid} went back: {charged:,} bytes charged against"
+                f" {received:,} received, where the last handshake saw {seen[1]:,} against"
+                f" {seen[2]:,}: a restored or rolled-back ledger; refusing the link"
+            )
+        return None
+
+    def _ledger_accepted(self, report: LedgerReport) -> None:
+        """Remember the ledger; a new id is allowed (its total covers all received) but
+        someone must see it. The confinement flag is the inner's own claim."""
+        lid = report.ledger_id.hex()
+        seen = self._counter.seen_ledger()
+        if seen is not None and seen[0] != lid:
+            self._alarm(
+                AlarmKind.LEDGER,
+                f"the inner's ledger id changed from {seen[0]} to {lid} ({report.charged_bytes:,}"
+                f" bytes charged, {self._received_before:,} received): was it re-initialised?",
+            )
+        self._counter.record_ledger(lid, report.charged_bytes, self._received_before)
+        self.inner_confined = report.confined
+        if self.metrics is not None:
+            self.metrics.inner_confined.set(int(report.confined))
 
     async def _fail(self, kind: AlarmKind, message: str) -> None:
         async with self._decoding:

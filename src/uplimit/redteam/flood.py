@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from uplimit.wire.protocol import Accept, Frame, encode_uplink
+from uplimit.wire.protocol import MAX_CHARGED_BYTES, Accept, Frame, LedgerReport, encode_uplink
 
 
 def flood(
@@ -26,6 +26,8 @@ def flood(
     sent = 0
     try:
         up.sendall(encode_uplink(Accept(digest)))
+        # The ledger report is the inner's claim: a bypass claims whatever passes the check.
+        up.sendall(encode_uplink(LedgerReport(bytes(16), MAX_CHARGED_BYTES, True)))
         for i in range(0, len(secret), chunk):
             up.sendall(encode_uplink(Frame(secret[i : i + chunk])))
             sent += min(chunk, len(secret) - i)

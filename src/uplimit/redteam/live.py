@@ -133,7 +133,7 @@ class Outcome:
     link_alarms: list[Alarm]
     monitor_alarms: list[MonitorAlarm]
     verdicts: list[Verdict]
-    received_bytes: int  # the outer's receive counter
+    received_bytes: int  # the outer's receive counter, in this run
     charged_wire_bytes: int  # the inner's ledger
     charged_timing_bytes: int
     streams: dict[int, tuple[StreamSpec, list[int]]]  # what the outer decoded
@@ -182,7 +182,12 @@ class Live:
         seed: int = 0,
         host: str | None = None,
         ports: tuple[int, int] = (0, 0),
+        counter: Path | None = None,
+        ledger_path: Path | None = None,
     ) -> Outcome:
+        """`counter`: the outer's receive-counter file, to keep across runs (an outer that
+        restarts); `ledger_path`: an initialised ledger to charge (default: a fresh one with
+        the run's budget). Without them each run has its own."""
         self._runs += 1
         tag = f"{self._runs:02d}-{name}"
         p, s = self.pair, self.settings
@@ -192,8 +197,13 @@ class Live:
         session = p.weak.session(s.max_streams, s.max_context + 1)
         decoder = FrameDecoder(session, p.weak.info.eos_ids, p.calibration, frame_config)
         fingerprint = codec_fingerprint(p.weak.info, p.calibration, frame_config)
-        counter = ReceiveCounter(self.workdir / f"{tag}-received.db")
-        ledger = SqliteLedger(self.workdir / f"{tag}-ledger.db", Budgets(s.budget_bytes))
+        counter = ReceiveCounter(counter or self.workdir / f"{tag}-received.db")
+        before = counter.total()
+        ledger = (
+            SqliteLedger(ledger_path)
+            if ledger_path is not None
+            else SqliteLedger(self.workdir / f"{tag}-ledger.db", Budgets(s.budget_bytes))
+        )
         decoded: dict[int, list[int]] = {}
 
         def build(hook: FrameHook) -> OuterLink:
@@ -269,7 +279,7 @@ class Live:
             link_alarms=list(uplink.link.alarms),
             monitor_alarms=list(monitor.alarms),
             verdicts=verdicts[checked_before:],
-            received_bytes=counter.total(),
+            received_bytes=counter.total() - before,
             charged_wire_bytes=usage.wire_bytes,
             charged_timing_bytes=usage.timing_bytes,
             streams={sid: (spec, decoded.get(sid, [])) for sid, spec in specs.items()},

@@ -38,6 +38,10 @@ Uplink byte layout, as small as it can be, since every byte is budgeted::
                                                     by index into the outer's sorted HELLO keys,
                                                     with the inner's value (index = number of
                                                     keys: names of fields only the inner has)
+    ledger     0x13 ledger_id[16] uv charged flags:u8    right after an accept, exactly once:
+                                                    the inner's ledger id and lifetime total
+                                                    (charged before this message); flags bit 0:
+                                                    the inner claims to run confined (others 0)
     message    uv L (1 <= L <= max_frame_bytes) frame[L]     one coded frame
              | 0x00 reason:u8                                END: nothing follows, ever
 
@@ -68,6 +72,8 @@ from uplimit.wire.streams import StreamSpec
 
 __all__ = [
     "DOWNLINK_PREAMBLE",
+    "LEDGER_ID_BYTES",
+    "MAX_CHARGED_BYTES",
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "Accept",
@@ -80,6 +86,7 @@ __all__ = [
     "EndReason",
     "Frame",
     "Hello",
+    "LedgerReport",
     "ModelData",
     "ModelOffer",
     "OpenStream",
@@ -101,6 +108,9 @@ PROTOCOL_VERSION = 1
 DOWNLINK_PREAMBLE = b"UPLD" + bytes([PROTOCOL_VERSION])
 _ACCEPT = PROTOCOL_VERSION << 4 | 1
 _REFUSE = PROTOCOL_VERSION << 4 | 2
+_LEDGER = PROTOCOL_VERSION << 4 | 3
+LEDGER_ID_BYTES = 16
+MAX_CHARGED_BYTES = (1 << 63) - 1  # a BIGINT total
 DIGEST_BYTES = 4  # an accidental match of two different fingerprints: 2**-32
 
 # Limits, each with its reason.
@@ -213,6 +223,16 @@ class Refuse:
 
 
 @dataclass(frozen=True)
+class LedgerReport:
+    """The inner's ledger at the handshake: the outer refuses a link whose ledger has charged
+    less than the outer has received (a reset or swapped ledger, `link.outer_link`)."""
+
+    ledger_id: bytes  # LEDGER_ID_BYTES
+    charged_bytes: int  # the ledger's lifetime total before this message was charged
+    confined: bool  # the inner's claim: it runs in its namespace behind the kernel quota
+
+
+@dataclass(frozen=True)
 class Frame:
     data: bytes
 
@@ -222,7 +242,7 @@ class End:
     reason: EndReason
 
 
-UplinkMessage: TypeAlias = Accept | Refuse | Frame | End
+UplinkMessage: TypeAlias = Accept | LedgerReport | Refuse | Frame | End
 
 
 class _Type(IntEnum):
@@ -332,6 +352,10 @@ def encode_uplink(msg: UplinkMessage) -> bytes:
                 v = _text(value, MAX_REFUSE_VALUE_BYTES, "refused value")
                 out += bytes([index, len(v)]) + v
             return bytes(out)
+        case LedgerReport(ledger_id, charged, confined):
+            if len(ledger_id) != LEDGER_ID_BYTES or not 0 <= charged <= MAX_CHARGED_BYTES:
+                raise ConfigError(f"a ledger report carries {LEDGER_ID_BYTES} id bytes and a total")
+            return bytes([_LEDGER]) + ledger_id + uvarint(charged) + bytes([int(confined)])
         case Frame(data):
             if not 1 <= len(data) <= MAX_FRAME_BYTES:
                 raise ConfigError(f"a frame is 1..{MAX_FRAME_BYTES} bytes, got {len(data)}")
@@ -498,7 +522,8 @@ def accepted_downlink(msg: DownlinkMessage, limits: DownlinkLimits, n_vocab: int
 
 
 class UplinkParser(Parser):
-    """The outer side's parser of the uplink: a verdict, then frames, then maybe END.
+    """The outer side's parser of the uplink: a verdict (an accept is followed by the ledger
+    report), then frames, then maybe END.
 
     `field_count` is the number of keys the outer sent in HELLO (a refusal indexes them).
     """
@@ -511,16 +536,20 @@ class UplinkParser(Parser):
             raise ConfigError(f"max_frame_bytes must be in 1..{MAX_FRAME_BYTES}")
         self.field_count = field_count
         self.max_frame_bytes = max_frame_bytes
+        self._ledger_due = False  # an accept was read; the ledger report comes next
 
     def feed(self, data: bytes) -> list[UplinkMessage]:
         return super().feed(data)
 
     def parse_next(self, buf: bytearray) -> tuple[UplinkMessage, int] | None:
+        if self._ledger_due:
+            return self._ledger_report(buf)
         if self.state is ParserState.START:
             if buf[0] == _ACCEPT:
                 if len(buf) < 1 + DIGEST_BYTES:
                     return None
                 self.state = ParserState.OPEN
+                self._ledger_due = True
                 return Accept(bytes(buf[1 : 1 + DIGEST_BYTES])), 1 + DIGEST_BYTES
             if buf[0] == _REFUSE:
                 return self._refusal(buf)
@@ -541,6 +570,24 @@ class UplinkParser(Parser):
         if len(buf) < pos + length:
             return None
         return Frame(bytes(buf[pos : pos + length])), pos + length
+
+    def _ledger_report(self, buf: bytearray) -> tuple[LedgerReport, int] | None:
+        if buf[0] != _LEDGER:
+            raise ProtocolError(f"expected the ledger report after the accept, got {buf[0]:#04x}")
+        pos = 1 + LEDGER_ID_BYTES
+        if len(buf) < pos:
+            return None
+        got = read_uvarint(buf, pos, MAX_CHARGED_BYTES, "ledger total")
+        if got is None:
+            return None
+        charged, pos = got
+        if len(buf) < pos + 1:
+            return None
+        if buf[pos] > 1:
+            raise ProtocolError(f"ledger report flags {buf[pos]:#04x}: only bit 0 is defined")
+        self._ledger_due = False
+        report = LedgerReport(bytes(buf[1 : 1 + LEDGER_ID_BYTES]), charged, bool(buf[pos]))
+        return report, pos + 1
 
     def _refusal(self, buf: bytearray) -> tuple[Refuse, int] | None:
         pos = 1

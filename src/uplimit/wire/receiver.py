@@ -5,7 +5,8 @@ outer's fingerprint, and hands each frame to the frame decoder. It never raises 
 the inner sends: every problem becomes an event, and the state says what the link is now.
 
     state        meaning                                   what the outer does
-    handshaking  waiting for the inner's verdict
+    handshaking  waiting for the inner's verdict and its
+                 ledger report
     serving      frames flow
     exhausted    the inner said (END) its budget is spent   answer "upload budget exhausted"
     closed       the inner stopped as asked (END shutdown)
@@ -38,6 +39,7 @@ from uplimit.wire.protocol import (
     End,
     EndReason,
     Frame,
+    LedgerReport,
     ProtocolError,
     Refuse,
     UplinkParser,
@@ -52,6 +54,7 @@ __all__ = [
     "Ended",
     "Failed",
     "FrameSink",
+    "LedgerCheck",
     "LinkState",
     "ReceiverEvent",
     "Rejected",
@@ -88,6 +91,7 @@ class AlarmKind(StrEnum):
     DOWNLINK_UPLOAD = "downlink-upload"  # the inner wrote on the downlink: an unmetered upload
     CONNECTION = "connection"  # a connection the link did not expect
     TIMEOUT = "timeout"  # no verdict in time
+    LEDGER = "ledger"  # the inner's ledger charged less than the outer received, or changed
     INTERNAL = "internal"  # a bug on the outer side; fail closed
 
 
@@ -108,7 +112,11 @@ class FrameSink(Protocol):
 
 @dataclass(frozen=True)
 class Accepted:
-    pass
+    ledger: LedgerReport
+
+
+# The outer's verdict on the inner's ledger report: None to serve, or why it refuses.
+LedgerCheck = Callable[[LedgerReport], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -148,8 +156,12 @@ class UplinkReceiver:
         decoder: FrameSink,
         *,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        check_ledger: LedgerCheck | None = None,
     ) -> None:
+        """`check_ledger`: judges the inner's ledger report (`link.outer_link`); None accepts
+        every report."""
         self.fingerprint = dict(fingerprint)
+        self._check_ledger = check_ledger
         self.decoder = decoder
         self._parser = UplinkParser(len(fingerprint), max_frame_bytes=max_frame_bytes)
         self.state = LinkState.HANDSHAKING
@@ -208,6 +220,8 @@ class UplinkReceiver:
             return self._frame(msg.data)
         if isinstance(msg, End):
             return self._end(msg.reason)
+        if isinstance(msg, LedgerReport):  # the parser allows it only right after an accept
+            return self._ledger(msg)
         if isinstance(msg, Refuse):
             lines = refused_differences(self.fingerprint, msg.fields)
             return self.fail(
@@ -222,8 +236,15 @@ class UplinkReceiver:
                 f"the inner accepted, but its fingerprint digest {msg.digest.hex()} is not"
                 f" ours ({ours.hex()}): decoding would not be exact",
             )
+        self.reason = "waiting for the inner's ledger report"
+        return []
+
+    def _ledger(self, report: LedgerReport) -> list[ReceiverEvent]:
+        refusal = self._check_ledger(report) if self._check_ledger is not None else None
+        if refusal is not None:
+            return self.fail(AlarmKind.LEDGER, refusal)
         self.state, self.reason = LinkState.SERVING, "serving"
-        return [Accepted()]
+        return [Accepted(report)]
 
     def _frame(self, data: bytes) -> list[ReceiverEvent]:
         frame_no = self.decoder.frame_no

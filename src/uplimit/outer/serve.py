@@ -26,7 +26,7 @@ from uplimit.link.metrics import OuterMetrics, serve_metrics
 from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import load_configured
-from uplimit.outer.app import ApiSettings, create_app
+from uplimit.outer.app import ApiSettings, create_app, server_config
 from uplimit.outer.link import TransportUplink
 from uplimit.outer.monitor import BitsMonitor, MonitorThresholds
 from uplimit.outer.rollout import Rollout
@@ -113,11 +113,13 @@ async def serve_outer(
             api_key=config.outer.api_key or None,
             reasoning=config.reasoning is not None,
             admin_key=config.outer.admin_key or None,
+            max_body_bytes=config.outer.max_body_bytes or None,
+            max_requests=config.outer.max_requests,
         )
         app = create_app(service, settings, rollout, status)
         server = uvicorn.Server(
-            uvicorn.Config(
-                app, host=config.outer.host, port=config.outer.port, log_level="warning",
+            server_config(
+                app, settings, config.outer.host, config.outer.port,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             )
         )  # fmt: skip

@@ -1,0 +1,446 @@
+"""The public API survives its users (#16), over real sockets and the real transport: the
+tiny pair served by `serve_outer` + `serve_inner` on two metered TCP connections.
+
+Whatever a client sends, it gets a 2xx or an OpenAI-shaped 4xx, and the link keeps serving
+everyone else; what the link's state says to users is a fixed text (#15, item 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from support.api_stack import api_config, served_api
+from uplimit.outer.api_errors import LINK_TEXT, link_error
+from uplimit.wire.receiver import LinkState
+
+KEY = "sk-test-0123456789"
+ADMIN = "admin-0123456789"
+AUTH = {"authorization": f"Bearer {KEY}"}
+CHAT = [{"role": "user", "content": "Hello!"}]
+
+
+@pytest.fixture(scope="module")
+def api(tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path_factory) -> Iterator[str]:
+    """The served system with an API key, shared by this module's fast tests."""
+    config = api_config(
+        tiny_pair_dirs, tmp_path_factory.mktemp("api"), outer={"api_key": KEY, "admin_key": ADMIN}
+    )
+    with served_api(config, tiny_strong, tiny_weak) as url:
+        yield url
+
+
+@pytest.fixture
+def http(api) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api, headers=AUTH, timeout=60) as client:
+        yield client
+
+
+def openai_shaped(r: httpx.Response) -> dict:
+    """The error of an OpenAI-shaped error response (asserting the shape)."""
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+def serves(http: httpx.Client) -> None:
+    """The link serves, and a plain request is answered."""
+    assert http.get("/health").json() == {"link": "serving", "message": LINK_TEXT["serving"]}
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 3})
+    assert r.status_code == 200, r.text
+
+
+# --- arbitrary JSON: a 4xx, or a stream the inner accepts -----------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _mostly(valid: st.SearchStrategy, wild: st.SearchStrategy = _json) -> st.SearchStrategy:
+    """Values a client means (at and past the edges) 4 times in 5, anything JSON else."""
+    return st.one_of(valid, valid, valid, valid, wild)
+
+
+_text = _mostly(
+    st.text(max_size=12)
+    | st.text(min_size=250, max_size=300)  # around the stop sequences' 256 bytes
+    | st.sampled_from(["\ud800x", "<|im_end|>", "", "\x00", "\U0001f600" * 70])
+)
+_message = st.fixed_dictionaries(
+    {
+        "role": _mostly(st.sampled_from(["user", "system", "assistant", "developer", "tool"])),
+        "content": _text
+        | st.lists(st.fixed_dictionaries({"type": _mostly(st.just("text")), "text": _text})),
+    },
+)
+# Values a client means, at and past the edges of the limits.
+_edges = {
+    "temperature": st.floats(-0.5, 2.5) | st.floats(),
+    "top_p": st.floats(-0.5, 1.5) | st.floats(),
+    "top_k": st.integers(-1, 2**33) | st.integers(0, 2**70),
+    "max_tokens": st.integers(-1, 300) | st.integers(-(2**70), 2**70),
+    "max_completion_tokens": st.integers(-1, 300),
+    "seed": st.integers(-(2**70), 2**70),
+    "n": st.integers(-1, 10),
+    "best_of": st.integers(-1, 20),
+    "stop": _text | st.lists(_text, max_size=6),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logprobs": st.just(False) | st.booleans(),
+    "user": _text,
+    "metadata": st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+}
+_common = {name: _mostly(valid) for name, valid in _edges.items()}
+_model = _mostly(st.just("tiny"), _text)
+_chat = st.fixed_dictionaries(
+    {"model": _model, "messages": _mostly(st.lists(_message, min_size=1, max_size=3))},
+    optional=_common,
+)
+_prompt = _mostly(
+    _text | st.lists(st.integers(-5, 200_000), max_size=5) | st.lists(_text, max_size=2)
+)
+_completion = st.fixed_dictionaries({"model": _model, "prompt": _prompt}, optional=_common)
+# A plain request with a few parameters at their edges: most reach the inner.
+_near_valid = st.fixed_dictionaries(
+    {"model": st.just("tiny"), "messages": st.just(CHAT)},
+    optional={
+        name: _edges[name]
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "n",
+            "best_of",
+            "stop",
+            "stream",
+            "max_tokens",
+        )
+    },
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    request=st.tuples(st.just("/v1/chat/completions"), _chat)
+    | st.tuples(st.just("/v1/completions"), _completion)
+    | st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions"]), _json)
+    | st.tuples(st.just("/v1/chat/completions"), _near_valid)
+)
+def test_any_json_request_is_a_4xx_or_served(http, request):
+    """#16 item 1: a client's request is refused with a 4xx naming its error, or it reaches
+    the inner, which accepts it (an inner that refused one would end the link: the next
+    check would see it). Streams are capped to 4 tokens so that the run stays short."""
+    path, body = request
+    if isinstance(body, dict):
+        for name in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(name), int):
+                body[name] = min(body[name], 4)
+        if "max_completion_tokens" not in body:
+            body.setdefault("max_tokens", 4)
+    r = http.post(
+        path,
+        content=json.dumps(body).encode("utf-8", "surrogatepass"),
+        headers={"content-type": "application/json"},
+    )
+    event(f"status {r.status_code} {r.json()['error']['param'] if r.status_code != 200 else ''}")
+    assert r.status_code in (200, 400, 404), r.text
+    if r.status_code != 200:
+        openai_shaped(r)
+    assert http.get("/health").status_code == 200
+
+
+# --- hostile HTTP --------------------------------------------------------------------------
+
+
+def raw(url: str, request: bytes, timeout: float = 10) -> tuple[int, bytes]:
+    """Send `request` as the bytes on a fresh connection; the status and body of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        with contextlib.suppress(ConnectionError):  # answered and closed before all was read
+            s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = [
+                int(h.split(b":")[1])
+                for h in head.split(b"\r\n")
+                if h.lower().startswith(b"content-length:")
+            ]
+            if length and len(body) >= length[0]:
+                break
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def post(path: str, body: bytes, headers: dict[str, bytes] | None = None) -> bytes:
+    lines = [
+        f"POST {path} HTTP/1.1".encode(),
+        b"host: x",
+        b"connection: close",
+        f"content-length: {len(body)}".encode(),
+        b"content-type: application/json",
+    ]
+    lines += [
+        k.encode() + b": " + v
+        for k, v in {"authorization": AUTH["authorization"].encode(), **(headers or {})}.items()
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def chat_body(**fields: object) -> bytes:
+    return json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 3, **fields}).encode()
+
+
+HOSTILE = {
+    # (request bytes, expected status, expected error code)
+    "top_k past the protocol": (
+        post("/v1/chat/completions", chat_body(top_k=2**32 + 1)),
+        400,
+        "invalid_value",
+    ),
+    "lone surrogate in a message": (
+        post(
+            "/v1/chat/completions",
+            b'{"model":"tiny","messages":[{"role":"user","content":"a\\ud800b"}]}',
+        ),
+        400,
+        "invalid_json",
+    ),
+    "lone surrogate in a stop": (
+        post("/v1/chat/completions", chat_body(stop="\ud800")),
+        400,
+        "invalid_json",
+    ),
+    "Latin-1 body": (
+        post("/v1/chat/completions", chat_body(user="é").replace(b"\\u00e9", b"\xe9")),
+        400,
+        "invalid_json",
+    ),
+    "overlong UTF-8": (
+        post("/v1/chat/completions", chat_body(user="/").replace(b'"/"', b'"\xc0\xaf"')),
+        400,
+        "invalid_json",
+    ),
+    "UTF-16 body": (
+        post("/v1/completions", json.dumps({"model": "tiny", "prompt": "x"}).encode("utf-16")),
+        400,
+        "invalid_json",
+    ),
+    "NaN": (
+        post(
+            "/v1/chat/completions", chat_body().replace(b'"max_tokens": 3', b'"temperature": NaN')
+        ),
+        400,
+        "invalid_json",
+    ),
+    "deep JSON": (
+        post(
+            "/v1/chat/completions",
+            b'{"model":"tiny","metadata":' + b"[" * 5000 + b"]" * 5000 + b"}",
+        ),
+        400,
+        "invalid_json",
+    ),
+    "not JSON": (post("/v1/chat/completions", b"{model: tiny"), 400, "invalid_json"),
+    "missing messages": (post("/v1/chat/completions", b'{"model":"tiny"}'), 400, "invalid_value"),
+    "body over the cap": (
+        post("/v1/completions", b'{"model":"tiny","prompt":"' + b"a" * 200_000 + b'"}'),
+        413,
+        "request_too_large",
+    ),
+    "chunked body over the cap": (
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+        b"authorization: "
+        + AUTH["authorization"].encode()
+        + b"\r\n\r\n"
+        + (b"8000\r\n" + b"a" * 0x8000 + b"\r\n") * 4
+        + b"0\r\n\r\n",
+        413,
+        "request_too_large",
+    ),
+    "Content-Length over the cap": (
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 999999999\r\n"
+        b"authorization: " + AUTH["authorization"].encode() + b"\r\n\r\n{",
+        413,
+        "request_too_large",
+    ),
+    "non-ASCII Authorization": (
+        post("/v1/chat/completions", chat_body(), {"authorization": b"Bearer sk-\xe9\xff"}),
+        401,
+        "invalid_api_key",
+    ),
+    "malformed Authorization": (
+        post("/v1/chat/completions", chat_body(), {"authorization": b"Basic " + KEY.encode()}),
+        401,
+        "invalid_api_key",
+    ),
+    "non-ASCII admin key": (
+        post("/admin/rollout", b"{}", {"authorization": b"Bearer \xe9"}),
+        401,
+        "invalid_api_key",
+    ),
+    "unknown route": (post("/v1/engines", chat_body()), 404, None),
+    "wrong method": (
+        b"DELETE /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+        b"authorization: " + AUTH["authorization"].encode() + b"\r\n\r\n",
+        405,
+        None,
+    ),
+    "context exceeded": (
+        post("/v1/chat/completions", chat_body(max_tokens=10_000)),
+        400,
+        "context_length_exceeded",
+    ),
+    "n past the limit": (post("/v1/chat/completions", chat_body(n=10_000)), 400, "invalid_value"),
+    "token id outside the vocabulary": (
+        post("/v1/completions", b'{"model":"tiny","prompt":[1, 99999999999]}'),
+        400,
+        "invalid_value",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_input_is_a_clear_4xx_and_the_link_serves_on(api, http, name):
+    request, status, code = HOSTILE[name]
+    got, body = raw(api, request)
+    assert got == status, body
+    error = openai_shaped(httpx.Response(got, content=body))
+    assert error["code"] == code
+    serves(http)
+
+
+def test_the_api_key_is_checked_on_every_v1_route(api):
+    with httpx.Client(base_url=api, timeout=10) as anon:
+        for path in ("/v1/models", "/v1/chat/completions"):
+            r = anon.post(path, json={}) if "chat" in path else anon.get(path)
+            assert r.status_code == 401 and openai_shaped(r)["code"] == "invalid_api_key"
+        wrong = {"authorization": f"Bearer {KEY[:-1]}x"}
+        assert anon.get("/v1/models", headers=wrong).status_code == 401
+        assert anon.get("/v1/models", headers=AUTH).status_code == 200
+        assert anon.get("/health").status_code == 200  # no key: monitoring
+
+
+# --- OpenAI's clients -------------------------------------------------------------------------
+
+
+def test_what_openai_clients_send_is_accepted(api):
+    """#16 item 6, with the official client: content parts, max_completion_tokens,
+    stream_options, user, metadata, store, n with streaming, stop as a string."""
+    client = openai.OpenAI(base_url=f"{api}/v1", api_key=KEY, max_retries=0)
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": " there"}],
+        },
+    ]
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=parts,
+        max_completion_tokens=5,
+        user="u-1",
+        metadata={"team": "a"},
+        store=False,
+        stop="\n\n",
+        seed=1,
+        temperature=0.5,
+    )
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 5
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=CHAT,
+        max_tokens=4,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+        temperature=1.0,
+    )
+    seen, usage = set(), None
+    for chunk in stream:
+        seen |= {c.index for c in chunk.choices}
+        usage = chunk.usage or usage
+    assert seen == {0, 1} and usage is not None and usage.completion_tokens <= 8
+    c = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=4, stop="\n")
+    assert c.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=CHAT, logprobs=True)
+    assert e.value.code == "invalid_value" and e.value.param == "logprobs"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=CHAT)
+    client.close()
+
+
+def test_the_async_openai_client(api):
+    import asyncio
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{api}/v1", api_key=KEY, max_retries=0)
+        rs = await asyncio.gather(
+            *(
+                client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, seed=i)
+                for i in range(4)
+            )
+        )
+        stream = await client.completions.create(
+            model="tiny", prompt="x", max_tokens=3, stream=True
+        )
+        texts = [c.choices[0].text async for c in stream if c.choices]
+        await client.close()
+        return rs, texts
+
+    rs, texts = asyncio.run(main())
+    assert all(r.choices[0].message.content is not None for r in rs) and texts
+
+
+# --- the link's state, in fixed texts ---------------------------------------------------------
+
+
+def test_a_failed_link_says_only_a_fixed_text(tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path):
+    """#15 item 5: an inner whose codec differs refuses the link with its own fingerprint
+    values (bytes the inner chose). Users read a fixed text; the values stay out of every
+    body, in /health and in the 503."""
+    config = api_config(tiny_pair_dirs, tmp_path)
+    (tmp_path / "inner").mkdir()
+    # The same ports, another frame size: the inner refuses with its value ("5").
+    sections = {
+        "coding": {"frame_tokens": 5},
+        "link": {
+            "downlink_port": config.link.downlink_port,
+            "uplink_port": config.link.uplink_port,
+        },
+    }
+    inner_config = api_config(tiny_pair_dirs, tmp_path / "inner", **sections)
+    with (
+        served_api(config, tiny_strong, tiny_weak, inner_config=inner_config, serving=False) as url,
+        httpx.Client(base_url=url, timeout=10) as http,
+    ):
+        deadline = time.monotonic() + 60
+        while (health := http.get("/health")).json()["link"] != "failed":
+            assert time.monotonic() < deadline, health.text
+            time.sleep(0.1)
+        assert health.status_code == 503
+        assert health.json() == {"link": "failed", "message": LINK_TEXT[LinkState.FAILED]}
+        r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT})
+        assert r.status_code == 503
+        assert r.json() == link_error(LinkState.FAILED).body()

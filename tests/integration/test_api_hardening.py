@@ -16,11 +16,12 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from support.api_stack import api_config, served_api
 from uplimit.outer.api_errors import LINK_TEXT, link_error
+from uplimit.wire.limits import MAX_BEST_OF, MAX_STOP_BYTES, MAX_STOPS, MAX_TOP_K
 from uplimit.wire.receiver import LinkState
 
 KEY = "sk-test-0123456789"
@@ -93,12 +94,12 @@ _message = st.fixed_dictionaries(
 _edges = {
     "temperature": st.floats(-0.5, 2.5) | st.floats(),
     "top_p": st.floats(-0.5, 1.5) | st.floats(),
-    "top_k": st.integers(-1, 2**33) | st.integers(0, 2**70),
+    "top_k": st.sampled_from([-1, 0, 40, MAX_TOP_K, MAX_TOP_K + 1, 2**64]) | st.integers(),
     "max_tokens": st.integers(-1, 300) | st.integers(-(2**70), 2**70),
     "max_completion_tokens": st.integers(-1, 300),
     "seed": st.integers(-(2**70), 2**70),
     "n": st.integers(-1, 10),
-    "best_of": st.integers(-1, 20),
+    "best_of": st.sampled_from([0, 1, 8, 9, MAX_BEST_OF, MAX_BEST_OF + 1]) | st.integers(),
     "stop": _text | st.lists(_text, max_size=6),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
@@ -116,23 +117,13 @@ _prompt = _mostly(
     _text | st.lists(st.integers(-5, 200_000), max_size=5) | st.lists(_text, max_size=2)
 )
 _completion = st.fixed_dictionaries({"model": _model, "prompt": _prompt}, optional=_common)
-# A plain request with a few parameters at their edges: most reach the inner.
-_near_valid = st.fixed_dictionaries(
-    {"model": st.just("tiny"), "messages": st.just(CHAT)},
-    optional={
-        name: _edges[name]
-        for name in (
-            "temperature",
-            "top_p",
-            "top_k",
-            "seed",
-            "n",
-            "best_of",
-            "stop",
-            "stream",
-            "max_tokens",
-        )
-    },
+# A plain request with one or two parameters at their edges: most reach the inner.
+_near_valid = st.lists(
+    st.sampled_from(sorted(_edges)), min_size=1, max_size=2, unique=True
+).flatmap(
+    lambda names: st.fixed_dictionaries(
+        {"model": st.just("tiny"), "messages": st.just(CHAT), **{n: _edges[n] for n in names}}
+    )
 )
 
 
@@ -145,6 +136,12 @@ _near_valid = st.fixed_dictionaries(
     | st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions"]), _json)
     | st.tuples(st.just("/v1/chat/completions"), _near_valid)
 )
+@example(("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "top_k": MAX_TOP_K + 1}))
+@example(("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "top_k": MAX_TOP_K}))
+@example(("/v1/completions", {"model": "tiny", "prompt": "x", "best_of": MAX_BEST_OF + 1}))
+@example(("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["s"] * (MAX_STOPS + 1)}))
+@example(("/v1/completions", {"model": "tiny", "prompt": "x", "stop": "é" * MAX_STOP_BYTES}))
+@example(("/v1/completions", {"model": "tiny", "prompt": [1] * 300, "max_tokens": 1}))
 def test_any_json_request_is_a_4xx_or_served(http, request):
     """#16 item 1: a client's request is refused with a 4xx naming its error, or it reaches
     the inner, which accepts it (an inner that refused one would end the link: the next

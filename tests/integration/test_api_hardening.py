@@ -441,3 +441,70 @@ def test_a_failed_link_says_only_a_fixed_text(tiny_pair_dirs, tiny_strong, tiny_
         r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT})
         assert r.status_code == 503
         assert r.json() == link_error(LinkState.FAILED).body()
+
+
+# --- slow streams: hang-ups and back-pressure ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_api(tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path_factory) -> Iterator[str]:
+    """Frames every 0.25 s (16 tokens/s a stream) and 2 POSTs in flight at most."""
+    config = api_config(
+        tiny_pair_dirs, tmp_path_factory.mktemp("slow"), outer={"max_requests": 2},
+        link={"tick_s": 0.25},
+    )  # fmt: skip
+    with served_api(config, tiny_strong, tiny_weak) as url:
+        yield url
+
+
+def open_streams(http: httpx.Client) -> int:
+    return len(http.get("/status.json").json()["streams"])
+
+
+def wait_for(what: str, condition, timeout_s: float) -> float:
+    """Seconds until `condition()` held (fails after `timeout_s`)."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, f"no {what} after {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def long_request(url: str, *, stream: bool) -> socket.socket:
+    """A request for 200 tokens (12 s at this pace), sent on a connection left open."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=30)
+    body = json.dumps({"model": "tiny", "prompt": "def f(x):", "max_tokens": 200,
+                       "temperature": 1.0, "stream": stream}).encode()  # fmt: skip
+    s.sendall(post("/v1/completions", body).replace(b"connection: close", b"x: y"))
+    return s
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_client_that_hangs_up_cancels_its_stream(slow_api, stream):
+    with httpx.Client(base_url=slow_api, timeout=10) as http:
+        s = long_request(slow_api, stream=stream)
+        wait_for("open stream", lambda: open_streams(http) == 1, 10)
+        if stream:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.close()
+        # The stream leaves the table at the inner's next frame, not 12 s later.
+        took = wait_for("cancelled stream", lambda: open_streams(http) == 0, 3)
+        assert took < 3
+
+
+def test_too_many_requests_is_a_429_with_retry_after(slow_api):
+    with httpx.Client(base_url=slow_api, headers=AUTH, timeout=10) as http:
+        held = [long_request(slow_api, stream=False) for _ in range(2)]
+        try:
+            wait_for("two open streams", lambda: open_streams(http) == 2, 10)
+            r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert openai_shaped(r)["code"] == "rate_limit_exceeded"
+            assert http.get("/health").status_code == 200  # monitoring still answers
+        finally:
+            for s in held:
+                s.close()
+        wait_for("free slots", lambda: open_streams(http) == 0, 5)
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200

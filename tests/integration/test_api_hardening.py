@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from typing import ClassVar
 
 import httpx
 import openai
@@ -508,3 +510,32 @@ def test_too_many_requests_is_a_429_with_retry_after(slow_api):
         wait_for("free slots", lambda: open_streams(http) == 0, 5)
         r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200
+
+
+def test_tokenisation_runs_off_the_event_loop(tiny_pair_dirs, tiny_strong, tmp_path):
+    """#16 item 5: a long prompt's tokenisation must not stall the loop that reads the uplink
+    (and answers everyone else): it runs on the API's own thread."""
+    from uplimit.models.hf import HFModel
+
+    class Recording(HFModel):
+        threads: ClassVar[list[str]] = []
+
+        def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+            self.threads.append(threading.current_thread().name)
+            return super().tokenize(text, special=special)
+
+    weak = Recording(tiny_pair_dirs[1])
+    config = api_config(tiny_pair_dirs, tmp_path)
+    try:
+        with served_api(config, tiny_strong, weak) as url, httpx.Client(base_url=url) as http:
+            Recording.threads.clear()
+            for path, body in (
+                ("/v1/chat/completions", {"messages": CHAT}),
+                ("/v1/completions", {"prompt": "x"}),
+            ):
+                r = http.post(path, json={"model": "tiny", "max_tokens": 2, **body}, timeout=30)
+                assert r.status_code == 200, r.text
+    finally:
+        weak.close()
+    assert len(Recording.threads) == 2
+    assert all(name.startswith("uplimit-tokenize") for name in Recording.threads)

@@ -17,7 +17,7 @@ checks what changes coded bytes; the rest only has to fit.
     [inner]   max_batch, frame_delay_s, best_of, scorer, reasoning_open/_close,
               max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record
     [outer]   host, port, model_name, api_key, max_choices, monitor, admin_key, kernel_meter,
-              status_interval_s, rollout_record, max_body_bytes, max_requests
+              status_interval_s, rollout_record, max_body_bytes, max_requests, keys_file
     [gauge]   period_s (0 = no rotation), secret_file, origin, lead_s, dtype, directory, audit
               (docs/gauge.md: the inner serves a re-gauged copy of the strong model per period)
     [verifier] host, port, verdicts, metrics_port, metrics_host, max_queue (the spot-check
@@ -121,6 +121,7 @@ class OuterConfig:
     # --- the public API's limits (docs/serving.md, "Limits") ---
     max_body_bytes: int = 0  # a request body's cap; 0: sized for coding.max_context
     max_requests: int = 256  # POST requests in flight; past it a 429 with Retry-After
+    keys_file: str = ""  # API keys with limits (`uplimit keys`); "": only api_key
 
     def __post_init__(self) -> None:
         if not self.status_interval_s > 0:  # NaN too

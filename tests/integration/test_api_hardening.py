@@ -452,9 +452,11 @@ def test_a_failed_link_says_only_a_fixed_text(tiny_pair_dirs, tiny_strong, tiny_
 def slow_api(tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path_factory) -> Iterator[str]:
     """Frames every 0.25 s (16 tokens/s a stream) and 2 POSTs in flight at most."""
     config = api_config(
-        tiny_pair_dirs, tmp_path_factory.mktemp("slow"), outer={"max_requests": 2},
+        tiny_pair_dirs,
+        tmp_path_factory.mktemp("slow"),
+        outer={"max_requests": 2},
         link={"tick_s": 0.25},
-    )  # fmt: skip
+    )
     with served_api(config, tiny_strong, tiny_weak) as url:
         yield url
 
@@ -476,8 +478,15 @@ def long_request(url: str, *, stream: bool) -> socket.socket:
     """A request for 200 tokens (12 s at this pace), sent on a connection left open."""
     host, port = url.removeprefix("http://").split(":")
     s = socket.create_connection((host, int(port)), timeout=30)
-    body = json.dumps({"model": "tiny", "prompt": "def f(x):", "max_tokens": 200,
-                       "temperature": 1.0, "stream": stream}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "model": "tiny",
+            "prompt": "def f(x):",
+            "max_tokens": 200,
+            "temperature": 1.0,
+            "stream": stream,
+        }
+    ).encode()
     s.sendall(post("/v1/completions", body).replace(b"connection: close", b"x: y"))
     return s
 
@@ -539,3 +548,51 @@ def test_tokenisation_runs_off_the_event_loop(tiny_pair_dirs, tiny_strong, tmp_p
         weak.close()
     assert len(Recording.threads) == 2
     assert all(name.startswith("uplimit-tokenize") for name in Recording.threads)
+
+
+# --- API keys with limits (#16 item 4) --------------------------------------------------------
+
+
+def test_keys_with_limits(tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path):
+    """Each key of the keys file opens the API within its own limits (a 429 past one, in
+    OpenAI's shape, with Retry-After); a revoked key is a 401; usage per key is in the
+    metrics."""
+    from support.net import free_port
+    from uplimit.outer.keys import KeyLimits, add_key, revoke_key
+
+    path = tmp_path / "keys.json"
+    minute = add_key(path, "minute", KeyLimits(per_minute=2))
+    one = add_key(path, "one-stream", KeyLimits(streams=1))
+    bits = add_key(path, "bits", KeyLimits(bits_per_day=1))
+    gone = add_key(path, "gone", KeyLimits())
+    revoke_key(path, "gone")
+    metrics_port = free_port()
+    config = api_config(
+        tiny_pair_dirs, tmp_path, outer={"keys_file": path, "metrics_port": metrics_port}
+    )
+
+    def ask(http: httpx.Client, key: str, **fields: object) -> httpx.Response:
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 2, **fields}
+        return http.post(
+            "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
+        )
+
+    with (
+        served_api(config, tiny_strong, tiny_weak) as url,
+        httpx.Client(base_url=url, timeout=30) as http,
+    ):
+        assert [ask(http, minute).status_code for _ in range(3)] == [200, 200, 429]
+        r = ask(http, minute)
+        assert r.headers["retry-after"] == "60"
+        assert openai_shaped(r)["code"] == "rate_limit_exceeded"
+        assert ask(http, one, n=2).status_code == 429  # two streams at once
+        assert ask(http, one).status_code == 200
+        assert ask(http, bits).status_code == 200  # uploads its answer: over its day's bits
+        r = ask(http, bits)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) <= 86_400
+        assert ask(http, gone).status_code == 401
+        assert ask(http, "upl-" + "x" * 43).status_code == 401
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert 'uplimit_api_requests_total{key="minute",outcome="admitted"} 2.0' in metrics
+    assert 'uplimit_api_requests_total{key="minute",outcome="over_per_minute"} 2.0' in metrics
+    assert 'uplimit_api_uploaded_bits_total{key="bits"}' in metrics

@@ -47,6 +47,7 @@ from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, InvalidRequest, LinkClosed, UplimitError
 from uplimit.outer.api_errors import LINK_TEXT, ApiError, error_response, invalid, link_error
 from uplimit.outer.gate import Gate
+from uplimit.outer.keys import KeyRing
 from uplimit.outer.rollout import Rollout, RolloutBusy
 from uplimit.outer.service import Choice, Finished, OuterService, PromptTooLong, Submission
 from uplimit.outer.status import StatusBoard
@@ -207,11 +208,14 @@ def create_app(
     settings: ApiSettings,
     rollout: Rollout | None = None,
     status: StatusBoard | None = None,
+    keyring: KeyRing | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible API; with `settings.admin_key` and a `rollout`, also
     `POST /admin/rollout` (start one) and `GET /admin/rollout` (its status); with a `status`
-    board, `GET /status` and `/status.json` (behind the admin key when one is set)."""
+    board, `GET /status` and `/status.json` (behind the admin key when one is set); with a
+    `keyring`, its keys (and their limits) open /v1/* besides `settings.api_key`."""
     app = FastAPI(title="uplimit", docs_url=None, redoc_url=None)
+    app.state.keyring = keyring
     if status is not None:
         add_status_routes(app, status, settings.admin_key)
     model = service.model
@@ -219,7 +223,7 @@ def create_app(
     admin = settings.admin_key if rollout is not None else None
     app.add_middleware(
         Gate, api_key=settings.api_key, admin_key=admin, max_requests=settings.max_requests,
-        max_body_bytes=settings.body_cap(service.max_context),
+        max_body_bytes=settings.body_cap(service.max_context), keyring=keyring,
     )  # fmt: skip
     # One thread tokenises: off the event loop that reads the uplink, one text at a time.
     tokenizer = ThreadPoolExecutor(1, thread_name_prefix="uplimit-tokenize")
@@ -317,7 +321,7 @@ def create_app(
             max_tokens = body.max_tokens
         sub = await submit(body, prompt, max_tokens, f"chatcmpl-{uuid.uuid4().hex[:24]}")
         if body.stream:
-            return _sse(_chunks(_CHAT, sub, body, settings, service))
+            return _sse(_chunks(_CHAT, sub, body, settings, service, request))
         return await _response(_CHAT, sub, body, settings, service, request)
 
     @app.post("/v1/completions")
@@ -338,7 +342,7 @@ def create_app(
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         sub = await submit(body, ids, max_tokens, f"cmpl-{uuid.uuid4().hex[:24]}")
         if body.stream:
-            return _sse(_chunks(_COMPLETION, sub, body, settings, service))
+            return _sse(_chunks(_COMPLETION, sub, body, settings, service, request))
         return await _response(_COMPLETION, sub, body, settings, service, request)
 
     @app.post("/v1/uplimit/withheld")
@@ -446,6 +450,13 @@ def _extra(sub: Submission, finished: Sequence[Finished], settings: ApiSettings)
     }
 
 
+def _charge(request: Request, bits: float) -> None:
+    """An answer's uploaded bits, to the key that asked (`outer.keys`), if it has one."""
+    name = request.scope.get("state", {}).get("api_key")
+    if name is not None:
+        request.app.state.keyring.charge(name, bits)
+
+
 class _ClientGone(Exception):
     """The client hung up before its answer was ready; its streams are cancelled."""
 
@@ -515,6 +526,7 @@ async def _response(
     except _ClientGone:
         return Response(status_code=CLIENT_GONE)  # no one reads it
     finished = [f for _, f in results]
+    _charge(request, sum(f.bits for f in finished))
     return {
         "id": sub.request_id,
         "object": shape.object,
@@ -573,7 +585,12 @@ def _stream_error(service: OuterService) -> dict:
 
 
 async def _chunks(
-    shape: _Shape, sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
+    shape: _Shape,
+    sub: Submission,
+    body: _Body,
+    settings: ApiSettings,
+    service: OuterService,
+    request: Request,
 ) -> AsyncIterator[dict]:
     created = int(time.time())
 
@@ -599,6 +616,7 @@ async def _chunks(
             return
         else:
             finished[i] = event
+            _charge(request, event.bits)
             extra = _choice_extra(sub, i, event, settings)
             yield chunk(i, shape.delta(""), event.reason.openai, uplimit=extra)
     if (body.stream_options or {}).get("include_usage"):

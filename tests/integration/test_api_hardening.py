@@ -596,3 +596,26 @@ def test_keys_with_limits(tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path):
     assert 'uplimit_api_requests_total{key="minute",outcome="admitted"} 2.0' in metrics
     assert 'uplimit_api_requests_total{key="minute",outcome="over_per_minute"} 2.0' in metrics
     assert 'uplimit_api_uploaded_bits_total{key="bits"}' in metrics
+
+
+def test_a_stream_cut_by_the_link_ends_with_a_fixed_text(
+    tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path
+):
+    """#15 item 5: the inner stops mid-stream; the stream's last event is the fixed text of the
+    link's state, as in a 503, whatever the link's reason says."""
+    config = api_config(tiny_pair_dirs, tmp_path, link={"tick_s": 0.25})
+    stop: list = []
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 200, "stream": True}
+    with (
+        served_api(config, tiny_strong, tiny_weak, stop_inner=stop) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert '"text"' in first
+            stop[0]()
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        state = LinkState(http.get("/health").json()["link"])
+    assert state is not LinkState.SERVING
+    assert events[-1] == link_error(state).body()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from support.config import link_files, tiny_models, write_config
@@ -66,10 +66,12 @@ def served_api(
     *,
     inner_config: Config | None = None,
     serving: bool = True,
+    stop_inner: list[Callable[[], None]] | None = None,
 ) -> Iterator[str]:
     """Serve both sides until the block ends; yields the API's base URL (no /v1). The inner
     runs `inner_config` when given (a mismatched pair); `serving` False: do not wait for the
-    link to serve, only for the API to answer."""
+    link to serve, only for the API to answer. `stop_inner` gets a function that stops the
+    inner side now (as a signal would), from any thread."""
     url = f"http://127.0.0.1:{config.outer.port}"
     ready = threading.Event()
     stop: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -80,13 +82,16 @@ def served_api(
         stop.append((asyncio.get_running_loop(), stopped))
         outer = asyncio.create_task(serve_outer(config, weak))
         inner = asyncio.create_task(serve_inner(inner_config or config, strong, weak))
+        if stop_inner is not None:
+            loop = asyncio.get_running_loop()
+            stop_inner.append(lambda: loop.call_soon_threadsafe(inner.cancel))
         try:
             await wait_healthy(url, serving=serving)
             ready.set()
             await stopped.wait()
         finally:
             await stop_task(outer)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(inner, 30)
 
     def run() -> None:

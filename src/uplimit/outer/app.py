@@ -26,6 +26,7 @@ tokens, and, when reasoning is kept inside, its withheld-reasoning id and withhe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -214,7 +215,15 @@ def create_app(
     `POST /admin/rollout` (start one) and `GET /admin/rollout` (its status); with a `status`
     board, `GET /status` and `/status.json` (behind the admin key when one is set); with a
     `keyring`, its keys (and their limits) open /v1/* besides `settings.api_key`."""
-    app = FastAPI(title="uplimit", docs_url=None, redoc_url=None)
+    # One thread tokenises: off the event loop that reads the uplink, one text at a time.
+    tokenizer = ThreadPoolExecutor(1, thread_name_prefix="uplimit-tokenize")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        tokenizer.shutdown(wait=False)
+
+    app = FastAPI(title="uplimit", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.keyring = keyring
     if status is not None:
         add_status_routes(app, status, settings.admin_key)
@@ -225,8 +234,6 @@ def create_app(
         Gate, api_key=settings.api_key, admin_key=admin, max_requests=settings.max_requests,
         max_body_bytes=settings.body_cap(service.max_context), keyring=keyring,
     )  # fmt: skip
-    # One thread tokenises: off the event loop that reads the uplink, one text at a time.
-    tokenizer = ThreadPoolExecutor(1, thread_name_prefix="uplimit-tokenize")
 
     async def off_loop(fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(tokenizer, fn, *args)

@@ -114,7 +114,7 @@ class OuterConfig:
     verify_rate: float = 0.05  # share of finished streams sent to the verifier, in [0, 1]
     # Bits/token monitor thresholds (JSON, as `uplimit redteam` writes them); "": off.
     monitor: str = ""
-    admin_key: str = ""  # bearer token of /admin/* (rollouts) and /status; "": no admin API
+    admin_key: str = ""  # bearer token of /admin/*, /v1/uplimit/withheld and /status; "": none
     kernel_meter: str = ""  # kernel meter (namespace uplimit-NAME) the status page reads; "": none
     status_interval_s: float = 5.0  # the status page samples the meters this often
     rollout_record: str = ""  # the weak model a rollout switched to; "": ...rollout-outer.json

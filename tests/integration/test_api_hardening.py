@@ -329,6 +329,21 @@ def test_hostile_input_is_a_clear_4xx_and_the_link_serves_on(api, http, name):
     serves(http)
 
 
+def test_withheld_reasoning_is_the_operators(api, tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path):
+    """Retrieving withheld reasoning uploads it (charged): the admin key's action, not a
+    user's; a server without an admin key does not serve it at all."""
+    with httpx.Client(base_url=api, timeout=10) as http:
+        path, body = "/v1/uplimit/withheld", {"id": "chatcmpl-x/1"}
+        r = http.post(path, json=body, headers=AUTH)
+        assert r.status_code == 401 and openai_shaped(r)["code"] == "invalid_api_key"
+        r = http.post(path, json=body, headers={"authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == 400  # this server keeps no reasoning inside: it got that far
+    config = api_config(tiny_pair_dirs, tmp_path)
+    with served_api(config, tiny_strong, tiny_weak) as url:
+        r = httpx.post(f"{url}/v1/uplimit/withheld", json=body)
+        assert r.status_code == 404 and openai_shaped(r)["code"] == "not_found"
+
+
 def test_the_api_key_is_checked_on_every_v1_route(api):
     with httpx.Client(base_url=api, timeout=10) as anon:
         for path in ("/v1/models", "/v1/chat/completions"):

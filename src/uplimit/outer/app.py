@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP layer: translate requests to `OuterService` calls and back.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}],
-GET /health, and POST /v1/uplimit/withheld (an operator asks for withheld reasoning; it is
+GET /health, and POST /v1/uplimit/withheld (an operator, with the admin key, asks for
+withheld reasoning; it is
 uploaded like any answer, so it is charged to the budget).
 
 Supported parameters: model, messages / prompt, temperature, top_p, max_tokens
@@ -78,7 +79,8 @@ class ApiSettings:
     api_key: str | None = None  # clients must send it as a bearer token when set
     max_best_of: int = 8
     reasoning: bool = False  # the inner keeps reasoning inside: responses carry withheld ids
-    admin_key: str | None = None  # bearer token of /admin/*; None: no admin API (404)
+    # bearer token of /admin/* and /v1/uplimit/withheld; None: neither is served (404)
+    admin_key: str | None = None
     # A request body's cap; None: sized for the context (BODY_BYTES_PER_TOKEN per token)
     max_body_bytes: int | None = None
     # POST requests in flight (each holds up to n streams); past it a 429 with Retry-After
@@ -229,9 +231,9 @@ def create_app(
         add_status_routes(app, status, settings.admin_key)
     model = service.model
 
-    admin = settings.admin_key if rollout is not None else None
     app.add_middleware(
-        Gate, api_key=settings.api_key, admin_key=admin, max_requests=settings.max_requests,
+        Gate, api_key=settings.api_key, admin_key=settings.admin_key,
+        max_requests=settings.max_requests,
         max_body_bytes=settings.body_cap(service.max_context), keyring=keyring,
     )  # fmt: skip
 
@@ -367,8 +369,7 @@ def create_app(
             "uplimit": {"uploaded_bits": finished.bits},
         }
 
-    if admin is not None:
-        assert rollout is not None
+    if settings.admin_key is not None and rollout is not None:
         _add_admin_routes(app, rollout)
     return app
 

@@ -2,7 +2,9 @@
 
 In order, each refusal OpenAI-shaped (`outer.api_errors`):
 
-    404  /admin/* on a server without an admin API
+    404  an operator's path (/admin/*, and /v1/uplimit/withheld: withheld reasoning is
+         uploaded and charged, so retrieving it is an operator's action) on a server without
+         an admin key
     401  a missing, malformed or non-ASCII `Authorization`, or a wrong key (compared in
          constant time, as bytes: a header is never decoded before it is checked); on /v1/*
          the key is the `api_key` or one of the keys file's (`outer.keys`)
@@ -41,6 +43,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 # An OpenAI request nests 5 deep (body, messages, a message, its content parts, a part);
 # metadata and the refused tool schemas a few more.
 MAX_JSON_DEPTH = 32
+OPERATOR_PATHS = ("/admin/", "/v1/uplimit/withheld")  # behind the admin key
 RETRY_AFTER_S = 1  # a request in flight takes about this long to start streaming
 
 
@@ -69,7 +72,7 @@ def _key_ok(scope: Scope, key: str) -> bool:
 
 class Gate:
     """The checks of the module doc, around `app`. `api_key` None: /v1/* is open;
-    `admin_key` None: /admin/* is a 404."""
+    `admin_key` None: the operator's paths are a 404."""
 
     def __init__(
         self,
@@ -127,7 +130,7 @@ class Gate:
     def _authorize(self, scope: Scope) -> ApiKey | None:
         """Raises the 401 or 404; the keys file's key the request carries, if any."""
         path = scope["path"]
-        if path.startswith("/admin/"):
+        if path.startswith(OPERATOR_PATHS):
             if self.admin_key is None:
                 raise ApiError(404, "no admin API here", "invalid_request_error", "not_found")
             if not _key_ok(scope, self.admin_key):

@@ -18,7 +18,7 @@ checks what changes coded bytes; the rest only has to fit.
               max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record,
               user (the confined inner's unprivileged user)
     [outer]   host, port, model_name, api_key, max_choices, monitor, admin_key, kernel_meter,
-              status_interval_s, rollout_record
+              status_interval_s, rollout_record, max_body_bytes, max_requests, keys_file
     [gauge]   period_s (0 = no rotation), secret_file, origin, lead_s, dtype, directory, audit
               (docs/gauge.md: the inner serves a re-gauged copy of the strong model per period)
     [verifier] host, port, verdicts, metrics_port, metrics_host, max_queue (the spot-check
@@ -117,10 +117,14 @@ class OuterConfig:
     verify_rate: float = 0.05  # share of finished streams sent to the verifier, in [0, 1]
     # Bits/token monitor thresholds (JSON, as `uplimit redteam` writes them); "": off.
     monitor: str = ""
-    admin_key: str = ""  # bearer token of /admin/* (rollouts) and /status; "": no admin API
+    admin_key: str = ""  # bearer token of /admin/*, /v1/uplimit/withheld and /status; "": none
     kernel_meter: str = ""  # kernel meter (namespace uplimit-NAME) the status page reads; "": none
     status_interval_s: float = 5.0  # the status page samples the meters this often
     rollout_record: str = ""  # the weak model a rollout switched to; "": ...rollout-outer.json
+    # --- the public API's limits (docs/serving.md, "Limits") ---
+    max_body_bytes: int = 0  # a request body's cap; 0: sized for coding.max_context
+    max_requests: int = 256  # POST requests in flight; past it a 429 with Retry-After
+    keys_file: str = ""  # API keys with limits (`uplimit keys`); "": only api_key
 
     def __post_init__(self) -> None:
         if not self.status_interval_s > 0:  # NaN too

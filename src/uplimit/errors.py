@@ -29,7 +29,13 @@ class UplimitError(Exception):
 
 
 class InvalidRequest(UplimitError):
-    """A client's request is invalid: its sampling parameters, stream limits or messages."""
+    """A client's request is invalid: its sampling parameters, stream limits or messages.
+
+    `param` names the request's field at fault, when one is (the API's error says it)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ConfigError(UplimitError):

@@ -43,7 +43,7 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=None,
-                **config) -> AsyncIterator[Stack]:  # fmt: skip
+                admin_key=None, **config) -> AsyncIterator[Stack]:  # fmt: skip
     cfg = SchedulerConfig(**{"max_batch": 8, "max_context": 256, "frame_tokens": 4,
                              "reasoning": reasoning, **config})  # fmt: skip
     audit = AuditStore(tmp_path / "audit.db")
@@ -57,7 +57,7 @@ async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=
                               tick_s=0.002) as pair:  # fmt: skip
             service = OuterService(weak, pair.uplink, max_context=cfg.max_context,
                                    reasoning=reasoning)  # fmt: skip
-            settings = ApiSettings(model_name=MODEL, api_key=api_key,
+            settings = ApiSettings(model_name=MODEL, api_key=api_key, admin_key=admin_key,
                                    reasoning=reasoning is not None)  # fmt: skip
             app = create_app(service, settings)
             server = uvicorn.Server(
@@ -240,7 +240,7 @@ def test_reasoning_stays_inside_and_can_be_retrieved(tiny_strong, tiny_weak, tmp
     strong = ScriptedModel(tiny_strong, script)
 
     async def main():
-        async with stack(strong, tiny_weak, tmp_path, reasoning=THINK) as s:
+        async with stack(strong, tiny_weak, tmp_path, reasoning=THINK, admin_key="op") as s:
             r = await s.client.chat.completions.create(
                 model=MODEL, messages=CHAT, max_tokens=6, temperature=0.7
             )
@@ -261,7 +261,11 @@ def test_reasoning_stays_inside_and_can_be_retrieved(tiny_strong, tiny_weak, tmp
             assert last["withheld_tokens"] == len(rec.withheld)
             crossed = len(s.pair.frames)
             async with httpx.AsyncClient() as http:
-                got = await http.post(f"{s.url}/uplimit/withheld", json={"id": wid})
+                url = f"{s.url}/uplimit/withheld"
+                # An operator's action: the admin key, not a user's.
+                assert (await http.post(url, json={"id": wid})).status_code == 401
+                got = await http.post(url, json={"id": wid},
+                                      headers={"authorization": "Bearer op"})  # fmt: skip
             assert got.status_code == 200
             assert "the secret plan" in got.json()["text"]
             assert got.json()["uplimit"]["uploaded_bits"] > 0

@@ -14,6 +14,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ from uplimit.wire.protocol import (
     DOWNLINK_PREAMBLE,
     Accept,
     Cancel,
+    DownlinkLimits,
     DownlinkParser,
     End,
     EndReason,
@@ -726,3 +728,38 @@ def test_streams_round_trip_then_the_budget_runs_out(
             f" ({reading.ctl_packets} payload-free packets, {reading.ctl_bytes:,} B)"
         )
     print(report)
+
+
+# --- the outer paces the downlink to the inner's limits (#16 item 3) -------------------------
+
+
+def test_the_outer_paces_the_downlink_so_the_inner_never_ends_the_link(tmp_path, tiny_weak):
+    """Cancels sent as fast as a caller can, 3x the inner's burst: the outer's bucket holds
+    them back to the inner's rate, and the inner serves on (without the pacing it ends the
+    link: 'downlink faster than')."""
+    SqliteLedger(tmp_path / "ledger.db", Budgets(100_000)).close()
+    limits = {"max_message_bytes": 1024, "bytes_per_s": 8000.0, "burst_bytes": 8192}
+    paced = Outer(tiny_weak, tmp_path, downlink_limits=DownlinkLimits(**limits))
+    cancels = 3 * limits["burst_bytes"] // len(encode_downlink(Cancel(1)))
+
+    async def main():
+        link = paced.link
+        await link.start(HOST)
+        config = inner_config(tmp_path, paced, fingerprint=paced.fingerprint, limits=limits)
+        async with inner_process(config) as proc:
+            await wait_serving(link, proc)
+            start = time.monotonic()
+            await asyncio.gather(*(link.cancel(1) for _ in range(cancels)))
+            took = time.monotonic() - start
+            await asyncio.sleep(1.0)  # what the inner read last has been checked
+            assert link.state is LinkState.SERVING, link.reason
+            assert proc.returncode is None
+            # At 9/10 of the rate after half the burst: what was sent took its time.
+            sent = cancels * len(encode_downlink(Cancel(1)))
+            assert took >= (sent - limits["burst_bytes"] // 2) / limits["bytes_per_s"]
+            assert await link.shutdown() is LinkState.CLOSED
+
+    try:
+        run(main)
+    finally:
+        paced.close()

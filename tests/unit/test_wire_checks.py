@@ -227,6 +227,7 @@ def test_the_encoder_refuses_what_the_parser_would():
         CheckJob(SPEC, (1,) * 51)
     with pytest.raises(ConfigError, match="best_of"):
         CheckJob(SPEC, (1,), best_of=17)
-    long = StreamSpec(1, (200_000,) * 400_000, SamplingParams(), 0, 100_000)
+    # At the stream limits (wire.limits) with 5-byte token ids: prompt and tokens, 1.3 MB.
+    long = StreamSpec(1, (2**32 - 1,) * 131_072, SamplingParams(), 0, 131_072)
     with pytest.raises(ConfigError, match="over 1,048,576"):
-        encode_check(CheckJob(long, (1,)))
+        encode_check(CheckJob(long, (2**32 - 1,) * 131_072))

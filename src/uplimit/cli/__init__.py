@@ -5,6 +5,7 @@
     research  bench, quality, speed, calibrate, plan, load
     serve     serve inner | outer | both | verifier, rollout, demo
     operate   meters, budget show | raise, audit list | show
+    keys      keys add | list | revoke
     gauge     gauge apply | export | verify
     distill   distill prompts | collect | train
     redteam   redteam
@@ -21,7 +22,7 @@ import sys
 
 # isort: off
 # Registered on import, and `uplimit --help` lists them in this order: serving first.
-from uplimit.cli import serve, research, redteam, operate, models, gauge, distill
+from uplimit.cli import serve, research, redteam, operate, keys, models, gauge, distill
 
 # isort: on
 from uplimit.cli.common import app, console
@@ -29,7 +30,7 @@ from uplimit.errors import UplimitError
 
 __all__ = ["app", "main"]
 
-_COMMANDS = (serve, research, redteam, operate, models, gauge, distill)
+_COMMANDS = (serve, research, redteam, operate, keys, models, gauge, distill)
 
 
 def _message(e: BaseException) -> str | None:

@@ -35,11 +35,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0):
-            raise InvalidRequest(f"temperature must be in [0, 2], got {self.temperature}")
+            raise InvalidRequest(
+                f"temperature must be in [0, 2], got {self.temperature}", param="temperature"
+            )
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
-            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise InvalidRequest(f"top_k must be a non-negative integer, got {self.top_k}")
+            raise InvalidRequest(
+                f"top_k must be a non-negative integer, got {self.top_k}", param="top_k"
+            )
 
     @property
     def greedy(self) -> bool:

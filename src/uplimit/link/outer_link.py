@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -26,6 +27,7 @@ from uplimit.wire.frame import FrameContent, FrameStats
 from uplimit.wire.protocol import (
     DOWNLINK_PREAMBLE,
     MAX_FRAME_BYTES,
+    ByteRate,
     Cancel,
     DownlinkLimits,
     DownlinkMessage,
@@ -60,6 +62,13 @@ __all__ = ["DOWNLINK_GRACE_S", "FrameHook", "OuterLink", "StartServer"]
 # stream says why; an inner that leaves its uplink open this long without one has failed.
 DOWNLINK_GRACE_S = 10.0
 
+# The inner ends the link when the downlink outruns its limits (`DownlinkLimits`), so the outer
+# paces every byte it sends down (streams, cancels, a rollout's model) with one token bucket:
+# 9/10 of the inner's rate and half its burst. Bytes sent apart but read together (network
+# delay) then stay within the inner's bucket for delays up to burst / (1.8 x rate): 4.4 s at
+# the defaults. A request that must wait for the bucket waits; it is never sent early.
+DOWNLINK_PACE = 0.9
+
 FrameHook = Callable[[FrameContent, FrameStats], None]  # must not raise
 # How the outer listens: `asyncio.start_server`'s signature (handler, host, port).
 StartServer = Callable[..., Awaitable[Any]]
@@ -86,7 +95,12 @@ class OuterLink:
         """`downlink_limits`: what the inner's downlink parser enforces (the same
         configuration); a stream it would refuse is refused here instead (`open_stream`)."""
         self.fingerprint = dict(fingerprint)
-        self._downlink_limits = downlink_limits or DownlinkLimits()
+        self._downlink_limits = limits = downlink_limits or DownlinkLimits()
+        # Every byte sent down waits for this bucket (`_send_down_bytes`).
+        self._pace = ByteRate(
+            DOWNLINK_PACE * limits.bytes_per_s, limits.burst_bytes // 2, time.monotonic()
+        )
+        self._pacing = asyncio.Lock()  # first come, first sent
         self._decoder = decoder
         self._receiver = UplinkReceiver(
             fingerprint, decoder, max_frame_bytes=max_frame_bytes, check_ledger=self._check_ledger
@@ -223,6 +237,12 @@ class OuterLink:
         await self._send_down_bytes(encode_downlink(msg))
 
     async def _send_down_bytes(self, data: bytes) -> None:
+        async with self._pacing:
+            while not self._pace.take(len(data), time.monotonic()):
+                await asyncio.sleep(len(data) / self._pace.rate)
+            await self._send_down_paced(data)
+
+    async def _send_down_paced(self, data: bytes) -> None:
         if self._down is None or self._down.is_closing() or self._downlink_gone:
             raise LinkClosed(self._downlink_gone or "the downlink is not connected")
         try:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP layer: translate requests to `OuterService` calls and back.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}],
-GET /health, and POST /v1/uplimit/withheld (an operator asks for withheld reasoning; it is
+GET /health, and POST /v1/uplimit/withheld (an operator, with the admin key, asks for
+withheld reasoning; it is
 uploaded like any answer, so it is charged to the budget).
 
 Supported parameters: model, messages / prompt, temperature, top_p, max_tokens
@@ -10,15 +11,13 @@ extensions: top_k, best_of (candidates generated inside per choice; only the bes
 uploaded). Parameters that would change the output but are not implemented (logprobs, tools,
 penalties, logit_bias, ...) are refused rather than ignored.
 
-Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and are mapped in
-one place (`_ERRORS`, `_api_error`):
-
-    400 invalid_request_error  invalid_value            a parameter out of range or unsupported
-    400 invalid_request_error  context_length_exceeded  prompt + max_tokens exceed the context
-    401 authentication_error   invalid_api_key
-    404 invalid_request_error  model_not_found
-    503 server_error           upload_budget_exhausted  the link's budget is spent
-    503 server_error           inner_unreachable        the link is not serving
+Every 4xx and 5xx has OpenAI's shape, {"error": {"message", "type", "param", "code"}}
+(`outer.api_errors`); uplimit's errors are mapped in one place (`_api_error`), and what
+reaches no route is refused in front of the app (`outer.gate`). docs/serving.md lists every
+status. A request is checked against the protocol's own limits (`wire.limits`) before it is
+sent, so a request the inner would refuse is a 400 here, not a link that ends for everyone.
+A link that is not serving is a 503 with a fixed text per state: never its reason, which the
+inner may have chosen.
 
 Each response carries an `uplimit` object: the request's seed, and per choice the uplink bits
 it cost (its share of every frame, and of that its tokens' own code: `payload_bits`), its
@@ -28,33 +27,50 @@ tokens, and, when reasoning is kept inside, its withheld-reasoning id and withhe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from uplimit.coding.generate import Finish
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, InvalidRequest, LinkClosed, UplimitError
+from uplimit.outer.api_errors import LINK_TEXT, ApiError, error_response, invalid, link_error
+from uplimit.outer.gate import Gate
+from uplimit.outer.keys import KeyRing
 from uplimit.outer.rollout import Rollout, RolloutBusy
 from uplimit.outer.service import Choice, Finished, OuterService, PromptTooLong, Submission
 from uplimit.outer.status import StatusBoard
 from uplimit.outer.status_page import add_status_routes
+from uplimit.wire.limits import MAX_BEST_OF
 from uplimit.wire.receiver import LinkState
-from uplimit.wire.request import MAX_STOPS, withheld_id
+from uplimit.wire.request import withheld_id
 
-__all__ = ["ApiSettings", "create_app"]
+__all__ = ["ApiSettings", "create_app", "server_config"]
+
+T = TypeVar("T")
+
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
 
 log = logging.getLogger(__name__)
+
+
+# A request body's bytes per token of context: a prompt as a token-id list is up to 8 bytes
+# a token ("151935, "), as text a few bytes, up to 12 when every character is a JSON escape.
+BODY_BYTES_PER_TOKEN = 16
+BODY_BYTES_SLACK = 64 << 10  # the rest of the body: parameters, stop sequences, metadata
 
 
 @dataclass(frozen=True)
@@ -63,15 +79,44 @@ class ApiSettings:
     api_key: str | None = None  # clients must send it as a bearer token when set
     max_best_of: int = 8
     reasoning: bool = False  # the inner keeps reasoning inside: responses carry withheld ids
-    admin_key: str | None = None  # bearer token of /admin/*; None: no admin API (404)
+    # bearer token of /admin/* and /v1/uplimit/withheld; None: neither is served (404)
+    admin_key: str | None = None
+    # A request body's cap; None: sized for the context (BODY_BYTES_PER_TOKEN per token)
+    max_body_bytes: int | None = None
+    # POST requests in flight (each holds up to n streams); past it a 429 with Retry-After
+    max_requests: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("api_key", "admin_key"):
+            key = getattr(self, name)
+            if key is not None and not (key and all(0x21 <= ord(c) <= 0x7E for c in key)):
+                raise ConfigError(f"{name} must be printable ASCII without spaces")
+        if not 1 <= self.max_best_of <= MAX_BEST_OF:
+            raise ConfigError(f"max_best_of must be in 1..{MAX_BEST_OF}")
+        if self.max_body_bytes is not None and self.max_body_bytes < 1024:
+            raise ConfigError("max_body_bytes must be >= 1024")
+        if self.max_requests < 1:
+            raise ConfigError("max_requests must be >= 1")
+
+    def body_cap(self, max_context: int) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return BODY_BYTES_PER_TOKEN * max_context + BODY_BYTES_SLACK
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str, code: str | None, param=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = (
-            status, message, type_, code, param,
-        )  # fmt: skip
+def server_config(app: FastAPI, settings: ApiSettings, host: str, port: int,
+                  **options: Any) -> uvicorn.Config:  # fmt: skip
+    """uvicorn's settings for the API: connection limits and timeouts set, not left open."""
+    return uvicorn.Config(
+        app, host=host, port=port, log_level="warning",
+        # A backstop above the app's own 429 (which /health and GETs pass): uvicorn's own
+        # refusal is a plain-text 503.
+        limit_concurrency=2 * settings.max_requests + 64,
+        backlog=2048,
+        timeout_keep_alive=5,  # an idle keep-alive connection is closed after 5 s
+        h11_max_incomplete_event_size=16 << 10,  # request line and headers: 16 KiB
+        **options,
+    )  # fmt: skip
 
 
 # --- request bodies ---------------------------------------------------------------------------
@@ -140,35 +185,22 @@ _UNSUPPORTED = {
 }
 
 
-def _invalid(message: str, param: str | None) -> ApiError:
-    return ApiError(400, message, "invalid_request_error", "invalid_value", param)
-
-
 def _check_extras(body: _Body) -> None:
     for name, value in (body.model_extra or {}).items():
         if name in _UNSUPPORTED and value not in _UNSUPPORTED[name]:
-            raise _invalid(f"{name} is not supported by this server", name)
+            raise invalid(f"{name} is not supported by this server", name)
 
 
 def _params(body: _Body) -> SamplingParams:
+    """Raises InvalidRequest (a 400 naming the parameter) when one is out of range."""
     t = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
-    top_k = body.top_k or 0
-    for name, ok in (
-        ("temperature", 0.0 <= t <= 2.0),
-        ("top_p", 0.0 < top_p <= 1.0),
-        ("top_k", top_k >= 0),
-    ):
-        if not ok:
-            raise _invalid(f"{name} is out of range", name)
-    return SamplingParams(t, top_p, top_k)
+    return SamplingParams(t, top_p, body.top_k or 0)
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > MAX_STOPS or not all(stops):
-        raise _invalid(f"stop takes 1..{MAX_STOPS} non-empty strings", "stop")
-    return stops
+    """`stop` as a tuple; `GenerationRequest` checks it against the protocol's limits."""
+    return (stop,) if isinstance(stop, str) else tuple(stop or ())
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -179,50 +211,64 @@ def create_app(
     settings: ApiSettings,
     rollout: Rollout | None = None,
     status: StatusBoard | None = None,
+    keyring: KeyRing | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible API; with `settings.admin_key` and a `rollout`, also
     `POST /admin/rollout` (start one) and `GET /admin/rollout` (its status); with a `status`
-    board, `GET /status` and `/status.json` (behind the admin key when one is set)."""
-    app = FastAPI(title="uplimit", docs_url=None, redoc_url=None)
+    board, `GET /status` and `/status.json` (behind the admin key when one is set); with a
+    `keyring`, its keys (and their limits) open /v1/* besides `settings.api_key`."""
+    # One thread tokenises: off the event loop that reads the uplink, one text at a time.
+    tokenizer = ThreadPoolExecutor(1, thread_name_prefix="uplimit-tokenize")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        tokenizer.shutdown(wait=False)
+
+    app = FastAPI(title="uplimit", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.keyring = keyring
     if status is not None:
         add_status_routes(app, status, settings.admin_key)
     model = service.model
 
+    app.add_middleware(
+        Gate, api_key=settings.api_key, admin_key=settings.admin_key,
+        max_requests=settings.max_requests,
+        max_body_bytes=settings.body_cap(service.max_context), keyring=keyring,
+    )  # fmt: skip
+
+    async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(tokenizer, fn, *args)
+
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(UplimitError)
     async def _on_uplimit_error(request: Request, e: UplimitError) -> JSONResponse:
-        return _error_response(_api_error(e, service))
+        return error_response(_api_error(e, service))
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
-        return _error_response(_invalid(f"{param or 'body'}: {first.get('msg', 'invalid')}", param))
+        return error_response(invalid(f"{param or 'body'}: {first.get('msg', 'invalid')}", param))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
-        if request.url.path.startswith("/admin/"):
-            if settings.admin_key is None or rollout is None:
-                return _error_response(ApiError(404, "no admin API here", "not_found", None))
-            if not secrets.compare_digest(
-                request.headers.get("authorization", ""), f"Bearer {settings.admin_key}"
-            ):
-                e = ApiError(401, "invalid admin key", "authentication_error", "invalid_api_key")
-                return _error_response(e)
-            return await call_next(request)
-        wanted = f"Bearer {settings.api_key}"
-        if (
-            settings.api_key
-            and request.url.path.startswith("/v1/")
-            and request.headers.get("authorization") != wanted
-        ):
-            e = ApiError(401, "invalid API key", "authentication_error", "invalid_api_key")
-            return _error_response(e)
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def _on_http(request: Request, e: HTTPException) -> JSONResponse:
+        # Starlette's own: no such route (404), method (405), a body it could not read (400)
+        if e.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        else:
+            message = str(e.detail)
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return error_response(ApiError(e.status_code, message, kind, None))
+
+    @app.exception_handler(Exception)
+    async def _on_bug(request: Request, e: Exception) -> JSONResponse:
+        log.error("internal error answering %s: %r", request.url.path, e, exc_info=e)
+        return error_response(ApiError(500, "internal error", "server_error", None))
 
     def check_model(name: str) -> None:
         if name != settings.model_name:
@@ -239,16 +285,16 @@ def create_app(
         _check_extras(body)
         params = _params(body)
         if not 1 <= body.n <= service.max_choices:
-            raise _invalid(f"n must be in 1..{service.max_choices}", "n")
+            raise invalid(f"n must be in 1..{service.max_choices}", "n")
         best_of = body.best_of or 1
         if not 1 <= best_of <= settings.max_best_of:
-            raise _invalid(f"best_of must be in 1..{settings.max_best_of}", "best_of")
+            raise invalid(f"best_of must be in 1..{settings.max_best_of}", "best_of")
         return params, _stops(body.stop), best_of
 
     async def submit(body: _Body, prompt: list[int], max_tokens: int | None, id_: str):
         params, stops, best_of = check_common(body)
         if max_tokens is not None and max_tokens < 1:
-            raise _invalid("max_tokens must be >= 1", "max_tokens")
+            raise invalid("max_tokens must be >= 1", "max_tokens")
         return await service.submit(
             prompt, params, request_id=id_, max_tokens=max_tokens, stop=stops,
             seed=body.seed, n=body.n, best_of=best_of,
@@ -265,51 +311,54 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = service.state is LinkState.SERVING
-        body = {"link": service.state.value, "reason": service.uplink.reason}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        state = service.state
+        body = {"link": state.value, "message": LINK_TEXT[state]}  # fixed: no inner bytes
+        return JSONResponse(body, status_code=200 if state is LinkState.SERVING else 503)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: _ChatBody) -> Any:
+    async def chat(body: _ChatBody, request: Request) -> Any:
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": _content(m)}
             for m in body.messages
         ]
         try:
-            prompt = model.chat_tokens(messages)
+            prompt = await off_loop(model.chat_tokens, messages)
         except InvalidRequest as e:
-            raise _invalid(str(e), "messages") from e
-        max_tokens = body.max_completion_tokens or body.max_tokens
+            raise invalid(str(e), "messages") from e
+        max_tokens = body.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = body.max_tokens
         sub = await submit(body, prompt, max_tokens, f"chatcmpl-{uuid.uuid4().hex[:24]}")
         if body.stream:
-            return _sse(_chunks(_CHAT, sub, body, settings, service))
-        return await _response(_CHAT, sub, body, settings, service)
+            return _sse(_chunks(_CHAT, sub, body, settings, service, request))
+        return await _response(_CHAT, sub, body, settings, service, request)
 
     @app.post("/v1/completions")
-    async def completions(body: _CompletionBody) -> Any:
+    async def completions(body: _CompletionBody, request: Request) -> Any:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
-                raise _invalid("one prompt per request", "prompt")
+                raise invalid("one prompt per request", "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = model.tokenize(prompt)
+            ids = await off_loop(model.tokenize, prompt)
         else:
             ids = list(prompt)
             if not all(0 <= t < model.info.n_vocab for t in ids):
-                raise _invalid("a prompt token id is outside the vocabulary", "prompt")
+                raise invalid("a prompt token id is outside the vocabulary", "prompt")
         if not ids:
-            raise _invalid("the prompt is empty", "prompt")
-        sub = await submit(body, ids, body.max_tokens or 16, f"cmpl-{uuid.uuid4().hex[:24]}")
+            raise invalid("the prompt is empty", "prompt")
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        sub = await submit(body, ids, max_tokens, f"cmpl-{uuid.uuid4().hex[:24]}")
         if body.stream:
-            return _sse(_chunks(_COMPLETION, sub, body, settings, service))
-        return await _response(_COMPLETION, sub, body, settings, service)
+            return _sse(_chunks(_COMPLETION, sub, body, settings, service, request))
+        return await _response(_COMPLETION, sub, body, settings, service, request)
 
     @app.post("/v1/uplimit/withheld")
     async def withheld(body: _WithheldBody) -> dict:
         """An operator asks for reasoning that stayed inside; it is uploaded and charged."""
         if not settings.reasoning:
-            raise _invalid("this server does not keep reasoning inside", "id")
+            raise invalid("this server does not keep reasoning inside", "id")
         sub = await service.retrieve(body.id)
         (choice,) = sub.choices
         text, finished = await _collect(choice)
@@ -320,23 +369,25 @@ def create_app(
             "uplimit": {"uploaded_bits": finished.bits},
         }
 
+    if settings.admin_key is not None and rollout is not None:
+        _add_admin_routes(app, rollout)
+    return app
+
+
+def _add_admin_routes(app: FastAPI, rollout: Rollout) -> None:
     @app.post("/admin/rollout", status_code=202)
     async def start_rollout(body: _RolloutBody) -> dict:
         """Send a new weak model down and switch to it (outer/rollout.py)."""
-        assert rollout is not None  # the middleware answers 404 without one
         try:
             return rollout.start(body.weak, body.calibration).as_dict()
         except RolloutBusy as e:
             raise ApiError(409, str(e), "invalid_request_error", "rollout_busy") from e
         except ConfigError as e:
-            raise _invalid(str(e), "weak") from e
+            raise invalid(str(e), "weak") from e
 
     @app.get("/admin/rollout")
     async def rollout_status() -> dict:
-        assert rollout is not None
         return rollout.status.as_dict()
-
-    return app
 
 
 def _content(m: _Message) -> str:
@@ -350,29 +401,18 @@ def _model_card(name: str) -> dict:
 # --- errors -----------------------------------------------------------------------------------
 
 
-def _error_response(e: ApiError) -> JSONResponse:
-    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-    return JSONResponse(body, status_code=e.status)
-
-
 def _api_error(e: UplimitError, service: OuterService) -> ApiError:
     """The one mapping from uplimit's errors to HTTP: the client's input is a 400, the link's
-    state a 503, and anything else our fault, a 500 with its cause in the log."""
+    state a 503 (its fixed text: the reason is in the log), and anything else our fault, a
+    500 with its cause in the log only."""
     if isinstance(e, PromptTooLong):
-        return ApiError(400, str(e), "invalid_request_error", "context_length_exceeded", "messages")
+        return invalid(str(e), "messages", "context_length_exceeded")
     if isinstance(e, InvalidRequest):
-        return _invalid(str(e), None)
-    if isinstance(e, LinkClosed) and service.state is LinkState.EXHAUSTED:
-        return ApiError(503, "upload budget exhausted", "server_error", "upload_budget_exhausted")
+        return invalid(str(e), e.param)
     if isinstance(e, LinkClosed):
-        message = f"the inner side is unreachable ({service.uplink.reason})"
-        return ApiError(503, message, "server_error", "inner_unreachable")
+        return link_error(service.state)
     log.error("internal error answering a request: %r", e, exc_info=e)
-    return ApiError(500, f"internal error: {e}", "server_error", None)
-
-
-def _link_error(finished: Finished, service: OuterService) -> ApiError:
-    return _api_error(LinkClosed(finished.error), service)
+    return ApiError(500, "internal error", "server_error", None)
 
 
 # --- responses --------------------------------------------------------------------------------
@@ -418,16 +458,43 @@ def _extra(sub: Submission, finished: Sequence[Finished], settings: ApiSettings)
     }
 
 
-async def _gather(sub: Submission, service: OuterService) -> list[tuple[str, Finished]]:
+def _charge(request: Request, bits: float) -> None:
+    """An answer's uploaded bits, to the key that asked (`outer.keys`), if it has one."""
+    name = request.scope.get("state", {}).get("api_key")
+    if name is not None:
+        request.app.state.keyring.charge(name, bits)
+
+
+class _ClientGone(Exception):
+    """The client hung up before its answer was ready; its streams are cancelled."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (its body has been read: the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _gather(
+    sub: Submission, service: OuterService, request: Request
+) -> list[tuple[str, Finished]]:
+    """Every choice's text; a client that hangs up first cancels its streams (_ClientGone)."""
+    answers = asyncio.ensure_future(asyncio.gather(*(_collect(c) for c in sub.choices)))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        results = await asyncio.gather(*(_collect(c) for c in sub.choices))
-    except asyncio.CancelledError:
-        for c in sub.choices:
-            await service.cancel(c)
-        raise
+        await asyncio.wait({answers, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request is cancelled
+        gone.cancel()
+        if not answers.done():
+            answers.cancel()
+            for c in sub.choices:
+                await service.cancel(c)
+    if not answers.done():
+        raise _ClientGone
+    results = answers.result()
     for _, f in results:
         if f.reason is Finish.ERROR:
-            raise _link_error(f, service)
+            raise link_error(service.state)
     return list(results)
 
 
@@ -455,10 +522,19 @@ _COMPLETION = _Shape("text_completion", "text_completion", chat=False)
 
 
 async def _response(
-    shape: _Shape, sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
-) -> dict:
-    results = await _gather(sub, service)
+    shape: _Shape,
+    sub: Submission,
+    body: _Body,
+    settings: ApiSettings,
+    service: OuterService,
+    request: Request,
+) -> dict | Response:
+    try:
+        results = await _gather(sub, service, request)
+    except _ClientGone:
+        return Response(status_code=CLIENT_GONE)  # no one reads it
     finished = [f for _, f in results]
+    _charge(request, sum(f.bits for f in finished))
     return {
         "id": sub.request_id,
         "object": shape.object,
@@ -512,13 +588,17 @@ async def _events(sub: Submission, service: OuterService) -> AsyncIterator[tuple
             await service.cancel(c)  # a no-op for a choice whose stream has ended
 
 
-def _stream_error(finished: Finished, service: OuterService) -> dict:
-    e = _link_error(finished, service)
-    return {"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}}
+def _stream_error(service: OuterService) -> dict:
+    return link_error(service.state).body()
 
 
 async def _chunks(
-    shape: _Shape, sub: Submission, body: _Body, settings: ApiSettings, service: OuterService
+    shape: _Shape,
+    sub: Submission,
+    body: _Body,
+    settings: ApiSettings,
+    service: OuterService,
+    request: Request,
 ) -> AsyncIterator[dict]:
     created = int(time.time())
 
@@ -540,10 +620,11 @@ async def _chunks(
         if isinstance(event, str):
             yield chunk(i, shape.delta(event))
         elif event.reason is Finish.ERROR:
-            yield _stream_error(event, service)
+            yield _stream_error(service)
             return
         else:
             finished[i] = event
+            _charge(request, event.bits)
             extra = _choice_extra(sub, i, event, settings)
             yield chunk(i, shape.delta(""), event.reason.openai, uplimit=extra)
     if (body.stream_options or {}).get("include_usage"):

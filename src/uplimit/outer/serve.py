@@ -21,12 +21,14 @@ import uvicorn
 
 from uplimit.coding.calibration import configured as configured_calibration
 from uplimit.config import Config, rollout_record_path
+from uplimit.errors import ConfigError
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics, serve_metrics
 from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import load_configured
-from uplimit.outer.app import ApiSettings, create_app
+from uplimit.outer.app import ApiSettings, create_app, server_config
+from uplimit.outer.keys import KeyRing, load_keys
 from uplimit.outer.link import TransportUplink
 from uplimit.outer.monitor import BitsMonitor, MonitorThresholds
 from uplimit.outer.rollout import Rollout
@@ -38,7 +40,7 @@ from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import FrameConfig, FrameDecoder
 from uplimit.wire.protocol import DownlinkLimits
 
-__all__ = ["configured_monitor", "configured_verifier_feed", "serve_outer"]
+__all__ = ["configured_keys", "configured_monitor", "configured_verifier_feed", "serve_outer"]
 
 # On SIGTERM, requests still running after this long are cut (a non-streaming request only
 # notices a gone client when it answers, so without a limit a stop waits for every answer).
@@ -67,6 +69,7 @@ async def serve_outer(
     counter = ReceiveCounter(config.path(config.link.receive_counter, "received.db"))
 
     metrics = OuterMetrics()
+    keyring = configured_keys(config, metrics)
     feed = configured_verifier_feed(config, metrics)
     budget = config.link.lifetime_budget_bytes or None  # 0: the inner's default, unknown here
 
@@ -113,11 +116,13 @@ async def serve_outer(
             api_key=config.outer.api_key or None,
             reasoning=config.reasoning is not None,
             admin_key=config.outer.admin_key or None,
+            max_body_bytes=config.outer.max_body_bytes or None,
+            max_requests=config.outer.max_requests,
         )
-        app = create_app(service, settings, rollout, status)
+        app = create_app(service, settings, rollout, status, keyring)
         server = uvicorn.Server(
-            uvicorn.Config(
-                app, host=config.outer.host, port=config.outer.port, log_level="warning",
+            server_config(
+                app, settings, config.outer.host, config.outer.port,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             )
         )  # fmt: skip
@@ -156,6 +161,17 @@ def _alarms(uplink: TransportUplink, service: OuterService) -> list[Alarm]:
     if service.monitor is not None:
         found += [Alarm(a.at, "bits", a.describe()) for a in service.monitor.alarms]
     return found
+
+
+def configured_keys(config: Config, metrics: OuterMetrics) -> KeyRing | None:
+    """The API keys of `[outer] keys_file`, their usage in `metrics`; None when unset. A
+    configured file that is missing refuses to start: it is not "no limits"."""
+    if not config.outer.keys_file:
+        return None
+    path = Path(config.outer.keys_file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"outer.keys_file {path} does not exist")
+    return KeyRing(load_keys(path), registry=metrics.registry)
 
 
 def configured_monitor(config: Config, metrics: OuterMetrics) -> BitsMonitor | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import secrets
 from collections import defaultdict
 from collections.abc import Callable
@@ -48,6 +49,8 @@ from uplimit.wire.streams import StreamSpec, StreamState, ends_stream
 __all__ = ["Choice", "Finished", "OuterService", "PromptTooLong", "StreamEndHook", "Submission"]
 
 SEED_MODULUS = 1 << 64
+
+log = logging.getLogger(__name__)
 
 # (the stream's request, every token decoded for it); called on the event loop
 StreamEndHook = Callable[[GenerationRequest, tuple[int, ...]], None]
@@ -303,6 +306,8 @@ class OuterService:
 
     async def _watch_link(self) -> None:
         state = await self.uplink.wait_final()
+        # Users read a fixed text per state (`outer.api_errors`); the reason is for operators.
+        log.warning("the link is %s: %s", state, self.uplink.reason)
         for choice in self._open.values():
             if choice.finished is None:
                 self._finish(choice, Finish.ERROR, f"link {state}: {self.uplink.reason}")

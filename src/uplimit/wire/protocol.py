@@ -67,6 +67,13 @@ from typing import TypeAlias
 
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, InternalError, InvalidRequest, ProtocolError
+from uplimit.wire.limits import (
+    MAX_EXTRA_BYTES,
+    MAX_PROMPT_TOKENS,
+    MAX_STREAM_ID,
+    MAX_STREAM_TOKENS,
+    MAX_TOP_K,
+)
 from uplimit.wire.parsing import Cursor, Parser, ParserState, read_uvarint, uvarint
 from uplimit.wire.streams import StreamSpec
 
@@ -122,13 +129,8 @@ MAX_FIELDS = 64
 MAX_KEY_BYTES = 64
 MAX_VALUE_BYTES = 4096  # a llama.cpp build string with its CPU features is a few hundred
 MAX_REFUSE_VALUE_BYTES = 255  # one length byte; longer values are shortened (fingerprint)
-# Qwen2.5's longest context; also bounds max_tokens of one stream.
-MAX_PROMPT_TOKENS = 131_072
-MAX_STREAM_TOKENS = 131_072
-# An OPEN_STREAM's service fields: 4 stop sequences of 256 bytes and a few ids, as JSON.
-MAX_EXTRA_BYTES = 1 << 16
-MAX_STREAM_ID = (1 << 63) - 1
-MAX_TOP_K = 1 << 32
+# A stream request's limits (prompt, max_tokens, top_k, extra, ...) are `wire.limits`'s,
+# the table the gateway checks requests against.
 MAX_FRAME_NO = (1 << 32) - 1  # raw resends carry the frame number in 32 bits (wire.frame)
 # A weak model file: Qwen2.5-Coder 0.5B is 0.5 GB in Q4_K_M, 1 GB in F16; room for 64 GiB.
 MAX_MODEL_BYTES = 1 << 36

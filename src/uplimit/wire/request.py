@@ -21,6 +21,13 @@ import json
 from dataclasses import dataclass
 
 from uplimit.errors import InvalidRequest, ProtocolError
+from uplimit.wire.limits import (
+    MAX_BEST_OF,
+    MAX_EXTRA_BYTES,
+    MAX_REQUEST_ID_BYTES,
+    MAX_STOP_BYTES,
+    MAX_STOPS,
+)
 from uplimit.wire.streams import StreamSpec
 
 __all__ = [
@@ -33,10 +40,6 @@ __all__ = [
     "derive_seed",
     "withheld_id",
 ]
-
-MAX_STOPS = 4  # OpenAI's limit on stop sequences
-MAX_STOP_BYTES = 256  # bounds the matcher's hold-back, so streaming never stalls on it
-MAX_BEST_OF = 16  # candidates per stream: each costs the inner a strong-model sequence
 
 
 def derive_seed(seed: int, *labels: object) -> int:
@@ -68,13 +71,27 @@ class GenerationRequest:
     withheld_id: str | None = None
 
     def __post_init__(self) -> None:
+        # The limits of `wire.limits` (the spec checks its own): what the inner accepts.
         if len(self.stop) > MAX_STOPS:
-            raise InvalidRequest(f"at most {MAX_STOPS} stop sequences, got {len(self.stop)}")
+            raise InvalidRequest(
+                f"at most {MAX_STOPS} stop sequences, got {len(self.stop)}", param="stop"
+            )
         for s in self.stop:
-            if not s or len(s.encode()) > MAX_STOP_BYTES:
-                raise InvalidRequest(f"a stop sequence must have 1..{MAX_STOP_BYTES} bytes")
+            if not 1 <= len(_utf8(s, "stop")) <= MAX_STOP_BYTES:
+                raise InvalidRequest(
+                    f"a stop sequence must have 1..{MAX_STOP_BYTES} bytes", param="stop"
+                )
         if not 1 <= self.best_of <= MAX_BEST_OF:
-            raise InvalidRequest(f"best_of must be in 1..{MAX_BEST_OF}, got {self.best_of}")
+            raise InvalidRequest(
+                f"best_of must be in 1..{MAX_BEST_OF}, got {self.best_of}", param="best_of"
+            )
+        for name, value in (("request_id", self.request_id), ("id", self.withheld_id or "x")):
+            if not (value.isprintable() and 1 <= len(_utf8(value, name)) <= MAX_REQUEST_ID_BYTES):
+                raise InvalidRequest(
+                    f"{name} must be 1..{MAX_REQUEST_ID_BYTES} printable bytes", param=name
+                )
+        if len(self.extra()) > MAX_EXTRA_BYTES:
+            raise InvalidRequest(f"the request's options are over {MAX_EXTRA_BYTES} bytes")
 
     def extra(self) -> bytes:
         """Everything but the spec, for OPEN_STREAM's `extra` field (compact JSON)."""
@@ -97,6 +114,13 @@ class GenerationRequest:
             )
         except (KeyError, TypeError, ValueError, AttributeError, InvalidRequest) as e:
             raise ProtocolError(f"invalid stream options: {e!r}") from e
+
+
+def _utf8(text: str, param: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as e:  # a lone surrogate, from a JSON escape
+        raise InvalidRequest(f"{param} is not valid Unicode", param=param) from e
 
 
 def withheld_id(request_id: str, stream_id: int) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from uplimit.coding.codec import StepContext
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import InternalError, InvalidRequest
+from uplimit.wire.limits import MAX_PROMPT_TOKENS, MAX_STREAM_ID, MAX_STREAM_TOKENS, MAX_TOP_K
 
 __all__ = ["StreamSpec", "StreamState", "StreamTable", "ends_stream"]
 
@@ -38,12 +39,22 @@ class StreamSpec:
     max_tokens: int
 
     def __post_init__(self) -> None:
+        # The limits of `wire.limits`: the downlink parser refuses anything past them.
         if not self.prompt:
-            raise InvalidRequest("a stream needs a non-empty prompt")
-        if self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidRequest("a stream needs a non-empty prompt", param="prompt")
+        if len(self.prompt) > MAX_PROMPT_TOKENS:
+            raise InvalidRequest(f"a prompt has at most {MAX_PROMPT_TOKENS} tokens", param="prompt")
+        if not 1 <= self.max_tokens <= MAX_STREAM_TOKENS:
+            raise InvalidRequest(
+                f"max_tokens must be in 1..{MAX_STREAM_TOKENS}, got {self.max_tokens}",
+                param="max_tokens",
+            )
         if not 0 <= self.seed < 1 << 64:
-            raise InvalidRequest("seed must be in [0, 2**64)")
+            raise InvalidRequest("seed must be in [0, 2**64)", param="seed")
+        if self.params.top_k > MAX_TOP_K:
+            raise InvalidRequest(f"top_k must be at most {MAX_TOP_K}", param="top_k")
+        if not 0 <= self.stream_id <= MAX_STREAM_ID:
+            raise InternalError(f"stream id {self.stream_id} is out of range")
 
 
 @dataclass

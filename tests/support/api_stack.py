@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from support.config import link_files, tiny_models, write_config
+from support.config import init_ledger_for, link_files, tiny_models, write_config
 from support.net import free_port
 from support.waiting import stop_task, wait_healthy
 from uplimit.config import Config
@@ -73,6 +73,7 @@ def served_api(
     link to serve, only for the API to answer. `stop_inner` gets a function that stops the
     inner side now (as a signal would), from any thread."""
     url = f"http://127.0.0.1:{config.outer.port}"
+    init_ledger_for(inner_config or config)  # as `uplimit budget init` would, once
     ready = threading.Event()
     stop: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
     failure: list[BaseException] = []

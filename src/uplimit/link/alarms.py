@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Alarm:
     at: float
-    kind: str  # "budget-exhausted" | "budget-changed" (ledger); "downlink" (inner); AlarmKind
+    kind: str  # "budget-exhausted" | "budget-changed" (ledger); "downlink", "stalled" (inner);
+    # AlarmKind (outer)
     message: str
     link: str = ""  # the ledger's name for the link, when a ledger raised it
     seq: int | None = None  # the ledger's durable record of it

@@ -8,6 +8,11 @@
   leaves `END_RESERVE_BYTES` for an END message; when it does not, the inner sends END
   (reason: which budget) instead and stops. If another link sharing the budget takes those
   bytes first, the ledger refuses and the uplink just closes (the outer sees no END).
+- a frame the per-second window refuses waits for the next second; after `STALL_LIMIT_S` of
+  waiting (a window that does not roll over, a budget other links keep spending) the inner
+  raises an alarm and sends END (per-second) rather than stall in silence. Windows are read on
+  the ledger's clock (`budget.steady_time` unless injected); the wait is timed on the monotonic
+  clock.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from uplimit.errors import BudgetExhausted, ConfigError, LinkClosed, LinkError
 from uplimit.link.alarms import Alarm, AlarmHook, raise_alarm
-from uplimit.link.budget import DEFAULT_TICK_S, Limit, decide
+from uplimit.link.budget import DEFAULT_TICK_S, Limit, decide, steady_time
 from uplimit.link.ledger import ChargeReceipt, Ledger
 from uplimit.link.meter import MeteredWriter, OpenConnection
 from uplimit.link.transport import HANDSHAKE_TIMEOUT_S, READ_BYTES
@@ -60,6 +66,7 @@ from uplimit.wire.streams import StreamSpec
 
 __all__ = [
     "END_RESERVE_BYTES",
+    "STALL_LIMIT_S",
     "DownlinkLog",
     "FrameSource",
     "InnerLink",
@@ -74,6 +81,9 @@ log = logging.getLogger(__name__)
 # plus a byte if the tick slips); END is 2 bytes plus its timing. The frame sent last left at
 # least R - T, which must cover 2 + T: R >= 2 + 2T = 26.
 END_RESERVE_BYTES = 32
+
+# A frame that the per-second window has refused for this long ends the link (module doc).
+STALL_LIMIT_S = 5.0
 
 _END_FOR = {Limit.LIFETIME: EndReason.LIFETIME, Limit.PER_DAY: EndReason.PER_DAY}
 
@@ -157,6 +167,8 @@ class InnerLink:
         n_vocab: int | None,
         tick_s: float,
         on_alarm: AlarmHook | None,
+        clock: Callable[[], float],
+        stall_limit_s: float,
     ) -> None:
         self._reader, self._down = reader, writer  # never written to: outer -> inner only
         self._ledger = ledger
@@ -170,6 +182,8 @@ class InnerLink:
         self._pump: asyncio.Task[None] | None = None
         self._on_alarm = on_alarm
         self.tick_s = tick_s
+        self._clock = clock  # the ledger's, for the windows
+        self._stall_limit_s = stall_limit_s
         self.alarms: list[Alarm] = []
         self.outer_fingerprint: dict[str, str] = {}
         self._closed = False
@@ -190,12 +204,14 @@ class InnerLink:
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         on_alarm: AlarmHook | None = None,
         open_connection: OpenConnection = asyncio.open_connection,
+        clock: Callable[[], float] = steady_time,
+        stall_limit_s: float = STALL_LIMIT_S,
     ) -> InnerLink:
         """Connect both connections and shake hands; raises `FingerprintMismatch` (after
         sending the refusal up) if the outer's fingerprint differs from `fingerprint`.
 
         `n_vocab`: prompt token ids must be below it (default: the fingerprint's
-        `frame.n_vocab`, when it has one).
+        `frame.n_vocab`, when it has one). `clock`: the ledger's (module doc).
         """
         if n_vocab is None:
             n_vocab = vocabulary_size(fingerprint)
@@ -214,6 +230,8 @@ class InnerLink:
             n_vocab=n_vocab,
             tick_s=tick_s,
             on_alarm=on_alarm,
+            clock=clock,
+            stall_limit_s=stall_limit_s,
         )
         try:
             async with asyncio.timeout(handshake_timeout_s):
@@ -313,6 +331,7 @@ class InnerLink:
         uplink = self.uplink_writer()
         wire = encode_uplink(Frame(frame))
         need = len(wire) + END_RESERVE_BYTES
+        waiting_since = None
         while True:
             state = await asyncio.to_thread(self._ledger.usage)
             if state.exhausted_by is not None:  # latched: not even END can be paid for
@@ -321,13 +340,20 @@ class InnerLink:
                     f"upload budget exhausted ({state.exhausted_by.label})",
                     limit=state.exhausted_by.value,
                 )
-            refused = decide(state.budgets, state.usage, need, time.time()).refused
+            refused = decide(state.budgets, state.usage, need, self._clock()).refused
             if refused is None:
                 return await uplink.send(wire, note=f"frame {len(frame)} B")
             per_second = state.budgets.per_second_bytes
             if refused is Limit.PER_SECOND and per_second is not None and need <= per_second:
-                await asyncio.sleep(1.0 - time.time() % 1.0)  # room in the next second
-                continue
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since < self._stall_limit_s:
+                    await asyncio.sleep(1.0 - self._clock() % 1.0)  # room in the next second
+                    continue
+                raise_alarm(
+                    self.alarms, self._on_alarm, "stalled",
+                    f"the per-second window refused a frame of {len(wire):,} bytes for"
+                    f" {self._stall_limit_s} s (is the clock stuck?); sending END",
+                )  # fmt: skip
             await self.end(_END_FOR.get(refused, EndReason.PER_SECOND))
             raise BudgetExhausted(
                 f"upload budget exhausted: the {refused.label} budget cannot pay for a frame of"

@@ -18,8 +18,10 @@ Contract of `Ledger.charge(n_bytes, timing_bytes=..., note=...)`:
 fsync'd). `PostgresLedger` keeps named budgets that several links share (fsync must be on,
 `synchronous_commit=on`). `open_ledger` picks one from a path or a `postgresql://` URL.
 
-Times are unix seconds. SQLite uses the local clock; PostgreSQL the server's clock, so links
-sharing a budget agree on windows (a clock can be injected for tests).
+Times are unix seconds. SQLite uses `budget.steady_time` (the wall clock at start, carried by
+the monotonic clock: no clock step moves a window while the process runs); PostgreSQL the
+server's clock, so links sharing a budget agree on windows (`budget.Usage.at` keeps a step of it
+from resetting or stalling a window). A clock can be injected for tests.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import logging
 import socket
 import sqlite3
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -40,7 +41,7 @@ from typing import Any, Protocol
 from uplimit.errors import BudgetExhausted, ConfigError, LedgerError
 from uplimit.link._sqlite import LOCK_WAIT_S, connect_durable
 from uplimit.link.alarms import Alarm, AlarmHook
-from uplimit.link.budget import Budgets, Limit, Usage, decide
+from uplimit.link.budget import Budgets, Limit, Usage, decide, steady_time
 
 __all__ = [
     "Alarm",
@@ -468,7 +469,7 @@ class SqliteLedger(_SqlLedger):
     ) -> None:
         super().__init__(name=name, link=link, on_alarm=on_alarm)
         self.path = Path(path)
-        self._clock = clock or time.time
+        self._clock = clock or steady_time
         self._db = connect_durable(self.path)
         try:
             with self._transaction() as execute:

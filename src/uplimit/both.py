@@ -33,7 +33,7 @@ from uplimit.models.base import LanguageModel, ModelInfo
 from uplimit.outer.link import TransportUplink
 from uplimit.outer.serve import serve_outer
 from uplimit.wire.fingerprint import codec_fingerprint
-from uplimit.wire.frame import FrameContent, FrameDecoder, FrameStats
+from uplimit.wire.frame import FrameContent, FrameDecoder, FrameStats, max_frame_bytes
 from uplimit.wire.protocol import EndReason
 
 __all__ = ["InProcess", "in_process", "serve_both"]
@@ -81,9 +81,11 @@ async def in_process(
     Both ends are the production ones over `link.memory` instead of TCP: the handshake (each
     side's codec fingerprint from its own frame configuration), the inner's `serve_frames`
     (charged before sending, END reserve, timing charge, resends), the outer's receiver and
-    receive counter. `inner` is started here and closed on the way out, after SHUTDOWN."""
+    receive counter and receive budget (the ledger's lifetime figure). `inner` is started here
+    and closed on the way out, after SHUTDOWN."""
     network = MemoryNetwork()
     counter = ReceiveCounter(workdir / "received.db")
+    budget = ledger.usage().budgets.lifetime_bytes  # the outer's own, the same figure
     pair: InProcess | None = None
 
     def build(hook: FrameHook) -> OuterLink:
@@ -93,7 +95,10 @@ async def in_process(
             hook(content, stats)
 
         fingerprint = codec_fingerprint(weak, calibration, decoder.config)
-        return OuterLink(fingerprint, decoder, counter, on_frame=deliver)
+        return OuterLink(
+            fingerprint, decoder, counter, on_frame=deliver, budget_bytes=budget,
+            max_frame_bytes=max_frame_bytes(decoder.config, inner.config.max_streams),
+        )  # fmt: skip
 
     pair = InProcess(TransportUplink(build, decoder))
     outer = pair.uplink.link

@@ -77,7 +77,9 @@ class LinkConfig:
     uplink_port: int = 7302
     tick_s: float = 0.1
     ledger: str = ""  # SQLite path or postgresql:// URL; "": $UPLIMIT_HOME/ledger.db
-    lifetime_budget_bytes: int = 0  # 0: 1 % of the strong weights
+    # 0: 1 % of the strong weights; the outer enforces it too, and knows that size only for
+    # the pinned pair (`outer.serve.receive_budget_bytes`): set it for any other strong model.
+    lifetime_budget_bytes: int = 0
     per_day_budget_bytes: int = 0  # 0: none
     per_second_budget_bytes: int = 0  # 0: none
     downlink_log: str = ""  # "": $UPLIMIT_HOME/downlink.jsonl

@@ -21,7 +21,13 @@ from uplimit.link.ledger import SqliteLedger
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.outer_link import OuterLink
 from uplimit.wire.fingerprint import codec_fingerprint
-from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
+from uplimit.wire.frame import (
+    FrameConfig,
+    FrameContent,
+    FrameDecoder,
+    FrameEncoder,
+    max_frame_bytes,
+)
 from uplimit.wire.protocol import EndReason
 from uplimit.wire.receiver import LinkState
 
@@ -73,7 +79,10 @@ async def linked(
             tmp_path / "ledger.db", Budgets(1 << 20, None, PER_SECOND), clock=clock
         )
         stack.callback(ledger.close)
-        outer = OuterLink(fingerprint, decoder, counter)
+        outer = OuterLink(
+            fingerprint, decoder, counter, budget_bytes=1 << 20,
+            max_frame_bytes=max_frame_bytes(config, 4),
+        )  # fmt: skip
         await outer.start(HOST)
         try:
             inner = await InnerLink.connect(

@@ -31,7 +31,14 @@ from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics, serve_metrics
 from uplimit.link.outer_link import OuterLink
 from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_digest
-from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
+from uplimit.wire.frame import (
+    FrameConfig,
+    FrameContent,
+    FrameDecoder,
+    FrameEncoder,
+    max_frame_bytes,
+)
+from uplimit.wire.parsing import uvarint
 from uplimit.wire.protocol import (
     DOWNLINK_PREAMBLE,
     Accept,
@@ -162,7 +169,8 @@ class Outer:
             self.counter,
             on_frame=self._frame,
             metrics=self.metrics,
-            **options,
+            **{"budget_bytes": 100_000, "max_frame_bytes": max_frame_bytes(self.config, 64)}
+            | options,
         )
 
     def _frame(self, content: FrameContent, stats) -> None:
@@ -179,7 +187,7 @@ class Outer:
 
 @pytest.fixture
 def outer(tiny_weak, tmp_path):
-    o = Outer(tiny_weak, tmp_path, budget_bytes=100_000)
+    o = Outer(tiny_weak, tmp_path)
     yield o
     o.close()
 
@@ -450,7 +458,7 @@ def test_replayed_reordered_or_truncated_frames_are_rejected_then_recovered(oute
 
 
 BAD_UPLINKS = {
-    "oversized frame": (bytes([0x81, 0x80, 0x40]), AlarmKind.PROTOCOL, "exceeds 1048576"),
+    "oversized frame": (bytes([0x81, 0x80, 0x40]), AlarmKind.PROTOCOL, "frame length"),
     "non-minimal length": (b"\x85\x00" + bytes(5), AlarmKind.PROTOCOL, "not minimally"),
     "unknown END reason": (b"\x00\x63", AlarmKind.PROTOCOL, "unknown END reason 99"),
     "bytes after END": (b"\x00\x04\x01", AlarmKind.PROTOCOL, "after the last message"),
@@ -505,8 +513,90 @@ def test_bytes_from_the_inner_on_the_downlink_fail_the_link_and_are_counted(oute
 
     run(main)
     assert outer.kinds() == [AlarmKind.DOWNLINK_UPLOAD] and "bypassing" in outer.link.reason
-    # The receive counter has them: `uplimit meters` shows more received than charged.
-    assert outer.counter.total() == 5 + len(coded.wire(0)) + 4
+    # The receive counter has the byte the outer read (one proves it, and it reads no more):
+    # `uplimit meters` shows more received than charged.
+    assert outer.counter.total() == 5 + len(coded.wire(0)) + 1
+
+
+def test_a_frame_longer_than_the_stream_table_can_need_fails_the_link(outer, coded):
+    """The cap is the frame bound of the outer's coding config, not the protocol's 1 MiB: a
+    frame of the bound is decoded (and rejected: it is zeros); one byte more fails the link as
+    soon as its length is read."""
+    bound = max_frame_bytes(outer.config, 64)
+
+    async def main():
+        fake = await serving_fake(outer, coded)
+        await fake.send(encode_uplink(Frame(bytes(bound))))
+        await until(lambda: AlarmKind.MISMATCH in outer.kinds(), 10)
+        assert outer.link.state is LinkState.SERVING
+        await fake.send(uvarint(bound + 1) + bytes(bound + 1))
+        await outer.link.wait_final(10)
+        fake.close()
+        await outer.link.aclose()
+
+    assert 1000 < bound < 10_000
+    run(main)
+    assert outer.kinds()[-1] == AlarmKind.PROTOCOL and f"exceeds {bound}" in outer.link.reason
+
+
+def test_an_inner_that_floods_past_its_ledger_meets_the_outers_own_budget(tmp_path, tiny_weak):
+    """A process that skips the ledger (`redteam.flood`) writes 64 kB of frames the decoder
+    rejects: the outer counts them against its own budget, reads not one byte past it, fails
+    the link with an alarm, and its metric shows nothing left."""
+    budget = 6_000
+    o = Outer(tiny_weak, tmp_path, budget_bytes=budget)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(random.Random(3).randbytes(64_000))
+
+    async def main():
+        await o.link.start(HOST)
+        argv = [
+            sys.executable, "-m", "uplimit.redteam.flood", HOST, str(o.link.downlink_port),
+            str(o.link.uplink_port), fingerprint_digest(o.fingerprint).hex(), str(secret), "300",
+        ]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), SLOW)
+        assert await o.link.wait_final(10) is LinkState.FAILED
+        await o.link.aclose()
+        return int(out.split()[1])
+
+    try:
+        sent = asyncio.run(main())
+        # It wrote more; the outer read up to the budget (less the byte that the downlink's
+        # pending read holds until the inner closes it), never past it.
+        assert budget - 1 <= o.counter.total() <= budget < sent
+        assert AlarmKind.RECEIVE_BUDGET in o.kinds()
+        assert o.link.reason.startswith("the outer's receive budget of 6,000 bytes is spent")
+        assert o.metrics.registry.get_sample_value("uplimit_budget_left_bytes") == 0
+        kind = {"kind": "receive-budget"}
+        assert o.metrics.registry.get_sample_value("uplimit_alarms_total", kind) == 1
+    finally:
+        o.close()
+
+
+def test_an_outer_whose_budget_is_spent_takes_no_inner(tmp_path, tiny_weak):
+    """The count is durable: an outer restarted on a spent budget fails at once, alarms, and
+    reads nothing from whoever connects."""
+    first = Outer(tiny_weak, tmp_path, budget_bytes=10)
+    first.counter.add(10)
+    first.close()
+    o = Outer(tiny_weak, tmp_path, budget_bytes=10)
+
+    async def main():
+        await o.link.start(HOST)
+        assert o.link.state is LinkState.FAILED
+        with contextlib.suppress(OSError):
+            _, w = await asyncio.open_connection(HOST, o.link.downlink_port)
+            w.write(b"x" * 100)
+            w.close()
+        await asyncio.sleep(0.2)
+        await o.link.aclose()
+
+    try:
+        asyncio.run(main())
+        assert o.counter.total() == 10 and o.kinds() == [AlarmKind.RECEIVE_BUDGET]
+    finally:
+        o.close()
 
 
 @pytest.mark.parametrize("then", ["END", "nothing"])

@@ -10,8 +10,8 @@ optional port, `inner.verifier`, is for the inner side's own network.)
     uplimit_budget_left_bytes         lifetime budget less every uplink byte ever received:
                                       an upper bound, the inner's ledger also charges timing
                                       and connections (`uplimit meters` has the exact figure);
-                                      NaN when the outer's config leaves the budget to the
-                                      inner's default (lifetime_budget_bytes = 0)
+                                      0: the outer's own receive budget is spent and it reads
+                                      nothing more (alarm kind "receive-budget")
     uplimit_bits_per_token            histogram, per decoded frame with tokens: its uplink
                                       bits (length prefix included) per token
     uplimit_frames_total{outcome}     frames decoded / rejected

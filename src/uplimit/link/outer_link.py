@@ -3,7 +3,11 @@
 It accepts one inner (the uplink must come from the downlink's address; other connections
 are closed and alarmed), counts every byte read from the inner on either connection
 (`MeteredReader` into the `ReceiveCounter`: bytes on the downlink are an upload that bypassed
-the meter, and fail the link), decodes frames with the frame decoder, delivers decoded frames
+the meter, and fail the link), enforces its own lifetime receive budget on that count
+(`ReceiveBudget`: when it is spent the outer reads nothing more and fails the link, whatever
+the inner's ledger says), refuses any frame longer than the stream table can need
+(`max_frame_bytes`, `wire.frame.max_frame_bytes`) before reading it, decodes frames with the
+frame decoder, delivers decoded frames
 only, asks for resends, and keeps `state` (`wire.receiver.LinkState`): a gateway answers 503
 unless it is `serving`. Alarms go to the log (ERROR), `alarms`, the metrics and `on_alarm`.
 Nothing the inner sends can raise out of the outer's tasks.
@@ -16,16 +20,15 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from uplimit.errors import ConfigError, InvalidRequest, LinkClosed, ProtocolError
+from uplimit.errors import BudgetExhausted, ConfigError, InvalidRequest, LinkClosed, ProtocolError
 from uplimit.link.alarms import Alarm, AlarmHook, raise_alarm
-from uplimit.link.meter import MeteredReader, ReceiveCounter
+from uplimit.link.meter import MeteredReader, ReceiveBudget, ReceiveCounter
 from uplimit.link.metrics import OuterMetrics
-from uplimit.link.transport import HANDSHAKE_TIMEOUT_S
+from uplimit.link.transport import HANDSHAKE_TIMEOUT_S, READ_BYTES
 from uplimit.wire.fingerprint import fingerprint_sha256, vocabulary_size
 from uplimit.wire.frame import FrameContent, FrameStats
 from uplimit.wire.protocol import (
     DOWNLINK_PREAMBLE,
-    MAX_FRAME_BYTES,
     Cancel,
     DownlinkLimits,
     DownlinkMessage,
@@ -75,24 +78,27 @@ class OuterLink:
         *,
         on_frame: FrameHook | None = None,
         on_alarm: AlarmHook | None = None,
+        budget_bytes: int,
+        max_frame_bytes: int,
         metrics: OuterMetrics | None = None,
-        budget_bytes: int | None = None,
-        max_frame_bytes: int = MAX_FRAME_BYTES,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         downlink_grace_s: float = DOWNLINK_GRACE_S,
         downlink_limits: DownlinkLimits | None = None,
     ) -> None:
-        """`downlink_limits`: what the inner's downlink parser enforces (the same
+        """`budget_bytes`: the outer's lifetime receive budget over `counter` (there is no
+        unlimited); `max_frame_bytes`: `wire.frame.max_frame_bytes` of the coding config.
+        `downlink_limits`: what the inner's downlink parser enforces (the same
         configuration); a stream it would refuse is refused here instead (`open_stream`)."""
         self.fingerprint = dict(fingerprint)
         self._downlink_limits = downlink_limits or DownlinkLimits()
         self._decoder = decoder
         self._receiver = UplinkReceiver(fingerprint, decoder, max_frame_bytes=max_frame_bytes)
         self._counter = counter
+        self._budget = ReceiveBudget(counter, budget_bytes)
         self._on_frame = on_frame
         self._on_alarm = on_alarm
         self.metrics = metrics
-        if metrics is not None and budget_bytes is not None:
+        if metrics is not None:
             metrics.set_budget(budget_bytes, counter.total())
         self._handshake_timeout_s = handshake_timeout_s
         self._downlink_grace_s = downlink_grace_s
@@ -142,6 +148,15 @@ class OuterLink:
         self._servers = [down, up]
         self.downlink_port = down.sockets[0].getsockname()[1]
         self.uplink_port = up.sockets[0].getsockname()[1]
+        if self._budget.left() <= 0:  # spent by an earlier run: take no inner at all
+            await self._budget_spent()
+
+    async def _budget_spent(self) -> None:
+        await self._fail(
+            AlarmKind.RECEIVE_BUDGET,
+            f"the outer's receive budget of {self._budget.budget_bytes:,} bytes is spent"
+            f" ({self._counter.total():,} bytes received); reading nothing more",
+        )
 
     async def wait_serving(self, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
         """Until the handshake succeeded; raises `LinkClosed` with the reason if it failed."""
@@ -265,16 +280,19 @@ class OuterLink:
             await self._send_down_raw(
                 DOWNLINK_PREAMBLE + encode_downlink(Hello.of(self.fingerprint))
             )
-            # Outer -> inner only: any byte the inner sends here bypassed its meter.
-            metered = MeteredReader(reader, self._counter)
-            data = await metered.read()
+            # Outer -> inner only: any byte the inner sends here bypassed its meter. One byte
+            # proves it, and a pending read of one holds one byte of the receive budget.
+            metered = MeteredReader(reader, self._counter, self._budget)
+            data = await metered.read(1)
             if data:
                 self._received(len(data))
                 await self._fail(
                     AlarmKind.DOWNLINK_UPLOAD,
-                    f"the inner sent {len(data)} bytes on the downlink, bypassing its meter",
+                    "the inner sent bytes on the downlink, bypassing its meter",
                 )
             self._downlink_lost("the inner closed the downlink")
+        except BudgetExhausted:
+            await self._budget_spent()
         except (ConnectionError, OSError) as e:
             self._downlink_lost(f"downlink connection failed: {e}")
         except Exception as e:  # never let a bug here pass silently or crash the server
@@ -304,11 +322,14 @@ class OuterLink:
             return
         self._up_connected = True
         self._writers.append(writer)
-        metered = MeteredReader(reader, self._counter)
+        metered = MeteredReader(reader, self._counter, self._budget)
         try:
             while True:
                 try:
-                    data = await metered.read()
+                    data = await metered.read(READ_BYTES)
+                except BudgetExhausted:
+                    await self._budget_spent()
+                    break
                 except (ConnectionError, OSError) as e:
                     await self._fail(AlarmKind.CLOSED, f"uplink connection failed: {e}")
                     break

@@ -41,7 +41,13 @@ from uplimit.outer.monitor import BitsMonitor, MonitorAlarm, MonitorThresholds
 from uplimit.outer.service import Finished, OuterService
 from uplimit.wire.checks import CheckJob
 from uplimit.wire.fingerprint import codec_fingerprint
-from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameStats
+from uplimit.wire.frame import (
+    FrameConfig,
+    FrameContent,
+    FrameDecoder,
+    FrameStats,
+    max_frame_bytes,
+)
 from uplimit.wire.receiver import LinkState
 from uplimit.wire.streams import StreamSpec, StreamState
 
@@ -203,7 +209,10 @@ class Live:
                 tap.frame(content, stats, time.time())
                 hook(content, stats)
 
-            return OuterLink(fingerprint, decoder, counter, on_frame=on_frame)
+            return OuterLink(
+                fingerprint, decoder, counter, on_frame=on_frame, budget_bytes=s.budget_bytes,
+                max_frame_bytes=max_frame_bytes(frame_config, s.max_streams),
+            )  # fmt: skip
 
         uplink = TransportUplink(build, decoder)
         monitor = BitsMonitor(self.thresholds)

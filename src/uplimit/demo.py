@@ -37,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from uplimit.errors import BackendError
+from uplimit.link.auth import create_secret
 from uplimit.link.budget import Budgets
 from uplimit.link.kernel import KernelMeter, KernelReading, available
 from uplimit.link.ledger import LedgerState, open_ledger
@@ -77,9 +78,11 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _config(workdir: Path, link_host: str, budget: int) -> tuple[Path, int]:
-    """The demo's config file, and the outer's HTTP port."""
+def _config(workdir: Path, link_host: str, inner_address: str, budget: int) -> tuple[Path, int]:
+    """The demo's config file (and the link's secret, 0600, beside it), and the outer's HTTP
+    port."""
     path, port = workdir / "uplimit.toml", _free_port()
+    secret = create_secret(workdir / "link.secret")
     path.write_text(
         f"""[models]
 threads = 1  # three model contexts share the cores: more threads only spin
@@ -94,6 +97,8 @@ ledger = "{workdir / "ledger.db"}"
 lifetime_budget_bytes = {budget}
 downlink_log = "{workdir / "downlink.jsonl"}"
 receive_counter = "{workdir / "received.db"}"
+secret_file = "{secret}"
+inner_addresses = "{inner_address}"
 [inner]
 frame_delay_s = 1.0
 max_batch = {len(DEMO_PROMPTS)}
@@ -258,8 +263,9 @@ def run_service_demo(console: Console, *, max_tokens: int = 96) -> None:
     if meter:
         meter.create()
     try:
-        link_host = meter.outer_address if meter else "127.0.0.1"
-        config, port = _config(workdir, link_host, budget)
+        loopback = ("127.0.0.1", "127.0.0.1")
+        link_host, inner_address = (meter.outer_address, meter.inner_address) if meter else loopback
+        config, port = _config(workdir, link_host, inner_address, budget)
         url = f"http://127.0.0.1:{port}"
         with _processes(workdir, config, meter) as (outer, inner):
             procs = {"outer": outer, "inner": inner}

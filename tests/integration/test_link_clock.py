@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from uplimit.coding.calibration import Calibration
+from uplimit.link.auth import SECRET_BYTES
 from uplimit.link.budget import SECONDS_PER_DAY, Budgets, steady_time
 from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.ledger import SqliteLedger
@@ -79,14 +81,15 @@ async def linked(
             tmp_path / "ledger.db", Budgets(1 << 20, None, PER_SECOND), clock=clock
         )
         stack.callback(ledger.close)
+        secret = secrets.token_bytes(SECRET_BYTES)
         outer = OuterLink(
             fingerprint, decoder, counter, budget_bytes=1 << 20,
-            max_frame_bytes=max_frame_bytes(config, 4),
+            max_frame_bytes=max_frame_bytes(config, 4), secret=secret, allowed=frozenset({HOST}),
         )  # fmt: skip
         await outer.start(HOST)
         try:
             inner = await InnerLink.connect(
-                HOST, outer.downlink_port, outer.uplink_port, ledger, fingerprint,
+                HOST, outer.downlink_port, outer.uplink_port, ledger, fingerprint, secret=secret,
                 log_path=tmp_path / "downlink.jsonl", tick_s=TICK, clock=clock, **inner_options,
             )  # fmt: skip
             await outer.wait_serving()

@@ -1,5 +1,7 @@
 """The inner's end of the link (`link.transport` draws both): `InnerLink` and `serve_frames`.
 
+- the link is authenticated (`link.auth`): the inner answers the outer's challenge up the
+  uplink (charged) and believes nothing the outer says before the outer's own proof;
 - every uplink byte goes through `MeteredWriter`: charged durably, then written at a tick;
 - nothing is ever written to the downlink connection (only its ACKs leave, in the kernel);
 - the downlink is parsed strictly, size- and rate-limited (`DownlinkLimits`) and logged, one
@@ -25,10 +27,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from uplimit.errors import BudgetExhausted, ConfigError, LinkClosed, LinkError
 from uplimit.link.alarms import Alarm, AlarmHook, raise_alarm
+from uplimit.link.auth import (
+    CHALLENGE_BYTES,
+    CHALLENGE_MAGIC,
+    PROOF_BYTES,
+    inner_proof,
+    new_nonce,
+    outer_proof,
+    proof_matches,
+)
 from uplimit.link.budget import DEFAULT_TICK_S, Limit, decide, steady_time
 from uplimit.link.ledger import ChargeReceipt, Ledger
 from uplimit.link.meter import MeteredWriter, OpenConnection
@@ -197,6 +208,7 @@ class InnerLink:
         ledger: Ledger,
         fingerprint: dict[str, str],
         *,
+        secret: bytes,
         log_path: str | Path,
         tick_s: float = DEFAULT_TICK_S,
         limits: DownlinkLimits | None = None,
@@ -207,8 +219,9 @@ class InnerLink:
         clock: Callable[[], float] = steady_time,
         stall_limit_s: float = STALL_LIMIT_S,
     ) -> InnerLink:
-        """Connect both connections and shake hands; raises `FingerprintMismatch` (after
-        sending the refusal up) if the outer's fingerprint differs from `fingerprint`.
+        """Connect both connections and shake hands (`secret`: the link's, `link.auth`);
+        raises `FingerprintMismatch` (after sending the refusal up) if the outer's fingerprint
+        differs from `fingerprint`, `LinkClosed` if the outer fails the challenge.
 
         `n_vocab`: prompt token ids must be below it (default: the fingerprint's
         `frame.n_vocab`, when it has one). `clock`: the ledger's (module doc).
@@ -235,20 +248,45 @@ class InnerLink:
         )
         try:
             async with asyncio.timeout(handshake_timeout_s):
-                await link._handshake(host, uplink_port, fingerprint, open_connection)
+                await link._authenticate(host, uplink_port, secret, open_connection)
+                await link._handshake(fingerprint)
         except BaseException:
             await link.aclose()
             raise
         link._pump = asyncio.create_task(link._read_downlink())
         return link
 
-    async def _handshake(
-        self,
-        host: str,
-        uplink_port: int,
-        fingerprint: dict[str, str],
-        open_connection: OpenConnection,
+    async def _authenticate(
+        self, host: str, uplink_port: int, secret: bytes, open_connection: OpenConnection
     ) -> None:
+        """`link.auth`: the outer's challenge, the uplink and the inner's proof up it (charged),
+        then the outer's proof, checked before anything else from the outer is believed."""
+        challenge = await self._read_exactly(CHALLENGE_BYTES, "its challenge")
+        if not challenge.startswith(CHALLENGE_MAGIC):
+            self._auth_failed("the outer's first bytes are not a challenge of protocol 1")
+        nonce_o, nonce_i = challenge[len(CHALLENGE_MAGIC) :], new_nonce()
+        self._log.write("challenge", bytes=CHALLENGE_BYTES)
+        self._uplink = await MeteredWriter.connect(
+            host, uplink_port, self._ledger, tick_s=self.tick_s, open_connection=open_connection
+        )
+        await self._uplink.send(nonce_i + inner_proof(secret, nonce_o, nonce_i), note="proof")
+        proof = await self._read_exactly(PROOF_BYTES, "its proof")
+        if not proof_matches(outer_proof(secret, nonce_o, nonce_i), proof):
+            self._auth_failed("the outer's proof is wrong: it does not hold the link's secret")
+        self._log.write("proof", bytes=PROOF_BYTES)
+
+    async def _read_exactly(self, n: int, what: str) -> bytes:
+        try:
+            return await self._reader.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            raise LinkClosed(f"the outer closed the downlink before {what}") from e
+
+    def _auth_failed(self, why: str) -> NoReturn:
+        self._log.write("refused", error=why)
+        raise_alarm(self.alarms, self._on_alarm, "auth", why)
+        raise LinkClosed(why)
+
+    async def _handshake(self, fingerprint: dict[str, str]) -> None:
         while not self._messages:
             data = await self._reader.read(READ_BYTES)
             if not data:
@@ -262,16 +300,12 @@ class InnerLink:
         assert isinstance(hello, Hello)  # the parser lets only HELLO come first
         self.outer_fingerprint = hello.as_dict()
         diffs = differences(self.outer_fingerprint, fingerprint)
-        self._uplink = await MeteredWriter.connect(
-            host, uplink_port, self._ledger, tick_s=self.tick_s, open_connection=open_connection
-        )
+        uplink = self.uplink_writer()
         if not diffs:
-            await self._uplink.send(
-                encode_uplink(Accept(fingerprint_digest(fingerprint))), note="accept"
-            )
+            await uplink.send(encode_uplink(Accept(fingerprint_digest(fingerprint))), note="accept")
             return
         fields = refusal_fields(list(self.outer_fingerprint), diffs)
-        await self._uplink.send(encode_uplink(Refuse(fields)), note="refuse")
+        await uplink.send(encode_uplink(Refuse(fields)), note="refuse")
         message = "codec fingerprints differ, refusing to serve: " + "; ".join(
             d.describe() for d in diffs
         )

@@ -248,9 +248,10 @@ class ReceiveBudget:
     def left(self) -> int:
         return self.budget_bytes - self.counter.total() - self._granted
 
-    def grant(self, n: int) -> int:
-        """Up to `n` of the bytes left, held until `settle`; raises once none are left."""
-        k = min(n, self.left())
+    def grant(self, n: int, keep: int = 0) -> int:
+        """Up to `n` of the bytes left beyond `keep` (for another reader), held until
+        `settle`; raises once none are left."""
+        k = min(n, self.left() - keep)
         if k <= 0:
             raise BudgetExhausted(
                 f"the outer's receive budget of {self.budget_bytes:,} bytes is spent"
@@ -267,17 +268,20 @@ class ReceiveBudget:
 
 class MeteredReader:
     """The outer side's uplink reader: counts each chunk durably before returning it; with a
-    `budget`, reads only what is left of it."""
+    `budget`, reads only what is left of it beyond `keep` bytes (another reader's)."""
 
     def __init__(
         self,
         reader: asyncio.StreamReader,
         counter: ReceiveCounter,
         budget: ReceiveBudget | None = None,
+        *,
+        keep: int = 0,
     ) -> None:
         self._reader = reader
         self._counter = counter
         self._budget = budget
+        self._keep = keep
 
     async def _count(self, data: bytes) -> bytes:
         if data:
@@ -289,7 +293,7 @@ class MeteredReader:
         budget has none left."""
         if self._budget is None:
             return await self._count(await self._reader.read(n))
-        granted = self._budget.grant(n)
+        granted = self._budget.grant(n, self._keep)
         try:
             return await self._count(await self._reader.read(granted))
         finally:

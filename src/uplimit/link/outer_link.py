@@ -1,7 +1,9 @@
 """The outer's end of the link (`link.transport` draws both): `OuterLink`.
 
-It accepts one inner (the uplink must come from the downlink's address; other connections
-are closed and alarmed), counts every byte read from the inner on either connection
+It accepts one inner: connections only from `allowed` addresses, and a downlink becomes the
+link's only after the inner proved it holds the shared secret (`link.auth`: the challenge
+goes down, the proof comes up the uplink, which must come from the downlink's address; other
+connections are closed and alarmed). It counts every byte read from the inner on either connection
 (`MeteredReader` into the `ReceiveCounter`: bytes on the downlink are an upload that bypassed
 the meter, and fail the link), enforces its own lifetime receive budget on that count
 (`ReceiveBudget`: when it is spent the outer reads nothing more and fails the link, whatever
@@ -17,11 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 from uplimit.errors import BudgetExhausted, ConfigError, InvalidRequest, LinkClosed, ProtocolError
 from uplimit.link.alarms import Alarm, AlarmHook, raise_alarm
+from uplimit.link.auth import (
+    CHALLENGE_MAGIC,
+    MAX_PENDING,
+    NONCE_BYTES,
+    RESPONSE_BYTES,
+    inner_proof,
+    new_nonce,
+    outer_proof,
+    proof_matches,
+)
 from uplimit.link.meter import MeteredReader, ReceiveBudget, ReceiveCounter
 from uplimit.link.metrics import OuterMetrics
 from uplimit.link.transport import HANDSHAKE_TIMEOUT_S, READ_BYTES
@@ -67,6 +81,26 @@ FrameHook = Callable[[FrameContent, FrameStats], None]  # must not raise
 StartServer = Callable[..., Awaitable[Any]]
 
 
+@dataclass(eq=False)
+class _Candidate:
+    """A downlink waiting for its inner to prove itself (`link.auth`)."""
+
+    peer: str
+    nonce: bytes
+    proved: asyncio.Future[bytes] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )  # the inner's nonce, once its proof came up an uplink
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    """The peer's address, canonical when it is an IP address (`link.auth.allowed_addresses`)."""
+    host = str(writer.get_extra_info("peername")[0])
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:  # an in-memory end (`link.memory`)
+        return host
+
+
 class OuterLink:
     """The outer side of one link (module doc). `start` it, then `wait_serving`."""
 
@@ -80,13 +114,16 @@ class OuterLink:
         on_alarm: AlarmHook | None = None,
         budget_bytes: int,
         max_frame_bytes: int,
+        secret: bytes,
+        allowed: frozenset[str],
         metrics: OuterMetrics | None = None,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         downlink_grace_s: float = DOWNLINK_GRACE_S,
         downlink_limits: DownlinkLimits | None = None,
     ) -> None:
         """`budget_bytes`: the outer's lifetime receive budget over `counter` (there is no
-        unlimited); `max_frame_bytes`: `wire.frame.max_frame_bytes` of the coding config.
+        unlimited); `max_frame_bytes`: `wire.frame.max_frame_bytes` of the coding config;
+        `secret`, `allowed`: the link's secret and the inner's addresses (`link.auth`).
         `downlink_limits`: what the inner's downlink parser enforces (the same
         configuration); a stream it would refuse is refused here instead (`open_stream`)."""
         self.fingerprint = dict(fingerprint)
@@ -95,6 +132,9 @@ class OuterLink:
         self._receiver = UplinkReceiver(fingerprint, decoder, max_frame_bytes=max_frame_bytes)
         self._counter = counter
         self._budget = ReceiveBudget(counter, budget_bytes)
+        self._secret = secret
+        self.allowed = allowed  # the inner's addresses; change it only before `start`
+        self._candidates: list[_Candidate] = []
         self._on_frame = on_frame
         self._on_alarm = on_alarm
         self.metrics = metrics
@@ -261,24 +301,96 @@ class OuterLink:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _refuse_connection(self, writer: asyncio.StreamWriter, which: str) -> None:
+    def _refuse_connection(self, writer: asyncio.StreamWriter, which: str, why: str) -> None:
         peer = writer.get_extra_info("peername")
         writer.close()
-        self._alarm(AlarmKind.CONNECTION, f"closed an unexpected {which} connection from {peer}")
+        self._alarm(AlarmKind.CONNECTION, f"closed a {which} connection from {peer}: {why}")
+
+    def _admit(self, writer: asyncio.StreamWriter, which: str) -> str | None:
+        """The peer's address if a connection may go on to the challenge, else None (closed,
+        unread, and alarmed)."""
+        peer = _address(writer)
+        if peer not in self.allowed:
+            self._refuse_connection(writer, which, "not one of the inner's addresses")
+        elif self.state is not LinkState.HANDSHAKING or self._down is not None:
+            self._refuse_connection(writer, which, "the link has its inner")
+        elif which == "downlink" and len(self._candidates) >= MAX_PENDING:
+            self._refuse_connection(writer, which, f"{MAX_PENDING} downlinks wait already")
+        else:
+            return peer
+        return None
+
+    async def _challenge(self, writer: asyncio.StreamWriter, peer: str) -> bytes | None:
+        """Send a downlink its challenge; once the inner's proof came up an uplink (`_prove`),
+        the outer's proof to send down; None (alarmed) if none did in time. Until then the
+        downlink holds no slot."""
+        candidate = _Candidate(peer, new_nonce())
+        self._candidates.append(candidate)
+        try:
+            writer.write(CHALLENGE_MAGIC + candidate.nonce)
+            await writer.drain()
+            async with asyncio.timeout(self._handshake_timeout_s):
+                nonce_i = await candidate.proved
+            return outer_proof(self._secret, candidate.nonce, nonce_i)
+        except TimeoutError:
+            self._alarm(AlarmKind.AUTH, f"a downlink from {peer} was not proved in time")
+        except LinkClosed as e:  # another downlink was proved
+            self._refuse_connection(writer, "downlink", f"never proved itself; {e}")
+        except (ConnectionError, OSError):
+            pass  # gone before it proved anything: nothing to say
+        finally:
+            self._candidates.remove(candidate)
+        writer.close()
+        return None
+
+    async def _prove(self, metered: MeteredReader, peer: str) -> bool:
+        """Read an uplink's response to a challenge (`link.auth`); True if it proves the
+        secret for a downlink from the same address: that pair is the link's."""
+        response = b""
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+            async with asyncio.timeout(self._handshake_timeout_s):
+                while len(response) < RESPONSE_BYTES and (
+                    data := await metered.read(RESPONSE_BYTES - len(response))
+                ):
+                    self._received(len(data))
+                    response += data
+        if len(response) == RESPONSE_BYTES:
+            nonce_i, proof = response[:NONCE_BYTES], response[NONCE_BYTES:]
+            for candidate in self._candidates:
+                expected = inner_proof(self._secret, candidate.nonce, nonce_i)
+                matches = candidate.peer == peer and proof_matches(expected, proof)
+                if matches and not self._up_connected:  # one uplink, one downlink: the first
+                    self._up_connected = True
+                    candidate.proved.set_result(nonce_i)
+                    return True
+        self._alarm(
+            AlarmKind.AUTH,
+            f"an uplink from {peer} failed the challenge ({len(response)} of {RESPONSE_BYTES}"
+            " bytes; a wrong secret, or no downlink of its own)",
+        )
+        return False
 
     async def _on_downlink(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if self._down is not None or self.state is not LinkState.HANDSHAKING:
-            self._refuse_connection(writer, "downlink")
+        peer = self._admit(writer, "downlink")
+        if peer is None:
+            return
+        proof = await self._challenge(writer, peer)
+        if proof is None:
+            return
+        if self.state is not LinkState.HANDSHAKING:  # failed meanwhile (a spent budget)
+            writer.close()
             return
         self._down = writer
         self._writers.append(writer)
-        self.peer = writer.get_extra_info("peername")[0]
+        self.peer = peer
+        for other in self._candidates:  # foreign ones: they will never be proved now
+            other.proved.set_exception(LinkClosed("the link has its inner"))
         self._spawn(self._handshake_deadline())
         try:
             await self._send_down_raw(
-                DOWNLINK_PREAMBLE + encode_downlink(Hello.of(self.fingerprint))
+                proof + DOWNLINK_PREAMBLE + encode_downlink(Hello.of(self.fingerprint))
             )
             # Outer -> inner only: any byte the inner sends here bypassed its meter. One byte
             # proves it, and a pending read of one holds one byte of the receive budget.
@@ -316,13 +428,20 @@ class OuterLink:
             )
 
     async def _on_uplink(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")[0]
-        if self._up_connected or self._down is None or peer != self.peer:
-            self._refuse_connection(writer, "uplink")
+        peer = self._admit(writer, "uplink")
+        if peer is None:
             return
-        self._up_connected = True
+        # The downlink's watch (one byte, `_on_downlink`) keeps its byte of the budget.
+        metered = MeteredReader(reader, self._counter, self._budget, keep=1)
+        try:
+            proved = await self._prove(metered, peer)
+        except BudgetExhausted:
+            await self._budget_spent()
+            proved = False
+        if not proved:
+            writer.close()
+            return
         self._writers.append(writer)
-        metered = MeteredReader(reader, self._counter, self._budget)
         try:
             while True:
                 try:

@@ -22,6 +22,7 @@ import uvicorn
 from uplimit.coding.calibration import configured as configured_calibration
 from uplimit.config import Config, rollout_record_path
 from uplimit.errors import ConfigError
+from uplimit.link.auth import allowed_addresses, load_secret
 from uplimit.link.budget import Budgets
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics, serve_metrics
@@ -77,11 +78,13 @@ async def serve_outer(
     metrics = OuterMetrics()
     feed = configured_verifier_feed(config, metrics)
     budget = receive_budget_bytes(config)
+    secret = load_secret(config.path(config.link.secret_file, "link.secret"))
 
     def build(hook: FrameHook) -> OuterLink:
         return OuterLink(
             fingerprint, decoder, counter, on_frame=hook, metrics=metrics, budget_bytes=budget,
             max_frame_bytes=max_frame_bytes(frame_config, coding.max_streams),
+            secret=secret, allowed=allowed_addresses(config.link.inner_addresses),
             downlink_limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),
         )  # fmt: skip
 

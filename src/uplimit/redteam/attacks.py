@@ -362,6 +362,7 @@ class FloodAttack:
                 env.host,
                 str(env.downlink_port),
                 str(env.uplink_port),
+                str(env.secret_path),
                 fingerprint_digest(env.fingerprint).hex(),
                 str(secret_path),
                 str(self.chunk),
@@ -376,7 +377,8 @@ class FloodAttack:
             meter.create()
         try:
             host = meter.outer_address if meter else None
-            out = await live.run(self.name, inner, [], 0.0, host=host)
+            address = meter.inner_address if meter else None
+            out = await live.run(self.name, inner, [], 0.0, host=host, inner_address=address)
             reading = meter.read() if meter else None
         finally:
             if meter is not None:

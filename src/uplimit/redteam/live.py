@@ -30,6 +30,7 @@ from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.inner.service import InnerService
 from uplimit.inner.spotcheck import SpotChecker, Verdict
 from uplimit.link.alarms import Alarm
+from uplimit.link.auth import create_secret, load_secret
 from uplimit.link.budget import Budgets
 from uplimit.link.inner_link import InnerLink
 from uplimit.link.ledger import SqliteLedger
@@ -98,6 +99,7 @@ class InnerEnv:
     uplink_port: int
     fingerprint: dict[str, str]
     log_path: Path
+    secret_path: Path  # the link's secret: a compromised inner host holds it
 
     async def connect(self, fingerprint: dict[str, str] | None = None) -> InnerLink:
         return await InnerLink.connect(
@@ -106,6 +108,7 @@ class InnerEnv:
             self.uplink_port,
             self.ledger,
             fingerprint or self.fingerprint,
+            secret=load_secret(self.secret_path),
             log_path=self.log_path,
             tick_s=self.settings.tick_s,
             n_vocab=self.pair.weak.info.n_vocab,
@@ -176,6 +179,9 @@ class Live:
         self.thresholds = thresholds
         self.checker = checker
         self._runs = 0
+        self.secret_path = self.workdir / "link.secret"
+        if not self.secret_path.exists():
+            create_secret(self.secret_path)
 
     async def run(
         self,
@@ -187,8 +193,11 @@ class Live:
         tap: Tap | None = None,
         seed: int = 0,
         host: str | None = None,
+        inner_address: str | None = None,
         ports: tuple[int, int] = (0, 0),
     ) -> Outcome:
+        """`host`: where the outer listens; `inner_address`: where the inner connects from
+        (default: `host`, loopback)."""
         self._runs += 1
         tag = f"{self._runs:02d}-{name}"
         p, s = self.pair, self.settings
@@ -212,6 +221,7 @@ class Live:
             return OuterLink(
                 fingerprint, decoder, counter, on_frame=on_frame, budget_bytes=s.budget_bytes,
                 max_frame_bytes=max_frame_bytes(frame_config, s.max_streams),
+                secret=load_secret(self.secret_path), allowed=frozenset({inner_address or host}),
             )  # fmt: skip
 
         uplink = TransportUplink(build, decoder)
@@ -242,6 +252,7 @@ class Live:
                 uplink.link.uplink_port,
                 fingerprint,
                 self.workdir / f"{tag}-downlink.jsonl",
+                self.secret_path,
             )
             inner_task = asyncio.create_task(inner(env))
             service.start()

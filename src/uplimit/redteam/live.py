@@ -31,9 +31,9 @@ from uplimit.inner.service import InnerService
 from uplimit.inner.spotcheck import SpotChecker, Verdict
 from uplimit.link.alarms import Alarm
 from uplimit.link.auth import create_secret, load_secret
-from uplimit.link.budget import Budgets
+from uplimit.link.budget import Budgets, steady_time
 from uplimit.link.inner_link import InnerLink
-from uplimit.link.ledger import SqliteLedger
+from uplimit.link.ledger import Ledger, SqliteLedger
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel, Logits
@@ -101,17 +101,25 @@ class InnerEnv:
     log_path: Path
     secret_path: Path  # the link's secret: a compromised inner host holds it
 
-    async def connect(self, fingerprint: dict[str, str] | None = None) -> InnerLink:
+    async def connect(
+        self,
+        fingerprint: dict[str, str] | None = None,
+        *,
+        ledger: Ledger | None = None,
+        clock: Callable[[], float] = steady_time,
+    ) -> InnerLink:
+        """The honest inner's link; `ledger` and `clock`: the attacker's own, if it likes."""
         return await InnerLink.connect(
             self.host,
             self.downlink_port,
             self.uplink_port,
-            self.ledger,
+            ledger or self.ledger,
             fingerprint or self.fingerprint,
             secret=load_secret(self.secret_path),
             log_path=self.log_path,
             tick_s=self.settings.tick_s,
             n_vocab=self.pair.weak.info.n_vocab,
+            clock=clock,
         )
 
     def service(self, scheduler: Callable[..., Scheduler] = Scheduler) -> InnerService:

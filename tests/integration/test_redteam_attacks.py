@@ -150,6 +150,8 @@ def test_a_clock_step_neither_resets_the_day_nor_stalls_the_link(system):
     row = asyncio.run(attack.run(live, prompts, SECRET))
     assert row.stopped_by.startswith("the per-day budget")  # END per-day, not a stall
     assert not any("stalled" in a for a in row.alarms)
+    assert [a.split(":")[0] for a in row.alarms] == ["inner clock"]  # the step back, once
+    assert row.first_alarm_s is not None and row.first_alarm_s >= 3
     # One step forward buys at most one more day; the step back bought nothing.
     assert attack.per_day_bytes < row.charged_bytes <= 2 * attack.per_day_bytes
 

@@ -14,7 +14,7 @@
   waiting (a window that does not roll over, a budget other links keep spending) the inner
   raises an alarm and sends END (per-second) rather than stall in silence. Windows are read on
   the ledger's clock (`budget.steady_time` unless injected); the wait is timed on the monotonic
-  clock.
+  clock. A ledger day ahead of that clock (it was stepped back) raises a `clock` alarm, once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from uplimit.link.auth import (
     outer_proof,
     proof_matches,
 )
-from uplimit.link.budget import DEFAULT_TICK_S, Limit, decide, steady_time
+from uplimit.link.budget import DEFAULT_TICK_S, SECONDS_PER_DAY, Limit, decide, steady_time
 from uplimit.link.ledger import ChargeReceipt, Ledger
 from uplimit.link.meter import MeteredWriter, OpenConnection
 from uplimit.link.transport import HANDSHAKE_TIMEOUT_S, READ_BYTES
@@ -195,6 +196,7 @@ class InnerLink:
         self.tick_s = tick_s
         self._clock = clock  # the ledger's, for the windows
         self._stall_limit_s = stall_limit_s
+        self._clock_alarmed = False
         self.alarms: list[Alarm] = []
         self.outer_fingerprint: dict[str, str] = {}
         self._closed = False
@@ -374,7 +376,9 @@ class InnerLink:
                     f"upload budget exhausted ({state.exhausted_by.label})",
                     limit=state.exhausted_by.value,
                 )
-            refused = decide(state.budgets, state.usage, need, self._clock()).refused
+            now = self._clock()
+            self._check_clock(state.usage.day, now)
+            refused = decide(state.budgets, state.usage, need, now).refused
             if refused is None:
                 return await uplink.send(wire, note=f"frame {len(frame)} B")
             per_second = state.budgets.per_second_bytes
@@ -394,6 +398,17 @@ class InnerLink:
                 f" {len(wire):,} bytes and END; sent END",
                 limit=refused.value,
             )
+
+    def _check_clock(self, day: int, now: float) -> None:
+        """The ledger's day ahead of its clock: the clock was stepped back (`budget.Usage.at`
+        keeps the day's bytes); say so once per link."""
+        if day > math.floor(now / SECONDS_PER_DAY) and not self._clock_alarmed:
+            self._clock_alarmed = True
+            raise_alarm(
+                self.alarms, self._on_alarm, "clock",
+                f"the ledger's day {day} is ahead of its clock ({now:.0f}): the clock was"
+                " stepped back; the day keeps its bytes",
+            )  # fmt: skip
 
     async def end(self, reason: EndReason) -> None:
         """Send END (if the budget still allows) and close both connections."""

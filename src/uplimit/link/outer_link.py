@@ -304,7 +304,9 @@ class OuterLink:
     def _refuse_connection(self, writer: asyncio.StreamWriter, which: str, why: str) -> None:
         peer = writer.get_extra_info("peername")
         writer.close()
-        self._alarm(AlarmKind.CONNECTION, f"closed a {which} connection from {peer}: {why}")
+        self._alarm(
+            AlarmKind.CONNECTION, f"closed a connection to the {which} port from {peer}: {why}"
+        )
 
     def _admit(self, writer: asyncio.StreamWriter, which: str) -> str | None:
         """The peer's address if a connection may go on to the challenge, else None (closed,

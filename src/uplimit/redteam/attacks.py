@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from uplimit.errors import BudgetExhausted, LinkClosed, UplimitError
 from uplimit.inner.service import InnerService
+from uplimit.link.alarms import Alarm
 from uplimit.link.auth import (
     CHALLENGE_BYTES,
     CHALLENGE_MAGIC,
@@ -665,7 +666,8 @@ class LedgerFloodAttack:
         out = await live.run(self.name, inner, [], 0.0)
         moved = min(written[0], out.received_bytes)
         note = (
-            f"{written[0]} secret bytes written around the ledger in frames of up to the cap;"
+            f"{written[0]} secret bytes handed to its socket around the ledger, in frames of up"
+            " to the frame cap with valid ones between;"
             f" the outer's receive budget is {s.budget_bytes} B"
         )
         where = "bytes read by the outer process (never decoded)"
@@ -683,14 +685,16 @@ class ClockStepAttack:
 
     name: str = "clock step"
     channel: str = "9 clock steps against the windows"
-    per_day_bytes: int = 600
-    per_second_bytes: int = 200
+    # Small enough that the day runs out well within the outer's 10 s wait after its
+    # workload (none here), even at a 50 ms tick.
+    per_day_bytes: int = 300
+    per_second_bytes: int = 100
 
     async def run(self, live: Live, prompts: Prompts, secret: bytes) -> AttackRow:
         s = live.settings
         offset = [0.0]
         charged: list[int] = []
-        inner_alarms: list[str] = []
+        inner_alarms: list[Alarm] = []
 
         def clock() -> float:
             return steady_time() + offset[0]
@@ -712,7 +716,7 @@ class ClockStepAttack:
                     with contextlib.suppress(BudgetExhausted, LinkClosed):
                         while True:  # it ignores SHUTDOWN: only the budgets stop it
                             await link.send_frame(source.next_frame())
-                inner_alarms.extend(f"inner {a.kind}: {a.message}" for a in link.alarms)
+                inner_alarms.extend(link.alarms)
                 await link.aclose()
             finally:
                 stepping.cancel()
@@ -738,7 +742,9 @@ class ClockStepAttack:
             "bytes charged past the per-day budget in one real day", out, stopped, note,
         )  # fmt: skip
         row.charged_bytes = total
-        row.alarms += inner_alarms
+        row.alarms += [short(f"inner {a.kind}: {a.message}") for a in inner_alarms]
+        if inner_alarms and row.first_alarm_s is None:
+            row.first_alarm_s = round(inner_alarms[0].at - out.started, 2)
         return row
 
 

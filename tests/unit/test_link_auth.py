@@ -66,3 +66,18 @@ def test_inner_addresses_are_parsed_strictly_and_canonically() -> None:
     for bad in ("", "localhost", "10.0.0.0/8", "127.0.0.1,"):
         with pytest.raises(ConfigError):
             allowed_addresses(bad)
+
+
+def test_the_link_secret_command_writes_the_configured_file_once(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from uplimit.cli import app
+
+    config = tmp_path / "uplimit.toml"
+    config.write_text(f'[link]\nsecret_file = "{tmp_path / "link.secret"}"\n')
+    runner = CliRunner()
+    out = runner.invoke(app, ["link-secret", "--config", str(config)])
+    assert out.exit_code == 0, out.output
+    assert len(load_secret(tmp_path / "link.secret")) == SECRET_BYTES
+    again = runner.invoke(app, ["link-secret", "--config", str(config)])
+    assert again.exit_code != 0 and "not overwriting" in str(again.exception)  # main() prints it

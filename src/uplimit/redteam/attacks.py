@@ -651,7 +651,7 @@ class LedgerFloodAttack:
                 enc = _encoder(env, session)
                 cap = max_frame_bytes(enc.config, s.max_streams)
                 up.write(encode_uplink(Accept(fingerprint_digest(env.fingerprint))))
-                while written[0] < len(secret):
+                while written[0] < len(secret) and not up.is_closing():  # the outer cut it
                     piece = secret[written[0] : written[0] + cap]
                     enc.encode(FrameContent())  # frame F, never sent: garbage goes in its place
                     (raw,) = enc.resend(enc.frame_no - 1)

@@ -1,19 +1,27 @@
-"""Budget windows and clock steps on the real link: both ends in this process over loopback
-TCP, the real ledger, frames coded with the tiny weak model (empty frames: no streams, so the
-per-second budget is what decides when they go).
+"""Budget windows and clock steps on the real link: loopback TCP, the real ledger, frames coded
+with the tiny weak model (empty frames: no streams, so the per-second budget is what decides
+when they go).
 
-The clocks are injected (the ledger's and the inner link's, the same one), as a stepped
-system clock would show them across a restart or on a PostgreSQL server."""
+Both ends in this process with an injected clock (the ledger's and the inner link's, the same
+one), as a stepped system clock would show them across a restart or on a PostgreSQL server;
+and an inner process whose system clock really steps (libfaketime), which its default clock
+(`budget.steady_time`) ignores."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from uplimit.coding.calibration import Calibration
 from uplimit.link.auth import SECRET_BYTES
@@ -155,3 +163,108 @@ def test_a_window_that_never_rolls_over_ends_the_link_with_an_alarm(tiny_weak, t
         assert 1.0 <= waited < 5.0
 
     asyncio.run(main())
+
+
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+# An inner process on the tiny weak model: empty frames through its own ledger (default clock)
+# until SHUTDOWN; prints its END reason and its alarms.
+_INNER = r"""
+import asyncio, json, sys
+cfg = json.loads(sys.argv[1])
+from uplimit.coding.calibration import Calibration
+from uplimit.link.budget import Budgets
+from uplimit.link.inner_link import InnerLink, serve_frames
+from uplimit.link.ledger import SqliteLedger
+from uplimit.models.hf import HFModel
+from uplimit.redteam.attacks import EmptyFrames
+from uplimit.wire.frame import FrameConfig, FrameEncoder
+
+async def main():
+    weak = HFModel(cfg["weak"])
+    ledger = SqliteLedger(cfg["ledger"], Budgets(1 << 20, None, cfg["per_second"]))
+    link = await InnerLink.connect(
+        "127.0.0.1", cfg["down"], cfg["up"], ledger, cfg["fingerprint"],
+        secret=bytes.fromhex(cfg["secret"]), log_path=cfg["log"], tick_s=cfg["tick_s"],
+    )
+    with weak.session(1, 8) as session:
+        config = FrameConfig(4, weak.info.n_vocab)
+        source = EmptyFrames(FrameEncoder(session, weak.info.eos_ids, Calibration(), config))
+        reason = await serve_frames(link, source)
+    print(json.dumps({"end": reason.name, "alarms": [a.kind for a in link.alarms]}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="needs libfaketime (apt-get install faketime)")
+def test_an_inner_process_whose_system_clock_steps_keeps_its_windows(
+    tiny_weak, tiny_pair_dirs, tmp_path
+):
+    """The inner's system clock (CLOCK_REALTIME, through libfaketime) jumps a day ahead and
+    back while it serves: its windows' clock ignores both steps, so the link never stalls, no
+    alarm is raised, the ledger's times run on without a jump, and no second passes its
+    budget."""
+    stamp = tmp_path / "faketime"
+    stamp.write_text("+0\n")
+    env = {
+        **os.environ, "LD_PRELOAD": str(FAKETIME), "FAKETIME_TIMESTAMP_FILE": str(stamp),
+        "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }  # fmt: skip
+    config = FrameConfig(4, tiny_weak.info.n_vocab)
+    fingerprint = codec_fingerprint(tiny_weak.info, Calibration(), config)
+    secret = secrets.token_bytes(SECRET_BYTES)
+
+    async def main() -> tuple[dict, int]:
+        with tiny_weak.session(4, 64) as session:
+            decoder = FrameDecoder(session, tiny_weak.info.eos_ids, Calibration(), config)
+            counter = ReceiveCounter(tmp_path / "received.db")
+            outer = OuterLink(
+                fingerprint, decoder, counter, budget_bytes=1 << 20,
+                max_frame_bytes=max_frame_bytes(config, 4), secret=secret,
+                allowed=frozenset({HOST}),
+            )  # fmt: skip
+            await outer.start(HOST)
+            cfg = {
+                "weak": str(tiny_pair_dirs[1]), "ledger": str(tmp_path / "ledger.db"),
+                "per_second": PER_SECOND, "down": outer.downlink_port, "up": outer.uplink_port,
+                "fingerprint": fingerprint, "secret": secret.hex(),
+                "log": str(tmp_path / "downlink.jsonl"), "tick_s": TICK,
+            }  # fmt: skip
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _INNER, json.dumps(cfg), env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                await outer.wait_serving(240)
+                await asyncio.sleep(1.0)
+                stamp.write_text("+1d\n")
+                await asyncio.sleep(1.5)
+                stamp.write_text("+0\n")
+                back = outer.delivered_frames
+                await asyncio.sleep(3.0)
+                assert outer.state is LinkState.SERVING, outer.reason
+                after = outer.delivered_frames - back
+                assert await outer.shutdown() is LinkState.CLOSED
+                out, err = await asyncio.wait_for(proc.communicate(), 60)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                await outer.aclose()
+                counter.close()
+        assert out, err.decode()[-2000:]
+        return json.loads(out.decode().splitlines()[-1]), after
+
+    result, after = asyncio.run(main())
+    assert result == {"end": "SHUTDOWN", "alarms": []}
+    assert after >= 20  # frames went on after the step back
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        times = [c.at for c in ledger.charge_log()]
+        per_second: dict[int, int] = {}
+        for c in ledger.charge_log():
+            per_second[int(c.at)] = per_second.get(int(c.at), 0) + c.n_bytes + c.timing_bytes
+    finally:
+        ledger.close()
+    assert times == sorted(times) and times[-1] - times[0] < 60  # no day in between
+    assert max(per_second.values()) <= PER_SECOND

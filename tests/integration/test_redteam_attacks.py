@@ -28,6 +28,7 @@ from uplimit.redteam.attacks import (
 )
 from uplimit.redteam.live import Live, LiveSettings, Pair
 from uplimit.redteam.report import Report
+from uplimit.wire.frame import FrameConfig, max_frame_bytes
 
 TRAIN = ["def f(x):", "import os", "class A:", "for i in range", "Hello there", "x = ["]
 DEV = ["print(", "# comment", "while True:", "return"]
@@ -87,11 +88,17 @@ def test_timing_moves_no_more_than_the_ledger_charged(system):
     assert "timing bytes" in row.note
 
 
-@pytest.mark.parametrize("mode", ["padded", "forged"])
-def test_injected_frames_are_rejected_and_metered(system, mode):
+@pytest.mark.parametrize(("mode", "chunk"), [("padded", 64), ("forged", 64), ("forged", 1024)])
+def test_injected_frames_are_rejected_and_metered(system, mode, chunk):
     live, prompts = system
-    row = asyncio.run(InjectAttack(mode, mode, chunk=1024).run(live, prompts, SECRET))
-    assert any(a.startswith("link mismatch") for a in row.alarms)
+    row = asyncio.run(InjectAttack(mode, mode, chunk=chunk).run(live, prompts, SECRET))
+    # Under the frame cap a frame is decoded and rejected (mismatch); over it (1 kB against
+    # what 8 streams of 4 tokens can need) the first one fails the link.
+    config = FrameConfig(SETTINGS.frame_tokens, live.pair.weak.info.n_vocab)
+    cap = max_frame_bytes(config, SETTINGS.max_streams)
+    assert cap // 2 > 64 and cap < 1024
+    expected = "link mismatch" if chunk < cap else "link protocol: malformed uplink: frame length"
+    assert any(a.startswith(expected) for a in row.alarms), row.alarms
     assert row.moved_bytes <= row.uplink_bytes <= row.charged_bytes <= SETTINGS.budget_bytes
     assert "budget" in row.stopped_by or "failed" in row.stopped_by
 

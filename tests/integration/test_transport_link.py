@@ -464,6 +464,19 @@ def test_a_connection_from_an_address_not_configured_is_closed_unread(tmp_path, 
         o.close()
 
 
+def test_closing_the_outer_closes_a_downlink_waiting_for_its_proof(outer):
+    async def main():
+        await outer.link.start(HOST)
+        r, w = await asyncio.open_connection(HOST, outer.link.downlink_port)
+        await r.readexactly(CHALLENGE_BYTES)
+        await outer.link.aclose()
+        assert await asyncio.wait_for(r.read(), 5) == b""  # now, not at the handshake timeout
+        w.close()
+
+    run(main)
+    assert outer.kinds() == []
+
+
 def test_the_inner_believes_no_outer_without_the_secret(tmp_path, outer):
     """A listener on the outer's ports that does not hold the secret: the inner checks the
     outer's proof before HELLO, alarms and stops; up went only its own proof."""

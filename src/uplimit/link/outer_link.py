@@ -336,8 +336,9 @@ class OuterLink:
             return outer_proof(self._secret, candidate.nonce, nonce_i)
         except TimeoutError:
             self._alarm(AlarmKind.AUTH, f"a downlink from {peer} was not proved in time")
-        except LinkClosed as e:  # another downlink was proved
-            self._refuse_connection(writer, "downlink", f"never proved itself; {e}")
+        except LinkClosed as e:  # another downlink was proved, or the outer is closing
+            if not self._closing:
+                self._refuse_connection(writer, "downlink", f"never proved itself; {e}")
         except (ConnectionError, OSError):
             pass  # gone before it proved anything: nothing to say
         finally:
@@ -388,7 +389,8 @@ class OuterLink:
         self._writers.append(writer)
         self.peer = peer
         for other in self._candidates:  # foreign ones: they will never be proved now
-            other.proved.set_exception(LinkClosed("the link has its inner"))
+            if not other.proved.done():
+                other.proved.set_exception(LinkClosed("the link has its inner"))
         self._spawn(self._handshake_deadline())
         try:
             await self._send_down_raw(
@@ -525,6 +527,9 @@ class OuterLink:
     async def aclose(self) -> None:
         """Close everything; the state stays as it is."""
         self._closing = True
+        for candidate in self._candidates:  # their handlers end now, not at their timeout
+            if not candidate.proved.done():
+                candidate.proved.set_exception(LinkClosed("the outer is closing"))
         self._close_connections()
         for task in list(self._tasks):
             task.cancel()

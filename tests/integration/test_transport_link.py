@@ -39,7 +39,7 @@ from uplimit.link.auth import (
 from uplimit.link.budget import CONNECT_CHARGE_BYTES, Budgets
 from uplimit.link.inner_link import END_RESERVE_BYTES
 from uplimit.link.ledger import SqliteLedger
-from uplimit.link.meter import ReceiveCounter
+from uplimit.link.meter import ReceiveCounter, unproved
 from uplimit.link.metrics import OuterMetrics, serve_metrics
 from uplimit.link.outer_link import OuterLink
 from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_digest
@@ -341,7 +341,9 @@ def test_a_link_shakes_hands_serves_metrics_and_shuts_down(tmp_path, outer):
     # charged first.
     state = SqliteLedger(tmp_path / "ledger.db").usage()
     up = RESPONSE_BYTES + 5 + 2
-    assert outer.counter.total() == state.wire_bytes == up == 71
+    # The proof is counted apart (read before the inner proved itself), the rest as the link's.
+    assert outer.counter.total() + RESPONSE_BYTES == state.wire_bytes == up == 71
+    assert unproved(outer.counter).total() == RESPONSE_BYTES
     assert state.timing_bytes >= CONNECT_CHARGE_BYTES
     text = metrics.decode()
     assert f"uplimit_uplink_bytes_total {float(up)}" in text
@@ -373,7 +375,7 @@ def test_a_fingerprint_mismatch_is_refused_naming_each_field(tmp_path, outer):
     assert not outer.tokens
     # The refusal was charged like any upload, and nothing else went up.
     state = SqliteLedger(tmp_path / "ledger.db").usage()
-    assert state.wire_bytes == outer.counter.total() < RESPONSE_BYTES + 100
+    assert state.wire_bytes == RESPONSE_BYTES + outer.counter.total() < RESPONSE_BYTES + 100
 
 
 # --- the link's authentication (link.auth) ----------------------------------------------------
@@ -435,7 +437,8 @@ def test_an_inner_with_a_wrong_secret_is_refused_with_an_alarm(tmp_path, tiny_we
         assert rc == 3 and result["error"] == "LinkClosed"
         assert o.kinds() == [AlarmKind.AUTH, AlarmKind.AUTH]  # the uplink, then its downlink
         assert "a wrong secret" in o.link.alarms[0].message
-        assert o.counter.total() == RESPONSE_BYTES  # the proof, counted; nothing else read
+        # The proof, counted before it was refused; nothing else read.
+        assert (o.counter.total(), unproved(o.counter).total()) == (0, RESPONSE_BYTES)
     finally:
         o.close()
 
@@ -669,7 +672,7 @@ def test_bytes_from_the_inner_on_the_downlink_fail_the_link_and_are_counted(oute
     assert outer.kinds() == [AlarmKind.DOWNLINK_UPLOAD] and "bypassing" in outer.link.reason
     # The receive counter has the byte the outer read (one proves it, and it reads no more):
     # `uplimit meters` shows more received than charged.
-    assert outer.counter.total() == RESPONSE_BYTES + 5 + len(coded.wire(0)) + 1
+    assert outer.counter.total() == 5 + len(coded.wire(0)) + 1
 
 
 def test_a_frame_longer_than_the_stream_table_can_need_fails_the_link(outer, coded):
@@ -719,7 +722,7 @@ def test_an_inner_that_floods_past_its_ledger_meets_the_outers_own_budget(tmp_pa
         sent = asyncio.run(main())
         # It wrote more; the outer read up to the budget (less the byte that the watch on the
         # downlink keeps), never past it.
-        assert o.counter.total() == budget - 1 < sent
+        assert o.counter.total() + unproved(o.counter).total() == budget - 1 < sent
         assert AlarmKind.RECEIVE_BUDGET in o.kinds()
         assert o.link.reason.startswith("the outer's receive budget of 6,000 bytes is spent")
         assert o.metrics.registry.get_sample_value("uplimit_budget_left_bytes") == 1
@@ -945,10 +948,11 @@ def test_streams_round_trip_then_the_budget_runs_out(
         got = outer.tokens.get(s.stream_id, [])
         assert got == random_answer(s, info.n_vocab, info.eos_ids)[: len(got)]
     state = SqliteLedger(tmp_path / "ledger.db").usage()
-    received = outer.counter.total()
+    received = outer.counter.total()  # after the inner proved itself; its proof apart
     assert state.usage.lifetime_bytes <= BUDGET  # the ledger, timing included
-    assert received <= BUDGET  # the outer
-    assert state.wire_bytes == received  # every charged byte was written, and arrived
+    assert received + RESPONSE_BYTES <= BUDGET  # the outer
+    # Every charged byte was written, and arrived.
+    assert state.wire_bytes == received + unproved(outer.counter).total()
     assert BUDGET - state.usage.lifetime_bytes < END_RESERVE_BYTES + 128  # nearly all spent
     # The downlink is logged inside, message by message, service fields included.
     log = [json.loads(line) for line in (tmp_path / "downlink.jsonl").read_text().splitlines()]

@@ -25,7 +25,8 @@ rate (a frame per 100 ms tick) an fsync per chunk costs nothing worth batching.
 `ReceiveBudget` is the outer's own lifetime budget over that count, enforced whatever the
 inner does: a read asks for no more than what is left (less what other reads in flight were
 granted), so the count never passes the budget, not by one byte; once nothing is left a read
-raises `BudgetExhausted` without touching the socket.
+raises `BudgetExhausted` without touching the socket. It can span several counts of one file
+(the outer counts what an uplink sends before it proved itself apart: `link.outer_link`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from uplimit.link.budget import (
 )
 from uplimit.link.ledger import ChargeReceipt, Ledger
 
-__all__ = ["MeteredReader", "MeteredWriter", "ReceiveBudget", "ReceiveCounter"]
+__all__ = ["MeteredReader", "MeteredWriter", "ReceiveBudget", "ReceiveCounter", "unproved"]
 
 
 # How an end opens a connection: `asyncio.open_connection`'s signature.
@@ -236,17 +237,20 @@ class ReceiveCounter:
 
 
 class ReceiveBudget:
-    """The outer's lifetime receive budget over a `ReceiveCounter` (module doc)."""
+    """The outer's lifetime receive budget over the sum of `ReceiveCounter`s (module doc)."""
 
-    def __init__(self, counter: ReceiveCounter, budget_bytes: int) -> None:
+    def __init__(self, counters: tuple[ReceiveCounter, ...], budget_bytes: int) -> None:
         if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
             raise ConfigError(f"the receive budget must be an int >= 1, got {budget_bytes!r}")
-        self.counter = counter
+        self.counters = counters
         self.budget_bytes = budget_bytes
         self._granted = 0  # to reads in flight, not yet counted
 
+    def received(self) -> int:
+        return sum(c.total() for c in self.counters)
+
     def left(self) -> int:
-        return self.budget_bytes - self.counter.total() - self._granted
+        return self.budget_bytes - self.received() - self._granted
 
     def grant(self, n: int, keep: int = 0) -> int:
         """Up to `n` of the bytes left beyond `keep` (for another reader), held until
@@ -255,7 +259,7 @@ class ReceiveBudget:
         if k <= 0:
             raise BudgetExhausted(
                 f"the outer's receive budget of {self.budget_bytes:,} bytes is spent"
-                f" ({self.counter.total():,} received)",
+                f" ({self.received():,} received)",
                 limit="lifetime",
             )
         self._granted += k
@@ -264,6 +268,11 @@ class ReceiveBudget:
     def settle(self, granted: int) -> None:
         """A read granted `granted` bytes is over (what it received is counted by now)."""
         self._granted -= granted
+
+
+def unproved(counter: ReceiveCounter) -> ReceiveCounter:
+    """The count, in `counter`'s file, of what uplinks sent before they proved themselves."""
+    return ReceiveCounter(counter.path, name=f"{counter.name}-unproved")
 
 
 class MeteredReader:

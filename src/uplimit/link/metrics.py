@@ -5,7 +5,9 @@ outsiders can read would be an upload channel with no meter. What the inner know
 inside (its logs, its ledger) or travels up the metered uplink. (The spot-check verifier's
 optional port, `inner.verifier`, is for the inner side's own network.)
 
-    uplimit_uplink_bytes_total        uplink bytes received (as the receive counter counts)
+    uplimit_uplink_bytes_total        uplink bytes received (as the receive counts count: the
+                                      link's, and what uplinks sent before they proved
+                                      themselves)
     uplimit_downlink_bytes_total      downlink bytes sent
     uplimit_budget_left_bytes         lifetime budget less every uplink byte ever received:
                                       an upper bound, the inner's ledger also charges timing

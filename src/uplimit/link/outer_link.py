@@ -36,7 +36,7 @@ from uplimit.link.auth import (
     outer_proof,
     proof_matches,
 )
-from uplimit.link.meter import MeteredReader, ReceiveBudget, ReceiveCounter
+from uplimit.link.meter import MeteredReader, ReceiveBudget, ReceiveCounter, unproved
 from uplimit.link.metrics import OuterMetrics
 from uplimit.link.transport import HANDSHAKE_TIMEOUT_S, READ_BYTES
 from uplimit.wire.fingerprint import fingerprint_sha256, vocabulary_size
@@ -131,7 +131,11 @@ class OuterLink:
         self._decoder = decoder
         self._receiver = UplinkReceiver(fingerprint, decoder, max_frame_bytes=max_frame_bytes)
         self._counter = counter
-        self._budget = ReceiveBudget(counter, budget_bytes)
+        # What uplinks send before they proved themselves (`_prove`) is counted apart: it
+        # counts against the budget, but it is not the authenticated inner's upload, which
+        # `counter` holds (`uplimit meters` compares that one with the ledger).
+        self._unproved = unproved(counter)
+        self._budget = ReceiveBudget((counter, self._unproved), budget_bytes)
         self._secret = secret
         self.allowed = allowed  # the inner's addresses; change it only before `start`
         self._candidates: list[_Candidate] = []
@@ -139,7 +143,7 @@ class OuterLink:
         self._on_alarm = on_alarm
         self.metrics = metrics
         if metrics is not None:
-            metrics.set_budget(budget_bytes, counter.total())
+            metrics.set_budget(budget_bytes, self._budget.received())
         self._handshake_timeout_s = handshake_timeout_s
         self._downlink_grace_s = downlink_grace_s
         # The decoder's stream table changes in two places (open_stream, decoding in a
@@ -195,7 +199,7 @@ class OuterLink:
         await self._fail(
             AlarmKind.RECEIVE_BUDGET,
             f"the outer's receive budget of {self._budget.budget_bytes:,} bytes is spent"
-            f" ({self._counter.total():,} bytes received); reading nothing more",
+            f" ({self._budget.received():,} bytes received); reading nothing more",
         )
 
     async def wait_serving(self, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
@@ -436,9 +440,10 @@ class OuterLink:
         if peer is None:
             return
         # The downlink's watch (one byte, `_on_downlink`) keeps its byte of the budget.
-        metered = MeteredReader(reader, self._counter, self._budget, keep=1)
         try:
-            proved = await self._prove(metered, peer)
+            proved = await self._prove(
+                MeteredReader(reader, self._unproved, self._budget, keep=1), peer
+            )
         except BudgetExhausted:
             await self._budget_spent()
             proved = False
@@ -446,6 +451,7 @@ class OuterLink:
             writer.close()
             return
         self._writers.append(writer)
+        metered = MeteredReader(reader, self._counter, self._budget, keep=1)
         try:
             while True:
                 try:
@@ -539,3 +545,4 @@ class OuterLink:
         for writer in self._writers:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+        self._unproved.close()

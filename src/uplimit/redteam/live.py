@@ -34,7 +34,7 @@ from uplimit.link.auth import create_secret, load_secret
 from uplimit.link.budget import Budgets, steady_time
 from uplimit.link.inner_link import InnerLink
 from uplimit.link.ledger import Ledger, SqliteLedger
-from uplimit.link.meter import ReceiveCounter
+from uplimit.link.meter import ReceiveCounter, unproved
 from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel, Logits
 from uplimit.outer.link import TransportUplink
@@ -150,7 +150,7 @@ class Outcome:
     link_alarms: list[Alarm]
     monitor_alarms: list[MonitorAlarm]
     verdicts: list[Verdict]
-    received_bytes: int  # the outer's receive counter
+    received_bytes: int  # the outer's receive counts: before and after uplinks proved themselves
     charged_wire_bytes: int  # the inner's ledger
     charged_timing_bytes: int
     streams: dict[int, tuple[StreamSpec, list[int]]]  # what the outer decoded
@@ -289,6 +289,7 @@ class Live:
             session.close()
         verdicts = self.checker.verdicts(wait_s=s.check_wait_s) if self.checker else []
         usage = ledger.usage()
+        before_proof = unproved(counter)  # what uplinks sent before they proved themselves
         outcome = Outcome(
             started=started,
             ended=time.time(),
@@ -297,7 +298,7 @@ class Live:
             link_alarms=list(uplink.link.alarms),
             monitor_alarms=list(monitor.alarms),
             verdicts=verdicts[checked_before:],
-            received_bytes=counter.total(),
+            received_bytes=counter.total() + before_proof.total(),
             charged_wire_bytes=usage.wire_bytes,
             charged_timing_bytes=usage.timing_bytes,
             streams={sid: (spec, decoded.get(sid, [])) for sid, spec in specs.items()},
@@ -307,6 +308,7 @@ class Live:
             traces=monitor.traces(),
         )
         counter.close()
+        before_proof.close()
         ledger.close()
         return outcome
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 from uplimit.coding.calibration import Calibration
 from uplimit.config import Config
 from uplimit.inner.service import InnerService
+from uplimit.link.auth import SECRET_BYTES, create_secret
 from uplimit.link.budget import DEFAULT_TICK_S
 from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.ledger import Ledger
@@ -34,10 +37,12 @@ from uplimit.models.base import LanguageModel, ModelInfo
 from uplimit.outer.link import TransportUplink
 from uplimit.outer.serve import serve_outer
 from uplimit.wire.fingerprint import codec_fingerprint
-from uplimit.wire.frame import FrameContent, FrameDecoder, FrameStats
+from uplimit.wire.frame import FrameContent, FrameDecoder, FrameStats, max_frame_bytes
 from uplimit.wire.protocol import EndReason
 
 __all__ = ["InProcess", "in_process", "serve_both"]
+
+log = logging.getLogger(__name__)
 
 
 async def serve_both(
@@ -49,7 +54,11 @@ async def serve_both(
 ) -> None:
     """Run the inner (`inner.confine.run_confined`, or `serve_inner` in this process when
     unconfined) and the outer until the outer stops; each side has its own weak model (and
-    config: a rollout record is per side)."""
+    config: a rollout record is per side). One process holds both sides, so it creates the
+    link's secret file if there is none (0600; the two configs name the same file)."""
+    secret = outer_config.path(outer_config.link.secret_file, "link.secret")
+    if not secret.exists():
+        log.info("both: creating the link secret %s", create_secret(secret))
     inner = asyncio.create_task(run_inner)
     try:
         await serve_outer(outer_config, outer_weak, on_listening=on_listening)
@@ -78,12 +87,16 @@ async def in_process(
 ) -> AsyncIterator[InProcess]:
     """The real link between `inner` and an outer decoding with `decoder`, in one process.
 
-    Both ends are the production ones over `link.memory` instead of TCP: the handshake (each
-    side's codec fingerprint from its own frame configuration), the inner's `serve_frames`
+    Both ends are the production ones over `link.memory` instead of TCP: the handshake (the
+    challenge over a secret made here; each side's codec fingerprint from its own frame
+    configuration), the inner's `serve_frames`
     (charged before sending, END reserve, timing charge, resends), the outer's receiver and
-    receive counter. `inner` is started here and closed on the way out, after SHUTDOWN."""
+    receive counter and receive budget (the ledger's lifetime figure). `inner` is started here
+    and closed on the way out, after SHUTDOWN."""
     network = MemoryNetwork()
     counter = ReceiveCounter(workdir / "received.db")
+    budget = ledger.usage().budgets.lifetime_bytes  # the outer's own, the same figure
+    secret = secrets.token_bytes(SECRET_BYTES)  # the link's, for the two ends in this process
     pair: InProcess | None = None
 
     def build(hook: FrameHook) -> OuterLink:
@@ -93,7 +106,11 @@ async def in_process(
             hook(content, stats)
 
         fingerprint = codec_fingerprint(weak, calibration, decoder.config)
-        return OuterLink(fingerprint, decoder, counter, on_frame=deliver)
+        return OuterLink(
+            fingerprint, decoder, counter, on_frame=deliver, budget_bytes=budget,
+            max_frame_bytes=max_frame_bytes(decoder.config, inner.config.max_streams),
+            secret=secret, allowed=frozenset({HOST}),
+        )  # fmt: skip
 
     pair = InProcess(TransportUplink(build, decoder))
     outer = pair.uplink.link
@@ -102,7 +119,7 @@ async def in_process(
         await outer.start(HOST, start_server=network.start_server)
         link = await InnerLink.connect(
             HOST, outer.downlink_port, outer.uplink_port, ledger,
-            codec_fingerprint(weak, calibration, inner.frame_config),
+            codec_fingerprint(weak, calibration, inner.frame_config), secret=secret,
             log_path=workdir / "downlink.jsonl", tick_s=tick_s,
             open_connection=network.open_connection,
         )  # fmt: skip

@@ -13,7 +13,7 @@ checks what changes coded bytes; the rest only has to fit.
     [coding]  frame_tokens, max_streams, max_context
     [link]    host, downlink_port, uplink_port, tick_s, ledger, lifetime/per-day/per-second
               budget bytes (lifetime 0 = 1 % of the strong weights), downlink_log,
-              receive_counter, downlink_bytes_per_s
+              receive_counter, downlink_bytes_per_s, secret_file, inner_addresses
     [inner]   max_batch, frame_delay_s, best_of, scorer, reasoning_open/_close,
               max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record,
               user (the confined inner's unprivileged user)
@@ -78,11 +78,17 @@ class LinkConfig:
     uplink_port: int = 7302
     tick_s: float = 0.1
     ledger: str = ""  # SQLite path or postgresql:// URL; "": $UPLIMIT_HOME/ledger.db
-    lifetime_budget_bytes: int = 0  # 0: 1 % of the strong weights
+    # 0: 1 % of the strong weights; the outer enforces it too, and knows that size only for
+    # the pinned pair (`outer.serve.receive_budget_bytes`): set it for any other strong model.
+    lifetime_budget_bytes: int = 0
     per_day_budget_bytes: int = 0  # 0: none
     per_second_budget_bytes: int = 0  # 0: none
     downlink_log: str = ""  # "": $UPLIMIT_HOME/downlink.jsonl
     receive_counter: str = ""  # "": $UPLIMIT_HOME/received.db
+    # The link's shared secret (`link.auth`; `uplimit link-secret` writes one, 0600), the same
+    # file on both sides; missing is an error. "": $UPLIMIT_HOME/link.secret
+    secret_file: str = ""
+    inner_addresses: str = "127.0.0.1,::1"  # the outer takes link connections only from these
     # The inner refuses a faster downlink; the outer sends a rollout's model at 3/4 of it.
     downlink_bytes_per_s: int = 1 << 20
 

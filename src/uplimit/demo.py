@@ -44,6 +44,7 @@ from rich.table import Table
 
 from uplimit.errors import BackendError
 from uplimit.link.agreement import read_meters
+from uplimit.link.auth import create_secret
 from uplimit.link.budget import Budgets
 from uplimit.link.kernel import KernelMeter, KernelReading, available
 from uplimit.link.ledger import LedgerState, init_ledger
@@ -90,10 +91,11 @@ def _free_port(host: str = "127.0.0.1") -> int:
 def _config(
     workdir: Path, models: tuple[Path, Path], meter: str, budget: int, streams: int
 ) -> tuple[Path, int]:
-    """The demo's config file (room for `streams` at once), and the outer's HTTP port. The
-    ledger has a directory of its own: the confined inner may write the inner/ directory,
-    never the ledger's."""
+    """The demo's config file (room for `streams` at once; the link's secret, 0600, beside
+    it), and the outer's HTTP port. The ledger has a directory of its own: the confined inner
+    may write the inner/ directory, never the ledger's."""
     path, port = workdir / "uplimit.toml", _free_port()
+    secret = create_secret(workdir / "link.secret")
     (workdir / "ledger").mkdir()
     path.write_text(
         f"""[models]
@@ -110,6 +112,7 @@ ledger = "{workdir / "ledger" / "ledger.db"}"
 lifetime_budget_bytes = {budget}
 downlink_log = "{workdir / "inner" / "downlink.jsonl"}"
 receive_counter = "{workdir / "received.db"}"
+secret_file = "{secret}"
 [inner]
 frame_delay_s = 1.0
 max_batch = {streams}

@@ -29,6 +29,7 @@ import pytest
 from support.config import tiny_models, write_config
 from support.net import free_port
 from uplimit.inner.confine import UNCONFINED_ALARM, kernel_quota_bytes
+from uplimit.link.auth import create_secret
 from uplimit.link.kernel import available
 
 UPLIMIT = str(Path(sys.executable).with_name("uplimit"))
@@ -56,7 +57,8 @@ def world(missing) -> Iterator[tuple[Path, Path, dict[str, str]]]:
         "coding": {"frame_tokens": 4, "max_streams": 8, "max_context": 256},
         "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.02,
                  "lifetime_budget_bytes": BUDGET, "ledger": base / "ledger" / "ledger.db",
-                 "receive_counter": base / "received.db"},
+                 "receive_counter": base / "received.db",
+                 "secret_file": create_secret(base / "link.secret")},
         "inner": {"max_batch": 4, "frame_delay_s": 0},
         "outer": {"port": free_port(), "metrics_port": free_port(), "model_name": "tiny",
                   "kernel_meter": name},

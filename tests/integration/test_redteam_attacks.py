@@ -11,11 +11,15 @@ import pytest
 
 from uplimit.coding.calibration import Calibration
 from uplimit.inner.spotcheck import SpotChecker
+from uplimit.link.auth import RESPONSE_BYTES
 from uplimit.link.kernel import available
 from uplimit.outer.monitor import calibrate
 from uplimit.redteam.attacks import (
+    ClockStepAttack,
     FloodAttack,
+    ForeignAttack,
     InjectAttack,
+    LedgerFloodAttack,
     MalformedAttack,
     RefusalAttack,
     ResetLedgerAttack,
@@ -25,6 +29,7 @@ from uplimit.redteam.attacks import (
 )
 from uplimit.redteam.live import Live, LiveSettings, Pair
 from uplimit.redteam.report import Report
+from uplimit.wire.frame import FrameConfig, max_frame_bytes
 
 TRAIN = ["def f(x):", "import os", "class A:", "for i in range", "Hello there", "x = ["]
 DEV = ["print(", "# comment", "while True:", "return"]
@@ -84,11 +89,17 @@ def test_timing_moves_no_more_than_the_ledger_charged(system):
     assert "timing bytes" in row.note
 
 
-@pytest.mark.parametrize("mode", ["padded", "forged"])
-def test_injected_frames_are_rejected_and_metered(system, mode):
+@pytest.mark.parametrize(("mode", "chunk"), [("padded", 64), ("forged", 64), ("forged", 1024)])
+def test_injected_frames_are_rejected_and_metered(system, mode, chunk):
     live, prompts = system
-    row = asyncio.run(InjectAttack(mode, mode, chunk=1024).run(live, prompts, SECRET))
-    assert any(a.startswith("link mismatch") for a in row.alarms)
+    row = asyncio.run(InjectAttack(mode, mode, chunk=chunk).run(live, prompts, SECRET))
+    # Under the frame cap a frame is decoded and rejected (mismatch); over it (1 kB against
+    # what 8 streams of 4 tokens can need) the first one fails the link.
+    config = FrameConfig(SETTINGS.frame_tokens, live.pair.weak.info.n_vocab)
+    cap = max_frame_bytes(config, SETTINGS.max_streams)
+    assert cap // 2 > 64 and cap < 1024
+    expected = "link mismatch" if chunk < cap else "link protocol: malformed uplink: frame length"
+    assert any(a.startswith(expected) for a in row.alarms), row.alarms
     assert row.moved_bytes <= row.uplink_bytes <= row.charged_bytes <= SETTINGS.budget_bytes
     assert "budget" in row.stopped_by or "failed" in row.stopped_by
 
@@ -129,6 +140,38 @@ def test_the_meter_bypass_is_seen_by_the_outer_and_capped_by_the_kernel(system):
         assert row.moved_bytes < 16_384 and "kernel quota" in row.stopped_by
     else:  # no kernel meter: the outer still fails the link (it asks for resends, gets none)
         assert row.moved_bytes <= len(SECRET)
+
+
+def test_a_foreign_connection_gets_the_challenge_only_and_the_inner_still_serves(system):
+    live, prompts = system
+    row = asyncio.run(ForeignAttack().run(live, prompts[:1], SECRET))
+    assert row.moved_bytes == RESPONSE_BYTES  # its "proof", read and refused; never decoded
+    assert row.tokens > 0 and row.stopped_by.startswith("the challenge")
+    assert any(a.startswith("link auth") for a in row.alarms) and row.first_alarm_s is not None
+    assert "and 0 bytes more" in row.note
+
+
+def test_a_flood_past_the_ledger_stops_at_the_outers_own_budget(system):
+    live, prompts = system
+    row = asyncio.run(LedgerFloodAttack().run(live, prompts, SECRET))
+    assert row.charged_bytes == 0  # it skipped the ledger
+    # Valid frames between the rejected ones: the decoder never ends it; the budget does, to
+    # the byte (less the one the watch on the downlink keeps).
+    assert row.uplink_bytes == SETTINGS.budget_bytes - 1 < len(SECRET)
+    assert "receive budget" in row.stopped_by
+    assert any(a.startswith("link receive-budget") for a in row.alarms)
+
+
+def test_a_clock_step_neither_resets_the_day_nor_stalls_the_link(system):
+    live, prompts = system
+    attack = ClockStepAttack()
+    row = asyncio.run(attack.run(live, prompts, SECRET))
+    assert row.stopped_by.startswith("the per-day budget")  # END per-day, not a stall
+    assert not any("stalled" in a for a in row.alarms)
+    assert [a.split(":")[0] for a in row.alarms] == ["inner clock"]  # the step back, once
+    assert row.first_alarm_s is not None and row.first_alarm_s >= 3
+    # One step forward buys at most one more day; the step back bought nothing.
+    assert attack.per_day_bytes < row.charged_bytes <= 2 * attack.per_day_bytes
 
 
 def test_the_report_writes_markdown_and_json(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from support.config import tiny_models, write_config
+from support.config import link_files, tiny_models, write_config
 from support.net import free_port
 from uplimit.inner.confine import UNCONFINED_ALARM
 
@@ -123,7 +123,7 @@ def test_honest_streams_agree_and_a_dishonest_inner_is_caught(tiny_pair_dirs, tm
         "models": tiny_models(tiny_pair_dirs),
         "coding": {"frame_tokens": 4, "max_streams": 8, "max_context": 256},
         "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.02,
-                 "lifetime_budget_bytes": 1000000},
+                 "lifetime_budget_bytes": 1000000, **link_files(tmp_path)},
         "inner": {"max_batch": 4, "frame_delay_s": 0},
         "outer": {"port": port, "metrics_port": outer_metrics, "model_name": "tiny",
                   "verifier": f"127.0.0.1:{verifier_port}", "verify_rate": 1.0},
@@ -198,7 +198,8 @@ def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dir
     write_config(config, {
         "models": tiny_models(tiny_pair_dirs),
         "coding": {"frame_tokens": 1, "max_context": 512},
-        "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.5},
+        "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.5,
+                 "lifetime_budget_bytes": 1000000, "secret_file": tmp_path / "made-by-both"},
         "inner": {"frame_delay_s": 0},
         "outer": {"port": port, "metrics_port": metrics_port, "model_name": "tiny"},
     })  # fmt: skip
@@ -224,6 +225,7 @@ def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dir
         client.kill()
         client.wait()
         assert "timeout graceful shutdown exceeded" in procs.log("both")  # cut, not finished
+        assert (tmp_path / "made-by-both").stat().st_mode & 0o777 == 0o600  # the link's secret
         # The link ended by SHUTDOWN, not by failing: the one ALARM says it ran unconfined.
         assert [x for x in procs.log("both").splitlines() if "ALARM" in x] == [UNCONFINED_ALARM], (
             procs.log("both")

@@ -17,6 +17,7 @@ from uplimit.coding.sampling import SamplingParams
 from uplimit.config import load_config
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.serve import serve_inner
+from uplimit.link.auth import create_secret
 from uplimit.outer.serve import serve_outer
 
 pytestmark = pytest.mark.real
@@ -47,6 +48,7 @@ uplink_port = {_port()}
 ledger = "{tmp_path / "ledger.db"}"
 downlink_log = "{tmp_path / "down.jsonl"}"
 receive_counter = "{tmp_path / "received.db"}"
+secret_file = "{tmp_path / "link.secret"}"
 [inner]
 max_batch = 4
 frame_delay_s = 0.3
@@ -59,6 +61,7 @@ metrics_port = 0
     )
     config = load_config(config_file, env={})
     init_ledger_for(config)
+    create_secret(config.link.secret_file)
     url = f"http://127.0.0.1:{config.outer.port}"
 
     async def ask(client, prompt, t):

@@ -145,7 +145,7 @@ def test_status_page_draws_the_running_system(
             points[-1]["at"] + budget["left_bytes"] / rate
         )
     (alarm,) = s["alarms"]
-    assert alarm["kind"] == "connection" and "unexpected uplink connection" in alarm["message"]
+    assert alarm["kind"] == "connection" and "to the uplink port" in alarm["message"]
     assert points[0]["at"] < alarm["at"] <= s["at"] and s["keys"] is None
     # Prometheus has the meters too, under conventional names.
     assert "uplimit_meters_agree 1.0" in metrics
@@ -193,26 +193,26 @@ def _status_of_an_outer_alone(weak, config, until, what: str) -> tuple[dict, str
 
 
 def test_status_page_before_the_inner_connects(tiny_weak, tiny_services_config):
-    """An outer alone, its budget left to the inner's default: the page says what it does not
-    know instead of drawing guesses."""
+    """An outer alone: its own budget (the configured figure; the outer always has one) with
+    nothing used, and the page says what it does not know instead of drawing guesses."""
     config = tiny_services_config(
         {"status_interval_s": 0.1, "port": free_port(), "metrics_port": free_port()},
-        env={"UPLIMIT_LINK_LIFETIME_BUDGET_BYTES": "0"},
         ledger=False,
     )
     s, page, metrics = _status_of_an_outer_alone(
         tiny_weak, config, lambda s: len(s["uplink"]) >= 1, "a first uplink sample"
     )
     assert s["link"]["state"] == "handshaking"
-    b = s["budget"]
-    assert b["source"] == "receive counter" and b["lifetime_bytes"] is None
-    assert (b["left_bytes"], b["exhausts_at"], s["burndown"]) == (None, None, [])
+    assert s["budget"] == {
+        "source": "receive counter", "lifetime_bytes": 1_000_000, "used_bytes": 0,
+        "left_bytes": 1_000_000, "rate_bytes_per_s": 0.0, "exhausts_at": None,
+    }  # fmt: skip
     assert s["meters"]["bytes"] == [{"meter": "received", "bytes": 0}]
     assert s["meters"]["checks"] == [] and s["meters"]["agree"] is None
     assert s["meters"]["error"] is None
-    assert "unknown left" in page and "no projection: the budget is the inner" in page
+    assert "not burning now: no exhaustion date" in page
     assert "fewer than two meters: nothing to compare" in page
-    assert page.count('class="none">no data yet') == 2  # burn-down and bits/token
+    assert page.count('class="none">no data yet') == 1  # bits/token
     assert "uplimit_meters_agree NaN" in metrics
 
 

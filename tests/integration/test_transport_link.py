@@ -25,14 +25,33 @@ from uplimit.coding.calibration import Calibration
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import LinkClosed
+from uplimit.link.auth import (
+    CHALLENGE_BYTES,
+    CHALLENGE_MAGIC,
+    NONCE_BYTES,
+    PROOF_BYTES,
+    RESPONSE_BYTES,
+    create_secret,
+    inner_proof,
+    load_secret,
+    new_nonce,
+    outer_proof,
+)
 from uplimit.link.budget import CONNECT_CHARGE_BYTES, Budgets
 from uplimit.link.inner_link import END_RESERVE_BYTES
 from uplimit.link.ledger import SqliteLedger
-from uplimit.link.meter import ReceiveCounter
+from uplimit.link.meter import ReceiveCounter, unproved
 from uplimit.link.metrics import OuterMetrics, serve_metrics
 from uplimit.link.outer_link import OuterLink
 from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_digest
-from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
+from uplimit.wire.frame import (
+    FrameConfig,
+    FrameContent,
+    FrameDecoder,
+    FrameEncoder,
+    max_frame_bytes,
+)
+from uplimit.wire.parsing import uvarint
 from uplimit.wire.protocol import (
     DOWNLINK_PREAMBLE,
     Accept,
@@ -76,6 +95,7 @@ def random_answer(spec, n_vocab, eos):
     return random.Random(spec.seed).choices(allowed, k=spec.max_tokens)
 
 from uplimit.errors import UplimitError
+from uplimit.link.auth import load_secret
 from uplimit.link.ledger import SqliteLedger
 from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.wire.protocol import DownlinkLimits
@@ -139,6 +159,7 @@ async def main():
     link = await InnerLink.connect(
         cfg["host"], cfg["down"], cfg["up"], ledger, fingerprint, log_path=cfg["log"],
         tick_s=cfg["tick_s"], limits=DownlinkLimits(**cfg.get("limits", {})),
+        secret=load_secret(cfg["secret"]),
     )
     reason = await serve_frames(link, source)
     print(json.dumps({"end": reason.name}), flush=True)
@@ -161,6 +182,9 @@ class Outer:
         self.decoder = FrameDecoder(self.session, weak.info.eos_ids, Calibration(), self.config)
         self.counter = ReceiveCounter(tmp_path / "received.db")
         self.metrics = OuterMetrics()
+        self.secret_path = tmp_path / "link.secret"
+        if not self.secret_path.exists():
+            create_secret(self.secret_path)
         self.tokens: dict[int, list[int]] = {}
         self.link = OuterLink(
             self.fingerprint,
@@ -168,7 +192,13 @@ class Outer:
             self.counter,
             on_frame=self._frame,
             metrics=self.metrics,
-            **options,
+            **{
+                "budget_bytes": 100_000,
+                "max_frame_bytes": max_frame_bytes(self.config, 64),
+                "secret": load_secret(self.secret_path),
+                "allowed": frozenset({HOST}),
+            }
+            | options,
         )
 
     def _frame(self, content: FrameContent, stats) -> None:
@@ -185,7 +215,7 @@ class Outer:
 
 @pytest.fixture
 def outer(tiny_weak, tmp_path):
-    o = Outer(tiny_weak, tmp_path, budget_bytes=100_000)
+    o = Outer(tiny_weak, tmp_path)
     yield o
     o.close()
 
@@ -251,6 +281,7 @@ def inner_config(tmp_path: Path, o: Outer, host: str = HOST, **more) -> dict:
         "up": o.link.uplink_port,
         "ledger": str(tmp_path / "ledger.db"),
         "log": str(tmp_path / "downlink.jsonl"),
+        "secret": str(o.secret_path),
         "tick_s": TICK,
         "k": K,
         **more,
@@ -312,16 +343,20 @@ def test_a_link_shakes_hands_serves_metrics_and_shuts_down(tmp_path, outer):
     finally:
         if http is not None:
             http.shutdown()
-    # Up went the connection charge, the accept and END(shutdown), each charged first.
+    # Up went the connection charge, the inner's proof, the accept and END(shutdown), each
+    # charged first.
     state = SqliteLedger(tmp_path / "ledger.db").usage()
-    assert outer.counter.total() == state.wire_bytes == VERDICT + 2
+    up = RESPONSE_BYTES + VERDICT + 2
+    # The proof is counted apart (read before the inner proved itself), the rest as the link's.
+    assert outer.counter.total() + RESPONSE_BYTES == state.wire_bytes == up
+    assert unproved(outer.counter).total() == RESPONSE_BYTES
     assert state.timing_bytes >= CONNECT_CHARGE_BYTES
     text = metrics.decode()
-    assert f"uplimit_uplink_bytes_total {VERDICT + 2.0}" in text
-    assert f"uplimit_budget_left_bytes {100_000.0 - VERDICT - 2}" in text
+    assert f"uplimit_uplink_bytes_total {float(up)}" in text
+    assert f"uplimit_budget_left_bytes {100_000.0 - up}" in text
     assert 'uplimit_link_state{uplimit_link_state="closed"} 1.0' in text
     assert 'uplimit_alarms_total{kind="connection"} 1.0' in text
-    assert log_types(tmp_path / "downlink.jsonl") == ["hello", "shutdown"]
+    assert log_types(tmp_path / "downlink.jsonl") == ["challenge", "proof", "hello", "shutdown"]
 
 
 def test_a_fingerprint_mismatch_is_refused_naming_each_field(tmp_path, outer):
@@ -346,7 +381,131 @@ def test_a_fingerprint_mismatch_is_refused_naming_each_field(tmp_path, outer):
     assert not outer.tokens
     # The refusal was charged like any upload, and nothing else went up.
     state = SqliteLedger(tmp_path / "ledger.db").usage()
-    assert state.wire_bytes == outer.counter.total() < 100
+    assert state.wire_bytes == RESPONSE_BYTES + outer.counter.total() < RESPONSE_BYTES + 100
+
+
+# --- the link's authentication (link.auth) ----------------------------------------------------
+
+
+def test_a_foreign_connection_made_first_is_refused_and_the_inner_still_connects(
+    tmp_path, tiny_weak
+):
+    """A process without the secret connects both ports before the inner and answers the
+    challenge with 64 bytes of its own: it gets the challenge and nothing else (no HELLO, no
+    slot), its uplink is closed with an alarm, and the real inner then takes the link; the
+    foreign downlink is closed then."""
+    SqliteLedger(tmp_path / "ledger.db", Budgets(100_000)).close()
+    outer = Outer(tiny_weak, tmp_path, handshake_timeout_s=SLOW)
+
+    async def main():
+        link = outer.link
+        await link.start(HOST)
+        dr, dw = await asyncio.open_connection(HOST, link.downlink_port)
+        assert (await dr.readexactly(CHALLENGE_BYTES)).startswith(CHALLENGE_MAGIC)
+        _, uw = await asyncio.open_connection(HOST, link.uplink_port)
+        uw.write(bytes(RESPONSE_BYTES))
+        await until(lambda: AlarmKind.AUTH in outer.kinds(), 10)
+        assert link.state is LinkState.HANDSHAKING
+        config = inner_config(tmp_path, outer, fingerprint=outer.fingerprint)
+        async with inner_process(config) as proc:
+            await wait_serving(link, proc)
+            assert await link.shutdown() is LinkState.CLOSED
+            assert await inner_result(proc) == (0, {"end": "SHUTDOWN"})
+        assert await dr.read() == b""  # the foreign downlink: closed, never a byte more
+        dw.close()
+        uw.close()
+
+    try:
+        run(main)
+        assert outer.kinds() == [AlarmKind.AUTH, AlarmKind.CONNECTION]
+        assert "failed the challenge (64 of 64 bytes" in outer.link.alarms[0].message
+        assert "never proved itself" in outer.link.alarms[1].message
+    finally:
+        outer.close()
+
+
+def test_an_inner_with_a_wrong_secret_is_refused_with_an_alarm(tmp_path, tiny_weak):
+    SqliteLedger(tmp_path / "ledger.db", Budgets(100_000)).close()
+    o = Outer(tiny_weak, tmp_path, handshake_timeout_s=2.0)
+    wrong = create_secret(tmp_path / "wrong.secret")
+
+    async def main():
+        await o.link.start(HOST)
+        config = inner_config(tmp_path, o, fingerprint=o.fingerprint, secret=str(wrong))
+        async with inner_process(config) as proc:
+            rc, result = await inner_result(proc)
+        assert o.link.state is LinkState.HANDSHAKING  # still waiting for its inner
+        await o.link.aclose()
+        return rc, result
+
+    try:
+        rc, result = asyncio.run(main())
+        assert rc == 3 and result["error"] == "LinkClosed"
+        assert o.kinds() == [AlarmKind.AUTH, AlarmKind.AUTH]  # the uplink, then its downlink
+        assert "a wrong secret" in o.link.alarms[0].message
+        # The proof, counted before it was refused; nothing else read.
+        assert (o.counter.total(), unproved(o.counter).total()) == (0, RESPONSE_BYTES)
+    finally:
+        o.close()
+
+
+def test_a_connection_from_an_address_not_configured_is_closed_unread(tmp_path, tiny_weak):
+    o = Outer(tiny_weak, tmp_path, allowed=frozenset({"10.255.0.2"}))
+
+    async def main():
+        await o.link.start(HOST)
+        for port in (o.link.downlink_port, o.link.uplink_port):
+            r, w = await asyncio.open_connection(HOST, port)
+            w.write(bytes(RESPONSE_BYTES))
+            try:
+                got = await r.read()
+            except ConnectionResetError:  # closed with our bytes unread
+                got = b""
+            assert got == b""  # not even a challenge
+            w.close()
+        await o.link.aclose()
+
+    try:
+        asyncio.run(main())
+        assert o.kinds() == [AlarmKind.CONNECTION] * 2 and o.counter.total() == 0
+        assert "not one of the inner's addresses" in o.link.alarms[0].message
+    finally:
+        o.close()
+
+
+def test_closing_the_outer_closes_a_downlink_waiting_for_its_proof(outer):
+    async def main():
+        await outer.link.start(HOST)
+        r, w = await asyncio.open_connection(HOST, outer.link.downlink_port)
+        await r.readexactly(CHALLENGE_BYTES)
+        await outer.link.aclose()
+        assert await asyncio.wait_for(r.read(), 5) == b""  # now, not at the handshake timeout
+        w.close()
+
+    run(main)
+    assert outer.kinds() == []
+
+
+def test_the_inner_believes_no_outer_without_the_secret(tmp_path, outer):
+    """A listener on the outer's ports that does not hold the secret: the inner checks the
+    outer's proof before HELLO, alarms and stops; up went only its own proof."""
+    SqliteLedger(tmp_path / "ledger.db", Budgets(10_000)).close()
+
+    async def main():
+        fake = FakeOuter(outer.fingerprint, bytes(32))
+        await fake.start()
+        config = inner_config(tmp_path, outer, fingerprint=outer.fingerprint)
+        config.update(down=fake.downlink_port, up=fake.uplink_port)
+        async with inner_process(config) as proc:
+            rc, result = await inner_result(proc)
+        fake.close()
+        assert rc == 3 and result["error"] == "LinkClosed"
+        assert "does not hold the link's secret" in result["message"]
+        assert not fake.up  # no verdict: HELLO was never believed
+
+    run(main)
+    assert SqliteLedger(tmp_path / "ledger.db").usage().wire_bytes == RESPONSE_BYTES
+    assert log_types(tmp_path / "downlink.jsonl") == ["challenge", "refused"]
 
 
 # --- misbehaving inner sides (raw sockets, no meter) ------------------------------------------
@@ -392,11 +551,17 @@ def coded(tiny_strong, tiny_weak) -> Coded:
 class FakeInner:
     """An inner side that writes whatever a test wants: raw sockets, no ledger."""
 
-    async def connect(self, link: OuterLink) -> None:
+    async def connect(self, link: OuterLink, secret: bytes) -> None:
+        """Both connections, the challenge answered with `secret` (which a compromised inner
+        host holds), HELLO read."""
         self.dr, self.dw = await asyncio.open_connection(HOST, link.downlink_port)
         self.parser, self.down = DownlinkParser(), []
-        await self.read_down(1)  # HELLO
+        nonce_o = (await self.dr.readexactly(CHALLENGE_BYTES))[len(CHALLENGE_MAGIC) :]
         self.ur, self.uw = await asyncio.open_connection(HOST, link.uplink_port)
+        nonce_i = new_nonce()
+        await self.send(nonce_i + inner_proof(secret, nonce_o, nonce_i))
+        await self.dr.readexactly(PROOF_BYTES)
+        await self.read_down(1)  # HELLO
 
     async def read_down(self, count: int) -> None:
         async with asyncio.timeout(10):
@@ -415,9 +580,10 @@ class FakeInner:
 async def serving_fake(outer: Outer, coded: Coded) -> FakeInner:
     fake = FakeInner()
     await outer.link.start(HOST)
-    await fake.connect(outer.link)
+    await fake.connect(outer.link, load_secret(outer.secret_path))
     await fake.send(encode_uplink(Accept(fingerprint_digest(coded.fingerprint))))
-    await fake.send(encode_uplink(LedgerReport(bytes(16), 0, False)))
+    # What an honest ledger has charged by now: the proof and the accept.
+    await fake.send(encode_uplink(LedgerReport(bytes(16), RESPONSE_BYTES + 5, False)))
     await outer.link.wait_serving(10)
     for s in coded.specs:
         await outer.link.open_stream(s)
@@ -457,7 +623,7 @@ def test_replayed_reordered_or_truncated_frames_are_rejected_then_recovered(oute
 
 
 BAD_UPLINKS = {
-    "oversized frame": (bytes([0x81, 0x80, 0x40]), AlarmKind.PROTOCOL, "exceeds 1048576"),
+    "oversized frame": (bytes([0x81, 0x80, 0x40]), AlarmKind.PROTOCOL, "frame length"),
     "non-minimal length": (b"\x85\x00" + bytes(5), AlarmKind.PROTOCOL, "not minimally"),
     "unknown END reason": (b"\x00\x63", AlarmKind.PROTOCOL, "unknown END reason 99"),
     "bytes after END": (b"\x00\x04\x01", AlarmKind.PROTOCOL, "after the last message"),
@@ -489,7 +655,7 @@ def test_a_verdict_that_is_not_protocol_1_fails_the_link(outer):
     async def main():
         fake = FakeInner()
         await outer.link.start(HOST)
-        await fake.connect(outer.link)
+        await fake.connect(outer.link, load_secret(outer.secret_path))
         await fake.send(b"\x7fGET / HTTP/1.1")
         await outer.link.wait_final(10)
         fake.close()
@@ -512,8 +678,91 @@ def test_bytes_from_the_inner_on_the_downlink_fail_the_link_and_are_counted(oute
 
     run(main)
     assert outer.kinds() == [AlarmKind.DOWNLINK_UPLOAD] and "bypassing" in outer.link.reason
-    # The receive counter has them: `uplimit meters` shows more received than charged.
-    assert outer.counter.total() == VERDICT + len(coded.wire(0)) + 4
+    # The receive counter has the byte the outer read (one proves it, and it reads no more):
+    # `uplimit meters` shows more received than charged.
+    assert outer.counter.total() == VERDICT + len(coded.wire(0)) + 1
+
+
+def test_a_frame_longer_than_the_stream_table_can_need_fails_the_link(outer, coded):
+    """The cap is the frame bound of the outer's coding config, not the protocol's 1 MiB: a
+    frame of the bound is decoded (and rejected: it is zeros); one byte more fails the link as
+    soon as its length is read."""
+    bound = max_frame_bytes(outer.config, 64)
+
+    async def main():
+        fake = await serving_fake(outer, coded)
+        await fake.send(encode_uplink(Frame(bytes(bound))))
+        await until(lambda: AlarmKind.MISMATCH in outer.kinds(), 10)
+        assert outer.link.state is LinkState.SERVING
+        await fake.send(uvarint(bound + 1) + bytes(bound + 1))
+        await outer.link.wait_final(10)
+        fake.close()
+        await outer.link.aclose()
+
+    assert 1000 < bound < 10_000
+    run(main)
+    assert outer.kinds()[-1] == AlarmKind.PROTOCOL and f"exceeds {bound}" in outer.link.reason
+
+
+def test_an_inner_that_floods_past_its_ledger_meets_the_outers_own_budget(tmp_path, tiny_weak):
+    """A process that skips the ledger (`redteam.flood`) writes 64 kB of frames the decoder
+    rejects: the outer counts them against its own budget, reads not one byte past it, fails
+    the link with an alarm, and its metric shows nothing left."""
+    budget = 6_000
+    o = Outer(tiny_weak, tmp_path, budget_bytes=budget)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(random.Random(3).randbytes(64_000))
+
+    async def main():
+        await o.link.start(HOST)
+        argv = [
+            sys.executable, "-m", "uplimit.redteam.flood", HOST, str(o.link.downlink_port),
+            str(o.link.uplink_port), str(o.secret_path), fingerprint_digest(o.fingerprint).hex(),
+            str(secret), "300",
+        ]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), SLOW)
+        assert await o.link.wait_final(10) is LinkState.FAILED
+        await o.link.aclose()
+        return int(out.split()[1])
+
+    try:
+        sent = asyncio.run(main())
+        # It wrote more; the outer read up to the budget (less the byte that the watch on the
+        # downlink keeps), never past it.
+        assert o.counter.total() + unproved(o.counter).total() == budget - 1 < sent
+        assert AlarmKind.RECEIVE_BUDGET in o.kinds()
+        assert o.link.reason.startswith("the outer's receive budget of 6,000 bytes is spent")
+        assert o.metrics.registry.get_sample_value("uplimit_budget_left_bytes") == 1
+        kind = {"kind": "receive-budget"}
+        assert o.metrics.registry.get_sample_value("uplimit_alarms_total", kind) == 1
+    finally:
+        o.close()
+
+
+def test_an_outer_whose_budget_is_spent_takes_no_inner(tmp_path, tiny_weak):
+    """The count is durable: an outer restarted on a spent budget fails at once, alarms, and
+    reads nothing from whoever connects."""
+    first = Outer(tiny_weak, tmp_path, budget_bytes=10)
+    first.counter.add(10)
+    first.close()
+    o = Outer(tiny_weak, tmp_path, budget_bytes=10)
+
+    async def main():
+        await o.link.start(HOST)
+        assert o.link.state is LinkState.FAILED
+        with contextlib.suppress(OSError):
+            _, w = await asyncio.open_connection(HOST, o.link.downlink_port)
+            w.write(b"x" * 100)
+            w.close()
+        await asyncio.sleep(0.2)
+        await o.link.aclose()
+
+    try:
+        asyncio.run(main())
+        assert o.counter.total() == 10 and o.kinds() == [AlarmKind.RECEIVE_BUDGET]
+    finally:
+        o.close()
 
 
 @pytest.mark.parametrize("then", ["END", "nothing"])
@@ -554,9 +803,10 @@ def test_a_lost_downlink_leaves_the_verdict_to_the_uplink(tiny_weak, tmp_path, c
 class FakeOuter:
     """An outer side that sends whatever a test wants down, and records what comes up."""
 
-    def __init__(self, fingerprint: dict[str, str]) -> None:
-        self.fingerprint = fingerprint
-        self.up = bytearray()
+    def __init__(self, fingerprint: dict[str, str], secret: bytes) -> None:
+        self.fingerprint, self.secret = fingerprint, secret
+        self.nonce = new_nonce()
+        self.up = bytearray()  # after the inner's proof
         self.down_writer: asyncio.StreamWriter | None = None
         self.up_closed = asyncio.Event()
 
@@ -569,10 +819,17 @@ class FakeOuter:
 
     async def _down(self, reader, writer) -> None:
         self.down_writer = writer
-        writer.write(DOWNLINK_PREAMBLE + encode_downlink(Hello.of(self.fingerprint)))
+        writer.write(CHALLENGE_MAGIC + self.nonce)
         await writer.drain()
 
     async def _up(self, reader, writer) -> None:
+        nonce_i = (await reader.readexactly(RESPONSE_BYTES))[:NONCE_BYTES]
+        assert self.down_writer is not None
+        self.down_writer.write(
+            outer_proof(self.secret, self.nonce, nonce_i)
+            + DOWNLINK_PREAMBLE
+            + encode_downlink(Hello.of(self.fingerprint))
+        )
         while data := await reader.read(1 << 16):
             self.up += data
         self.up_closed.set()
@@ -589,7 +846,7 @@ def test_the_inner_enforces_the_downlink_limits(tmp_path, outer, flood):
     result = {}
 
     async def main():
-        fake = FakeOuter(outer.fingerprint)
+        fake = FakeOuter(outer.fingerprint, load_secret(outer.secret_path))
         await fake.start()
         config = inner_config(tmp_path, outer, fingerprint=outer.fingerprint, limits=limits)
         config.update(down=fake.downlink_port, up=fake.uplink_port)
@@ -611,10 +868,11 @@ def test_the_inner_enforces_the_downlink_limits(tmp_path, outer, flood):
     assert rc == 3 and out["error"] == "ProtocolError"
     expected = "5,000 bytes; the limit is 1,024" if flood != "too fast" else "faster than 4,000"
     assert expected in out["message"]
-    # Up went the accept, the ledger report and END(error), nothing else; all of it charged.
+    # Up went the proof, the accept, the ledger report and END(error), nothing else; all of it
+    # charged.
     assert result["up"][VERDICT:] == encode_uplink(End(EndReason.ERROR))
-    assert SqliteLedger(tmp_path / "ledger.db").usage().wire_bytes == VERDICT + 2
-    assert log_types(tmp_path / "downlink.jsonl")[0] == "hello"
+    assert SqliteLedger(tmp_path / "ledger.db").usage().wire_bytes == RESPONSE_BYTES + VERDICT + 2
+    assert log_types(tmp_path / "downlink.jsonl")[:3] == ["challenge", "proof", "hello"]
     assert log_types(tmp_path / "downlink.jsonl")[-1] == "violation"
 
 
@@ -653,6 +911,7 @@ def test_streams_round_trip_then_the_budget_runs_out(
         # The quota must not be what stops the link: room for headers and downlink ACKs.
         km = request.getfixturevalue("kernel_meter")(20 * BUDGET)
         host, wrap = km.outer_address, km.command
+        outer.link.allowed = frozenset({km.inner_address})
     SqliteLedger(tmp_path / "ledger.db", Budgets(BUDGET)).close()
     exact = [spec(tiny_weak, i, t) for i, t in enumerate([0.0, 0.7, 1.0])]
     spending: list[StreamSpec] = []
@@ -698,17 +957,19 @@ def test_streams_round_trip_then_the_budget_runs_out(
         got = outer.tokens.get(s.stream_id, [])
         assert got == random_answer(s, info.n_vocab, info.eos_ids)[: len(got)]
     state = SqliteLedger(tmp_path / "ledger.db").usage()
-    received = outer.counter.total()
+    received = outer.counter.total()  # after the inner proved itself; its proof apart
     assert state.usage.lifetime_bytes <= BUDGET  # the ledger, timing included
-    assert received <= BUDGET  # the outer
-    assert state.wire_bytes == received  # every charged byte was written, and arrived
+    assert received + RESPONSE_BYTES <= BUDGET  # the outer
+    # Every charged byte was written, and arrived.
+    assert state.wire_bytes == received + unproved(outer.counter).total()
     assert BUDGET - state.usage.lifetime_bytes < END_RESERVE_BYTES + 128  # nearly all spent
     # The downlink is logged inside, message by message, service fields included.
     log = [json.loads(line) for line in (tmp_path / "downlink.jsonl").read_text().splitlines()]
     opens = [e for e in log if e["type"] == "open_stream"]
     # The last OPEN_STREAM may cross the inner's END on the wire and never be read.
     sent = [s.stream_id for s in exact + spending]
-    assert log[0]["type"] == "hello" and [e["stream_id"] for e in opens] == sent[: len(opens)]
+    assert [e["type"] for e in log[:3]] == ["challenge", "proof", "hello"]
+    assert [e["stream_id"] for e in opens] == sent[: len(opens)]
     assert len(opens) >= len(sent) - 1
     assert opens[0]["prompt"] == list(exact[0].prompt) and opens[0]["extra"] == ""
     assert opens[-1]["extra"] == '{"answer": "random"}'

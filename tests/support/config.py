@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from uplimit.config import Config, load_config
+from uplimit.link.auth import create_secret
 
 __all__ = ["init_ledger_for", "link_files", "tiny_models", "write_config"]
 
@@ -50,9 +51,14 @@ def tiny_models(pair_dirs: tuple[Path, Path]) -> dict[str, object]:
 
 
 def link_files(tmp_path: Path) -> dict[str, object]:
-    """[link]'s files (ledger, downlink log, receive counter) inside the test's directory."""
+    """[link]'s files (ledger, downlink log, receive counter, the link's secret, created here
+    once) inside the test's directory."""
+    secret = tmp_path / "link.secret"
+    if not secret.exists():
+        create_secret(secret)
     return {
         "ledger": str(tmp_path / "ledger.db"),
         "downlink_log": str(tmp_path / "downlink.jsonl"),
         "receive_counter": str(tmp_path / "received.db"),
+        "secret_file": str(secret),
     }

@@ -20,6 +20,7 @@ from uplimit.wire.frame import (
     FrameContent,
     FrameDecoder,
     FrameEncoder,
+    max_frame_bytes,
 )
 from uplimit.wire.streams import StreamSpec
 
@@ -362,3 +363,38 @@ def test_a_switch_codes_new_streams_with_the_new_model_and_lets_old_ones_finish(
         assert sorted(released) == ["decoder", "decoder 3", "encoder", "encoder 3"]
     assert all(hits[2]) and all(hits[3])  # the new model is the strong one
     assert not all(hits[0] + hits[1])  # the old one misses now and then
+
+
+def test_the_frame_bound_is_pinned_for_the_default_configuration() -> None:
+    # 16 streams x 16 tokens x 48 bits (a coded miss at its worst) and the grammar's other
+    # symbols at their worst: 13,197 bits, 1,650 bytes (the parser's old cap was 1 MiB).
+    assert max_frame_bytes(FrameConfig(16, 151_936), 16) == 1650
+    assert max_frame_bytes(FrameConfig(16, 151_936, withheld_counts=True), 16) == 1720
+    with pytest.raises(ConfigError):
+        max_frame_bytes(FrameConfig(16, 151_936), 0)
+
+
+@pytest.mark.parametrize("withheld", [False, True])
+def test_no_frame_coded_or_raw_is_longer_than_the_bound(tiny_weak, withheld):
+    """The largest frames the grammar allows: every stream admitted at once, each with K of
+    the tokens the weak model finds least likely, all ended explicitly, the largest withheld
+    counts; and their raw resends."""
+    n, info = 4, tiny_weak.info
+    rng = random.Random(7)
+    specs = [
+        StreamSpec(i, tuple(tiny_weak.tokenize(PROMPTS[i])), SamplingParams(), i, 2 * K)
+        for i in range(n)
+    ]
+    with tiny_weak.session(1, 64) as probe:
+        _, logits = probe.prefill(specs[0].prompt)
+    unlikely = [int(t) for t in logits.argsort() if int(t) not in info.eos_ids][: 4 * K]
+    with link(tiny_weak, tiny_weak, specs, withheld=withheld) as (enc, dec):
+        tokens = {s.stream_id: tuple(rng.sample(unlikely, K)) for s in specs}
+        ended = frozenset(tokens)
+        kept = {s: 2**31 - 1 for s in tokens} if withheld else {}
+        coded, stats = enc.encode(FrameContent(n, tokens, ended, kept))
+        (raw,) = enc.resend(0)
+        bound = max_frame_bytes(enc.config, n)
+        assert stats.tokens == n * K
+        assert len(coded) <= bound and len(raw) <= bound
+        assert dec.decode(raw)[0].tokens == tokens  # the bound admits what is real

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from decimal import Decimal, getcontext
 
 import pytest
@@ -19,6 +20,7 @@ from uplimit.link.budget import (
     TimingState,
     Usage,
     decide,
+    steady_time,
     timing_capacity,
     timing_charge,
     timing_cost_units,
@@ -60,20 +62,45 @@ def test_refusal_names_lifetime_before_day_before_second() -> None:
     assert decide(Budgets(99, 99, 99), u, 1, T0).accepted
 
 
-def test_windows_roll_forward_and_never_back() -> None:
+def test_windows_roll_forward_and_a_step_back_keeps_their_bytes() -> None:
     b = Budgets(1000, 100, 10)
     u = decide(b, Usage(), 10, T0).usage
     assert decide(b, u, 1, T0 + 0.5).refused is Limit.PER_SECOND  # same second
     assert decide(b, u, 10, T0 + 1).accepted  # next second
-    assert decide(b, u, 1, T0 - 5).refused is Limit.PER_SECOND  # clock stepped back
+    assert decide(b, u, 10, T0 - 5).accepted  # clock stepped back: another second
     u = Usage(50, math.floor(T0 / DAY), 100, math.floor(T0), 0)
     assert decide(b, u, 1, T0 + 5).refused is Limit.PER_DAY
     assert decide(b, u, 1, T0 - 3 * DAY).refused is Limit.PER_DAY  # no reset going back
     assert decide(b, u, 10, T0 + DAY).accepted
 
 
+def test_a_step_forward_and_back_strands_no_window_in_the_future() -> None:
+    """The clock jumps a day (and an hour) ahead, a charge fills both windows there, the clock
+    comes back: the windows come back with their bytes, and roll over on the real clock."""
+    b = Budgets(1000, 100)
+    ahead = T0 + DAY + 3600
+    u = decide(b, Usage(), 100, ahead).usage  # today's budget, spent "tomorrow"
+    back = decide(b, u, 1, T0)
+    assert back.refused is Limit.PER_DAY  # stepping back reset nothing
+    assert back.usage.day == math.floor(T0 / DAY) and back.usage.day_bytes == 100
+    assert decide(b, back.usage, 10, T0 + DAY).accepted  # a real day later, not at `ahead`
+    # A second ahead is over: a frame waiting for the next second gets it.
+    u = decide(Budgets(1000, None, 10), Usage(), 10, ahead).usage
+    assert decide(Budgets(1000, None, 10), u, 10, T0).accepted
+
+
+def test_steady_time_ignores_a_step_of_the_system_clock(monkeypatch) -> None:
+    before = steady_time()
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() - 10 * DAY)  # stepped back ten days
+    after = steady_time()
+    assert 0 <= after - before < 60
+    monkeypatch.setattr(time, "time", lambda: wall() + 10 * DAY)  # and forward
+    assert 0 <= steady_time() - after < 60
+
+
 charges = st.lists(
-    st.tuples(st.integers(0, 60), st.floats(-3, 3 * DAY / 2, allow_nan=False)),
+    st.tuples(st.integers(0, 60), st.floats(-3 * DAY / 2, 3 * DAY / 2, allow_nan=False)),
     max_size=60,
 )
 
@@ -94,22 +121,26 @@ def test_decide_matches_a_history_model(
     budgets = Budgets(lifetime, per_day, per_second)
     usage, t = Usage(), T0
     history: list[tuple[int, int, int]] = []  # (day, second, n) of accepted charges
+    # A window is numbered by how often it changed: a day when the clock moved past its end
+    # (stepping back is no new day: dt < 0), a second whenever the clock left it.
     day_now = second_now = -(10**12)
+    days = seconds = 0
     for n, dt in steps:
         t += dt
-        day_now = max(day_now, math.floor(t / DAY))  # windows never move back
-        second_now = max(second_now, math.floor(t))
+        days += math.floor(t / DAY) > day_now
+        seconds += math.floor(t) != second_now
+        day_now, second_now = math.floor(t / DAY), math.floor(t)
         totals = {
             Limit.LIFETIME: sum(c for _, _, c in history) + n,
-            Limit.PER_DAY: sum(c for d, _, c in history if d == day_now) + n,
-            Limit.PER_SECOND: sum(c for _, s, c in history if s == second_now) + n,
+            Limit.PER_DAY: sum(c for d, _, c in history if d == days) + n,
+            Limit.PER_SECOND: sum(c for _, s, c in history if s == seconds) + n,
         }
         over = [w for w in Limit if budgets.limit(w) is not None and totals[w] > budgets.limit(w)]
         decision = decide(budgets, usage, n, t)
         assert decision.refused == (over[0] if over else None)
         usage = decision.usage
         if decision.accepted:
-            history.append((day_now, second_now, n))
+            history.append((days, seconds, n))
         for w in Limit:
             if budgets.limit(w) is not None:
                 assert usage.used(w) <= budgets.limit(w)

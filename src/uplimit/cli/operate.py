@@ -1,4 +1,5 @@
-"""`uplimit meters|budget|audit`: the meters side by side, the ledger, the audit store."""
+"""`uplimit meters|budget|audit|link-secret`: the meters side by side, the ledger, the audit
+store, the link's shared secret."""
 
 from __future__ import annotations
 
@@ -63,6 +64,22 @@ def meters(
             Console().print(f"{mark}  {c.name}: {c.detail}")
     if not all(c.ok for c in found):
         raise typer.Exit(1)
+
+
+@app.command("link-secret", rich_help_panel="Operate")
+def link_secret(
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+) -> None:
+    """Create the link's shared secret, [link] secret_file (0600; never overwrites one).
+
+    Copy the file to the other side over a channel you trust: both sides prove they hold it
+    before the outer takes an inner (docs/link.md)."""
+    from uplimit.config import load_config
+    from uplimit.link.auth import create_secret
+
+    cfg = load_config(config)
+    path = create_secret(cfg.path(cfg.link.secret_file, "link.secret"))
+    console.print(f"link secret written to {path} (0600): copy it to the other side")
 
 
 audit_app = typer.Typer(help="Query the inner side's audit store.", no_args_is_help=True)

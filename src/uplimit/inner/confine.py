@@ -17,8 +17,9 @@ stays root, outside the namespace, and
    models, rollout record, gauge copies), which must not be the ledger's; keys left unset
    put those files under `$UPLIMIT_HOME/inner/`;
 5. starts `uplimit serve inner --charge-socket ...` inside the namespace as `[inner] user`
-   with every capability dropped (`setpriv`), and waits for it; then removes the namespace,
-   the socket and the relay.
+   with every capability dropped (`setpriv`), with a copy of the link's secret only that user
+   can read (the original stays root's), and waits for it; then removes the namespace, the
+   socket, the copy and the relay.
 
 Without root, `ip`, `nft` or `setpriv` the launcher refuses to start; `--unconfined` serves
 in process instead, with an ALARM line at start, and the handshake tells the outer (its
@@ -47,6 +48,7 @@ import uplimit
 from uplimit.config import Config
 from uplimit.errors import ConfigError
 from uplimit.inner.serve import budgets_for, ledger_location
+from uplimit.link.auth import load_secret
 from uplimit.link.charge_service import ChargeService
 from uplimit.link.kernel import KernelMeter, available
 from uplimit.link.ledger import open_served
@@ -254,6 +256,7 @@ def run_confined(
     env, dirs = _writable_dirs(config)
     _check_access(config, config_path, user)
     _give(dirs, where, user)
+    secret = load_secret(config.path(config.link.secret_file, "link.secret"))
     ledger = open_served(where, budgets)
     meter = KernelMeter(config.outer.kernel_meter or DEFAULT_METER,
                         kernel_quota_bytes(budgets.lifetime_bytes))  # fmt: skip
@@ -264,6 +267,14 @@ def run_confined(
         rundir = Path(tempfile.mkdtemp(prefix="uplimit-inner-"))
         rundir.chmod(0o711)  # the user may reach the socket inside, not list or write here
         servers: list[asyncio.Server] = []
+        # The link's secret, for the child's side of the challenge: a copy only its user reads
+        # (the original is root's, 0600).
+        secret_copy = rundir / "link.secret"
+        fd = os.open(secret_copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+        with os.fdopen(fd, "wb") as f:
+            os.fchown(f.fileno(), *user)
+            f.write(secret)
+        child_env["UPLIMIT_LINK_SECRET_FILE"] = str(secret_copy)
         try:
             service = ChargeService(ledger, rundir / "charge.sock", owner=user)
             try:
@@ -288,6 +299,7 @@ def run_confined(
                 service.close()
         finally:
             ledger.close()
+            secret_copy.unlink()
             rundir.rmdir()
 
     return serve()

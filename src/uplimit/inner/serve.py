@@ -20,6 +20,7 @@ from uplimit.inner.rollout import WeakRollout
 from uplimit.inner.scheduler import SchedulerConfig
 from uplimit.inner.scoring import SCORERS
 from uplimit.inner.service import InnerService
+from uplimit.link.auth import load_secret
 from uplimit.link.budget import Budgets
 from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.ledger import Ledger, open_served
@@ -179,6 +180,7 @@ async def _connect(
         try:
             return await InnerLink.connect(
                 host, config.link.downlink_port, config.link.uplink_port, ledger, fingerprint,
+                secret=load_secret(config.path(config.link.secret_file, "link.secret")),
                 log_path=config.path(config.link.downlink_log, "downlink.jsonl"),
                 tick_s=config.link.tick_s, n_vocab=n_vocab,
                 limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),

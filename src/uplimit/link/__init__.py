@@ -5,8 +5,9 @@
     meter       MeteredWriter (the inner's only way to write the uplink), the outer's own count
     kernel      network namespace + veth + nftables quota around the inner side
     transport   the link's two TCP connections, drawn once; what both ends share
+    auth        the link's authentication: shared secret, challenge-response, inner addresses
     inner_link  the inner's end: InnerLink, serve_frames (END reserve), the downlink log
-    outer_link  the outer's end: OuterLink (receiver, counter, resends)
+    outer_link  the outer's end: OuterLink (receiver, counter and its budget, resends)
     alarms      one alarm record and hook for the ledger and both ends
     memory      both ends' connections in memory, no sockets (the service tests)
     agreement   the three meters side by side (`uplimit meters`)

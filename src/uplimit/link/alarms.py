@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Alarm:
     at: float
-    kind: str  # "budget-exhausted" | "budget-changed" (ledger); "downlink" (inner); AlarmKind
+    # "budget-exhausted" | "budget-changed" (ledger); "downlink", "stalled", "clock", "auth"
+    # (inner); AlarmKind (outer)
+    kind: str
     message: str
     link: str = ""  # the ledger's name for the link, when a ledger raised it
     seq: int | None = None  # the ledger's durable record of it

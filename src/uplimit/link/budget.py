@@ -9,6 +9,11 @@ Three budgets bound the bytes charged to a link's ledger (`Budgets`):
 * per day: bytes charged in one UTC calendar day (`floor(unix_time / 86400)`).
 * per second: bytes charged in one calendar second (`floor(unix_time)`).
 
+The windows' clock is `steady_time`: the wall clock when the process started, carried forward
+by the monotonic clock, so a step of the system clock (NTP, an operator, an attacker with root)
+moves no window while the process runs. Across a restart (or with PostgreSQL's server clock) a
+step can show; `Usage.at` keeps it from resetting a day or stalling any window (below).
+
 Both windows are fixed, aligned windows, so the two rate budgets mean the same kind of thing and
 fit in one database row. Across a window boundary up to twice a window's budget can be charged
 within one window's length (the end of one window plus the start of the next): any interval of
@@ -18,8 +23,16 @@ alarm to be seen; the lifetime budget is the bound that matters.
 `decide(budgets, usage, n, now)` is the one decision every ledger makes, inside the transaction
 that records the charge. A charge is all or nothing (frames are not split) and is refused if it
 would make any total exceed its budget by even one byte; the refusal names the budget
-(lifetime first, then per day, then per second). Windows only move forward: a clock stepped back
-never empties a window, a clock stepped forward starts new (empty) ones.
+(lifetime first, then per day, then per second).
+
+Clock steps that reach the windows (a restart, PostgreSQL's clock): a clock stepped forward
+starts new (empty) windows. A clock stepped back finds the day window ahead of `now` and moves
+it back to `now`'s day, keeping its bytes: stepping back never empties a day, and the next
+charge (at the latest the inner's END, or the connection charge of a restarted inner) stores
+the day where it now is, so a step forward and back never leaves it stranded in the future,
+where it would not roll over until the clock caught up. The per-second window is a rate: a
+second ahead of `now` is simply over, as is one behind it, so a waiting frame never waits for
+a second that does not come; a step back can give at most one more second's budget.
 
 Timing channel
 --------------
@@ -64,6 +77,7 @@ after 1 s of silence 11 bits; after an hour, 35 bits.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from operator import index
@@ -83,6 +97,7 @@ __all__ = [
     "TimingState",
     "Usage",
     "decide",
+    "steady_time",
     "timing_capacity",
     "timing_charge",
     "timing_cost_units",
@@ -98,6 +113,16 @@ _ESCAPE_BITS = 4  # a gap is announced with probability 1/16 in the code behind 
 # -log2(15/16) rounded up to a whole unit: rounding up keeps Kraft's sum <= 1.
 _STREAK_UNITS = math.ceil(math.log2(16 / 15) * TIMING_UNIT)
 CONNECT_CHARGE_BYTES = 8
+
+# `steady_time`'s anchor: taken once per process, so every ledger and link in it agree.
+_WALL_AT_START = time.time()
+_MONOTONIC_AT_START = time.monotonic()
+
+
+def steady_time() -> float:
+    """Unix time for budget windows: the wall clock at process start plus monotonic time
+    since, so that no step of the system clock moves a window (module doc)."""
+    return _WALL_AT_START + (time.monotonic() - _MONOTONIC_AT_START)
 
 
 class Limit(StrEnum):
@@ -170,13 +195,14 @@ class Usage:
     second_bytes: int = 0
 
     def at(self, now: float) -> Usage:
-        """This usage seen at unix time `now`: past windows are emptied, none moves back."""
-        day = max(math.floor(now / SECONDS_PER_DAY), self.day)
-        second = max(math.floor(now), self.second)
+        """This usage seen at unix time `now`: a window behind `now` is over (emptied). A day
+        ahead of `now` (the clock was stepped back) moves back to `now`'s day with its bytes;
+        a second ahead of `now` is over, like any other second (module doc)."""
+        day, second = math.floor(now / SECONDS_PER_DAY), math.floor(now)
         return Usage(
             self.lifetime_bytes,
             day,
-            self.day_bytes if day == self.day else 0,
+            self.day_bytes if day <= self.day else 0,
             second,
             self.second_bytes if second == self.second else 0,
         )

@@ -1,5 +1,7 @@
 """The inner's end of the link (`link.transport` draws both): `InnerLink` and `serve_frames`.
 
+- the link is authenticated (`link.auth`): the inner answers the outer's challenge up the
+  uplink (charged) and believes nothing the outer says before the outer's own proof;
 - every uplink byte goes through `MeteredWriter`: charged durably, then written at a tick;
 - nothing is ever written to the downlink connection (only its ACKs leave, in the kernel);
 - the downlink is parsed strictly, size- and rate-limited (`DownlinkLimits`) and logged, one
@@ -8,6 +10,11 @@
   leaves `END_RESERVE_BYTES` for an END message; when it does not, the inner sends END
   (reason: which budget) instead and stops. If another link sharing the budget takes those
   bytes first, the ledger refuses and the uplink just closes (the outer sees no END).
+- a frame the per-second window refuses waits for the next second; after `STALL_LIMIT_S` of
+  waiting (a window that does not roll over, a budget other links keep spending) the inner
+  raises an alarm and sends END (per-second) rather than stall in silence. Windows are read on
+  the ledger's clock (`budget.steady_time` unless injected); the wait is timed on the monotonic
+  clock. A ledger day ahead of that clock (it was stepped back) raises a `clock` alarm, once.
 """
 
 from __future__ import annotations
@@ -16,14 +23,25 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from uplimit.errors import BudgetExhausted, ConfigError, LinkClosed, LinkError
 from uplimit.link.alarms import Alarm, AlarmHook, raise_alarm
-from uplimit.link.budget import DEFAULT_TICK_S, Limit, decide
+from uplimit.link.auth import (
+    CHALLENGE_BYTES,
+    CHALLENGE_MAGIC,
+    PROOF_BYTES,
+    inner_proof,
+    new_nonce,
+    outer_proof,
+    proof_matches,
+)
+from uplimit.link.budget import DEFAULT_TICK_S, SECONDS_PER_DAY, Limit, decide, steady_time
 from uplimit.link.ledger import ChargeReceipt, Ledger
 from uplimit.link.meter import MeteredWriter, OpenConnection
 from uplimit.link.transport import HANDSHAKE_TIMEOUT_S, READ_BYTES
@@ -61,6 +79,7 @@ from uplimit.wire.streams import StreamSpec
 
 __all__ = [
     "END_RESERVE_BYTES",
+    "STALL_LIMIT_S",
     "DownlinkLog",
     "FrameSource",
     "InnerLink",
@@ -75,6 +94,9 @@ log = logging.getLogger(__name__)
 # plus a byte if the tick slips); END is 2 bytes plus its timing. The frame sent last left at
 # least R - T, which must cover 2 + T: R >= 2 + 2T = 26.
 END_RESERVE_BYTES = 32
+
+# A frame that the per-second window has refused for this long ends the link (module doc).
+STALL_LIMIT_S = 5.0
 
 _END_FOR = {Limit.LIFETIME: EndReason.LIFETIME, Limit.PER_DAY: EndReason.PER_DAY}
 
@@ -159,6 +181,8 @@ class InnerLink:
         tick_s: float,
         on_alarm: AlarmHook | None,
         confined: bool,
+        clock: Callable[[], float],
+        stall_limit_s: float,
     ) -> None:
         self._reader, self._down = reader, writer  # never written to: outer -> inner only
         self._ledger = ledger
@@ -173,6 +197,9 @@ class InnerLink:
         self._on_alarm = on_alarm
         self._confined = confined
         self.tick_s = tick_s
+        self._clock = clock  # the ledger's, for the windows
+        self._stall_limit_s = stall_limit_s
+        self._clock_alarmed = False
         self.alarms: list[Alarm] = []
         self.outer_fingerprint: dict[str, str] = {}
         self._closed = False
@@ -186,6 +213,7 @@ class InnerLink:
         ledger: Ledger,
         fingerprint: dict[str, str],
         *,
+        secret: bytes,
         log_path: str | Path,
         tick_s: float = DEFAULT_TICK_S,
         limits: DownlinkLimits | None = None,
@@ -194,13 +222,17 @@ class InnerLink:
         on_alarm: AlarmHook | None = None,
         open_connection: OpenConnection = asyncio.open_connection,
         confined: bool = False,
+        clock: Callable[[], float] = steady_time,
+        stall_limit_s: float = STALL_LIMIT_S,
     ) -> InnerLink:
-        """Connect both connections and shake hands; raises `FingerprintMismatch` (after
-        sending the refusal up) if the outer's fingerprint differs from `fingerprint`.
+        """Connect both connections and shake hands (`secret`: the link's, `link.auth`);
+        raises `FingerprintMismatch` (after sending the refusal up) if the outer's fingerprint
+        differs from `fingerprint`, `LinkClosed` if the outer fails the challenge.
 
         `n_vocab`: prompt token ids must be below it (default: the fingerprint's
         `frame.n_vocab`, when it has one). `confined`: what the ledger report tells the outer
-        (this process runs in its namespace behind the kernel quota).
+        (this process runs in its namespace behind the kernel quota). `clock`: the ledger's
+        (module doc).
         """
         if n_vocab is None:
             n_vocab = vocabulary_size(fingerprint)
@@ -220,23 +252,50 @@ class InnerLink:
             tick_s=tick_s,
             on_alarm=on_alarm,
             confined=confined,
+            clock=clock,
+            stall_limit_s=stall_limit_s,
         )
         try:
             async with asyncio.timeout(handshake_timeout_s):
-                await link._handshake(host, uplink_port, fingerprint, open_connection)
+                await link._authenticate(host, uplink_port, secret, open_connection)
+                await link._handshake(fingerprint)
         except BaseException:
             await link.aclose()
             raise
         link._pump = asyncio.create_task(link._read_downlink())
         return link
 
-    async def _handshake(
-        self,
-        host: str,
-        uplink_port: int,
-        fingerprint: dict[str, str],
-        open_connection: OpenConnection,
+    async def _authenticate(
+        self, host: str, uplink_port: int, secret: bytes, open_connection: OpenConnection
     ) -> None:
+        """`link.auth`: the outer's challenge, the uplink and the inner's proof up it (charged),
+        then the outer's proof, checked before anything else from the outer is believed."""
+        challenge = await self._read_exactly(CHALLENGE_BYTES, "its challenge")
+        if not challenge.startswith(CHALLENGE_MAGIC):
+            self._auth_failed("the outer's first bytes are not a challenge of protocol 1")
+        nonce_o, nonce_i = challenge[len(CHALLENGE_MAGIC) :], new_nonce()
+        self._log.write("challenge", bytes=CHALLENGE_BYTES)
+        self._uplink = await MeteredWriter.connect(
+            host, uplink_port, self._ledger, tick_s=self.tick_s, open_connection=open_connection
+        )
+        await self._uplink.send(nonce_i + inner_proof(secret, nonce_o, nonce_i), note="proof")
+        proof = await self._read_exactly(PROOF_BYTES, "its proof")
+        if not proof_matches(outer_proof(secret, nonce_o, nonce_i), proof):
+            self._auth_failed("the outer's proof is wrong: it does not hold the link's secret")
+        self._log.write("proof", bytes=PROOF_BYTES)
+
+    async def _read_exactly(self, n: int, what: str) -> bytes:
+        try:
+            return await self._reader.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            raise LinkClosed(f"the outer closed the downlink before {what}") from e
+
+    def _auth_failed(self, why: str) -> NoReturn:
+        self._log.write("refused", error=why)
+        raise_alarm(self.alarms, self._on_alarm, "auth", why)
+        raise LinkClosed(why)
+
+    async def _handshake(self, fingerprint: dict[str, str]) -> None:
         while not self._messages:
             data = await self._reader.read(READ_BYTES)
             if not data:
@@ -250,17 +309,13 @@ class InnerLink:
         assert isinstance(hello, Hello)  # the parser lets only HELLO come first
         self.outer_fingerprint = hello.as_dict()
         diffs = differences(self.outer_fingerprint, fingerprint)
-        self._uplink = await MeteredWriter.connect(
-            host, uplink_port, self._ledger, tick_s=self.tick_s, open_connection=open_connection
-        )
+        uplink = self.uplink_writer()
         if not diffs:
-            await self._uplink.send(
-                encode_uplink(Accept(fingerprint_digest(fingerprint))), note="accept"
-            )
+            await uplink.send(encode_uplink(Accept(fingerprint_digest(fingerprint))), note="accept")
             await self._report_ledger()
             return
         fields = refusal_fields(list(self.outer_fingerprint), diffs)
-        await self._uplink.send(encode_uplink(Refuse(fields)), note="refuse")
+        await uplink.send(encode_uplink(Refuse(fields)), note="refuse")
         message = "codec fingerprints differ, refusing to serve: " + "; ".join(
             d.describe() for d in diffs
         )
@@ -328,6 +383,7 @@ class InnerLink:
         uplink = self.uplink_writer()
         wire = encode_uplink(Frame(frame))
         need = len(wire) + END_RESERVE_BYTES
+        waiting_since = None
         while True:
             state = await asyncio.to_thread(self._ledger.usage)
             if state.exhausted_by is not None:  # latched: not even END can be paid for
@@ -336,19 +392,39 @@ class InnerLink:
                     f"upload budget exhausted ({state.exhausted_by.label})",
                     limit=state.exhausted_by.value,
                 )
-            refused = decide(state.budgets, state.usage, need, time.time()).refused
+            now = self._clock()
+            self._check_clock(state.usage.day, now)
+            refused = decide(state.budgets, state.usage, need, now).refused
             if refused is None:
                 return await uplink.send(wire, note=f"frame {len(frame)} B")
             per_second = state.budgets.per_second_bytes
             if refused is Limit.PER_SECOND and per_second is not None and need <= per_second:
-                await asyncio.sleep(1.0 - time.time() % 1.0)  # room in the next second
-                continue
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since < self._stall_limit_s:
+                    await asyncio.sleep(1.0 - self._clock() % 1.0)  # room in the next second
+                    continue
+                raise_alarm(
+                    self.alarms, self._on_alarm, "stalled",
+                    f"the per-second window refused a frame of {len(wire):,} bytes for"
+                    f" {self._stall_limit_s} s (is the clock stuck?); sending END",
+                )  # fmt: skip
             await self.end(_END_FOR.get(refused, EndReason.PER_SECOND))
             raise BudgetExhausted(
                 f"upload budget exhausted: the {refused.label} budget cannot pay for a frame of"
                 f" {len(wire):,} bytes and END; sent END",
                 limit=refused.value,
             )
+
+    def _check_clock(self, day: int, now: float) -> None:
+        """The ledger's day ahead of its clock: the clock was stepped back (`budget.Usage.at`
+        keeps the day's bytes); say so once per link."""
+        if day > math.floor(now / SECONDS_PER_DAY) and not self._clock_alarmed:
+            self._clock_alarmed = True
+            raise_alarm(
+                self.alarms, self._on_alarm, "clock",
+                f"the ledger's day {day} is ahead of its clock ({now:.0f}): the clock was"
+                " stepped back; the day keeps its bytes",
+            )  # fmt: skip
 
     async def end(self, reason: EndReason) -> None:
         """Send END (if the budget still allows) and close both connections."""

@@ -18,8 +18,10 @@ Contract of `Ledger.charge(n_bytes, timing_bytes=..., note=...)`:
 fsync'd). `PostgresLedger` keeps named budgets that several links share (fsync must be on,
 `synchronous_commit=on`). `open_ledger` picks one from a path or a `postgresql://` URL.
 
-Times are unix seconds. SQLite uses the local clock; PostgreSQL the server's clock, so links
-sharing a budget agree on windows (a clock can be injected for tests).
+Times are unix seconds. SQLite uses `budget.steady_time` (the wall clock at start, carried by
+the monotonic clock: no clock step moves a window while the process runs); PostgreSQL the
+server's clock, so links sharing a budget agree on windows (`budget.Usage.at` keeps a step of it
+from resetting or stalling a window). A clock can be injected for tests.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import secrets
 import socket
 import sqlite3
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -41,7 +42,7 @@ from typing import Any, Protocol, overload
 from uplimit.errors import BudgetExhausted, ConfigError, LedgerError
 from uplimit.link._sqlite import LOCK_WAIT_S, connect_durable
 from uplimit.link.alarms import Alarm, AlarmHook
-from uplimit.link.budget import Budgets, Limit, Usage, decide
+from uplimit.link.budget import Budgets, Limit, Usage, decide, steady_time
 
 __all__ = [
     "Alarm",
@@ -524,7 +525,7 @@ class SqliteLedger(_SqlLedger):
     ) -> None:
         super().__init__(name=name, link=link, on_alarm=on_alarm)
         self.path = Path(path)
-        self._clock = clock or time.time
+        self._clock = clock or steady_time
         if budgets is None and not self.path.is_file():  # connecting would create it
             raise LedgerError(f"ledger {self.path} does not exist: create it with `{INIT_COMMAND}`")
         self._db = connect_durable(self.path)

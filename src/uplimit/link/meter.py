@@ -21,6 +21,12 @@ relies on it (see `budget`).
 outer acts upon goes uncounted: after a crash the count can only miss bytes the outer had
 received from the kernel but not yet handed on (the kernel meter counts those). At the uplink's
 rate (a frame per 100 ms tick) an fsync per chunk costs nothing worth batching.
+
+`ReceiveBudget` is the outer's own lifetime budget over that count, enforced whatever the
+inner does: a read asks for no more than what is left (less what other reads in flight were
+granted), so the count never passes the budget, not by one byte; once nothing is left a read
+raises `BudgetExhausted` without touching the socket. It can span several counts of one file
+(the outer counts what an uplink sends before it proved itself apart: `link.outer_link`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from uplimit.errors import ConfigError, LedgerError, LinkClosed
+from uplimit.errors import BudgetExhausted, ConfigError, LedgerError, LinkClosed
 from uplimit.link._sqlite import connect_durable
 from uplimit.link.budget import (
     CONNECT_CHARGE_BYTES,
@@ -45,7 +51,7 @@ from uplimit.link.budget import (
 )
 from uplimit.link.ledger import ChargeReceipt, Ledger
 
-__all__ = ["MeteredReader", "MeteredWriter", "ReceiveCounter"]
+__all__ = ["MeteredReader", "MeteredWriter", "ReceiveBudget", "ReceiveCounter", "unproved"]
 
 
 # How an end opens a connection: `asyncio.open_connection`'s signature.
@@ -259,12 +265,67 @@ class ReceiveCounter:
         self._db.close()
 
 
-class MeteredReader:
-    """The outer side's uplink reader: counts each chunk durably before returning it."""
+class ReceiveBudget:
+    """The outer's lifetime receive budget over the sum of `ReceiveCounter`s (module doc)."""
 
-    def __init__(self, reader: asyncio.StreamReader, counter: ReceiveCounter) -> None:
+    def __init__(self, counters: tuple[ReceiveCounter, ...], budget_bytes: int) -> None:
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
+            raise ConfigError(f"the receive budget must be an int >= 1, got {budget_bytes!r}")
+        self.counters = counters
+        self.budget_bytes = budget_bytes
+        self._granted = 0  # to reads in flight, not yet counted
+
+    def received(self) -> int:
+        return sum(c.total() for c in self.counters)
+
+    def left(self) -> int:
+        return self.budget_bytes - self.received() - self._granted
+
+    def grant(self, n: int, keep: int = 0) -> int:
+        """Up to `n` of the bytes left beyond `keep` (for another reader), held until
+        `settle`; raises once none are left."""
+        k = min(n, self.left() - keep)
+        if k <= 0:
+            raise BudgetExhausted(
+                f"the outer's receive budget of {self.budget_bytes:,} bytes is spent"
+                f" ({self.received():,} received)",
+                limit="lifetime",
+            )
+        self._granted += k
+        return k
+
+    def settle(self, granted: int) -> None:
+        """A read granted `granted` bytes is over (what it received is counted by now)."""
+        self._granted -= granted
+
+
+def unproved(counter: ReceiveCounter) -> ReceiveCounter:
+    """The count, in `counter`'s file, of what uplinks sent before they proved themselves."""
+    return ReceiveCounter(counter.path, name=f"{counter.name}-unproved")
+
+
+def proofs(counter: ReceiveCounter) -> ReceiveCounter:
+    """The count, in `counter`'s file, of the proofs that succeeded: the authenticated inner's
+    upload too (its ledger charged them), already counted in `unproved`."""
+    return ReceiveCounter(counter.path, name=f"{counter.name}-proofs")
+
+
+class MeteredReader:
+    """The outer side's uplink reader: counts each chunk durably before returning it; with a
+    `budget`, reads only what is left of it beyond `keep` bytes (another reader's)."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        counter: ReceiveCounter,
+        budget: ReceiveBudget | None = None,
+        *,
+        keep: int = 0,
+    ) -> None:
         self._reader = reader
         self._counter = counter
+        self._budget = budget
+        self._keep = keep
 
     async def _count(self, data: bytes) -> bytes:
         if data:
@@ -272,8 +333,15 @@ class MeteredReader:
         return data
 
     async def read(self, n: int = 1 << 16) -> bytes:
-        """Up to `n` bytes (b"" at end of stream), counted."""
-        return await self._count(await self._reader.read(n))
+        """Up to `n` bytes (b"" at end of stream), counted; raises `BudgetExhausted` when the
+        budget has none left."""
+        if self._budget is None:
+            return await self._count(await self._reader.read(n))
+        granted = self._budget.grant(n, self._keep)
+        try:
+            return await self._count(await self._reader.read(granted))
+        finally:
+            self._budget.settle(granted)
 
     async def readexactly(self, n: int) -> bytes:
         """Exactly `n` bytes, counted; a short read at end of stream is counted, then raised."""

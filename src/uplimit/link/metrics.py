@@ -5,13 +5,15 @@ outsiders can read would be an upload channel with no meter. What the inner know
 inside (its logs, its ledger) or travels up the metered uplink. (The spot-check verifier's
 optional port, `inner.verifier`, is for the inner side's own network.)
 
-    uplimit_uplink_bytes_total        uplink bytes received (as the receive counter counts)
+    uplimit_uplink_bytes_total        uplink bytes received (as the receive counts count: the
+                                      link's, and what uplinks sent before they proved
+                                      themselves)
     uplimit_downlink_bytes_total      downlink bytes sent
     uplimit_budget_left_bytes         lifetime budget less every uplink byte ever received:
                                       an upper bound, the inner's ledger also charges timing
                                       and connections (`uplimit meters` has the exact figure);
-                                      NaN when the outer's config leaves the budget to the
-                                      inner's default (lifetime_budget_bytes = 0)
+                                      0: the outer's own receive budget is spent and it reads
+                                      nothing more (alarm kind "receive-budget")
     uplimit_bits_per_token            histogram, per decoded frame with tokens: its uplink
                                       bits (length prefix included) per token
     uplimit_frames_total{outcome}     frames decoded / rejected

@@ -1,9 +1,15 @@
 """The outer's end of the link (`link.transport` draws both): `OuterLink`.
 
-It accepts one inner (the uplink must come from the downlink's address; other connections
-are closed and alarmed), counts every byte read from the inner on either connection
+It accepts one inner: connections only from `allowed` addresses, and a downlink becomes the
+link's only after the inner proved it holds the shared secret (`link.auth`: the challenge
+goes down, the proof comes up the uplink, which must come from the downlink's address; other
+connections are closed and alarmed). It counts every byte read from the inner on either connection
 (`MeteredReader` into the `ReceiveCounter`: bytes on the downlink are an upload that bypassed
-the meter, and fail the link), decodes frames with the frame decoder, delivers decoded frames
+the meter, and fail the link), enforces its own lifetime receive budget on that count
+(`ReceiveBudget`: when it is spent the outer reads nothing more and fails the link, whatever
+the inner's ledger says), refuses any frame longer than the stream table can need
+(`max_frame_bytes`, `wire.frame.max_frame_bytes`) before reading it, decodes frames with the
+frame decoder, delivers decoded frames
 only, asks for resends, and keeps `state` (`wire.receiver.LinkState`): a gateway answers 503
 unless it is `serving`. Alarms go to the log (ERROR), `alarms`, the metrics and `on_alarm`.
 Nothing the inner sends can raise out of the outer's tasks.
@@ -13,20 +19,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
-from uplimit.errors import ConfigError, InvalidRequest, LinkClosed, ProtocolError
+from uplimit.errors import BudgetExhausted, ConfigError, InvalidRequest, LinkClosed, ProtocolError
 from uplimit.link.alarms import Alarm, AlarmHook, raise_alarm
-from uplimit.link.meter import MeteredReader, ReceiveCounter
+from uplimit.link.auth import (
+    CHALLENGE_MAGIC,
+    MAX_PENDING,
+    NONCE_BYTES,
+    RESPONSE_BYTES,
+    inner_proof,
+    new_nonce,
+    outer_proof,
+    proof_matches,
+)
+from uplimit.link.meter import MeteredReader, ReceiveBudget, ReceiveCounter, proofs, unproved
 from uplimit.link.metrics import OuterMetrics
-from uplimit.link.transport import HANDSHAKE_TIMEOUT_S
+from uplimit.link.transport import HANDSHAKE_TIMEOUT_S, READ_BYTES
 from uplimit.wire.fingerprint import fingerprint_sha256, vocabulary_size
 from uplimit.wire.frame import FrameContent, FrameStats
 from uplimit.wire.protocol import (
     DOWNLINK_PREAMBLE,
-    MAX_FRAME_BYTES,
     ByteRate,
     Cancel,
     DownlinkLimits,
@@ -74,6 +91,26 @@ FrameHook = Callable[[FrameContent, FrameStats], None]  # must not raise
 StartServer = Callable[..., Awaitable[Any]]
 
 
+@dataclass(eq=False)
+class _Candidate:
+    """A downlink waiting for its inner to prove itself (`link.auth`)."""
+
+    peer: str
+    nonce: bytes
+    proved: asyncio.Future[bytes] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )  # the inner's nonce, once its proof came up an uplink
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    """The peer's address, canonical when it is an IP address (`link.auth.allowed_addresses`)."""
+    host = str(writer.get_extra_info("peername")[0])
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:  # an in-memory end (`link.memory`)
+        return host
+
+
 class OuterLink:
     """The outer side of one link (module doc). `start` it, then `wait_serving`."""
 
@@ -85,14 +122,19 @@ class OuterLink:
         *,
         on_frame: FrameHook | None = None,
         on_alarm: AlarmHook | None = None,
+        budget_bytes: int,
+        max_frame_bytes: int,
+        secret: bytes,
+        allowed: frozenset[str],
         metrics: OuterMetrics | None = None,
-        budget_bytes: int | None = None,
-        max_frame_bytes: int = MAX_FRAME_BYTES,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         downlink_grace_s: float = DOWNLINK_GRACE_S,
         downlink_limits: DownlinkLimits | None = None,
     ) -> None:
-        """`downlink_limits`: what the inner's downlink parser enforces (the same
+        """`budget_bytes`: the outer's lifetime receive budget over `counter` (there is no
+        unlimited); `max_frame_bytes`: `wire.frame.max_frame_bytes` of the coding config;
+        `secret`, `allowed`: the link's secret and the inner's addresses (`link.auth`).
+        `downlink_limits`: what the inner's downlink parser enforces (the same
         configuration); a stream it would refuse is refused here instead (`open_stream`)."""
         self.fingerprint = dict(fingerprint)
         self._downlink_limits = limits = downlink_limits or DownlinkLimits()
@@ -107,11 +149,20 @@ class OuterLink:
         )
         self._received_before = 0  # the counter when the inner's uplink connected
         self._counter = counter
+        # What uplinks send before they proved themselves (`_prove`) is counted apart: it
+        # counts against the budget, but it is not the authenticated inner's upload, which
+        # `counter` holds (`uplimit meters` compares that one with the ledger).
+        self._unproved = unproved(counter)
+        self._proofs = proofs(counter)  # for the ledger check: the inner's ledger charged them
+        self._budget = ReceiveBudget((counter, self._unproved), budget_bytes)
+        self._secret = secret
+        self.allowed = allowed  # the inner's addresses; change it only before `start`
+        self._candidates: list[_Candidate] = []
         self._on_frame = on_frame
         self._on_alarm = on_alarm
         self.metrics = metrics
-        if metrics is not None and budget_bytes is not None:
-            metrics.set_budget(budget_bytes, counter.total())
+        if metrics is not None:
+            metrics.set_budget(budget_bytes, self._budget.received())
         self._handshake_timeout_s = handshake_timeout_s
         self._downlink_grace_s = downlink_grace_s
         # The decoder's stream table changes in two places (open_stream, decoding in a
@@ -161,6 +212,15 @@ class OuterLink:
         self._servers = [down, up]
         self.downlink_port = down.sockets[0].getsockname()[1]
         self.uplink_port = up.sockets[0].getsockname()[1]
+        if self._budget.left() <= 0:  # spent by an earlier run: take no inner at all
+            await self._budget_spent()
+
+    async def _budget_spent(self) -> None:
+        await self._fail(
+            AlarmKind.RECEIVE_BUDGET,
+            f"the outer's receive budget of {self._budget.budget_bytes:,} bytes is spent"
+            f" ({self._budget.received():,} bytes received); reading nothing more",
+        )
 
     async def wait_serving(self, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
         """Until the handshake succeeded; raises `LinkClosed` with the reason if it failed."""
@@ -271,35 +331,114 @@ class OuterLink:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _refuse_connection(self, writer: asyncio.StreamWriter, which: str) -> None:
+    def _refuse_connection(self, writer: asyncio.StreamWriter, which: str, why: str) -> None:
         peer = writer.get_extra_info("peername")
         writer.close()
-        self._alarm(AlarmKind.CONNECTION, f"closed an unexpected {which} connection from {peer}")
+        self._alarm(
+            AlarmKind.CONNECTION, f"closed a connection to the {which} port from {peer}: {why}"
+        )
+
+    def _admit(self, writer: asyncio.StreamWriter, which: str) -> str | None:
+        """The peer's address if a connection may go on to the challenge, else None (closed,
+        unread, and alarmed)."""
+        peer = _address(writer)
+        if peer not in self.allowed:
+            self._refuse_connection(writer, which, "not one of the inner's addresses")
+        elif self.state is not LinkState.HANDSHAKING or self._down is not None:
+            self._refuse_connection(writer, which, "the link has its inner")
+        elif which == "downlink" and len(self._candidates) >= MAX_PENDING:
+            self._refuse_connection(writer, which, f"{MAX_PENDING} downlinks wait already")
+        else:
+            return peer
+        return None
+
+    async def _challenge(self, writer: asyncio.StreamWriter, peer: str) -> bytes | None:
+        """Send a downlink its challenge; once the inner's proof came up an uplink (`_prove`),
+        the outer's proof to send down; None (alarmed) if none did in time. Until then the
+        downlink holds no slot."""
+        candidate = _Candidate(peer, new_nonce())
+        self._candidates.append(candidate)
+        try:
+            writer.write(CHALLENGE_MAGIC + candidate.nonce)
+            await writer.drain()
+            async with asyncio.timeout(self._handshake_timeout_s):
+                nonce_i = await candidate.proved
+            return outer_proof(self._secret, candidate.nonce, nonce_i)
+        except TimeoutError:
+            self._alarm(AlarmKind.AUTH, f"a downlink from {peer} was not proved in time")
+        except LinkClosed as e:  # another downlink was proved, or the outer is closing
+            if not self._closing:
+                self._refuse_connection(writer, "downlink", f"never proved itself; {e}")
+        except (ConnectionError, OSError):
+            pass  # gone before it proved anything: nothing to say
+        finally:
+            self._candidates.remove(candidate)
+        writer.close()
+        return None
+
+    async def _prove(self, metered: MeteredReader, peer: str) -> bool:
+        """Read an uplink's response to a challenge (`link.auth`); True if it proves the
+        secret for a downlink from the same address: that pair is the link's."""
+        response = b""
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+            async with asyncio.timeout(self._handshake_timeout_s):
+                while len(response) < RESPONSE_BYTES and (
+                    data := await metered.read(RESPONSE_BYTES - len(response))
+                ):
+                    self._received(len(data))
+                    response += data
+        if len(response) == RESPONSE_BYTES:
+            nonce_i, proof = response[:NONCE_BYTES], response[NONCE_BYTES:]
+            for candidate in self._candidates:
+                expected = inner_proof(self._secret, candidate.nonce, nonce_i)
+                matches = candidate.peer == peer and proof_matches(expected, proof)
+                if matches and not self._up_connected:  # one uplink, one downlink: the first
+                    self._up_connected = True
+                    candidate.proved.set_result(nonce_i)
+                    return True
+        self._alarm(
+            AlarmKind.AUTH,
+            f"an uplink from {peer} failed the challenge ({len(response)} of {RESPONSE_BYTES}"
+            " bytes; a wrong secret, or no downlink of its own)",
+        )
+        return False
 
     async def _on_downlink(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if self._down is not None or self.state is not LinkState.HANDSHAKING:
-            self._refuse_connection(writer, "downlink")
+        peer = self._admit(writer, "downlink")
+        if peer is None:
+            return
+        proof = await self._challenge(writer, peer)
+        if proof is None:
+            return
+        if self.state is not LinkState.HANDSHAKING:  # failed meanwhile (a spent budget)
+            writer.close()
             return
         self._down = writer
         self._writers.append(writer)
-        self.peer = writer.get_extra_info("peername")[0]
+        self.peer = peer
+        for other in self._candidates:  # foreign ones: they will never be proved now
+            if not other.proved.done():
+                other.proved.set_exception(LinkClosed("the link has its inner"))
         self._spawn(self._handshake_deadline())
         try:
             await self._send_down_raw(
-                DOWNLINK_PREAMBLE + encode_downlink(Hello.of(self.fingerprint))
+                proof + DOWNLINK_PREAMBLE + encode_downlink(Hello.of(self.fingerprint))
             )
-            # Outer -> inner only: any byte the inner sends here bypassed its meter.
-            metered = MeteredReader(reader, self._counter)
-            data = await metered.read()
+            # Outer -> inner only: any byte the inner sends here bypassed its meter. One byte
+            # proves it, and a pending read of one holds one byte of the receive budget.
+            metered = MeteredReader(reader, self._counter, self._budget)
+            data = await metered.read(1)
             if data:
                 self._received(len(data))
                 await self._fail(
                     AlarmKind.DOWNLINK_UPLOAD,
-                    f"the inner sent {len(data)} bytes on the downlink, bypassing its meter",
+                    "the inner sent bytes on the downlink, bypassing its meter",
                 )
             self._downlink_lost("the inner closed the downlink")
+        except BudgetExhausted:
+            await self._budget_spent()
         except (ConnectionError, OSError) as e:
             self._downlink_lost(f"downlink connection failed: {e}")
         except Exception as e:  # never let a bug here pass silently or crash the server
@@ -323,18 +462,32 @@ class OuterLink:
             )
 
     async def _on_uplink(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")[0]
-        if self._up_connected or self._down is None or peer != self.peer:
-            self._refuse_connection(writer, "uplink")
+        peer = self._admit(writer, "uplink")
+        if peer is None:
             return
-        self._up_connected = True
+        # The downlink's watch (one byte, `_on_downlink`) keeps its byte of the budget.
+        try:
+            proved = await self._prove(
+                MeteredReader(reader, self._unproved, self._budget, keep=1), peer
+            )
+        except BudgetExhausted:
+            await self._budget_spent()
+            proved = False
+        if not proved:
+            writer.close()
+            return
         self._writers.append(writer)
-        self._received_before = self._counter.total()
-        metered = MeteredReader(reader, self._counter)
+        self._proofs.add(RESPONSE_BYTES)
+        # All the authenticated inner ever uploaded, as its ledger counts it: proofs included.
+        self._received_before = self._counter.total() + self._proofs.total()
+        metered = MeteredReader(reader, self._counter, self._budget, keep=1)
         try:
             while True:
                 try:
-                    data = await metered.read()
+                    data = await metered.read(READ_BYTES)
+                except BudgetExhausted:
+                    await self._budget_spent()
+                    break
                 except (ConnectionError, OSError) as e:
                     await self._fail(AlarmKind.CLOSED, f"uplink connection failed: {e}")
                     break
@@ -451,6 +604,9 @@ class OuterLink:
     async def aclose(self) -> None:
         """Close everything; the state stays as it is."""
         self._closing = True
+        for candidate in self._candidates:  # their handlers end now, not at their timeout
+            if not candidate.proved.done():
+                candidate.proved.set_exception(LinkClosed("the outer is closing"))
         self._close_connections()
         for task in list(self._tasks):
             task.cancel()
@@ -460,3 +616,5 @@ class OuterLink:
         for writer in self._writers:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+        self._unproved.close()
+        self._proofs.close()

@@ -22,11 +22,14 @@ import uvicorn
 from uplimit.coding.calibration import configured as configured_calibration
 from uplimit.config import Config, rollout_record_path
 from uplimit.errors import ConfigError
+from uplimit.link.auth import allowed_addresses, load_secret
+from uplimit.link.budget import Budgets
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics, serve_metrics
 from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import load_configured
+from uplimit.models.store import STRONG
 from uplimit.outer.app import ApiSettings, create_app, server_config
 from uplimit.outer.keys import KeyRing, load_keys
 from uplimit.outer.link import TransportUplink
@@ -37,10 +40,16 @@ from uplimit.outer.status import Alarm, StatusBoard, status_meters
 from uplimit.outer.verifier_feed import VerifierFeed
 from uplimit.wire.checks import check_reproducible
 from uplimit.wire.fingerprint import codec_fingerprint
-from uplimit.wire.frame import FrameConfig, FrameDecoder
+from uplimit.wire.frame import FrameConfig, FrameDecoder, max_frame_bytes
 from uplimit.wire.protocol import DownlinkLimits
 
-__all__ = ["configured_keys", "configured_monitor", "configured_verifier_feed", "serve_outer"]
+__all__ = [
+    "configured_keys",
+    "configured_monitor",
+    "configured_verifier_feed",
+    "receive_budget_bytes",
+    "serve_outer",
+]
 
 # On SIGTERM, requests still running after this long are cut (a non-streaming request only
 # notices a gone client when it answers, so without a limit a stop waits for every answer).
@@ -71,11 +80,14 @@ async def serve_outer(
     metrics = OuterMetrics()
     keyring = configured_keys(config, metrics)
     feed = configured_verifier_feed(config, metrics)
-    budget = config.link.lifetime_budget_bytes or None  # 0: the inner's default, unknown here
+    budget = receive_budget_bytes(config)
+    secret = load_secret(config.path(config.link.secret_file, "link.secret"))
 
     def build(hook: FrameHook) -> OuterLink:
         return OuterLink(
             fingerprint, decoder, counter, on_frame=hook, metrics=metrics, budget_bytes=budget,
+            max_frame_bytes=max_frame_bytes(frame_config, coding.max_streams),
+            secret=secret, allowed=allowed_addresses(config.link.inner_addresses),
             downlink_limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),
         )  # fmt: skip
 
@@ -153,6 +165,21 @@ async def serve_outer(
         decoder.close()  # the weak models a rollout brought
         session.close()
         counter.close()
+
+
+def receive_budget_bytes(config: Config) -> int:
+    """The outer's own lifetime receive budget (`link.outer_link`): `[link]
+    lifetime_budget_bytes`, or with 0 the inner's default, 1 % of the strong weights. The outer
+    holds no strong weights: it knows their size for the pinned pair (`models.store.STRONG`);
+    for any other strong model the config must give the budget (never unlimited)."""
+    if config.link.lifetime_budget_bytes:
+        return config.link.lifetime_budget_bytes
+    if config.models.strong == "strong":
+        return Budgets.default_for(STRONG.size).lifetime_bytes
+    raise ConfigError(
+        f"[link] lifetime_budget_bytes = 0 leaves the budget at 1 % of the strong weights, but"
+        f" the outer does not hold {config.models.strong!r}: set lifetime_budget_bytes"
+    )
 
 
 def _alarms(uplink: TransportUplink, service: OuterService) -> list[Alarm]:

@@ -9,7 +9,9 @@ real outer side of `live.Live`. What counts as "reached the outer side":
 - injected, malformed and flooded frames: secret bytes the outer process read from its socket
   (min of what the inner wrote and the outer's receive count), although none is ever decoded:
   an accomplice on the outer host could capture them;
-- refusal smuggling: secret bytes that end up in the outer's alarm text (its logs).
+- refusal smuggling: secret bytes that end up in the outer's alarm text (its logs);
+- a foreign connection, a flood past the ledger: bytes the outer process read from them;
+- clock steps: bytes charged past the per-day budget within one real day.
 
 The honest inner (`honest`) is the baseline every detector is measured on.
 """
@@ -25,26 +27,52 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from uplimit.errors import UplimitError
+from uplimit.errors import BudgetExhausted, LinkClosed, UplimitError
 from uplimit.inner.service import InnerService
-from uplimit.link.budget import Budgets
+from uplimit.link.alarms import Alarm
+from uplimit.link.auth import (
+    CHALLENGE_BYTES,
+    CHALLENGE_MAGIC,
+    PROOF_BYTES,
+    inner_proof,
+    load_secret,
+    new_nonce,
+)
+from uplimit.link.budget import SECONDS_PER_DAY, Budgets, steady_time
 from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.kernel import KernelMeter, available
-from uplimit.link.ledger import init_ledger
-from uplimit.models.base import Logits
+from uplimit.link.ledger import SqliteLedger, init_ledger
+from uplimit.models.base import Logits, Session
 from uplimit.redteam.live import InnerEnv, Live, Outcome, Tap
 from uplimit.redteam.report import AttackRow, alarm_lines, short
 from uplimit.redteam.stego import StegoAccomplice, StegoScheduler, TokenStego, secret_bit
 from uplimit.wire.fingerprint import fingerprint_digest
-from uplimit.wire.frame import FrameContent, FrameStats
-from uplimit.wire.protocol import Accept, EndReason, Frame, LedgerReport, encode_uplink
+from uplimit.wire.frame import (
+    FrameConfig,
+    FrameContent,
+    FrameEncoder,
+    FrameStats,
+    max_frame_bytes,
+)
+from uplimit.wire.protocol import (
+    MAX_CHARGED_BYTES,
+    Accept,
+    EndReason,
+    Frame,
+    LedgerReport,
+    encode_uplink,
+)
 from uplimit.wire.receiver import LinkState
 from uplimit.wire.streams import StreamSpec
 
 __all__ = [
     "ATTACKS",
+    "ClockStepAttack",
+    "EmptyFrames",
     "FloodAttack",
+    "ForeignAttack",
     "InjectAttack",
+    "LedgerFloodAttack",
     "MalformedAttack",
     "RefusalAttack",
     "ResetLedgerAttack",
@@ -365,6 +393,7 @@ class FloodAttack:
                 env.host,
                 str(env.downlink_port),
                 str(env.uplink_port),
+                str(env.secret_path),
                 fingerprint_digest(env.fingerprint).hex(),
                 str(secret_path),
                 str(self.chunk),
@@ -379,7 +408,8 @@ class FloodAttack:
             meter.create()
         try:
             host = meter.outer_address if meter else None
-            out = await live.run(self.name, inner, [], 0.0, host=host)
+            address = meter.inner_address if meter else None
+            out = await live.run(self.name, inner, [], 0.0, host=host, inner_address=address)
             reading = meter.read() if meter else None
         finally:
             if meter is not None:
@@ -578,6 +608,211 @@ class RefusalAttack:
         )
 
 
+# --- 7-9: the served link's own defences: authentication, the outer's budget, clock steps ---
+
+
+class EmptyFrames:
+    """A frame source with no streams: one empty coded frame per call (a few bytes each), so
+    that the budgets decide when frames go, not a model."""
+
+    def __init__(self, encoder: FrameEncoder) -> None:
+        self.encoder = encoder
+
+    def open_stream(self, spec: StreamSpec, extra: bytes) -> None:
+        raise RuntimeError("red team: this inner serves no streams")
+
+    def cancel(self, stream_id: int) -> None:
+        pass
+
+    def next_frame(self) -> bytes:
+        return self.encoder.encode(FrameContent())[0]
+
+    def resend(self, first: int) -> list[bytes]:
+        return self.encoder.resend(first)
+
+
+def _encoder(env: InnerEnv, session: Session) -> FrameEncoder:
+    weak = env.pair.weak.info
+    config = FrameConfig(env.settings.frame_tokens, weak.n_vocab)
+    return FrameEncoder(session, weak.eos_ids, env.pair.calibration, config)
+
+
+async def _prove(env: InnerEnv, secret: bytes) -> tuple[asyncio.StreamWriter, ...]:
+    """Raw sockets through the challenge, as a process holding `secret` would (HELLO is next
+    on the downlink, never read): the uplink's writer, then the downlink's."""
+    dr, dw = await asyncio.open_connection(env.host, env.downlink_port)
+    nonce_o = (await dr.readexactly(CHALLENGE_BYTES))[len(CHALLENGE_MAGIC) :]
+    _, uw = await asyncio.open_connection(env.host, env.uplink_port)
+    nonce_i = new_nonce()
+    uw.write(nonce_i + inner_proof(secret, nonce_o, nonce_i))
+    await dr.readexactly(PROOF_BYTES)
+    return uw, dw
+
+
+@dataclass(frozen=True)
+class ForeignAttack:
+    """A process on the inner's host without the link's secret connects to both link ports
+    before the inner (after an outer restart, say) and answers the challenge with the secret's
+    bytes; then the real inner connects and serves."""
+
+    name: str = "foreign connection"
+    channel: str = "7 a connection in the inner's place"
+
+    async def run(self, live: Live, prompts: Prompts, secret: bytes) -> AttackRow:
+        seen: list[int] = []
+
+        async def inner(env: InnerEnv) -> object:
+            dr, dw = await asyncio.open_connection(env.host, env.downlink_port)
+            _, uw = await asyncio.open_connection(env.host, env.uplink_port)
+            try:
+                await dr.readexactly(CHALLENGE_BYTES)
+                uw.write(secret[:4096])
+                with contextlib.suppress(ConnectionError):
+                    await uw.drain()
+                result = await serve(env, env.service())
+                seen.append(len(await dr.read()))  # after the challenge: closed, nothing more
+                return result
+            finally:
+                uw.close()
+                dw.close()
+
+        out = await live.run(self.name, inner, prompts, 0.0)
+        moved = out.received_bytes - out.charged_wire_bytes  # not from the metered inner
+        served = out.tokens > 0 and out.state is LinkState.CLOSED
+        stopped = (
+            f"the challenge: its uplink closed after {moved} B; the real inner took the link"
+            if served
+            else _stopped_by(out)
+        )
+        note = (
+            f"the foreign downlink got the {CHALLENGE_BYTES}-byte challenge and"
+            f" {seen[0] if seen else '?'} bytes more; the real inner then served"
+            f" {out.tokens} tokens"
+        )
+        where = "bytes read by the outer process (never decoded)"
+        return _row(self.name, self.channel, None, secret, moved, None, where, out, stopped, note)
+
+
+@dataclass(frozen=True)
+class LedgerFloodAttack:
+    """An inner that skips its ledger (raw sockets, the link's secret) and floods frames as
+    large as the outer takes, each rejected, each followed by the raw resend the outer asks
+    for and a valid frame, so that the decoder's limits on rejections never end the link:
+    only the outer's own receive budget does. No kernel quota in this run."""
+
+    name: str = "flood past the ledger"
+    channel: str = "8 frames past the inner's ledger, no kernel quota"
+
+    async def run(self, live: Live, prompts: Prompts, secret: bytes) -> AttackRow:
+        written = [0]
+        s = live.settings
+
+        async def inner(env: InnerEnv) -> object:
+            writers = await _prove(env, load_secret(env.secret_path))
+            up = writers[0]
+            with env.pair.weak.session(1, 8) as session, contextlib.suppress(ConnectionError):
+                enc = _encoder(env, session)
+                cap = max_frame_bytes(enc.config, s.max_streams)
+                up.write(encode_uplink(Accept(fingerprint_digest(env.fingerprint))))
+                # Its ledger report is its own claim: one that passes the outer's check.
+                up.write(encode_uplink(LedgerReport(bytes(16), MAX_CHARGED_BYTES, True)))
+                while written[0] < len(secret) and not up.is_closing():  # the outer cut it
+                    piece = secret[written[0] : written[0] + cap]
+                    enc.encode(FrameContent())  # frame F, never sent: garbage goes in its place
+                    (raw,) = enc.resend(enc.frame_no - 1)
+                    up.write(encode_uplink(Frame(piece)) + encode_uplink(Frame(raw)))
+                    up.write(encode_uplink(Frame(enc.encode(FrameContent())[0])))
+                    await up.drain()
+                    written[0] += len(piece)
+            for w in writers:
+                w.close()
+            return None
+
+        out = await live.run(self.name, inner, [], 0.0)
+        moved = min(written[0], out.received_bytes)
+        note = (
+            f"{written[0]} secret bytes handed to its socket around the ledger, in frames of up"
+            " to the frame cap with valid ones between;"
+            f" the outer's receive budget is {s.budget_bytes} B"
+        )
+        where = "bytes read by the outer process (never decoded)"
+        return _row(
+            self.name, self.channel, None, secret, moved, None, where, out, _stopped_by(out), note
+        )
+
+
+@dataclass(frozen=True)
+class ClockStepAttack:
+    """An inner whose ledger clock jumps a day ahead and back while it uploads (a stepped host
+    clock, as a restart or a PostgreSQL server would show it to the ledger), under a per-day
+    and a per-second budget: does the step back reset the day, or stall the link silently?
+    Stepping forward opens a new day on any wall-clock window; that is what it can buy."""
+
+    name: str = "clock step"
+    channel: str = "9 clock steps against the windows"
+    # Small enough that the day runs out well within the outer's 10 s wait after its
+    # workload (none here), even at a 50 ms tick.
+    per_day_bytes: int = 300
+    per_second_bytes: int = 100
+
+    async def run(self, live: Live, prompts: Prompts, secret: bytes) -> AttackRow:
+        s = live.settings
+        offset = [0.0]
+        charged: list[int] = []
+        inner_alarms: list[Alarm] = []
+
+        def clock() -> float:
+            return steady_time() + offset[0]
+
+        async def steps() -> None:
+            for jump in (SECONDS_PER_DAY, 0.0):
+                await asyncio.sleep(1.5)
+                offset[0] = jump
+
+        async def inner(env: InnerEnv) -> object:
+            budgets = Budgets(s.budget_bytes, self.per_day_bytes, self.per_second_bytes)
+            path = live.workdir / f"clock-{len(charged)}-ledger.db"
+            ledger = SqliteLedger(path, budgets, clock=clock)
+            stepping = asyncio.create_task(steps())
+            try:
+                link = await env.connect(ledger=ledger, clock=clock)
+                with env.pair.weak.session(1, 8) as session:
+                    source = EmptyFrames(_encoder(env, session))
+                    with contextlib.suppress(BudgetExhausted, LinkClosed):
+                        while True:  # it ignores SHUTDOWN: only the budgets stop it
+                            await link.send_frame(source.next_frame())
+                inner_alarms.extend(link.alarms)
+                await link.aclose()
+            finally:
+                stepping.cancel()
+                usage = ledger.usage()
+                charged.append(usage.wire_bytes + usage.timing_bytes)
+                ledger.close()
+            return None
+
+        out = await live.run(self.name, inner, [], 0.0)
+        total = charged[0] if charged else 0
+        moved = max(0, total - self.per_day_bytes)
+        if out.state is LinkState.EXHAUSTED:
+            stopped = f"the per-day budget ({out.reason}): the step back kept the day's bytes"
+        else:
+            stopped = _stopped_by(out)
+        note = (
+            f"ledger clock +1 day at 1.5 s, back at 3 s; per-day budget {self.per_day_bytes} B,"
+            f" per-second {self.per_second_bytes} B; {total} B charged in the run: the step"
+            " forward bought a fresh day, the step back reset nothing"
+        )
+        row = _row(
+            self.name, self.channel, None, secret, moved, None,
+            "bytes charged past the per-day budget in one real day", out, stopped, note,
+        )  # fmt: skip
+        row.charged_bytes = total
+        row.alarms += [short(f"inner {a.kind}: {a.message}") for a in inner_alarms]
+        if inner_alarms and row.first_alarm_s is None:
+            row.first_alarm_s = round(inner_alarms[0].at - out.started, 2)
+        return row
+
+
 ATTACKS = (
     FloodAttack(),
     InjectAttack("padded frames", "padded"),
@@ -588,4 +823,7 @@ ATTACKS = (
     MalformedAttack(),
     RefusalAttack(),
     ResetLedgerAttack(),
+    ForeignAttack(),
+    LedgerFloodAttack(),
+    ClockStepAttack(),
 )

@@ -2,9 +2,10 @@
 
 Run as its own process (`python -m uplimit.redteam.flood ...`), inside a kernel meter's
 namespace when there is one, so the kernel quota is what it meets. It does the handshake as a
-real inner would (reads HELLO, answers accept with the outer's fingerprint digest), then
-writes the secret as length-prefixed frames as fast as the socket takes them, with no ledger
-and no ticks. Prints `sent N`: payload bytes the kernel accepted from it.
+real inner would (answers the challenge with the link's secret, which a compromised inner host
+holds; reads HELLO, answers accept with the outer's fingerprint digest), then writes the
+secret as length-prefixed frames as fast as the socket takes them, with no ledger and no
+ticks. Prints `sent N`: payload bytes the kernel accepted from it.
 """
 
 from __future__ import annotations
@@ -13,15 +14,37 @@ import socket
 import sys
 from pathlib import Path
 
+from uplimit.link.auth import (
+    CHALLENGE_BYTES,
+    CHALLENGE_MAGIC,
+    inner_proof,
+    load_secret,
+    new_nonce,
+)
 from uplimit.wire.protocol import MAX_CHARGED_BYTES, Accept, Frame, LedgerReport, encode_uplink
 
 
+def _read(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (more := sock.recv(n - len(data))):
+        data += more
+    return data
+
+
 def flood(
-    host: str, downlink_port: int, uplink_port: int, digest: bytes, secret: bytes, chunk: int
+    host: str,
+    ports: tuple[int, int],
+    link_secret: bytes,
+    digest: bytes,
+    secret: bytes,
+    chunk: int,
 ) -> int:
-    down = socket.create_connection((host, downlink_port), timeout=10)
-    down.recv(1 << 16)  # preamble and HELLO: the outer now takes the uplink
-    up = socket.create_connection((host, uplink_port), timeout=10)
+    down = socket.create_connection((host, ports[0]), timeout=10)
+    nonce_o = _read(down, CHALLENGE_BYTES)[len(CHALLENGE_MAGIC) :]
+    up = socket.create_connection((host, ports[1]), timeout=10)
+    nonce_i = new_nonce()
+    up.sendall(nonce_i + inner_proof(link_secret, nonce_o, nonce_i))
+    down.recv(1 << 16)  # the outer's proof, preamble and HELLO: the link is this process's
     up.settimeout(3)  # past the kernel quota nothing is acknowledged: the buffer stays full
     sent = 0
     try:
@@ -40,9 +63,11 @@ def flood(
 
 
 def main(argv: list[str]) -> None:
-    host, dport, uport, digest_hex, secret_path, chunk = argv
+    host, dport, uport, link_secret_path, digest_hex, secret_path, chunk = argv
+    link_secret = load_secret(link_secret_path)
     secret = Path(secret_path).read_bytes()
-    sent = flood(host, int(dport), int(uport), bytes.fromhex(digest_hex), secret, int(chunk))
+    digest = bytes.fromhex(digest_hex)
+    sent = flood(host, (int(dport), int(uport)), link_secret, digest, secret, int(chunk))
     print("sent", sent, flush=True)
 
 

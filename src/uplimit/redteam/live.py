@@ -30,10 +30,11 @@ from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.inner.service import InnerService
 from uplimit.inner.spotcheck import SpotChecker, Verdict
 from uplimit.link.alarms import Alarm
-from uplimit.link.budget import Budgets
+from uplimit.link.auth import create_secret, load_secret
+from uplimit.link.budget import Budgets, steady_time
 from uplimit.link.inner_link import InnerLink
-from uplimit.link.ledger import SqliteLedger
-from uplimit.link.meter import ReceiveCounter
+from uplimit.link.ledger import Ledger, SqliteLedger
+from uplimit.link.meter import ReceiveCounter, unproved
 from uplimit.link.outer_link import FrameHook, OuterLink
 from uplimit.models.base import LanguageModel, Logits
 from uplimit.outer.link import TransportUplink
@@ -41,7 +42,13 @@ from uplimit.outer.monitor import BitsMonitor, MonitorAlarm, MonitorThresholds
 from uplimit.outer.service import Finished, OuterService
 from uplimit.wire.checks import CheckJob
 from uplimit.wire.fingerprint import codec_fingerprint
-from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameStats
+from uplimit.wire.frame import (
+    FrameConfig,
+    FrameContent,
+    FrameDecoder,
+    FrameStats,
+    max_frame_bytes,
+)
 from uplimit.wire.receiver import LinkState
 from uplimit.wire.streams import StreamSpec, StreamState
 
@@ -92,17 +99,27 @@ class InnerEnv:
     uplink_port: int
     fingerprint: dict[str, str]
     log_path: Path
+    secret_path: Path  # the link's secret: a compromised inner host holds it
 
-    async def connect(self, fingerprint: dict[str, str] | None = None) -> InnerLink:
+    async def connect(
+        self,
+        fingerprint: dict[str, str] | None = None,
+        *,
+        ledger: Ledger | None = None,
+        clock: Callable[[], float] = steady_time,
+    ) -> InnerLink:
+        """The honest inner's link; `ledger` and `clock`: the attacker's own, if it likes."""
         return await InnerLink.connect(
             self.host,
             self.downlink_port,
             self.uplink_port,
-            self.ledger,
+            ledger or self.ledger,
             fingerprint or self.fingerprint,
+            secret=load_secret(self.secret_path),
             log_path=self.log_path,
             tick_s=self.settings.tick_s,
             n_vocab=self.pair.weak.info.n_vocab,
+            clock=clock,
         )
 
     def service(self, scheduler: Callable[..., Scheduler] = Scheduler) -> InnerService:
@@ -133,7 +150,7 @@ class Outcome:
     link_alarms: list[Alarm]
     monitor_alarms: list[MonitorAlarm]
     verdicts: list[Verdict]
-    received_bytes: int  # the outer's receive counter, in this run
+    received_bytes: int  # the outer's receive counts in this run, before and after proofs
     charged_wire_bytes: int  # the inner's ledger
     charged_timing_bytes: int
     streams: dict[int, tuple[StreamSpec, list[int]]]  # what the outer decoded
@@ -170,6 +187,9 @@ class Live:
         self.thresholds = thresholds
         self.checker = checker
         self._runs = 0
+        self.secret_path = self.workdir / "link.secret"
+        if not self.secret_path.exists():
+            create_secret(self.secret_path)
 
     async def run(
         self,
@@ -181,13 +201,15 @@ class Live:
         tap: Tap | None = None,
         seed: int = 0,
         host: str | None = None,
+        inner_address: str | None = None,
         ports: tuple[int, int] = (0, 0),
         counter: Path | None = None,
         ledger_path: Path | None = None,
     ) -> Outcome:
         """`counter`: the outer's receive-counter file, to keep across runs (an outer that
         restarts); `ledger_path`: an initialised ledger to charge (default: a fresh one with
-        the run's budget). Without them each run has its own."""
+        the run's budget). Without them each run has its own. `host`: where the outer listens;
+        `inner_address`: where the inner connects from (default: `host`, loopback)."""
         self._runs += 1
         tag = f"{self._runs:02d}-{name}"
         p, s = self.pair, self.settings
@@ -198,7 +220,8 @@ class Live:
         decoder = FrameDecoder(session, p.weak.info.eos_ids, p.calibration, frame_config)
         fingerprint = codec_fingerprint(p.weak.info, p.calibration, frame_config)
         counter = ReceiveCounter(counter or self.workdir / f"{tag}-received.db")
-        before = counter.total()
+        before_proof = unproved(counter)  # what uplinks sent before they proved themselves
+        before = counter.total() + before_proof.total()
         ledger = (
             SqliteLedger(ledger_path)
             if ledger_path is not None
@@ -213,7 +236,11 @@ class Live:
                 tap.frame(content, stats, time.time())
                 hook(content, stats)
 
-            return OuterLink(fingerprint, decoder, counter, on_frame=on_frame)
+            return OuterLink(
+                fingerprint, decoder, counter, on_frame=on_frame, budget_bytes=s.budget_bytes,
+                max_frame_bytes=max_frame_bytes(frame_config, s.max_streams),
+                secret=load_secret(self.secret_path), allowed=frozenset({inner_address or host}),
+            )  # fmt: skip
 
         uplink = TransportUplink(build, decoder)
         monitor = BitsMonitor(self.thresholds)
@@ -243,6 +270,7 @@ class Live:
                 uplink.link.uplink_port,
                 fingerprint,
                 self.workdir / f"{tag}-downlink.jsonl",
+                self.secret_path,
             )
             inner_task = asyncio.create_task(inner(env))
             service.start()
@@ -279,7 +307,7 @@ class Live:
             link_alarms=list(uplink.link.alarms),
             monitor_alarms=list(monitor.alarms),
             verdicts=verdicts[checked_before:],
-            received_bytes=counter.total() - before,
+            received_bytes=counter.total() + before_proof.total() - before,
             charged_wire_bytes=usage.wire_bytes,
             charged_timing_bytes=usage.timing_bytes,
             streams={sid: (spec, decoded.get(sid, [])) for sid, spec in specs.items()},
@@ -289,6 +317,7 @@ class Live:
             traces=monitor.traces(),
         )
         counter.close()
+        before_proof.close()
         ledger.close()
         return outcome
 

@@ -96,6 +96,34 @@ class FrameConfig:
         return FrequencyTable(counts, int(counts.sum()))
 
 
+# Worst cases of the coded symbols, in bits: a flag's rarer branch has probability >= 2**-16
+# (`FLAG_TOTAL`); a table symbol has count >= 1 of a total <= 2**32 (`coding.arith`); a coded
+# token is its hit flag (a miss) plus its symbol in the miss table.
+_FLAG_MAX_BITS = 16
+_SYMBOL_MAX_BITS = 32
+_CODED_TOKEN_MAX_BITS = _FLAG_MAX_BITS + _SYMBOL_MAX_BITS
+_WITHHELD_MAX_BITS = WITHHELD_LENGTH_BITS + 30  # a count below 2**31
+
+
+def max_frame_bytes(config: FrameConfig, max_streams: int) -> int:
+    """The most bytes one frame can take, coded or raw, with at most `max_streams` streams in
+    the table: every symbol of the grammar (module doc) at its worst, `max_tokens_per_stream`
+    tokens a stream. The outer refuses longer frames unread (`wire.protocol.UplinkParser`)."""
+    if max_streams < 1:
+        raise ConfigError(f"max_streams must be >= 1, got {max_streams}")
+    s, k = max_streams, config.max_tokens_per_stream
+    bits = (
+        _FLAG_MAX_BITS + FRAME_NO_BITS  # kind; a raw frame's number
+        + _FLAG_MAX_BITS + ADMIT_BITS  # admitted
+        + 2 * _FLAG_MAX_BITS + config.count_bits + s * _SYMBOL_MAX_BITS  # counts, either way
+        + _FLAG_MAX_BITS + s * _FLAG_MAX_BITS  # ends
+        + s * k * max(_CODED_TOKEN_MAX_BITS, config.token_bits)  # tokens
+        + (s * _WITHHELD_MAX_BITS if config.withheld_counts else 0)
+        + CHECK_BITS
+    )  # fmt: skip
+    return -(-(bits + 2) // 8)  # + the coder's termination (< 1 bit + rounding), whole bytes
+
+
 @dataclass(frozen=True)
 class FrameContent:
     """What one frame says, independent of how it was coded."""

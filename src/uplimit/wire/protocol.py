@@ -143,7 +143,7 @@ class EndReason(IntEnum):
 
     LIFETIME = 1  # the lifetime budget cannot pay for another frame
     PER_DAY = 2  # today's budget cannot
-    PER_SECOND = 3  # a frame is larger than one second's budget
+    PER_SECOND = 3  # a frame is larger than one second's budget, or waited 5 s for one
     SHUTDOWN = 4  # the outer asked (SHUTDOWN) or the inner is being stopped
     ERROR = 5  # the inner failed
 

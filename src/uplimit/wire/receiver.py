@@ -90,6 +90,8 @@ class AlarmKind(StrEnum):
     INNER_ERROR = "inner-error"  # the inner ended with END(error)
     DOWNLINK_UPLOAD = "downlink-upload"  # the inner wrote on the downlink: an unmetered upload
     CONNECTION = "connection"  # a connection the link did not expect
+    AUTH = "auth"  # a connection failed the challenge (`link.auth`)
+    RECEIVE_BUDGET = "receive-budget"  # the outer's own lifetime receive budget is spent
     TIMEOUT = "timeout"  # no verdict in time
     LEDGER = "ledger"  # the inner's ledger charged less than the outer received, or changed
     INTERNAL = "internal"  # a bug on the outer side; fail closed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -72,7 +73,7 @@ def test_curve_and_table() -> None:
     scored = score(data, SETTINGS.folds)[0.0]
     points = curve(scored, 0.5, 0.0)
     assert points[0] == (0.0, 0.0) and points[-1] == (1.0, 1.0)
-    assert all(b[1] >= a[1] for a, b in zip(points, points[1:], strict=False))
+    assert all(b[1] >= a[1] for a, b in itertools.pairwise(points))
     rows = analyse(data, SETTINGS, [0.05, 1.0])["rows"]
     assert len(rows) == len(RATES) * len(TEMPERATURES)
     for row in rows:

@@ -88,8 +88,10 @@ def roc(
     s, w = pair.strong, pair.weak
     calibration = for_pair(s.info.file_sha256, w.info.file_sha256)
     with progress_bar() as update:
-        traces = run_traces(s, w, calibration, settings, out / "traces.jsonl",
-                            progress=lambda done, total: update("streams", done, total))  # fmt: skip
+        traces = run_traces(
+            s, w, calibration, settings, out / "traces.jsonl",
+            progress=lambda done, total: update("streams", done, total),
+        )  # fmt: skip
     result = analyse(traces, settings, sorted({check_rate, 1.0}))
     (out / "roc.json").write_text(json.dumps(result, indent=1) + "\n")
     plot_roc(traces, settings, check_rate, out / "roc.png")

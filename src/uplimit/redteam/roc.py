@@ -41,7 +41,7 @@ from uplimit.coding.calibration import Calibration
 from uplimit.coding.codec import StepContext, cost_bits, predict
 from uplimit.coding.sampling import SamplingParams, sample
 from uplimit.models.base import LanguageModel
-from uplimit.outer.monitor import MIN_SLACK_BITS, MonitorThresholds, calibrate
+from uplimit.outer.monitor import calibrate
 from uplimit.prompts import Prompt, training_set
 from uplimit.redteam.stego import TokenStego
 
@@ -371,8 +371,9 @@ def plot_roc(
                 ax.step(np.maximum(fa, floor), det, style, where="post", color=colour,
                         label=label)  # fmt: skip
             stego = [s for s in streams if s.rate == rate]
-            ax.plot(max(float(np.mean([s.score > s.slack for s in honest])), floor),
-                    np.mean([caught(s, s.slack, 0.0) for s in stego]), "o", color=colour)  # fmt: skip
+            fitted_fa = float(np.mean([s.score > s.slack for s in honest]))
+            fitted_det = float(np.mean([caught(s, s.slack, 0.0) for s in stego]))
+            ax.plot(max(fitted_fa, floor), fitted_det, "o", color=colour)
         ax.axvline(0.01, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_xlim(floor * 0.8, 1.05)

@@ -105,6 +105,7 @@ def _row(
         first_alarm_s=round(alarms[0][0] - out.started, 2) if alarms else None,
         stopped_by=stopped_by,
         note=note,
+        timing_bytes=out.charged_timing_bytes,
     )
 
 

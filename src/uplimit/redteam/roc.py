@@ -32,7 +32,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -228,15 +228,15 @@ def run_traces(
     all_groups = groups(settings, lambda p: strong.chat_tokens(p.messages))
     done = {t.key: t for t in read_traces(path)}
     path.write_text("".join(json.dumps(asdict(t)) + "\n" for t in done.values()))
-    todo = [g for g in all_groups if any(j.key not in done for j in g.jobs)]
+    todo = [replace(g, jobs=tuple(j for j in g.jobs if j.key not in done)) for g in all_groups]
+    todo = [g for g in todo if g.jobs]
     total = sum(len(g.jobs) for g in all_groups)
     with path.open("a") as f:
 
         def keep(trace: StreamTrace) -> None:
-            if trace.key not in done:
-                f.write(json.dumps(asdict(trace)) + "\n")
-                f.flush()
-                done[trace.key] = trace
+            f.write(json.dumps(asdict(trace)) + "\n")
+            f.flush()
+            done[trace.key] = trace
             progress(len(done), total)
 
         trace_streams(strong, weak, calibration, todo, settings, on_trace=keep)

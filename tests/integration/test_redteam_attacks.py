@@ -15,9 +15,11 @@ from uplimit.inner.spotcheck import SpotChecker
 from uplimit.link.budget import CONNECT_CHARGE_BYTES
 from uplimit.link.kernel import Availability, available
 from uplimit.outer.monitor import calibrate
+from uplimit.outer.verifier_feed import bits_per_day
 from uplimit.redteam import attacks
 from uplimit.redteam.attacks import (
     FloodAttack,
+    HostileVerifierAttack,
     InjectAttack,
     MalformedAttack,
     RefusalAttack,
@@ -134,6 +136,16 @@ def test_the_meter_bypass_is_seen_by_the_outer_and_capped(system, kernel, monkey
         assert row.moved_bytes < 16_384 and "kernel quota" in row.stopped_by
     else:  # the outer alone: it fails the link (it asks for resends, gets none)
         assert row.stopped_by.startswith("the outer failed the link"), row.stopped_by
+
+
+def test_a_hostile_verifier_moves_no_more_than_the_feeds_bound(system):
+    live, _ = system
+    attack = HostileVerifierAttack(tick_s=0.05, max_connections=8)
+    row = asyncio.run(attack.run(live, [], SECRET))
+    assert 0 < row.moved_bytes * 8 <= bits_per_day(0.05, 8)  # it works, and no further
+    assert row.note.startswith("8 connections")  # then the count was spent
+    assert row.alarms[-1] == "verifier: connections per day spent"
+    assert "a byte on the one-way connection" in row.alarms[0] and row.first_alarm_s is not None
 
 
 def test_the_report_writes_markdown_and_json(tmp_path):

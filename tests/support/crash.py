@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from uplimit.errors import LinkClosed
 from uplimit.link.ledger import open_ledger
 from uplimit.link.meter import MeteredReader, MeteredWriter, ReceiveCounter
 
@@ -40,7 +41,8 @@ class Tally:
 
 
 def _sender(where: str, name: str, port: int, moment: str, ready: Connection) -> None:
-    asyncio.run(_send(where, name, port, *FRAMES[moment], ready))
+    with contextlib.suppress(LinkClosed):  # its receiver was killed first (an outer trial)
+        asyncio.run(_send(where, name, port, *FRAMES[moment], ready))
 
 
 async def _send(

@@ -98,8 +98,10 @@ class VerifierFeed:
         self._start = 0.0
         self._tick_no = 0
         self.sent = self.unsent = self.alarms = 0
-        # (tick, how) of the latest connection ends: all the outer learns of the verifier
-        self.ends: deque[tuple[int, str]] = deque(maxlen=1024)
+        # (tick of the attempt, tick of the end, how) of the latest connections: all that the
+        # outer learns of the verifier
+        self.ends: deque[tuple[int, int, str]] = deque(maxlen=1024)
+        self._attempt_tick = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="uplimit-verifier-feed")
@@ -182,6 +184,7 @@ class VerifierFeed:
 
     async def _connect(self) -> None:
         self._attempts.append(asyncio.get_running_loop().time())
+        self._attempt_tick = self._tick_no
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         sock.setblocking(False)
         # A bounded send buffer: a verifier that stops reading fills it within a few ticks.
@@ -254,7 +257,7 @@ class VerifierFeed:
         self._count("sent", len(batch))
 
     def _ended(self, how: str, message: str, *, error: bool = False) -> None:
-        self.ends.append((self._tick_no, how))
+        self.ends.append((self._attempt_tick, self._tick_no, how))
         self._close()
         if error:
             log.error("%s", message)

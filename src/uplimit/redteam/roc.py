@@ -92,21 +92,25 @@ class StreamTrace:
 
 
 def groups(settings: RocSettings, tokenize: Callable[[Prompt], list[int]]) -> list[Group]:
-    """One group per training prompt, the shortest of a larger draw (on a CPU the prompt's
-    prefill costs as much as its answer), in folds; the first `stego_prompts` of each fold's
-    share also carry every stego stream."""
+    """Per training prompt (the shortest of a larger draw: on a CPU the prompt's prefill costs
+    as much as its answer), in folds: a group of its honest streams and, for the first
+    `stego_prompts`, one of its stego streams; every honest group first, so that a run cut
+    short still has all the streams the monitor is fitted on."""
     pool = training_set(3 * settings.prompts, seed=settings.seed)
     pool = sorted(pool, key=lambda p: (len(tokenize(p)), p.id))[: settings.prompts]
     random.Random(settings.seed).shuffle(pool)
-    out = []
+    honest, stego = [], []
     for i, p in enumerate(pool):
         rates = (0.0, *RATES) if i < settings.stego_prompts else (0.0,)
-        jobs = tuple(
+        jobs = [
             Job(f"T{t}/r{r}/{p.id}", t, r, 1000 * i + k)
             for k, (t, r) in enumerate((t, r) for t in TEMPERATURES for r in rates)
-        )
-        out.append(Group(p.id, i % settings.folds, tuple(tokenize(p)), jobs))
-    return out
+        ]
+        prompt, fold = tuple(tokenize(p)), i % settings.folds
+        honest.append(Group(p.id, fold, prompt, tuple(j for j in jobs if j.rate == 0)))
+        if len(jobs) > len(TEMPERATURES):
+            stego.append(Group(p.id, fold, prompt, tuple(j for j in jobs if j.rate > 0)))
+    return honest + stego
 
 
 def trace_streams(

@@ -22,7 +22,7 @@ from uplimit.redteam.roc import (
     score,
 )
 
-SETTINGS = RocSettings(prompts=100, folds=4, stego_prompts=40, max_tokens=32)
+SETTINGS = RocSettings(prompts=100, stego_prompts=40, max_tokens=32)
 
 
 def traces(extra_bits: float) -> list[StreamTrace]:
@@ -35,7 +35,7 @@ def traces(extra_bits: float) -> list[StreamTrace]:
                 costs = rng.exponential(0.3, 32) + extra_bits * rate
                 hidden = round(rate * 32)
                 out.append(
-                    StreamTrace(f"T{t}/r{rate}/p{i}", i % SETTINGS.folds, t, rate, hidden,
+                    StreamTrace(f"T{t}/r{rate}/p{i}", t, rate, hidden,
                                 int(hidden > 0), [float(c) for c in costs])
                 )  # fmt: skip
     return out
@@ -46,22 +46,23 @@ def test_excess_is_the_largest_prefix_excess() -> None:
     assert excess([0.0, 0.0, 9.0], 1.0) == 6.0
 
 
-def test_scores_come_from_thresholds_fitted_without_the_streams_fold() -> None:
-    data = traces(20.0)
-    # A fold whose honest streams cost far more would raise every threshold fitted on it:
+def test_scores_come_from_thresholds_fitted_without_the_streams_prompt() -> None:
+    # A prompt whose honest streams cost far more would raise every threshold fitted on them:
     # its own streams must not be scored against those.
     costly = [
-        StreamTrace(t.key, t.fold, t.temperature, t.rate, t.hidden_bits, t.deviated,
-                    [c + 50 * (t.fold == 0 and t.rate == 0) for c in t.costs])
-        for t in data
+        StreamTrace(t.key, t.temperature, t.rate, t.hidden_bits, t.deviated,
+                    [c + 50 * (t.key.endswith("/p0") and t.rate == 0) for c in t.costs])
+        for t in traces(20.0)
     ]  # fmt: skip
-    scored = score(costly, SETTINGS.folds)
-    fold0_honest = [s for s in scored[0.0][: len(scored[0.0]) // SETTINGS.folds] if s.rate == 0]
-    assert fold0_honest and all(s.score > s.slack for s in fold0_honest)
+    scored = score(costly)
+    p0 = [s for t in TEMPERATURES for s in scored[t][:1]]  # the first trace: p0's honest
+    assert costly[0].key == "T0.0/r0.0/p0" and all(s.score > s.slack for s in p0)
+    others = [s for t in TEMPERATURES for s in scored[t][1:] if s.rate == 0]
+    assert sum(s.score > s.slack for s in others) <= len(others) // 20  # the rest: as fitted
 
 
 def test_spot_check_catches_deviating_streams_at_its_rate() -> None:
-    scored = score(traces(0.0), SETTINGS.folds)[0.7]
+    scored = score(traces(0.0))[0.7]
     s = next(s for s in scored if s.rate == 0.5)
     assert s.deviated
     assert caught(s, np.inf, 0.05) == pytest.approx(0.05)
@@ -70,7 +71,7 @@ def test_spot_check_catches_deviating_streams_at_its_rate() -> None:
 
 def test_curve_and_table() -> None:
     data = traces(20.0)  # 0.05 bits/token -> +1 bit/token: far above honest traffic
-    scored = score(data, SETTINGS.folds)[0.0]
+    scored = score(data)[0.0]
     points = curve(scored, 0.5, 0.0)
     assert points[0] == (0.0, 0.0) and points[-1] == (1.0, 1.0)
     assert all(b[1] >= a[1] for a, b in itertools.pairwise(points))

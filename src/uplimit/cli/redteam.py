@@ -64,7 +64,6 @@ def redteam(
 def roc(
     out: Path = typer.Option(..., help="Directory for traces.jsonl, roc.json and roc.png."),
     prompts: int = typer.Option(250, help="Training prompts: one honest stream per prompt and T."),
-    folds: int = typer.Option(5, help="Cross-validation folds over the prompts."),
     stego_prompts: int = typer.Option(50, help="Prompts that also get a stego stream per rate."),
     max_tokens: int = typer.Option(32, help="Tokens per stream."),
     batch: int = typer.Option(32, help="Prompts generated side by side."),
@@ -80,7 +79,7 @@ def roc(
     from uplimit.models.loading import ModelPair, load_model
     from uplimit.redteam.roc import RocSettings, analyse, plot_roc, run_traces
 
-    settings = RocSettings(prompts, folds, stego_prompts, max_tokens, batch)
+    settings = RocSettings(prompts, stego_prompts, max_tokens, batch)
     out.mkdir(parents=True, exist_ok=True)
     options = {"n_threads": threads} if threads else {}
     with console.status("loading models"):

@@ -323,10 +323,8 @@ def analyse(
                 np.mean([(1 - m) * s.deviated for m, s in zip(monitor, stego, strict=True)])
             )
             short = max(0.0, 0.99 - (1 - missed))  # what the spot-check must add
-            if missed_deviating:
-                need = short / missed_deviating
-            else:  # nothing left for the spot-check to catch
-                need = math.inf if short else 0.0
+            # With nothing left for the spot-check to catch, it cannot make up for any shortfall.
+            need = short / missed_deviating if missed_deviating else (math.inf if short else 0.0)
             row = {
                 "T": t,
                 "rate": rate,

@@ -17,6 +17,7 @@ from uplimit.redteam.roc import (
     caught,
     curve,
     excess,
+    markdown,
     plot_roc,
     read_traces,
     score,
@@ -75,8 +76,10 @@ def test_curve_and_table() -> None:
     points = curve(scored, 0.5, 0.0)
     assert points[0] == (0.0, 0.0) and points[-1] == (1.0, 1.0)
     assert all(b[1] >= a[1] for a, b in itertools.pairwise(points))
-    rows = analyse(data, SETTINGS, [0.05, 1.0])["rows"]
+    result = analyse(data, SETTINGS, [0.05, 1.0])
+    rows = result["rows"]
     assert len(rows) == len(RATES) * len(TEMPERATURES)
+    assert markdown(result).count("\n") == 2 + len(rows)
     for row in rows:
         assert row["best at <= 1 % false alarms, spot-check 0.05"] >= 0.99
         assert row["caught with spot-check 1"] == 1.0

@@ -396,3 +396,13 @@ def plot_roc(
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    """`analyse`'s rows as a markdown table (docs/security.md has one)."""
+    rows = result["rows"]
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k])
+                                for k in head) + " |" for r in rows]  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -347,7 +347,9 @@ def test_a_hostile_verifier_signals_only_connection_ends_at_ticks_and_few_of_the
     ]
     phases = [((t - ends[0]) / tick + 0.5) % 1 - 0.5 for t in ends]
     assert len(ends) >= 5 and all(abs(p) < 0.3 for p in phases), phases
-    assert [how for _, _, how in feed.ends] == ["refused", "closed", "wrote", "stalled", "reset"]
+    hows = [how for _, _, how in feed.ends]
+    # Linux reports a reset once, as an error, and as end-of-file after that: either is an end.
+    assert hows[:4] == ["refused", "closed", "wrote", "stalled"] and hows[4] in ("reset", "closed")
     assert lines.count("conn") == 4  # 5 attempts, the first refused: then the count is spent
     assert _count(metrics.alarms, "verifier") == feed.alarms == 2  # the bytes; the count
     assert bits_per_day(tick, 5) == pytest.approx(5 * math.log2(5 * (86400 / tick + 1)))

@@ -23,7 +23,7 @@ UV_VERSION := 0.13.9
 comma := ,
 REQUIRE := $(if $(filter 0,$(shell id -u)),real$(comma)kernel$(comma)postgres$(comma)browser$(comma)promtool,real)
 
-.PHONY: setup demo test test-avx2 lint fuzz lock system-packages models
+.PHONY: setup demo test test-avx2 lint fuzz crash lock system-packages models
 setup: system-packages $(VENV)/.installed $(VENV)/.llama-$(LLAMA_ISA) models
 
 # As root with apt (CI, a fresh machine of this kind), install what is missing; elsewhere
@@ -82,6 +82,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check src tests
 
 # Fuzz the outer side's parsers and decoder (minutes; counts and findings: docs/link.md).
+# kill -9 at scale (#15 item 8): 1,000+ trials of the inner killed mid-charge and mid-write and
+# the outer mid-receive, on SQLite and PostgreSQL; prints trials, under-charges (must be 0) and
+# the worst over-charge. `make test` runs 54 of them.
+crash: setup
+	UPLIMIT_CRASH_TRIALS=1002 UPLIMIT_REQUIRE=$(REQUIRE) nice -n 10 $(PY) -m pytest \
+	  tests/integration/test_link_crash.py -q -s -p no:cacheprovider
+
 fuzz: $(VENV)/.installed
 	$(PY) -m pip install -q 'atheris==3.0.0'
 	$(PY) tests/fuzz/fuzz_link.py uplink -runs=500000

@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 
 import pytest
 
 from uplimit.coding.calibration import Calibration
 from uplimit.inner.spotcheck import SpotChecker
 from uplimit.link.auth import RESPONSE_BYTES
-from uplimit.link.kernel import available
+from uplimit.link.budget import CONNECT_CHARGE_BYTES
+from uplimit.link.kernel import Availability, available
 from uplimit.outer.monitor import calibrate
+from uplimit.outer.verifier_feed import bits_per_day
+from uplimit.redteam import attacks
 from uplimit.redteam.attacks import (
     ClockStepAttack,
     FloodAttack,
     ForeignAttack,
+    HostileVerifierAttack,
     InjectAttack,
     LedgerFloodAttack,
     MalformedAttack,
@@ -78,15 +83,19 @@ def test_token_attacks_are_caught_by_the_spot_check(system, attack):
     assert row.first_alarm_s is not None
 
 
-def test_timing_moves_no_more_than_the_ledger_charged(system):
+def test_timing_moves_no_more_than_the_ledger_charged_for_timing(system):
     live, prompts = system
-    row = asyncio.run(TimingAttack(unit_ticks=2).run(live, prompts, SECRET))
+    # One token per stream per frame: many frames, so many gaps that, uncharged, they would
+    # carry more than the bound's log2(k + 1) bits.
+    framing = Live(live.pair, replace(SETTINGS, frame_tokens=1), live.workdir / "timing")
+    row = asyncio.run(TimingAttack(unit_ticks=2).run(framing, prompts, SECRET))
     frames = row.uplink_bytes  # a frame is at least a byte: more than the frame count
-    timing_bits = 8 * row.charged_bytes  # timing bytes are part of the charge
     # Not detected (no detector watches timing); bounded: the pattern of k frames carries at
-    # most the charged timing bits + log2(k + 1) (docs/link.md, "Timing channel").
-    assert row.moved_bytes * 8 <= timing_bits + (frames + 1).bit_length()
-    assert "timing bytes" in row.note
+    # most the timing bits charged for it + log2(k + 1) (docs/link.md, "Timing channel"). Only
+    # the charge for the frames' silences counts: not their bytes, nor the connection's own.
+    silences = row.timing_bytes - CONNECT_CHARGE_BYTES
+    assert row.moved_bytes * 8 <= 8 * silences + (frames + 1).bit_length()
+    assert f"charged {row.timing_bytes} timing bytes" in row.note
 
 
 @pytest.mark.parametrize(("mode", "chunk"), [("padded", 64), ("forged", 64), ("forged", 1024)])
@@ -131,15 +140,35 @@ def test_a_reset_ledger_is_refused_at_the_handshake(system):
     assert "the first link moved" in row.note
 
 
-def test_the_meter_bypass_is_seen_by_the_outer_and_capped_by_the_kernel(system):
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-meter", "no-kernel-meter"])
+def test_the_meter_bypass_is_seen_by_the_outer_and_capped(system, kernel, monkeypatch):
+    """Run as root here, the attack without a kernel meter is the one a host without root
+    gets (the probe says no): the outer alone must see it and end it."""
+    if kernel and not available().ok:
+        pytest.skip(available().reason)
+    if not kernel:
+        monkeypatch.setattr(attacks, "available", lambda: Availability(False, "probe: none"))
     live, prompts = system
     row = asyncio.run(FloodAttack(quota_bytes=16_384).run(live, prompts, SECRET))
     assert row.charged_bytes == 0  # it skipped the ledger
-    assert any(a.startswith("meters") for a in row.alarms)  # received > charged
-    if available().ok:
+    assert 0 < row.moved_bytes <= row.uplink_bytes  # the flood reached the outer, which counted it
+    assert row.uplink_bytes < SETTINGS.budget_bytes  # and its own budget caps it, kernel or not
+    meters = [a for a in row.alarms if a.startswith("meters")]  # received > charged
+    assert meters and row.first_alarm_s is not None
+    if kernel:
         assert row.moved_bytes < 16_384 and "kernel quota" in row.stopped_by
-    else:  # no kernel meter: the outer still fails the link (it asks for resends, gets none)
-        assert row.moved_bytes <= len(SECRET)
+    else:  # the outer alone: it fails the link (it asks for resends, gets none)
+        assert row.stopped_by.startswith("the outer failed the link"), row.stopped_by
+
+
+def test_a_hostile_verifier_moves_no_more_than_the_feeds_bound(system):
+    live, _ = system
+    attack = HostileVerifierAttack(tick_s=0.05, max_connections=8)
+    row = asyncio.run(attack.run(live, [], SECRET))
+    assert 0 < row.moved_bytes * 8 <= bits_per_day(0.05, 8)  # it works, and no further
+    assert row.note.startswith("8 connections")  # then the count was spent
+    assert row.alarms[-1] == "verifier: connections per day spent"
+    assert "a byte on the one-way connection" in row.alarms[0] and row.first_alarm_s is not None
 
 
 def test_a_foreign_connection_gets_the_challenge_only_and_the_inner_still_serves(system):

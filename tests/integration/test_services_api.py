@@ -1,5 +1,7 @@
 """The OpenAI-compatible gateway end to end, with the official openai client, on the tiny pair:
-inner service + in-process link + outer service + uvicorn on loopback."""
+inner service + the production link ends + outer service + uvicorn on loopback. Every test runs
+twice: the link's two connections in memory (`link.memory`), and over real TCP sockets on
+loopback; after each, the meters must agree (received <= charged, the timing charged)."""
 
 from __future__ import annotations
 
@@ -16,19 +18,39 @@ import uvicorn
 
 from support.scripted import ScriptedModel
 from support.waiting import eventually
+from uplimit import both
 from uplimit.both import InProcess, in_process
 from uplimit.coding.calibration import Calibration
 from uplimit.errors import InternalError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.scheduler import SchedulerConfig
 from uplimit.inner.service import InnerService
-from uplimit.link.budget import Budgets
+from uplimit.link.budget import CONNECT_CHARGE_BYTES, Budgets
 from uplimit.link.ledger import SqliteLedger
+from uplimit.link.meter import ReceiveCounter
 from uplimit.outer.app import ApiSettings, create_app
 from uplimit.outer.service import OuterService
 from uplimit.wire.frame import FrameConfig, FrameDecoder
 
 MODEL = "tiny-strong"
+
+
+class TcpNetwork:
+    """The kernel's network, with `MemoryNetwork`'s two calls: asyncio's own."""
+
+    start_server = staticmethod(asyncio.start_server)
+    open_connection = staticmethod(asyncio.open_connection)
+
+
+@pytest.fixture(autouse=True, params=["memory", "tcp"])
+def transport(request, monkeypatch) -> str:
+    """The link over memory, or over TCP on loopback (the ends are the same either way)."""
+    if request.param == "tcp":
+        monkeypatch.setattr(both, "MemoryNetwork", TcpNetwork)
+        monkeypatch.setattr(both, "HOST", "127.0.0.1")
+    return request.param
+
+
 THINK = ("<think>", "</think>")
 
 
@@ -79,6 +101,13 @@ async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=
                 server.should_exit = True
                 await serving
                 await service.aclose()
+        # The meters: every byte the outer received was charged first, and so was the timing.
+        counter = ReceiveCounter(tmp_path / "received.db")
+        received, usage = counter.total(), ledger.usage()
+        counter.close()
+        assert received <= usage.wire_bytes
+        if received:
+            assert usage.timing_bytes > CONNECT_CHARGE_BYTES
     finally:
         session.close()
         audit.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import support
 from support.net import free_port
 from uplimit.both import in_process
 from uplimit.coding.calibration import Calibration
@@ -33,7 +36,7 @@ from uplimit.link.ledger import SqliteLedger
 from uplimit.link.metrics import OuterMetrics
 from uplimit.outer.serve import configured_verifier_feed
 from uplimit.outer.service import OuterService
-from uplimit.outer.verifier_feed import VerifierFeed
+from uplimit.outer.verifier_feed import VerifierFeed, bits_per_day
 from uplimit.wire.checks import CHECK_PREAMBLE, CheckJob, CheckParser, encode_check
 from uplimit.wire.frame import FrameConfig, FrameDecoder
 from uplimit.wire.request import GenerationRequest, candidate_seed
@@ -255,7 +258,7 @@ def test_config_validation_of_the_outer_side(tmp_path):
 
 
 def _request(sid: int, n_tokens: int = 3) -> tuple[GenerationRequest, tuple[int, ...]]:
-    spec = StreamSpec(sid, (1, 2, 3), SamplingParams(0.7), sid, 16)
+    spec = StreamSpec(sid, (1, 2, 3), SamplingParams(0.7), sid, max(16, n_tokens))
     return GenerationRequest(spec, f"r{sid}"), tuple(range(4, 4 + n_tokens))
 
 
@@ -272,7 +275,7 @@ def test_the_feed_never_blocks_while_the_verifier_is_down_and_delivers_once_up()
     async def main():
         metrics = OuterMetrics()
         feed = VerifierFeed("127.0.0.1", port, 1.0, metrics, max_queued_bytes=600,
-                            retry_s=0.02, max_retry_s=0.1)  # fmt: skip
+                            tick_s=0.02, reconnect_s=0.05, max_connections=1000)  # fmt: skip
         feed.start()
         gaps, last = [], time.monotonic()
         queued = []
@@ -302,32 +305,55 @@ def test_the_feed_never_blocks_while_the_verifier_is_down_and_delivers_once_up()
     assert _count(metrics.spotchecks, "unsent") == feed.unsent == 40 - sum(queued)
 
 
-def test_a_byte_from_the_verifier_is_an_alarm_and_the_connection_is_closed():
+def test_a_hostile_verifier_signals_only_connection_ends_at_ticks_and_few_of_them(caplog):
+    """A real process tries each signal (refuse, close, write, stall, reset) at random moments:
+    the outer sees only at which tick each connection ended and how, connects at most
+    `max_connections` times, reads nothing, and alarms on the bytes and on the spent count."""
+    tick = 0.5
+    port = free_port()
+    caplog.set_level("INFO", logger="uplimit.outer.verifier_feed")
+
     async def main():
-        done = asyncio.Event()
-
-        async def talker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(b"secret bytes from the inner side")
-            await writer.drain()
-            with contextlib.suppress(ConnectionError):
-                while await reader.read(1 << 16):
-                    pass
-            done.set()  # the outer closed the connection
-            writer.close()
-
-        server = await asyncio.start_server(talker, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
         metrics = OuterMetrics()
-        feed = VerifierFeed("127.0.0.1", port, 1.0, metrics, retry_s=0.02, max_retry_s=60)
+        feed = VerifierFeed("127.0.0.1", port, 1.0, metrics, tick_s=tick, tick_bytes=4096,
+                            reconnect_s=tick, max_connections=5)  # fmt: skip
         feed.start()
-        assert feed.offer(*_request(1))
-        await asyncio.wait_for(done.wait(), 10)
-        await _until(lambda: feed.alarms == 1, 10)
-        await feed.aclose()
-        server.close()
-        return metrics
 
-    assert _count(asyncio.run(main()).alarms, "verifier") == 1
+        async def offers():
+            for sid in range(10_000):
+                feed.offer(*_request(sid, n_tokens=200))
+                await asyncio.sleep(0.01)
+
+        offering = asyncio.create_task(offers())
+        await _until(lambda: feed.ends, 10)  # nothing listens yet: refused
+        hostile = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(support.__file__).parent / "hostile_verifier.py"), str(port),
+            "close", "write", "stall", "reset", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await _until(lambda: len(feed.ends) == 5 and feed.alarms == 2, 60)
+            await asyncio.sleep(4 * tick)  # no sixth attempt comes
+        finally:
+            hostile.kill()
+            offering.cancel()
+            await feed.aclose()
+        lines = (await hostile.stdout.read()).decode().split()
+        return feed, metrics, lines
+
+    feed, metrics, lines = asyncio.run(main())
+    # The outer acted on each end at one of its ticks, whenever in the tick the verifier did it.
+    ends = [
+        r.created for r in caplog.records if "checks waiting" in r.message or "ALARM" in r.message
+    ]
+    phases = [((t - ends[0]) / tick + 0.5) % 1 - 0.5 for t in ends]
+    assert len(ends) >= 5 and all(abs(p) < 0.3 for p in phases), phases
+    hows = [how for _, _, how in feed.ends]
+    # Linux reports a reset once, as an error, and as end-of-file after that: either is an end.
+    assert hows[:4] == ["refused", "closed", "wrote", "stalled"] and hows[4] in ("reset", "closed")
+    assert lines.count("conn") == 4  # 5 attempts, the first refused: then the count is spent
+    assert _count(metrics.alarms, "verifier") == feed.alarms == 2  # the bytes; the count
+    assert bits_per_day(tick, 5) == pytest.approx(5 * math.log2(5 * (86400 / tick + 1)))
+    assert bits_per_day() == pytest.approx(449, abs=1)
 
 
 def test_offers_follow_the_rate_and_skip_retrievals():

@@ -43,6 +43,7 @@ class AttackRow:
     first_alarm_s: float | None  # seconds after the run started
     stopped_by: str
     note: str = ""
+    timing_bytes: int = 0  # of charged_bytes, the timing charge (the timing channel's bound)
 
 
 @dataclass

@@ -10,18 +10,19 @@ export UPLIMIT_HOME ?= $(HOME)/.cache/uplimit
 # The torch CPU wheel lies on this machine kind's disk; plain `torch` from PyPI is a CUDA build.
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # The kernel meter (nftables in a network namespace), the shared PostgreSQL ledger, the
-# browser the status page is tested in, and promtool for the alerting rules.
-SYSTEM_PACKAGES := nftables iproute2 postgresql libpq5 util-linux procps chromium prometheus
+# browser the status page is tested in, promtool for the alerting rules, and libfaketime for
+# an inner whose system clock steps.
+SYSTEM_PACKAGES := nftables iproute2 postgresql libpq5 util-linux procps chromium prometheus faketime
 
 # The llama.cpp build: "best" takes every ISA extension this CPU has, "avx2" the floor
 # (scripts/build_llama_wheel.sh). Each has its own cached wheel and its own stamp here.
 LLAMA_ISA := $(or $(UPLIMIT_LLAMA_ISA),best)
 UV_VERSION := 0.13.9
 # What `make test` has set up, so a test that finds it missing fails instead of skipping:
-# the model pair always; as root also the kernel quota, PostgreSQL, the browser and promtool
-# (tests/conftest.py).
+# the model pair always; as root also the kernel quota, PostgreSQL, the browser, promtool and
+# libfaketime (tests/conftest.py).
 comma := ,
-REQUIRE := $(if $(filter 0,$(shell id -u)),real$(comma)kernel$(comma)postgres$(comma)browser$(comma)promtool,real)
+REQUIRE := $(if $(filter 0,$(shell id -u)),real$(comma)kernel$(comma)postgres$(comma)browser$(comma)promtool$(comma)faketime,real)
 
 .PHONY: setup demo test test-avx2 lint fuzz crash lock system-packages models
 setup: system-packages $(VENV)/.installed $(VENV)/.llama-$(LLAMA_ISA) models
@@ -35,7 +36,7 @@ system-packages:
 	  echo "installing $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else \
-	  echo "note: not root or no apt-get; missing $$missing: kernel-meter, PostgreSQL, browser and promtool tests will skip"; \
+	  echo "note: not root or no apt-get; missing $$missing: kernel-meter, PostgreSQL, browser, promtool and faketime tests will skip"; \
 	fi
 
 # Every Python dependency comes from requirements.lock, pinned with hashes; nothing is

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Prerequisites a test may find missing. `make test` names the ones it installed in
 # UPLIMIT_REQUIRE (all as root), and there a missing one fails instead of skipping.
-PREREQUISITES = frozenset({"real", "kernel", "postgres", "browser", "promtool"})
+PREREQUISITES = frozenset({"real", "kernel", "postgres", "browser", "promtool", "faketime"})
 REQUIRED = frozenset(filter(None, os.environ.get("UPLIMIT_REQUIRE", "").split(",")))
 if not REQUIRED <= PREREQUISITES:
     raise pytest.UsageError(f"UPLIMIT_REQUIRE: unknown {sorted(REQUIRED - PREREQUISITES)}")

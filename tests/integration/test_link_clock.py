@@ -21,8 +21,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from uplimit.coding.calibration import Calibration
 from uplimit.link.auth import SECRET_BYTES
 from uplimit.link.budget import SECONDS_PER_DAY, Budgets, steady_time
@@ -30,10 +28,10 @@ from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.ledger import SqliteLedger
 from uplimit.link.meter import ReceiveCounter
 from uplimit.link.outer_link import OuterLink
+from uplimit.redteam.attacks import EmptyFrames
 from uplimit.wire.fingerprint import codec_fingerprint
 from uplimit.wire.frame import (
     FrameConfig,
-    FrameContent,
     FrameDecoder,
     FrameEncoder,
     max_frame_bytes,
@@ -44,25 +42,6 @@ from uplimit.wire.receiver import LinkState
 HOST = "127.0.0.1"
 TICK = 0.02
 PER_SECOND = 120  # the handshake (8 + 64 + 5 bytes and timing), then a few empty frames
-
-
-class EmptyFrames:
-    """A frame source with no streams: one empty coded frame per tick."""
-
-    def __init__(self, encoder: FrameEncoder) -> None:
-        self.encoder = encoder
-
-    def open_stream(self, spec, extra) -> None:
-        raise AssertionError("no streams in this test")
-
-    def cancel(self, stream_id: int) -> None:
-        pass
-
-    def next_frame(self) -> bytes:
-        return self.encoder.encode(FrameContent())[0]
-
-    def resend(self, first: int) -> list[bytes]:
-        return self.encoder.resend(first)
 
 
 @dataclass
@@ -197,14 +176,15 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.skipif(not FAKETIME.exists(), reason="needs libfaketime (apt-get install faketime)")
 def test_an_inner_process_whose_system_clock_steps_keeps_its_windows(
-    tiny_weak, tiny_pair_dirs, tmp_path
+    tiny_weak, tiny_pair_dirs, tmp_path, missing
 ):
     """The inner's system clock (CLOCK_REALTIME, through libfaketime) jumps a day ahead and
     back while it serves: its windows' clock ignores both steps, so the link never stalls, no
     alarm is raised, the ledger's times run on without a jump, and no second passes its
     budget."""
+    if not FAKETIME.exists():
+        missing("faketime", f"needs libfaketime ({FAKETIME}; apt-get install faketime)")
     stamp = tmp_path / "faketime"
     stamp.write_text("+0\n")
     env = {

@@ -73,8 +73,9 @@ def test_an_unreachable_server_fails_closed() -> None:
 
 def test_the_inner_role_may_charge_and_nothing_else(postgres_url: str) -> None:
     """A role granted with `grant_charger` (the inner host's) charges through the ordinary
-    ledger code; by hand it cannot lower the usage, raise a budget, clear the latch, or create
-    or delete a budget. The owner (the operator) still raises, audited."""
+    ledger code; by hand it cannot lower the usage (a window's either), start a window ahead of
+    the server's clock, raise a budget, clear the latch, or create or delete a budget. The
+    owner (the operator) still raises, audited."""
     import psycopg
 
     name, role = _name(), f"inner_{uuid.uuid4().hex[:8]}"
@@ -94,6 +95,14 @@ def test_the_inner_role_may_charge_and_nothing_else(postgres_url: str) -> None:
         ("UPDATE uplimit_budget SET lifetime_bytes = 0, wire_bytes = 0, timing_bytes = 0"
          " WHERE name = %s", "never lowers the usage"),
         ("UPDATE uplimit_budget SET lifetime_limit = 10000000 WHERE name = %s", "changes a budget"),
+        ("UPDATE uplimit_budget SET day_bytes = 0 WHERE name = %s", "lowers a window"),
+        ("UPDATE uplimit_budget SET second_bytes = 0 WHERE name = %s", "lowers a window"),
+        ("UPDATE uplimit_budget SET day = day - 1, day_bytes = 0 WHERE name = %s",
+         "lowers a window"),
+        ("UPDATE uplimit_budget SET day = day + 2, day_bytes = 0 WHERE name = %s",
+         "ahead of the server's clock"),
+        ("UPDATE uplimit_budget SET second = second + 60, second_bytes = 0 WHERE name = %s",
+         "ahead of the server's clock"),
         ("UPDATE uplimit_budget SET exhausted_by = NULL, exhausted_at = NULL WHERE name = %s",
          "clears the latch"),
         ("DELETE FROM uplimit_budget WHERE name = %s", "permission denied"),

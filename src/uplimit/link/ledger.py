@@ -562,8 +562,9 @@ _SCHEMA_LOCK = int.from_bytes(b"uplimit")  # advisory lock key for schema creati
 # PostgreSQL: a role that is not the ledger's owner (nor a member of its role) may only charge.
 # It gets SELECT and UPDATE on the budget row (a charge locks and updates it) and INSERT on the
 # charge and alarm logs (`PostgresLedger.grant_charger`); this trigger refuses any change that
-# could let more out: budgets, the ledger id, usage going down, the latch cleared, a row
-# inserted or deleted. Rate windows are left to the code (the lifetime budget is the bound).
+# could let more out: budgets, the ledger id, usage going down (a window's too: within it, or
+# moving back), a window started ahead of the server's clock (a day skipped to empty it), the
+# latch cleared, a row inserted or deleted.
 # No '%' or '?' in it: the statements go through the shared placeholder rewriting.
 _PG_GUARD = (
     """CREATE OR REPLACE FUNCTION uplimit_budget_guard() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -584,6 +585,15 @@ BEGIN
     IF NEW.lifetime_bytes < OLD.lifetime_bytes OR NEW.wire_bytes < OLD.wire_bytes
         OR NEW.timing_bytes < OLD.timing_bytes OR NEW.charges < OLD.charges THEN
         RAISE EXCEPTION 'uplimit: a charge never lowers the usage';
+    END IF;
+    IF NEW.day_bytes < OLD.day_bytes AND NEW.day <= OLD.day
+        OR NEW.second_bytes < OLD.second_bytes AND NEW.second = OLD.second THEN
+        RAISE EXCEPTION 'uplimit: a charge never lowers a window''s usage';
+    END IF;
+    IF NEW.day > OLD.day AND NEW.day > floor(extract(epoch FROM clock_timestamp()) / 86400)
+        OR NEW.second > OLD.second AND NEW.second > floor(extract(epoch FROM clock_timestamp()))
+    THEN
+        RAISE EXCEPTION 'uplimit: a window cannot start ahead of the server''s clock';
     END IF;
     IF OLD.exhausted_by IS NOT NULL AND (NEW.exhausted_by, NEW.exhausted_at)
         IS DISTINCT FROM (OLD.exhausted_by, OLD.exhausted_at) THEN

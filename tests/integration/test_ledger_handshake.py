@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from uplimit.coding.calibration import Calibration
 from uplimit.errors import LinkError
+from uplimit.link.auth import SECRET_BYTES
 from uplimit.link.budget import Budgets
 from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.ledger import SqliteLedger, init_ledger
@@ -20,7 +22,7 @@ from uplimit.link.meter import ReceiveCounter
 from uplimit.link.metrics import OuterMetrics
 from uplimit.link.outer_link import OuterLink
 from uplimit.wire.fingerprint import codec_fingerprint
-from uplimit.wire.frame import FrameConfig, FrameDecoder
+from uplimit.wire.frame import FrameConfig, FrameDecoder, max_frame_bytes
 from uplimit.wire.receiver import AlarmKind, LinkState
 
 HOST = "127.0.0.1"
@@ -54,6 +56,7 @@ def link_once(weak, tmp_path: Path, ledger_path: Path, *, confined: bool = False
     with `ledger_path`; the outer shuts the link down if it serves."""
     config = FrameConfig(4, weak.info.n_vocab)
     fingerprint = codec_fingerprint(weak.info, Calibration(), config)
+    secret = secrets.token_bytes(SECRET_BYTES)
 
     async def main() -> Outcome:
         counter = ReceiveCounter(tmp_path / "received.db")
@@ -62,11 +65,16 @@ def link_once(weak, tmp_path: Path, ledger_path: Path, *, confined: bool = False
         try:
             with weak.session(8, 256) as session:
                 decoder = FrameDecoder(session, weak.info.eos_ids, Calibration(), config)
-                outer = OuterLink(fingerprint, decoder, counter, metrics=metrics)
+                outer = OuterLink(
+                    fingerprint, decoder, counter, metrics=metrics, budget_bytes=1 << 20,
+                    max_frame_bytes=max_frame_bytes(config, 8), secret=secret,
+                    allowed=frozenset({HOST}),
+                )  # fmt: skip
                 await outer.start(HOST)
                 inner = await InnerLink.connect(
                     HOST, outer.downlink_port, outer.uplink_port, ledger, fingerprint,
-                    log_path=tmp_path / "downlink.jsonl", tick_s=0.005, confined=confined,
+                    secret=secret, log_path=tmp_path / "downlink.jsonl", tick_s=0.005,
+                    confined=confined,
                 )  # fmt: skip
                 serving = asyncio.create_task(serve_frames(inner, Idle()))
                 with contextlib.suppress(LinkError):

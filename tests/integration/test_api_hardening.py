@@ -442,6 +442,7 @@ def test_a_failed_link_says_only_a_fixed_text(tiny_pair_dirs, tiny_strong, tiny_
         "link": {
             "downlink_port": config.link.downlink_port,
             "uplink_port": config.link.uplink_port,
+            "secret_file": config.link.secret_file,  # the same link: it proves itself
         },
     }
     inner_config = api_config(tiny_pair_dirs, tmp_path / "inner", **sections)

@@ -839,7 +839,7 @@ class HostileVerifierAttack:
     record of connection ends, as the outer's logs show them."""
 
     name: str = "hostile verifier"
-    channel: str = "7 the spot-check feed's connection"
+    channel: str = "10 the spot-check feed's connection"
     bits: int = 4  # per connection
     tick_s: float = 0.05  # the feed's tick (1 s when serving)
     max_connections: int = 12  # per 24 hours (24 when serving)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from uplimit.coding.calibration import Calibration
-from uplimit.config import Config
+from uplimit.config import Config, link_secret_path
 from uplimit.inner.service import InnerService
 from uplimit.link.auth import SECRET_BYTES, create_secret
 from uplimit.link.budget import DEFAULT_TICK_S
@@ -56,7 +56,7 @@ async def serve_both(
     unconfined) and the outer until the outer stops; each side has its own weak model (and
     config: a rollout record is per side). One process holds both sides, so it creates the
     link's secret file if there is none (0600; the two configs name the same file)."""
-    secret = outer_config.path(outer_config.link.secret_file, "link.secret")
+    secret = link_secret_path(outer_config)
     if not secret.exists():
         log.info("both: creating the link secret %s", create_secret(secret))
     inner = asyncio.create_task(run_inner)

@@ -46,6 +46,7 @@ __all__ = [
     "OuterConfig",
     "Side",
     "VerifierConfig",
+    "link_secret_path",
     "load_config",
     "rollout_record_path",
 ]
@@ -260,3 +261,8 @@ def rollout_record_path(config: Config, side: Side) -> Path:
     """Where a side records the weak model a rollout switched it to (`models.active`)."""
     section = config.inner if side == "inner" else config.outer
     return config.path(section.rollout_record, f"rollout-{side}.json")
+
+
+def link_secret_path(config: Config) -> Path:
+    """The link's shared secret (`[link] secret_file`; both sides name the same bytes)."""
+    return config.path(config.link.secret_file, "link.secret")

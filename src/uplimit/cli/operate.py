@@ -74,11 +74,11 @@ def link_secret(
 
     Copy the file to the other side over a channel you trust: both sides prove they hold it
     before the outer takes an inner (docs/link.md)."""
-    from uplimit.config import load_config
+    from uplimit.config import link_secret_path, load_config
     from uplimit.link.auth import create_secret
 
     cfg = load_config(config)
-    path = create_secret(cfg.path(cfg.link.secret_file, "link.secret"))
+    path = create_secret(link_secret_path(cfg))
     console.print(f"link secret written to {path} (0600): copy it to the other side")
 
 

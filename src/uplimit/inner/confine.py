@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import uplimit
-from uplimit.config import Config
+from uplimit.config import Config, link_secret_path
 from uplimit.errors import ConfigError
 from uplimit.inner.serve import budgets_for, ledger_location
 from uplimit.link.auth import load_secret
@@ -256,7 +256,7 @@ def run_confined(
     env, dirs = _writable_dirs(config)
     _check_access(config, config_path, user)
     _give(dirs, where, user)
-    secret = load_secret(config.path(config.link.secret_file, "link.secret"))
+    secret = load_secret(link_secret_path(config))
     ledger = open_served(where, budgets)
     meter = KernelMeter(config.outer.kernel_meter or DEFAULT_METER,
                         kernel_quota_bytes(budgets.lifetime_bytes))  # fmt: skip

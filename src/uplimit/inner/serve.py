@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from uplimit.coding.calibration import configured as configured_calibration
-from uplimit.config import Config, rollout_record_path
+from uplimit.config import Config, link_secret_path, rollout_record_path
 from uplimit.errors import ConfigError, LinkClosed
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.rollout import WeakRollout
@@ -180,7 +180,7 @@ async def _connect(
         try:
             return await InnerLink.connect(
                 host, config.link.downlink_port, config.link.uplink_port, ledger, fingerprint,
-                secret=load_secret(config.path(config.link.secret_file, "link.secret")),
+                secret=load_secret(link_secret_path(config)),
                 log_path=config.path(config.link.downlink_log, "downlink.jsonl"),
                 tick_s=config.link.tick_s, n_vocab=n_vocab,
                 limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),

@@ -20,7 +20,7 @@ from pathlib import Path
 import uvicorn
 
 from uplimit.coding.calibration import configured as configured_calibration
-from uplimit.config import Config, rollout_record_path
+from uplimit.config import Config, link_secret_path, rollout_record_path
 from uplimit.errors import ConfigError
 from uplimit.link.auth import allowed_addresses, load_secret
 from uplimit.link.budget import Budgets
@@ -81,7 +81,7 @@ async def serve_outer(
     keyring = configured_keys(config, metrics)
     feed = configured_verifier_feed(config, metrics)
     budget = receive_budget_bytes(config)
-    secret = load_secret(config.path(config.link.secret_file, "link.secret"))
+    secret = load_secret(link_secret_path(config))
 
     def build(hook: FrameHook) -> OuterLink:
         return OuterLink(

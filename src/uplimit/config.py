@@ -19,7 +19,8 @@ checks what changes coded bytes; the rest only has to fit.
               max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record,
               user (the confined inner's unprivileged user)
     [outer]   host, port, model_name, api_key, max_choices, monitor, admin_key, kernel_meter,
-              status_interval_s, rollout_record, max_body_bytes, max_requests, keys_file
+              status_interval_s, rollout_record, max_body_bytes, max_requests,
+              max_connections, keys_file
     [gauge]   period_s (0 = no rotation), secret_file, origin, lead_s, dtype, directory, audit
               (docs/gauge.md: the inner serves a re-gauged copy of the strong model per period)
     [verifier] host, port, verdicts, metrics_port, metrics_host, max_queue (the spot-check
@@ -135,6 +136,8 @@ class OuterConfig:
     # --- the public API's limits (docs/serving.md, "Limits") ---
     max_body_bytes: int = 0  # a request body's cap; 0: sized for coding.max_context
     max_requests: int = 256  # POST requests in flight; past it a 429 with Retry-After
+    # Open connections (clients, idle keep-alives, GETs included); past it uvicorn's own 503.
+    max_connections: int = 1024
     keys_file: str = ""  # API keys with limits (`uplimit keys`); "": only api_key
 
     def __post_init__(self) -> None:

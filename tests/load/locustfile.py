@@ -3,7 +3,10 @@ ones (`tests/integration/test_api_load.py` runs it against the served system).
 
 Every answer is checked. A valid request must be answered in full: 200 with a finish_reason,
 and a streamed one to its `data: [DONE]`. An invalid one must get its 4xx, OpenAI-shaped.
-Anything else (a 5xx, a dropped connection, a cut stream) is a lost answer: a locust failure.
+A 429 with `Retry-After` and OpenAI's shape is back-pressure, an answer and not a loss: the
+user waits as told and asks again (as the openai client does), up to `RETRIES` times, then
+takes the 429 as its answer. Anything else (a 5xx, a dropped connection, a cut stream, a 429
+without `Retry-After`) is a lost answer: a locust failure.
 At the end the answers by status go to UPLIMIT_LOAD_STATUS (JSON).
 
 Environment: UPLIMIT_LOAD_MODEL (the served model's name), UPLIMIT_LOAD_KEY (its API key, if
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from collections import Counter
 
 from locust import FastHttpUser, between, events, task
@@ -23,6 +27,7 @@ MODEL = os.environ.get("UPLIMIT_LOAD_MODEL", "tiny")
 KEY = os.environ.get("UPLIMIT_LOAD_KEY", "")
 STATUSES: Counter[int] = Counter()
 CHAT = [{"role": "user", "content": "Write one line of Python."}]
+RETRIES = 5  # 429s one request waits out before it takes the last as its answer
 
 # (body, expected status) of requests a careless or hostile client sends
 INVALID = [
@@ -47,15 +52,22 @@ class ApiUser(FastHttpUser):
     def post(self, name: str, body: object, expect: int, *, stream: bool = False) -> None:
         data = json.dumps(body).encode("utf-8", "surrogatepass")
         headers = {**self.headers(), "content-type": "application/json"}
-        with self.client.post(
-            "/v1/" + name.split()[0], data=data, headers=headers, name=name, catch_response=True
-        ) as r:
-            STATUSES[r.status_code] += 1
-            problem = self.check(r, expect, stream)
-            if problem:
-                r.failure(f"{r.status_code}: {problem}")
-            else:
-                r.success()
+        for attempt in range(RETRIES + 1):
+            with self.client.post(
+                "/v1/" + name.split()[0], data=data, headers=headers, name=name, catch_response=True
+            ) as r:
+                STATUSES[r.status_code] += 1
+                retry_after = r.headers.get("retry-after") if r.status_code == 429 else None
+                if retry_after is not None and attempt < RETRIES:
+                    r.success()  # back-pressure: told when to come back
+                else:
+                    problem = self.check(r, 429 if retry_after else expect, stream)
+                    if problem:
+                        r.failure(f"{r.status_code}: {problem}")
+                    else:
+                        r.success()
+                    return
+            time.sleep(float(retry_after))
 
     @staticmethod
     def check(r, expect: int, stream: bool) -> str | None:

@@ -31,13 +31,14 @@ def api_config(
     outer: Mapping[str, object] | None = None,
     link: Mapping[str, object] | None = None,
     coding: Mapping[str, object] | None = None,
+    models: Mapping[str, object] | None = None,
 ) -> Config:
-    """The tiny pair's services with free ports and files under `directory`; each mapping's
-    keys are added to (or replace) that section's."""
+    """The tiny pair's services (or `models`') with free ports and files under `directory`;
+    each mapping's keys are added to (or replace) that section's."""
     return write_config(
         directory / "uplimit.toml",
         {
-            "models": tiny_models(pair_dirs),
+            "models": models or tiny_models(pair_dirs),
             "coding": {"frame_tokens": 4, "max_streams": 8, "max_context": 256, **(coding or {})},
             "link": {
                 "downlink_port": free_port(),

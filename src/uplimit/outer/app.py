@@ -92,6 +92,10 @@ class ApiSettings:
     max_body_bytes: int | None = None
     # POST requests in flight (each holds up to n streams); past it a 429 with Retry-After
     max_requests: int = 256
+    # Connections open at once, idle keep-alives and GETs included: a backstop above the
+    # app's own 429, past which uvicorn answers a plain-text 503. Sized for clients, not for
+    # requests: a client population bigger than it loses answers.
+    max_connections: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("api_key", "admin_key"):
@@ -104,6 +108,8 @@ class ApiSettings:
             raise ConfigError("max_body_bytes must be >= 1024")
         if self.max_requests < 1:
             raise ConfigError("max_requests must be >= 1")
+        if self.max_connections <= self.max_requests:
+            raise ConfigError("max_connections must be above max_requests")
 
     def body_cap(self, max_context: int) -> int:
         if self.max_body_bytes is not None:
@@ -116,9 +122,7 @@ def server_config(app: FastAPI, settings: ApiSettings, host: str, port: int,
     """uvicorn's settings for the API: connection limits and timeouts set, not left open."""
     return uvicorn.Config(
         app, host=host, port=port, log_level="warning",
-        # A backstop above the app's own 429 (which /health and GETs pass): uvicorn's own
-        # refusal is a plain-text 503.
-        limit_concurrency=2 * settings.max_requests + 64,
+        limit_concurrency=settings.max_connections,  # ApiSettings
         backlog=2048,
         timeout_keep_alive=5,  # an idle keep-alive connection is closed after 5 s
         h11_max_incomplete_event_size=16 << 10,  # request line and headers: 16 KiB

@@ -130,6 +130,7 @@ async def serve_outer(
             admin_key=config.outer.admin_key or None,
             max_body_bytes=config.outer.max_body_bytes or None,
             max_requests=config.outer.max_requests,
+            max_connections=config.outer.max_connections,
         )
         app = create_app(service, settings, rollout, status, keyring)
         server = uvicorn.Server(

@@ -64,16 +64,14 @@ def test_memory_is_flat_over_many_streams(tiny_pair_dirs, tiny_strong, tiny_weak
         rows = []
         try:
             run(warm_up)
+            print("\nstreams  traced heap (kB)  RSS (MB)")
             for done in range(tenth, streams + 1, tenth):
                 run(tenth)
                 gc.collect()
-                rss = _rss_mb()
-                rows.append((done, tracemalloc.get_traced_memory()[0], rss))
+                rows.append((done, tracemalloc.get_traced_memory()[0], _rss_mb()))
+                print(f"{done:>7,}  {rows[-1][1] / 1024:>16,.0f}  {rows[-1][2]:>8,}", flush=True)
         finally:
             tracemalloc.stop()
-    print("\nstreams  traced heap (kB)  RSS (MB)")
-    for done, traced, rss in rows:
-        print(f"{done:>7,}  {traced / 1024:>16,.0f}  {rss:>12,}")
     growth = rows[-1][1] - rows[0][1]
     per_stream = growth / (rows[-1][0] - rows[0][0])
     print(f"growth after the first tenth: {growth / 1024:,.0f} kB, {per_stream:.1f} B/stream")

@@ -66,19 +66,24 @@ def meters(
         raise typer.Exit(1)
 
 
+RELAY_SECRET_HELP = "The relay's link to the outer instead: [relay] secret_file (docs/tiers.md)."
+RELAY_LEDGER_HELP = "The relay's ledger instead: [relay] ledger and budgets (docs/tiers.md)."
+
+
 @app.command("link-secret", rich_help_panel="Operate")
 def link_secret(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    relay: bool = typer.Option(False, "--relay", help=RELAY_SECRET_HELP),
 ) -> None:
     """Create the link's shared secret, [link] secret_file (0600; never overwrites one).
 
     Copy the file to the other side over a channel you trust: both sides prove they hold it
     before the outer takes an inner (docs/link.md)."""
-    from uplimit.config import link_secret_path, load_config
+    from uplimit.config import link_secret_path, load_config, relay_secret_path
     from uplimit.link.auth import create_secret
 
     cfg = load_config(config)
-    path = create_secret(link_secret_path(cfg))
+    path = create_secret(relay_secret_path(cfg) if relay else link_secret_path(cfg))
     console.print(f"link secret written to {path} (0600): copy it to the other side")
 
 
@@ -146,6 +151,7 @@ app.add_typer(budget_app, name="budget", rich_help_panel="Operate")
 def budget_init(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
     ledger: str | None = typer.Option(None, help="Ledger: SQLite path or URL [link.ledger]."),
+    relay: bool = typer.Option(False, "--relay", help=RELAY_LEDGER_HELP),
 ) -> None:
     """Create the ledger with the configured budgets, its creation time and a random id.
 
@@ -154,9 +160,13 @@ def budget_init(
     from uplimit.config import load_config
     from uplimit.inner.serve import budgets_for, ledger_location
     from uplimit.link.ledger import init_ledger
+    from uplimit.relay.serve import relay_budgets, relay_ledger_location
 
     cfg = load_config(config)
-    state = init_ledger(ledger or ledger_location(cfg), budgets_for(cfg))
+    if relay:
+        state = init_ledger(ledger or relay_ledger_location(cfg), relay_budgets(cfg))
+    else:
+        state = init_ledger(ledger or ledger_location(cfg), budgets_for(cfg))
     console.print(
         f"ledger {state.ledger_id} initialised: budget {state.name!r},"
         f" lifetime {state.budgets.lifetime_bytes:,} bytes, per day"

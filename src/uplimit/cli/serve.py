@@ -1,4 +1,4 @@
-"""`uplimit serve inner|outer|both|verifier`, `rollout`, `demo`: the running system."""
+"""`uplimit serve inner|outer|both|relay|verifier`, `rollout`, `demo`: the running system."""
 
 from __future__ import annotations
 
@@ -130,6 +130,29 @@ def serve_both_cmd(
         console.print(f"API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
 
     asyncio.run(serve_both(run_inner, outer_cfg, outer_weak, on_listening=listening))
+
+
+@serve_app.command("relay")
+def serve_relay_cmd(
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+) -> None:
+    """The intermediate tier (docs/tiers.md), re-coding the outer's streams with the weak model.
+
+    Towards the inner it is an outer (the link and outer sections: its own users' API, whose
+    text stays here); towards the outer it is an inner (the relay section: its own ledger,
+    budgets and ticks)."""
+    import asyncio
+
+    from uplimit.config import load_config
+    from uplimit.relay.serve import serve_relay
+
+    cfg = load_config(config)
+    weak = load_service_models(cfg, ("weak",))["weak"]
+
+    def listening() -> None:
+        console.print(f"relay: API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
+
+    asyncio.run(serve_relay(cfg, weak, on_listening=listening))
 
 
 @serve_app.command("verifier")

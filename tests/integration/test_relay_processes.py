@@ -1,0 +1,151 @@
+"""The relay tier (docs/tiers.md) as three processes on the tiny pair: `serve inner`,
+`serve relay`, `serve outer`, each with its own config, ledger or receive counter.
+
+- A relay user's answer and an outer user's answer are both the strong model's own text.
+- Each link's ledger is charged for its own bytes only: the relay's user makes the inner's
+  ledger grow, not the relay's; the outer's user makes both grow; each link's receive count
+  agrees with its ledger (`uplimit meters`).
+- The relay killed (-9) while an outer user's stream is in flight: that request and the next
+  get OpenAI-shaped errors at the outer (fail closed).
+- The relay's budget exhausted: END up to the outer, whose users get the budget's 503.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support.config import tiny_models, write_config
+from support.net import free_port
+from support.processes import UPLIMIT, Processes, healthy, metric
+from uplimit.coding.generate import Request, generate
+from uplimit.coding.sampling import SamplingParams
+from uplimit.link.auth import create_secret
+from uplimit.wire.request import choice_seed
+
+PROMPT = "def add(a, b):"
+CODING = {"frame_tokens": 4, "max_streams": 8, "max_context": 256}
+
+
+class Tiers:
+    """The three configs of one deployment on loopback (files under `tmp_path`)."""
+
+    def __init__(self, tmp_path: Path, pair_dirs: tuple[Path, Path], relay: dict) -> None:
+        models = tiny_models(pair_dirs)
+        inner_secret, relay_secret = tmp_path / "inner.secret", tmp_path / "relay.secret"
+        create_secret(inner_secret)
+        create_secret(relay_secret)
+        self.inner_ledger, self.relay_ledger = tmp_path / "inner.db", tmp_path / "relay.db"
+        self.relay_received = tmp_path / "relay-received.db"
+        self.outer_received = tmp_path / "outer-received.db"
+        inner_link = {"downlink_port": free_port(), "uplink_port": free_port(),
+                      "lifetime_budget_bytes": 1_000_000, "secret_file": inner_secret}  # fmt: skip
+        relay_link = {"downlink_port": free_port(), "uplink_port": free_port(),
+                      "secret_file": relay_secret}  # fmt: skip
+        self.relay_port, self.outer_port = free_port(), free_port()
+        self.relay_metrics, self.outer_metrics = free_port(), free_port()
+        self.inner = write_config(tmp_path / "inner.toml", {
+            "models": models, "coding": CODING,
+            "link": {**inner_link, "tick_s": 0.02, "ledger": self.inner_ledger,
+                     "downlink_log": tmp_path / "inner-downlink.jsonl"},
+            "inner": {"max_batch": 4, "frame_delay_s": 0, "audit": tmp_path / "audit.db"},
+        })  # fmt: skip
+        self.relay = write_config(tmp_path / "relay.toml", {
+            "models": models, "coding": CODING,
+            "link": {**inner_link, "receive_counter": self.relay_received},
+            "outer": {"port": self.relay_port, "metrics_port": self.relay_metrics,
+                      "model_name": "tiny"},
+            "relay": {**relay_link, "tick_s": 0.02, "ledger": self.relay_ledger,
+                      "downlink_log": tmp_path / "relay-downlink.jsonl", **relay},
+        })  # fmt: skip
+        budget = self.relay.relay.lifetime_budget_bytes or 1_000_000
+        self.outer = write_config(tmp_path / "outer.toml", {
+            "models": models, "coding": CODING,
+            "link": {**relay_link, "lifetime_budget_bytes": budget,
+                     "receive_counter": self.outer_received, "ledger": self.relay_ledger},
+            "outer": {"port": self.outer_port, "metrics_port": self.outer_metrics,
+                      "model_name": "tiny"},
+        })  # fmt: skip
+        self.paths = {name: tmp_path / f"{name}.toml" for name in ("inner", "relay", "outer")}
+
+    @property
+    def relay_url(self) -> str:
+        return f"http://127.0.0.1:{self.relay_port}"
+
+    @property
+    def outer_url(self) -> str:
+        return f"http://127.0.0.1:{self.outer_port}"
+
+    def start(self, procs: Processes) -> None:
+        procs.init_ledger(self.paths["inner"])
+        procs.init_ledger(self.paths["relay"], "--relay")
+        procs.start("outer", [UPLIMIT, "serve", "outer", "--config", str(self.paths["outer"])])
+        procs.start("relay", [UPLIMIT, "serve", "relay", "--config", str(self.paths["relay"])])
+        # Unconfined: the tiny pair lies where only root can read it (test_confined_inner.py)
+        inner = [UPLIMIT, "serve", "inner", "--unconfined", "--config", str(self.paths["inner"])]
+        procs.start("inner", inner)
+        procs.wait_for(lambda: healthy(self.relay_url), "the inner's link to the relay")
+        procs.wait_for(lambda: healthy(self.outer_url), "the relay's link to the outer")
+
+    def meters(self, procs: Processes, ledger: Path, received: Path) -> dict:
+        out = subprocess.run(
+            [UPLIMIT, "meters", "--ledger", str(ledger), "--received", str(received), "--json"],
+            env=procs.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        return json.loads(out.stdout)
+
+
+def _ask(url: str, timeout_s: float = 120, **body) -> httpx.Response:
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 24, **body}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout_s)
+
+
+def _strong_text(strong, temperature: float, seed: int, max_tokens: int) -> str:
+    prompt = tuple(strong.tokenize(PROMPT))
+    [gen], _ = generate(strong, [Request(prompt, SamplingParams(temperature), seed, max_tokens)])
+    return strong.detokenize([t for t in gen.tokens if t not in strong.info.eos_ids])
+
+
+@pytest.mark.parametrize("release", ["stream", "tick"])
+def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes(
+    tiny_pair_dirs, tiny_strong, tmp_path, release
+):
+    tiers = Tiers(tmp_path, tiny_pair_dirs, {"release": release})
+    procs = Processes(tmp_path)
+    try:
+        tiers.start(procs)
+        inner_before = tiers.meters(procs, tiers.inner_ledger, tiers.relay_received)
+        relay_before = tiers.meters(procs, tiers.relay_ledger, tiers.outer_received)
+
+        # The relay's own user: the inner uploads to the relay, the relay nothing to the outer.
+        r = _ask(tiers.relay_url, temperature=0.7, seed=5)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.7, 5, 24)
+        inner_mid = tiers.meters(procs, tiers.inner_ledger, tiers.relay_received)
+        relay_mid = tiers.meters(procs, tiers.relay_ledger, tiers.outer_received)
+        assert inner_mid["ledger"]["wire_bytes"] > inner_before["ledger"]["wire_bytes"]
+        assert relay_mid["ledger"] == relay_before["ledger"]
+        assert relay_mid["received_bytes"] == relay_before["received_bytes"]
+
+        # The outer's users (T=0 and T>0, n=2): through the relay, re-coded there.
+        r0 = _ask(tiers.outer_url, temperature=0.0)
+        r1 = _ask(tiers.outer_url, temperature=0.7, seed=9, n=2)
+        assert r0.status_code == 200 and r1.status_code == 200, (r0.text, r1.text)
+        assert r0.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.0, 0, 24)
+        texts = [c["text"] for c in sorted(r1.json()["choices"], key=lambda c: c["index"])]
+        assert texts == [_strong_text(tiny_strong, 0.7, choice_seed(9, i), 24) for i in (0, 1)]
+        inner_after = tiers.meters(procs, tiers.inner_ledger, tiers.relay_received)
+        relay_after = tiers.meters(procs, tiers.relay_ledger, tiers.outer_received)
+        assert inner_after["ledger"]["wire_bytes"] > inner_mid["ledger"]["wire_bytes"]
+        assert relay_after["ledger"]["wire_bytes"] > relay_mid["ledger"]["wire_bytes"]
+        # Each link's meters agree: what its receiver read, its ledger charged first.
+        assert inner_after["agree"] and relay_after["agree"], (inner_after, relay_after)
+        assert 0 < relay_after["received_bytes"] <= relay_after["ledger"]["wire_bytes"]
+        assert metric(f"http://127.0.0.1:{tiers.outer_metrics}/metrics", "uplimit_tokens_total")
+        assert "ALARM" not in procs.log("relay") + procs.log("outer")
+    finally:
+        procs.stop_all()

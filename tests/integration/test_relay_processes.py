@@ -5,8 +5,9 @@
 - Each link's ledger is charged for its own bytes only: the relay's user makes the inner's
   ledger grow, not the relay's; the outer's user makes both grow; each link's receive count
   agrees with its ledger (`uplimit meters`).
-- The relay killed (-9) while an outer user's stream is in flight: that request and the next
-  get OpenAI-shaped errors at the outer (fail closed).
+- The relay or the inner killed (-9) while an outer user's stream is in flight: that request
+  and the next get OpenAI-shaped errors at the outer (fail closed; the relay ends the outer's
+  link with END(error) when the inner's link fails).
 - The relay's budget exhausted: END up to the outer, whose users get the budget's 503.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from pathlib import Path
 
 import httpx
@@ -34,7 +36,9 @@ CODING = {"frame_tokens": 4, "max_streams": 8, "max_context": 256}
 class Tiers:
     """The three configs of one deployment on loopback (files under `tmp_path`)."""
 
-    def __init__(self, tmp_path: Path, pair_dirs: tuple[Path, Path], relay: dict) -> None:
+    def __init__(
+        self, tmp_path: Path, pair_dirs: tuple[Path, Path], relay: dict, inner_tick_s: float = 0.02
+    ) -> None:
         models = tiny_models(pair_dirs)
         inner_secret, relay_secret = tmp_path / "inner.secret", tmp_path / "relay.secret"
         create_secret(inner_secret)
@@ -50,7 +54,7 @@ class Tiers:
         self.relay_metrics, self.outer_metrics = free_port(), free_port()
         self.inner = write_config(tmp_path / "inner.toml", {
             "models": models, "coding": CODING,
-            "link": {**inner_link, "tick_s": 0.02, "ledger": self.inner_ledger,
+            "link": {**inner_link, "tick_s": inner_tick_s, "ledger": self.inner_ledger,
                      "downlink_log": tmp_path / "inner-downlink.jsonl"},
             "inner": {"max_batch": 4, "frame_delay_s": 0, "audit": tmp_path / "audit.db"},
         })  # fmt: skip
@@ -147,5 +151,59 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
         assert 0 < relay_after["received_bytes"] <= relay_after["ledger"]["wire_bytes"]
         assert metric(f"http://127.0.0.1:{tiers.outer_metrics}/metrics", "uplimit_tokens_total")
         assert "ALARM" not in procs.log("relay") + procs.log("outer")
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.parametrize("killed", ["relay", "inner"])
+def test_a_tier_killed_mid_stream_fails_closed_at_the_outer(tiny_pair_dirs, tmp_path, killed):
+    # Frames of 4 tokens every 0.1 s: the answer below takes ~5 s to come up to the relay.
+    tiers = Tiers(tmp_path, tiny_pair_dirs, {"release": "tick"}, inner_tick_s=0.1)
+    procs = Processes(tmp_path)
+    answers: list[httpx.Response] = []
+    try:
+        tiers.start(procs)
+        asking = threading.Thread(
+            target=lambda: answers.append(
+                _ask(tiers.outer_url, temperature=1.0, seed=3, max_tokens=200)
+            )
+        )
+        asking.start()
+        relay_metrics = f"http://127.0.0.1:{tiers.relay_metrics}/metrics"
+        procs.wait_for(lambda: metric(relay_metrics, "uplimit_tokens_total") > 0, "tokens")
+        procs.procs[killed].kill()  # SIGKILL: no END, no SHUTDOWN, sockets reset
+        asking.join(60)
+        assert answers, "the outer's request did not end"
+        [cut] = answers
+        assert cut.status_code == 503, cut.text
+        assert cut.json()["error"]["code"] == "inner_unreachable"
+        after = _ask(tiers.outer_url, temperature=0.0)
+        assert after.status_code == 503
+        assert set(after.json()["error"]) >= {"message", "type", "code"}
+        assert not healthy(tiers.outer_url)
+    finally:
+        procs.stop_all()
+
+
+def test_relay_budget_exhausted_ends_the_outer_link_and_the_relay_still_serves_its_users(
+    tiny_pair_dirs, tmp_path
+):
+    tiers = Tiers(tmp_path, tiny_pair_dirs, {"release": "tick", "lifetime_budget_bytes": 600})
+    procs = Processes(tmp_path)
+    try:
+        tiers.start(procs)
+        for seed in range(8):  # ~100 bytes an answer: the budget ends within a few
+            r = _ask(tiers.outer_url, temperature=1.0, seed=seed, max_tokens=200)
+            if r.status_code != 200:
+                break
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "upload_budget_exhausted"
+        procs.wait_for(lambda: "budget ended the link" in procs.log("relay"), "the relay's log")
+        relay = tiers.meters(procs, tiers.relay_ledger, tiers.outer_received)
+        assert relay["ledger"]["lifetime_bytes"] <= 600 and relay["agree"], relay
+        # Its own users do not need the outer's link.
+        mine = _ask(tiers.relay_url, temperature=0.0)
+        assert mine.status_code == 200, mine.text
+        assert _ask(tiers.outer_url, temperature=0.0).status_code == 503
     finally:
         procs.stop_all()

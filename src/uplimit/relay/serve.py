@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from uplimit.coding.calibration import Calibration
 from uplimit.coding.calibration import configured as configured_calibration
 from uplimit.config import Config, relay_secret_path
 from uplimit.errors import ConfigError, LinkClosed
@@ -43,7 +44,7 @@ from uplimit.wire.protocol import DownlinkLimits, EndReason
 from uplimit.wire.receiver import LinkState
 from uplimit.wire.request import GenerationRequest
 
-__all__ = ["relay_budgets", "relay_ledger_location", "serve_relay"]
+__all__ = ["forward_link", "relay_budgets", "relay_ledger_location", "serve_relay"]
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,36 @@ async def _serve_outer_link(
     calibration = configured_calibration(config.models, weak.info.file_sha256)
     coding = config.coding
     frame_config = FrameConfig(coding.frame_tokens, weak.info.n_vocab)
-    with weak.session(coding.max_streams, coding.max_context + 1) as session:
+
+    async def connect(fingerprint: dict[str, str]) -> InnerLink:
+        return await _connect(config, ledger, fingerprint, weak.info.n_vocab, service)
+
+    return await forward_link(
+        service, weak, calibration, frame_config, connect,
+        max_streams=coding.max_streams, max_context=coding.max_context,
+        release=config.relay.release,
+    )  # fmt: skip
+
+
+async def forward_link(
+    service: OuterService,
+    weak: LanguageModel,
+    calibration: Calibration,
+    frame_config: FrameConfig,
+    connect: Callable[[dict[str, str]], Awaitable[InnerLink]],
+    *,
+    max_streams: int,
+    max_context: int,
+    release: str,
+) -> EndReason:
+    """One uplink to the outer, to its end: `connect(fingerprint)` opens it (the relay's
+    encoder's fingerprint), `RelayFrames` feeds it from `service`'s streams (the red team's
+    relayed runs use it too, `redteam.relayed`)."""
+    with weak.session(max_streams, max_context + 1) as session:
         encoder = FrameEncoder(session, weak.info.eos_ids, calibration, frame_config)
         source = RelayFrames(
             service, encoder, asyncio.get_running_loop(), eos_ids=weak.info.eos_ids,
-            max_streams=coding.max_streams, release=config.relay.release,
+            max_streams=max_streams, release=release,
         )  # fmt: skip
         previous = service.on_stream_end
 
@@ -124,8 +150,7 @@ async def _serve_outer_link(
 
         service.on_stream_end = ended
         try:
-            fingerprint = codec_fingerprint(weak.info, calibration, frame_config)
-            link = await _connect(config, ledger, fingerprint, weak.info.n_vocab, service)
+            link = await connect(codec_fingerprint(weak.info, calibration, frame_config))
             log.info("relay: link to the outer up, forwarding")
             return await serve_frames(link, source)
         finally:

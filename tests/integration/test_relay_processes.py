@@ -60,7 +60,8 @@ class Tiers:
         })  # fmt: skip
         self.relay = write_config(tmp_path / "relay.toml", {
             "models": models, "coding": CODING,
-            "link": {**inner_link, "receive_counter": self.relay_received},
+            "link": {**inner_link, "receive_counter": self.relay_received,
+                     "ledger": self.inner_ledger},
             "outer": {"port": self.relay_port, "metrics_port": self.relay_metrics,
                       "model_name": "tiny"},
             "relay": {**relay_link, "tick_s": 0.02, "ledger": self.relay_ledger,
@@ -95,12 +96,14 @@ class Tiers:
         procs.wait_for(lambda: healthy(self.relay_url), "the inner's link to the relay")
         procs.wait_for(lambda: healthy(self.outer_url), "the relay's link to the outer")
 
-    def meters(self, procs: Processes, ledger: Path, received: Path) -> dict:
-        out = subprocess.run(
-            [UPLIMIT, "meters", "--ledger", str(ledger), "--received", str(received), "--json"],
-            env=procs.env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        return json.loads(out.stdout)
+    def meters(self, procs: Processes) -> tuple[dict, dict]:
+        """`uplimit meters` across both links: inner -> relay, relay -> outer."""
+        configs = ["--config", str(self.paths["relay"]), "--config", str(self.paths["outer"])]
+        out = subprocess.run([UPLIMIT, "meters", *configs, "--json"], env=procs.env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        inner_link, relay_link = json.loads(out.stdout)
+        assert out.returncode == (0 if inner_link["agree"] and relay_link["agree"] else 1)
+        return inner_link, relay_link
 
 
 def _ask(url: str, timeout_s: float = 120, **body) -> httpx.Response:
@@ -122,15 +125,13 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
     procs = Processes(tmp_path)
     try:
         tiers.start(procs)
-        inner_before = tiers.meters(procs, tiers.inner_ledger, tiers.relay_received)
-        relay_before = tiers.meters(procs, tiers.relay_ledger, tiers.outer_received)
+        inner_before, relay_before = tiers.meters(procs)
 
         # The relay's own user: the inner uploads to the relay, the relay nothing to the outer.
         r = _ask(tiers.relay_url, temperature=0.7, seed=5)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.7, 5, 24)
-        inner_mid = tiers.meters(procs, tiers.inner_ledger, tiers.relay_received)
-        relay_mid = tiers.meters(procs, tiers.relay_ledger, tiers.outer_received)
+        inner_mid, relay_mid = tiers.meters(procs)
         assert inner_mid["ledger"]["wire_bytes"] > inner_before["ledger"]["wire_bytes"]
         assert relay_mid["ledger"] == relay_before["ledger"]
         assert relay_mid["received_bytes"] == relay_before["received_bytes"]
@@ -142,8 +143,7 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
         assert r0.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.0, 0, 24)
         texts = [c["text"] for c in sorted(r1.json()["choices"], key=lambda c: c["index"])]
         assert texts == [_strong_text(tiny_strong, 0.7, choice_seed(9, i), 24) for i in (0, 1)]
-        inner_after = tiers.meters(procs, tiers.inner_ledger, tiers.relay_received)
-        relay_after = tiers.meters(procs, tiers.relay_ledger, tiers.outer_received)
+        inner_after, relay_after = tiers.meters(procs)
         assert inner_after["ledger"]["wire_bytes"] > inner_mid["ledger"]["wire_bytes"]
         assert relay_after["ledger"]["wire_bytes"] > relay_mid["ledger"]["wire_bytes"]
         # Each link's meters agree: what its receiver read, its ledger charged first.
@@ -199,7 +199,7 @@ def test_relay_budget_exhausted_ends_the_outer_link_and_the_relay_still_serves_i
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "upload_budget_exhausted"
         procs.wait_for(lambda: "budget ended the link" in procs.log("relay"), "the relay's log")
-        relay = tiers.meters(procs, tiers.relay_ledger, tiers.outer_received)
+        _, relay = tiers.meters(procs)
         assert relay["ledger"]["lifetime_bytes"] <= 600 and relay["agree"], relay
         # Its own users do not need the outer's link.
         mine = _ask(tiers.relay_url, temperature=0.0)

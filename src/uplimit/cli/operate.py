@@ -19,10 +19,11 @@ from uplimit.errors import ConfigError
 
 @app.command(rich_help_panel="Operate")
 def meters(
-    config: Path | None = typer.Option(
+    config: list[Path] | None = typer.Option(
         None,
         help="The served system's config: its ledger, receive counter and kernel meter"
-        " ([outer] kernel_meter), unless given below.",
+        " ([outer] kernel_meter), unless given below. Repeat it for each link of a deployment"
+        " with a relay (docs/tiers.md): the relay's config, then the outer's.",
     ),
     ledger: str | None = typer.Option(None, help="Inner ledger: SQLite file or PostgreSQL URL."),
     budget: str | None = typer.Option(None, help="Budget name [SQLite: link, PostgreSQL: global]."),
@@ -35,34 +36,44 @@ def meters(
     """Ledger, outer count and kernel count side by side; exit 1 if they disagree.
 
     Overhead (IP/TCP headers; ACKs the inner sends for downlink traffic) is shown apart.
+    With several --config, one link each: JSON is then a list, each with its "config".
     """
     import json
 
     from uplimit.link.agreement import as_json, checks, figures, read_meters
 
-    if config is not None:
-        from uplimit.config import load_config
-        from uplimit.inner.serve import ledger_location
+    configs = config or []
+    if len(configs) > 1 and (ledger or received or kernel):
+        raise ConfigError("--ledger, --received and --kernel name one link: give one --config")
+    links = []
+    for path in configs or [None]:
+        book, count, meter = ledger, received, kernel
+        if path is not None:
+            from uplimit.config import load_config
+            from uplimit.inner.serve import ledger_location
 
-        cfg = load_config(config)
-        ledger = ledger or ledger_location(cfg)
-        received = received or cfg.path(cfg.link.receive_counter, "received.db")
-        kernel = kernel or cfg.outer.kernel_meter or None
-    readings = read_meters(
-        ledger=ledger, budget=budget, received=received, counter=counter, kernel=kernel
-    )
-    found = checks(readings, slack)
+            cfg = load_config(path)
+            book = ledger or ledger_location(cfg)
+            count = received or cfg.path(cfg.link.receive_counter, "received.db")
+            meter = kernel or cfg.outer.kernel_meter or None
+        readings = read_meters(
+            ledger=book, budget=budget, received=count, counter=counter, kernel=meter
+        )
+        links.append((path, readings, checks(readings, slack)))
     if json_out:
-        print(json.dumps(as_json(readings, found), indent=2))
+        found = [{"config": str(p), **as_json(r, c)} for p, r, c in links]
+        print(json.dumps(found if len(links) > 1 else as_json(*links[0][1:]), indent=2))
     else:
-        table = Table("meter", "bytes", "", title="uplimit meters")
-        for row in figures(readings):
-            table.add_row(*row)
-        Console().print(table)
-        for c in found:
-            mark = "[green]agree[/green]" if c.ok else "[red]DISAGREE[/red]"
-            Console().print(f"{mark}  {c.name}: {c.detail}")
-    if not all(c.ok for c in found):
+        for path, readings, found in links:
+            title = "uplimit meters" + (f" ({path})" if len(links) > 1 else "")
+            table = Table("meter", "bytes", "", title=title)
+            for row in figures(readings):
+                table.add_row(*row)
+            Console().print(table)
+            for c in found:
+                mark = "[green]agree[/green]" if c.ok else "[red]DISAGREE[/red]"
+                Console().print(f"{mark}  {c.name}: {c.detail}")
+    if not all(c.ok for _, _, found in links for c in found):
         raise typer.Exit(1)
 
 

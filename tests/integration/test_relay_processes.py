@@ -181,6 +181,9 @@ def test_a_tier_killed_mid_stream_fails_closed_at_the_outer(tiny_pair_dirs, tmp_
         assert after.status_code == 503
         assert set(after.json()["error"]) >= {"message", "type", "code"}
         assert not healthy(tiers.outer_url)
+        if killed == "inner":  # the relay sent END(error) up and stopped with the error
+            assert procs.procs["relay"].wait(60) != 0
+            assert "inner-error" in procs.log("outer")
     finally:
         procs.stop_all()
 
@@ -205,5 +208,23 @@ def test_relay_budget_exhausted_ends_the_outer_link_and_the_relay_still_serves_i
         mine = _ask(tiers.relay_url, temperature=0.0)
         assert mine.status_code == 200, mine.text
         assert _ask(tiers.outer_url, temperature=0.0).status_code == 503
+    finally:
+        procs.stop_all()
+
+
+def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tmp_path):
+    tiers = Tiers(tmp_path, tiny_pair_dirs, {"release": "stream"})
+    procs = Processes(tmp_path)
+    try:
+        tiers.start(procs)
+        assert _ask(tiers.outer_url, temperature=0.0).status_code == 200
+        assert procs.stop("outer") == 0  # SIGTERM: SHUTDOWN up the relay's link, not further
+        assert _ask(tiers.relay_url, temperature=0.0).status_code == 200  # its users still
+        procs.start("outer2", [UPLIMIT, "serve", "outer", "--config", str(tiers.paths["outer"])])
+        procs.wait_for(lambda: healthy(tiers.outer_url), "the relay's link to the new outer")
+        r = _ask(tiers.outer_url, temperature=0.0)
+        assert r.status_code == 200, r.text
+        _, relay_link = tiers.meters(procs)
+        assert relay_link["agree"], relay_link
     finally:
         procs.stop_all()

@@ -225,16 +225,28 @@ def demo(
     max_tokens: int = typer.Option(96, help="Tokens per answer at most."),
     clients: int = typer.Option(32, help="Then this many clients at once (0: skip)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the figures here."),
+    tiers: int = typer.Option(
+        2, help="3: inner, relay and outer (docs/tiers.md); a researcher asks on the relay."
+    ),
 ) -> None:
     """Serve a few prompts through the real inner/outer processes; show every uploaded bit.
 
     Starts both sides on loopback (the inner behind the kernel quota in its own network
     namespace when root), asks through the official `openai` client at T=0 and T=0.7, and
     prints each answer with its uploaded bits and what gzip would need; then many clients ask
-    at once, for the figure at scale (`make demo`).
+    at once, for the figure at scale (`make demo`). With --tiers 3 a relay sits between them:
+    one researcher's question on the relay, the users' at the outer, and each link's figures
+    (--clients does not apply).
     """
-    from uplimit.demo import run_service_demo
-
     if clients < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--clients")
+    if tiers not in (2, 3):
+        raise typer.BadParameter("2 or 3", param_hint="--tiers")
+    if tiers == 3:
+        from uplimit.demo_tiers import run_tiers_demo
+
+        run_tiers_demo(Console(), max_tokens=max_tokens, json_out=json_out)
+        return
+    from uplimit.demo import run_service_demo
+
     run_service_demo(Console(), max_tokens=max_tokens, clients=clients, json_out=json_out)

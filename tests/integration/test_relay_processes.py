@@ -27,6 +27,7 @@ from support.processes import UPLIMIT, Processes, healthy, metric
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.link.auth import create_secret
+from uplimit.models import store
 from uplimit.wire.request import choice_seed
 
 PROMPT = "def add(a, b):"
@@ -37,9 +38,8 @@ class Tiers:
     """The three configs of one deployment on loopback (files under `tmp_path`)."""
 
     def __init__(
-        self, tmp_path: Path, pair_dirs: tuple[Path, Path], relay: dict, inner_tick_s: float = 0.02
+        self, tmp_path: Path, models: dict, relay: dict, inner_tick_s: float = 0.02
     ) -> None:
-        models = tiny_models(pair_dirs)
         inner_secret, relay_secret = tmp_path / "inner.secret", tmp_path / "relay.secret"
         create_secret(inner_secret)
         create_secret(relay_secret)
@@ -121,7 +121,7 @@ def _strong_text(strong, temperature: float, seed: int, max_tokens: int) -> str:
 def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes(
     tiny_pair_dirs, tiny_strong, tmp_path, release
 ):
-    tiers = Tiers(tmp_path, tiny_pair_dirs, {"release": release})
+    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": release})
     procs = Processes(tmp_path)
     try:
         tiers.start(procs)
@@ -158,7 +158,7 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
 @pytest.mark.parametrize("killed", ["relay", "inner"])
 def test_a_tier_killed_mid_stream_fails_closed_at_the_outer(tiny_pair_dirs, tmp_path, killed):
     # Frames of 4 tokens every 0.1 s: the answer below takes ~5 s to come up to the relay.
-    tiers = Tiers(tmp_path, tiny_pair_dirs, {"release": "tick"}, inner_tick_s=0.1)
+    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "tick"}, inner_tick_s=0.1)
     procs = Processes(tmp_path)
     answers: list[httpx.Response] = []
     try:
@@ -191,7 +191,9 @@ def test_a_tier_killed_mid_stream_fails_closed_at_the_outer(tiny_pair_dirs, tmp_
 def test_relay_budget_exhausted_ends_the_outer_link_and_the_relay_still_serves_its_users(
     tiny_pair_dirs, tmp_path
 ):
-    tiers = Tiers(tmp_path, tiny_pair_dirs, {"release": "tick", "lifetime_budget_bytes": 600})
+    tiers = Tiers(
+        tmp_path, tiny_models(tiny_pair_dirs), {"release": "tick", "lifetime_budget_bytes": 600}
+    )
     procs = Processes(tmp_path)
     try:
         tiers.start(procs)
@@ -213,7 +215,7 @@ def test_relay_budget_exhausted_ends_the_outer_link_and_the_relay_still_serves_i
 
 
 def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tmp_path):
-    tiers = Tiers(tmp_path, tiny_pair_dirs, {"release": "stream"})
+    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "stream"})
     procs = Processes(tmp_path)
     try:
         tiers.start(procs)
@@ -226,5 +228,24 @@ def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tmp_path):
         assert r.status_code == 200, r.text
         _, relay_link = tiers.meters(procs)
         assert relay_link["agree"], relay_link
+    finally:
+        procs.stop_all()
+
+
+def test_the_real_pair_through_the_relay(real_strong, tmp_path):
+    """Once on the real pair: both users' answers are the strong model's own text."""
+    models = {"strong": str(store.status(store.STRONG).path),
+              "weak": str(store.status(store.WEAK).path), "threads": 1}  # fmt: skip
+    tiers = Tiers(tmp_path, models, {"release": "stream"})
+    procs = Processes(tmp_path)
+    try:
+        tiers.start(procs)
+        mine = _ask(tiers.relay_url, temperature=0.0, max_tokens=16, timeout_s=600)
+        theirs = _ask(tiers.outer_url, temperature=0.7, seed=4, max_tokens=16, timeout_s=600)
+        assert mine.status_code == 200 and theirs.status_code == 200, (mine.text, theirs.text)
+        assert mine.json()["choices"][0]["text"] == _strong_text(real_strong, 0.0, 0, 16)
+        assert theirs.json()["choices"][0]["text"] == _strong_text(real_strong, 0.7, 4, 16)
+        inner_link, relay_link = tiers.meters(procs)
+        assert inner_link["agree"] and relay_link["agree"], (inner_link, relay_link)
     finally:
         procs.stop_all()

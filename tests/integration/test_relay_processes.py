@@ -26,6 +26,7 @@ from support.net import free_port
 from support.processes import UPLIMIT, Processes, healthy, metric
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
+from uplimit.link.agreement import as_json, checks, read_meters
 from uplimit.link.auth import create_secret
 from uplimit.models import store
 from uplimit.wire.request import choice_seed
@@ -96,14 +97,12 @@ class Tiers:
         procs.wait_for(lambda: healthy(self.relay_url), "the inner's link to the relay")
         procs.wait_for(lambda: healthy(self.outer_url), "the relay's link to the outer")
 
-    def meters(self, procs: Processes) -> tuple[dict, dict]:
-        """`uplimit meters` across both links: inner -> relay, relay -> outer."""
-        configs = ["--config", str(self.paths["relay"]), "--config", str(self.paths["outer"])]
-        out = subprocess.run([UPLIMIT, "meters", *configs, "--json"], env=procs.env,
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
-        inner_link, relay_link = json.loads(out.stdout)
-        assert out.returncode == (0 if inner_link["agree"] and relay_link["agree"] else 1)
-        return inner_link, relay_link
+    def meters(self) -> tuple[dict, dict]:
+        """Both links' meters as `uplimit meters --json` shows them: inner -> relay, relay ->
+        outer (read here; `test_relay_and_outer_users...` runs the command once)."""
+        inner = read_meters(ledger=str(self.inner_ledger), received=self.relay_received)
+        relay = read_meters(ledger=str(self.relay_ledger), received=self.outer_received)
+        return as_json(inner, checks(inner)), as_json(relay, checks(relay))
 
 
 def _ask(url: str, timeout_s: float = 120, **body) -> httpx.Response:
@@ -117,21 +116,20 @@ def _strong_text(strong, temperature: float, seed: int, max_tokens: int) -> str:
     return strong.detokenize([t for t in gen.tokens if t not in strong.info.eos_ids])
 
 
-@pytest.mark.parametrize("release", ["stream", "tick"])
 def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes(
-    tiny_pair_dirs, tiny_strong, tmp_path, release
+    tiny_pair_dirs, tiny_strong, tmp_path
 ):
-    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": release})
+    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "stream"})
     procs = Processes(tmp_path)
     try:
         tiers.start(procs)
-        inner_before, relay_before = tiers.meters(procs)
+        inner_before, relay_before = tiers.meters()
 
         # The relay's own user: the inner uploads to the relay, the relay nothing to the outer.
         r = _ask(tiers.relay_url, temperature=0.7, seed=5)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.7, 5, 24)
-        inner_mid, relay_mid = tiers.meters(procs)
+        inner_mid, relay_mid = tiers.meters()
         assert inner_mid["ledger"]["wire_bytes"] > inner_before["ledger"]["wire_bytes"]
         assert relay_mid["ledger"] == relay_before["ledger"]
         assert relay_mid["received_bytes"] == relay_before["received_bytes"]
@@ -143,7 +141,7 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
         assert r0.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.0, 0, 24)
         texts = [c["text"] for c in sorted(r1.json()["choices"], key=lambda c: c["index"])]
         assert texts == [_strong_text(tiny_strong, 0.7, choice_seed(9, i), 24) for i in (0, 1)]
-        inner_after, relay_after = tiers.meters(procs)
+        inner_after, relay_after = tiers.meters()
         assert inner_after["ledger"]["wire_bytes"] > inner_mid["ledger"]["wire_bytes"]
         assert relay_after["ledger"]["wire_bytes"] > relay_mid["ledger"]["wire_bytes"]
         # Each link's meters agree: what its receiver read, its ledger charged first.
@@ -151,6 +149,15 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
         assert 0 < relay_after["received_bytes"] <= relay_after["ledger"]["wire_bytes"]
         assert metric(f"http://127.0.0.1:{tiers.outer_metrics}/metrics", "uplimit_tokens_total")
         assert "ALARM" not in procs.log("relay") + procs.log("outer")
+        # `uplimit meters` across both links: the relay's config, then the outer's.
+        configs = ["--config", str(tiers.paths["relay"]), "--config", str(tiers.paths["outer"])]
+        out = subprocess.run([UPLIMIT, "meters", *configs, "--json"], env=procs.env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout) == [
+            {"config": str(tiers.paths[name]), **link}
+            for name, link in zip(("relay", "outer"), tiers.meters(), strict=True)
+        ]
     finally:
         procs.stop_all()
 
@@ -204,7 +211,7 @@ def test_relay_budget_exhausted_ends_the_outer_link_and_the_relay_still_serves_i
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "upload_budget_exhausted"
         procs.wait_for(lambda: "budget ended the link" in procs.log("relay"), "the relay's log")
-        _, relay = tiers.meters(procs)
+        _, relay = tiers.meters()
         assert relay["ledger"]["lifetime_bytes"] <= 600 and relay["agree"], relay
         # Its own users do not need the outer's link.
         mine = _ask(tiers.relay_url, temperature=0.0)
@@ -214,8 +221,9 @@ def test_relay_budget_exhausted_ends_the_outer_link_and_the_relay_still_serves_i
         procs.stop_all()
 
 
-def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tmp_path):
-    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "stream"})
+def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tiny_strong, tmp_path):
+    # release "tick": the outer's text streams as the relay decodes it, and is still exact.
+    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "tick"})
     procs = Processes(tmp_path)
     try:
         tiers.start(procs)
@@ -224,9 +232,10 @@ def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tmp_path):
         assert _ask(tiers.relay_url, temperature=0.0).status_code == 200  # its users still
         procs.start("outer2", [UPLIMIT, "serve", "outer", "--config", str(tiers.paths["outer"])])
         procs.wait_for(lambda: healthy(tiers.outer_url), "the relay's link to the new outer")
-        r = _ask(tiers.outer_url, temperature=0.0)
+        r = _ask(tiers.outer_url, temperature=0.7, seed=2)
         assert r.status_code == 200, r.text
-        _, relay_link = tiers.meters(procs)
+        assert r.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.7, 2, 24)
+        _, relay_link = tiers.meters()
         assert relay_link["agree"], relay_link
     finally:
         procs.stop_all()
@@ -245,7 +254,7 @@ def test_the_real_pair_through_the_relay(real_strong, tmp_path):
         assert mine.status_code == 200 and theirs.status_code == 200, (mine.text, theirs.text)
         assert mine.json()["choices"][0]["text"] == _strong_text(real_strong, 0.0, 0, 16)
         assert theirs.json()["choices"][0]["text"] == _strong_text(real_strong, 0.7, 4, 16)
-        inner_link, relay_link = tiers.meters(procs)
+        inner_link, relay_link = tiers.meters()
         assert inner_link["agree"] and relay_link["agree"], (inner_link, relay_link)
     finally:
         procs.stop_all()

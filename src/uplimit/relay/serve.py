@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.calibration import configured as configured_calibration
 from uplimit.config import Config, relay_secret_path
-from uplimit.errors import ConfigError, LinkClosed
+from uplimit.errors import BudgetExhausted, ConfigError, LinkClosed
 from uplimit.link.auth import load_secret
 from uplimit.link.budget import Budgets
 from uplimit.link.inner_link import InnerLink, serve_frames
@@ -78,13 +78,13 @@ async def serve_relay(
     try:
         await serve_outer(
             config, weak, on_listening=on_listening,
-            beside=functools.partial(forward, config, weak, ledger),
+            beside=functools.partial(_forward, config, weak, ledger),
         )  # fmt: skip
     finally:
         ledger.close()
 
 
-async def forward(
+async def _forward(
     config: Config, weak: LanguageModel, ledger: Ledger, service: OuterService
 ) -> None:
     """The relay's uplink to the outer, link after link (module doc)."""
@@ -98,6 +98,9 @@ async def forward(
                 raise
             log.error("relay: the link to the outer failed (%s); waiting for the next outer", e)
             continue
+        except BudgetExhausted as e:  # before the link: not even its connection can be paid
+            log.error("relay: %s; no link to the outer", e)
+            return
         if reason.exhausted:
             log.error("relay: its %s budget ended the link to the outer", reason.name.lower())
             return

@@ -129,8 +129,8 @@ class RelayFrames:
             forward = self._streams.get(stream_id)
             if forward is None or forward.final:
                 return
+            forward.tokens = tuple(self._visible(forward)[: forward.sent])  # what went up
             forward.final = True
-            forward.tokens = tuple(self._visible(forward)[: forward.sent])
         if forward.choice is not None:
             self._run(self._service.cancel(forward.choice))
 

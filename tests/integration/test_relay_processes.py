@@ -5,9 +5,10 @@
 - Each link's ledger is charged for its own bytes only: the relay's user makes the inner's
   ledger grow, not the relay's; the outer's user makes both grow; each link's receive count
   agrees with its ledger (`uplimit meters`).
-- The relay or the inner killed (-9) while an outer user's stream is in flight: that request
-  and the next get OpenAI-shaped errors at the outer (fail closed; the relay ends the outer's
-  link with END(error) when the inner's link fails).
+- The relay or the inner killed (-9), or the relay restarted, while an outer user's stream is
+  in flight: that request and the next get OpenAI-shaped errors at the outer (fail closed; the
+  relay ends the outer's link with END(error) when the inner's link fails; a link serves one
+  peer, so the outer stays closed after a relay restart until it is restarted too).
 - The relay's budget exhausted: END up to the outer, whose users get the budget's 503.
 """
 
@@ -162,7 +163,7 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
         procs.stop_all()
 
 
-@pytest.mark.parametrize("killed", ["relay", "inner"])
+@pytest.mark.parametrize("killed", ["relay", "inner", "relay restarted"])
 def test_a_tier_killed_mid_stream_fails_closed_at_the_outer(tiny_pair_dirs, tmp_path, killed):
     # Frames of 4 tokens every 0.1 s: the answer below takes ~5 s to come up to the relay.
     tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "tick"}, inner_tick_s=0.1)
@@ -178,7 +179,11 @@ def test_a_tier_killed_mid_stream_fails_closed_at_the_outer(tiny_pair_dirs, tmp_
         asking.start()
         relay_metrics = f"http://127.0.0.1:{tiers.relay_metrics}/metrics"
         procs.wait_for(lambda: metric(relay_metrics, "uplimit_tokens_total") > 0, "tokens")
-        procs.procs[killed].kill()  # SIGKILL: no END, no SHUTDOWN, sockets reset
+        if killed == "relay restarted":  # SIGTERM: its server stops, link 2 closes, then again
+            assert procs.stop("relay") == 0
+            procs.start("relay", [UPLIMIT, "serve", "relay", "--config", str(tiers.paths["relay"])])
+        else:
+            procs.procs[killed].kill()  # SIGKILL: no END, no SHUTDOWN, sockets reset
         asking.join(60)
         assert answers, "the outer's request did not end"
         [cut] = answers
@@ -191,6 +196,8 @@ def test_a_tier_killed_mid_stream_fails_closed_at_the_outer(tiny_pair_dirs, tmp_
         if killed == "inner":  # the relay sent END(error) up and stopped with the error
             assert procs.procs["relay"].wait(60) != 0
             assert "inner-error" in procs.log("outer")
+        if killed == "relay restarted":  # it said END(shutdown) as it stopped: no alarm
+            assert "ALARM" not in procs.log("outer"), procs.log("outer")
     finally:
         procs.stop_all()
 

@@ -155,7 +155,14 @@ async def forward_link(
         try:
             link = await connect(codec_fingerprint(weak.info, calibration, frame_config))
             log.info("relay: link to the outer up, forwarding")
-            return await serve_frames(link, source)
+            serving = asyncio.create_task(serve_frames(link, source))
+            try:
+                return await asyncio.shield(serving)
+            except asyncio.CancelledError:  # the relay is stopping: END up, not a silence
+                await link.end(EndReason.SHUTDOWN)
+                serving.cancel()
+                await asyncio.gather(serving, return_exceptions=True)
+                raise
         finally:
             service.on_stream_end = previous
             with contextlib.suppress(Exception):

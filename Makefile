@@ -24,7 +24,7 @@ UV_VERSION := 0.13.9
 comma := ,
 REQUIRE := $(if $(filter 0,$(shell id -u)),real$(comma)kernel$(comma)postgres$(comma)browser$(comma)promtool$(comma)faketime,real)
 
-.PHONY: setup demo test test-avx2 lint fuzz crash lock system-packages models
+.PHONY: setup demo test test-avx2 lint fuzz crash memory lock system-packages models
 setup: system-packages $(VENV)/.installed $(VENV)/.llama-$(LLAMA_ISA) models
 
 # As root with apt (CI, a fresh machine of this kind), install what is missing; elsewhere
@@ -89,6 +89,12 @@ lint: $(VENV)/.installed
 crash: setup
 	UPLIMIT_CRASH_TRIALS=1002 UPLIMIT_REQUIRE=$(REQUIRE) nice -n 10 $(PY) -m pytest \
 	  tests/integration/test_link_crash.py -q -s -p no:cacheprovider
+
+# Memory over 100,000 streams from 16 clients through the served tiny pair (#16 item 8): the
+# traced heap and RSS after each tenth (about an hour on 2 cores).
+memory: setup
+	UPLIMIT_MEMORY_STREAMS=100000 UPLIMIT_MEMORY_CLIENTS=16 nice -n 10 $(PY) -m pytest \
+	  tests/integration/test_memory.py -q -s -p no:cacheprovider
 
 fuzz: $(VENV)/.installed
 	$(PY) -m pip install -q 'atheris==3.0.0'

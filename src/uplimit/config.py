@@ -13,6 +13,7 @@ checks what changes coded bytes; the rest only has to fit.
     [coding]  frame_tokens, max_streams, max_context
     [link]    host, downlink_port, uplink_port, tick_s, ledger, lifetime/per-day/per-second
               budget bytes (lifetime 0 = 1 % of the strong weights), downlink_log,
+              downlink_log_max_bytes, downlink_log_backups,
               receive_counter, downlink_bytes_per_s, secret_file, inner_addresses
     [inner]   max_batch, frame_delay_s, best_of, scorer, reasoning_open/_close,
               max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record,
@@ -90,6 +91,9 @@ class LinkConfig:
     per_day_budget_bytes: int = 0  # 0: none
     per_second_budget_bytes: int = 0  # 0: none
     downlink_log: str = ""  # "": $UPLIMIT_HOME/downlink.jsonl
+    # Past this size the downlink log rotates into this many backups (`link.inner_link`).
+    downlink_log_max_bytes: int = 256 << 20
+    downlink_log_backups: int = 4
     receive_counter: str = ""  # "": $UPLIMIT_HOME/received.db
     # The link's shared secret (`link.auth`; `uplimit link-secret` writes one, 0600), the same
     # file on both sides; missing is an error. "": $UPLIMIT_HOME/link.secret

@@ -635,3 +635,54 @@ def test_a_stream_cut_by_the_link_ends_with_a_fixed_text(
         state = LinkState(http.get("/health").json()["link"])
     assert state is not LinkState.SERVING
     assert events[-1] == link_error(state).body()
+
+
+def test_a_stream_the_inner_refuses_is_a_4xx_and_the_link_serves_on(
+    tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path
+):
+    """#16 item 2: the inner's context is shorter than the outer's, so a long prompt passes
+    the gateway and the inner refuses that stream alone: 400 `context_length_exceeded` (an
+    error event when streaming), while the requests around it are served."""
+    config = api_config(tiny_pair_dirs, tmp_path)  # max_context 256
+    (tmp_path / "inner").mkdir()
+    sections = {
+        "coding": {"max_context": 64},
+        "link": {
+            "downlink_port": config.link.downlink_port,
+            "uplink_port": config.link.uplink_port,
+            "secret_file": config.link.secret_file,
+        },
+    }
+    inner_config = api_config(tiny_pair_dirs, tmp_path / "inner", **sections)
+    long_prompt = "word " * 100
+    short = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 8}
+    with (
+        served_api(config, tiny_strong, tiny_weak, inner_config=inner_config) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+
+        def refused_and_served() -> list[httpx.Response]:
+            pool = [
+                threading.Thread(
+                    target=lambda b=b: out.append(http.post("/v1/completions", json=b))
+                )
+                for b in (short, {**short, "prompt": long_prompt}, short)
+            ]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            return out
+
+        out: list[httpx.Response] = []
+        statuses = sorted(r.status_code for r in refused_and_served())
+        assert statuses == [200, 200, 400], [r.text for r in out]
+        (refused,) = [r for r in out if r.status_code == 400]
+        assert openai_shaped(refused)["code"] == "context_length_exceeded"
+        body = {**short, "prompt": long_prompt, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "context_length_exceeded"
+        assert http.get("/health").json()["link"] == "serving"
+        ok = http.post("/v1/completions", json=short)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"]

@@ -7,6 +7,7 @@ import pytest
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError
 from uplimit.outer.monitor import (
+    MAX_ALARMS_KEPT,
     MIN_SLACK_BITS,
     Allowance,
     BitsMonitor,
@@ -30,7 +31,7 @@ def test_calibration_passes_every_honest_prefix():
         spec = StreamSpec(i, (1,), SamplingParams(temperature=0 if greedy else 0.7), 0, 64)
         for c in costs:
             monitor.add(spec, c)
-    assert monitor.alarms == []
+    assert not monitor.alarms and monitor.alarm_count == 0
 
 
 def test_a_costly_stream_raises_one_alarm_when_it_passes_its_allowance():
@@ -50,14 +51,32 @@ def test_a_costly_stream_raises_one_alarm_when_it_passes_its_allowance():
 
 
 def test_recording_only_and_round_trip(tmp_path):
-    monitor = BitsMonitor(None)
+    monitor = BitsMonitor(None, keep_traces=True)
     monitor.add(GREEDY, 100.0)
-    assert monitor.alarms == [] and monitor.traces() == [(True, [100.0])]
+    monitor.add(SAMPLED, 1.0)
+    monitor.end(SAMPLED.stream_id)  # a trace outlives its stream
+    assert not monitor.alarms and sorted(monitor.traces()) == [(False, [1.0]), (True, [100.0])]
+    with pytest.raises(ConfigError):
+        BitsMonitor(None).traces()
     th = MonitorThresholds(Allowance(16.5, 0.25), Allowance(20.0, 1.5))
     th.save(tmp_path / "t.json")
     assert MonitorThresholds.load(tmp_path / "t.json") == th
     with pytest.raises(ConfigError):
         MonitorThresholds.load(tmp_path / "missing.json")
+
+
+def test_a_serving_monitor_forgets_ended_streams_and_keeps_the_latest_alarms():
+    th = MonitorThresholds(Allowance(16.0, 0.5), Allowance(16.0, 1.0))
+    monitor = BitsMonitor(th)
+    n = MAX_ALARMS_KEPT + 10
+    for i in range(n):
+        spec = StreamSpec(i, (1,), SamplingParams(temperature=0), 0, 64)
+        for _ in range(12):
+            monitor.add(spec, 2.0)  # over at the 11th token: one alarm each
+        monitor.end(i)
+    assert not monitor.streams  # nothing kept of ended streams
+    assert monitor.alarm_count == n and len(monitor.alarms) == MAX_ALARMS_KEPT
+    assert monitor.alarms[-1].stream_id == n - 1
 
 
 def test_calibration_needs_both_kinds_of_traffic():

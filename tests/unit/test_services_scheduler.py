@@ -14,7 +14,7 @@ from uplimit.errors import ConfigError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.inner.scoring import mean_logprob
-from uplimit.wire.frame import FrameConfig, FrameDecoder, FrameEncoder
+from uplimit.wire.frame import FrameConfig, FrameDecoder, FrameEncoder, Refusal
 from uplimit.wire.request import GenerationRequest, candidate_seed
 from uplimit.wire.stops import StopMatcher
 from uplimit.wire.streams import StreamSpec
@@ -207,6 +207,49 @@ def test_cancel_ends_streams_anywhere(tiny_strong, tiny_weak, audit):
         if i in (0, 3, 4):
             assert rec.finish_reason == "cancelled"
     link.close()
+
+
+def test_streams_the_inner_cannot_serve_are_refused_alone(tiny_strong, tiny_weak, audit):
+    """#16 item 2: options the inner rejects, a prompt that fills its context and a prompt
+    its model fails on are each refused as they are admitted, with their reason, and never
+    reach the weak model; the streams around them are served as if they were not there."""
+    config = SchedulerConfig(max_batch=4, frame_tokens=K, max_context=64)
+    link = Link(tiny_strong, tiny_weak, config, audit)
+    alone = Link(tiny_strong, tiny_weak, config)
+    long_prompt = tuple(request(tiny_strong, 0, "word " * 80).spec.prompt)
+    assert len(long_prompt) > config.max_context
+    bad_token = (tiny_strong.info.n_vocab + 7,)  # the strong model cannot prefill it
+    for i in range(5):
+        if i == 1:
+            spec = StreamSpec(i, long_prompt, SamplingParams(), 1, 8)
+            link.submit(GenerationRequest(spec, "req-1"))
+        elif i == 2:
+            spec = request(tiny_strong, i).spec
+            link.enc.add_stream(spec)
+            link.dec.add_stream(spec)
+            link.sched.refuse(spec, Refusal.INVALID)
+        elif i == 3:
+            link.submit(GenerationRequest(StreamSpec(i, bad_token, SamplingParams(), 1, 8), "r"))
+        else:
+            link.submit(request(tiny_strong, i))
+            alone.submit(request(tiny_strong, i))
+    refused = {}
+    decode = link.dec.decode
+
+    def record(data: bytes):
+        content, stats = decode(data)
+        refused.update(content.refused)
+        return content, stats
+
+    link.dec.decode = record
+    link.run()
+    alone.run()
+    assert refused == {1: Refusal.CONTEXT, 2: Refusal.INVALID, 3: Refusal.FAILED}
+    assert link.ended == set(range(5)) and not link.dec.table.active
+    assert {i: link.decoded[i] for i in (0, 4)} == alone.decoded
+    assert not refused.keys() & link.decoded.keys()
+    link.close()
+    alone.close()
 
 
 def test_reasoning_is_withheld_from_every_frame(tiny_strong, tiny_weak, audit):

@@ -27,6 +27,7 @@ class Finish(StrEnum):
     CANCELLED = "cancelled"  # the client went away, or the outer cancelled the stream
     ERROR = "error"  # the link or the model failed
     RETRIEVED = "retrieved"  # withheld reasoning uploaded at an operator's request
+    REFUSED = "refused"  # the inner refused the stream, the link goes on (`wire.frame.Refusal`)
 
     @property
     def openai(self) -> str:

@@ -17,6 +17,7 @@ from uplimit.inner.audit import GenerationRecord
 from uplimit.inner.reasoning import NoiseKeys, Splitter
 from uplimit.inner.scoring import Scorer
 from uplimit.models.base import LanguageModel, SeqId
+from uplimit.wire.frame import Refusal
 from uplimit.wire.request import GenerationRequest, withheld_id
 from uplimit.wire.stops import StopMatcher
 
@@ -65,6 +66,7 @@ class StreamRun:
     final: bool = False  # `upload` is complete
     chosen: CandidateRun | None = None
     cancelled: bool = False
+    refused: Refusal | None = None  # the frames end it with this refusal (`wire.frame`)
     admitted: bool = False
     audit_row: int | None = None
     kind: str = "generate"

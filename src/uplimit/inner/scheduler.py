@@ -65,10 +65,10 @@ from uplimit.inner.reasoning import NoiseKeys, Splitter
 from uplimit.inner.runs import CandidateRun, StreamRun, audit_records
 from uplimit.inner.scoring import Scorer, mean_logprob
 from uplimit.models.base import LanguageModel, Logits
-from uplimit.wire.frame import ADMIT_BITS, FrameContent
+from uplimit.wire.frame import ADMIT_BITS, FrameContent, Refusal
 from uplimit.wire.request import GenerationRequest, candidate_seed
 from uplimit.wire.stops import StopMatcher
-from uplimit.wire.streams import ends_stream
+from uplimit.wire.streams import StreamSpec, ends_stream
 
 __all__ = ["FramePlan", "Scheduler", "SchedulerConfig"]
 
@@ -181,13 +181,25 @@ class Scheduler:
                     limit,
                 )
                 stream.candidates.append(c)
-                if limit < 1:  # the prompt leaves no room: nothing to generate
+                if limit < 1:  # the prompt leaves no room: refuse rather than say nothing
+                    stream.refused = Refusal.CONTEXT
                     self._finish(c, Finish.LENGTH)
                 else:
                     self._waiting.append(c)
             if best_of == 1:
                 stream.upload = stream.candidates[0].uploaded  # streams as it is generated
         self._work.set()
+
+    def refuse(self, spec: StreamSpec, why: Refusal) -> None:
+        """Add a stream the inner will not serve (e.g. its options fail the inner's checks):
+        the frames admit it and end it with `why`, in the outer's order like any other."""
+        with self._lock:
+            if spec.stream_id in self._streams:
+                raise ConfigError(f"stream {spec.stream_id} was already submitted")
+            request = GenerationRequest(spec, f"stream-{spec.stream_id}")
+            stream = StreamRun(request, self.clock(), final=True, refused=why)
+            self._streams[spec.stream_id] = stream
+            self._pending.append(spec.stream_id)
 
     def cancel(self, stream_id: int) -> None:
         """The client went away: stop generating; the stream ends at the next frame."""
@@ -384,8 +396,11 @@ class Scheduler:
         c.done, c.finish, c.t_done = True, reason, self.clock()
         stream = c.stream
         if all(x.done for x in stream.candidates) and not stream.final:
-            if not stream.cancelled:
-                stream.chosen = max(stream.candidates, key=self.config.scorer)
+            served = [x for x in stream.candidates if x.finish is not Finish.ERROR]
+            if not served and not stream.admitted:  # all failed: refuse this stream alone
+                stream.refused = Refusal.FAILED
+            elif not stream.cancelled and served:
+                stream.chosen = max(served, key=self.config.scorer)
                 stream.upload = stream.chosen.uploaded
             self._complete(stream)
 
@@ -419,7 +434,8 @@ class Scheduler:
                 if len(admit) >= room or not (cap(sid) > 0 or streams[sid].final):
                     break
                 admit.append(sid)
-            order = self._active + admit
+            refusing = {sid: why for sid in admit if (why := streams[sid].refused) is not None}
+            order = self._active + [sid for sid in admit if sid not in refusing]
             n = min((cap(sid) for sid in order), default=0)
             if n == 0 and any(ready(sid) for sid in order):
                 if any(cap(sid) == 0 and streams[sid].final for sid in order):
@@ -451,7 +467,7 @@ class Scheduler:
             for sid in admit:
                 self._pending.popleft()
                 streams[sid].admitted = True
-            retired = tuple(
+            retired = tuple(refusing) + tuple(
                 sid for sid in order if sid in ended or (streams[sid].final and ready(sid) == 0)
             )
             self._active = [sid for sid in order if sid not in retired]
@@ -461,7 +477,7 @@ class Scheduler:
                 for sid in retired:
                     chosen = streams[sid].chosen
                     withheld[sid] = len(chosen.withheld) if chosen else 0
-            return FramePlan(FrameContent(len(admit), tokens, ended, withheld), retired)
+            return FramePlan(FrameContent(len(admit), tokens, ended, withheld, refusing), retired)
 
     def _stall_patience_over(self) -> bool:
         now = time.monotonic()

@@ -182,6 +182,8 @@ async def _connect(
                 host, config.link.downlink_port, config.link.uplink_port, ledger, fingerprint,
                 secret=load_secret(link_secret_path(config)),
                 log_path=config.path(config.link.downlink_log, "downlink.jsonl"),
+                log_max_bytes=config.link.downlink_log_max_bytes,
+                log_backups=config.link.downlink_log_backups,
                 tick_s=config.link.tick_s, n_vocab=n_vocab,
                 limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),
                 confined=confined,

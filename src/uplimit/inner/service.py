@@ -13,6 +13,7 @@ out by tokens.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,10 +21,11 @@ from typing import TYPE_CHECKING
 
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.codec import Prediction, cost_bits
+from uplimit.errors import ProtocolError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.models.base import LanguageModel, Logits
-from uplimit.wire.frame import FrameConfig, FrameEncoder, overhead_per_token
+from uplimit.wire.frame import FrameConfig, FrameEncoder, Refusal, overhead_per_token
 from uplimit.wire.request import GenerationRequest
 from uplimit.wire.streams import StreamSpec, StreamState
 
@@ -31,6 +33,8 @@ if TYPE_CHECKING:  # the rotation imports torch: only services that rotate pay f
     from uplimit.inner.rotation import GaugeRotation
 
 __all__ = ["InnerService"]
+
+log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05  # how long the generation thread sleeps when there is nothing to do
 
@@ -77,12 +81,18 @@ class InnerService:
 
     def open_stream(self, spec: StreamSpec, extra: bytes = b"") -> None:
         """A stream from the transport: the spec, and the request's options in `extra` (a
-        client that sends none gets the configured best_of and no stop sequences)."""
-        if extra:
-            request = GenerationRequest.from_extra(spec, extra)
-        else:
-            request = GenerationRequest(spec, f"stream-{spec.stream_id}", best_of=self.best_of)
-        self.encoder.add_stream(request.spec)
+        client that sends none gets the configured best_of and no stop sequences). Options
+        that fail the inner's checks refuse this stream alone (`wire.frame.Refusal`)."""
+        self.encoder.add_stream(spec)
+        try:
+            if extra:
+                request = GenerationRequest.from_extra(spec, extra)
+            else:
+                request = GenerationRequest(spec, f"stream-{spec.stream_id}", best_of=self.best_of)
+        except ProtocolError as e:
+            log.warning("stream %d refused: %s", spec.stream_id, e)
+            self.scheduler.refuse(spec, Refusal.INVALID)
+            return
         self.scheduler.submit(request)
 
     def cancel(self, stream_id: int) -> None:

@@ -27,6 +27,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import NoReturn, Protocol
 
@@ -98,22 +99,41 @@ END_RESERVE_BYTES = 32
 # A frame that the per-second window has refused for this long ends the link (module doc).
 STALL_LIMIT_S = 5.0
 
+DOWNLINK_LOG_MAX_BYTES = 256 << 20  # an OPEN_STREAM's line is ~6 bytes a prompt token
+DOWNLINK_LOG_BACKUPS = 4
+
 _END_FOR = {Limit.LIFETIME: EndReason.LIFETIME, Limit.PER_DAY: EndReason.PER_DAY}
 
 
 class DownlinkLog:
-    """Everything that came down, one JSON object per line, flushed as written (inner side)."""
+    """Everything that came down, one JSON object per line, flushed as written (inner side).
 
-    def __init__(self, path: str | Path) -> None:
+    Past `max_bytes` the file rotates (`path.1` .. `path.<backups>`, the oldest dropped; the
+    standard library's `RotatingFileHandler`), so the log takes at most (backups + 1) x
+    max_bytes of disk however long the link serves; `max_bytes` 0 never rotates. A write that
+    fails raises (the serving loop ends the link): the log is never silently incomplete.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_bytes: int = DOWNLINK_LOG_MAX_BYTES,
+        backups: int = DOWNLINK_LOG_BACKUPS,
+    ) -> None:
         self.path = Path(path)
+        if max_bytes < 0 or backups < 0 or (max_bytes and not backups):
+            raise ConfigError("the downlink log rotates past max_bytes >= 0 into backups >= 1")
         try:
-            self._file = self.path.open("a", encoding="utf-8")
+            self._handler = _FailingFileHandler(
+                self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
         except OSError as e:
             raise ConfigError(f"cannot open the downlink log {self.path}: {e}") from e
 
     def write(self, kind: str, **fields: object) -> None:
-        self._file.write(json.dumps({"at": time.time(), "type": kind, **fields}) + "\n")
-        self._file.flush()
+        line = json.dumps({"at": time.time(), "type": kind, **fields})
+        self._handler.handle(logging.makeLogRecord({"msg": line}))
 
     def message(self, msg: DownlinkMessage) -> None:
         size = len(encode_downlink(msg))  # encodings are canonical: the bytes that came
@@ -154,7 +174,16 @@ class DownlinkLog:
                 self.write("switch", bytes=size, fingerprint_sha256=digest.hex())
 
     def close(self) -> None:
-        self._file.close()
+        # Each line was flushed as written: what is left is a failed write's, raised then.
+        with contextlib.suppress(OSError):
+            self._handler.close()
+
+
+class _FailingFileHandler(RotatingFileHandler):
+    """Raises what `logging` would print and swallow (a full disk, a vanished directory)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise  # called inside emit's `except`: its exception
 
 
 def _printable(data: bytes) -> str:
@@ -215,6 +244,8 @@ class InnerLink:
         *,
         secret: bytes,
         log_path: str | Path,
+        log_max_bytes: int = DOWNLINK_LOG_MAX_BYTES,
+        log_backups: int = DOWNLINK_LOG_BACKUPS,
         tick_s: float = DEFAULT_TICK_S,
         limits: DownlinkLimits | None = None,
         n_vocab: int | None = None,
@@ -236,7 +267,7 @@ class InnerLink:
         """
         if n_vocab is None:
             n_vocab = vocabulary_size(fingerprint)
-        downlink_log = DownlinkLog(log_path)
+        downlink_log = DownlinkLog(log_path, max_bytes=log_max_bytes, backups=log_backups)
         try:
             reader, writer = await open_connection(host, downlink_port)
         except OSError as e:

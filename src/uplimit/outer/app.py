@@ -47,7 +47,14 @@ from starlette.exceptions import HTTPException
 from uplimit.coding.generate import Finish
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, InvalidRequest, LinkClosed, UplimitError
-from uplimit.outer.api_errors import LINK_TEXT, ApiError, error_response, invalid, link_error
+from uplimit.outer.api_errors import (
+    LINK_TEXT,
+    ApiError,
+    error_response,
+    invalid,
+    link_error,
+    refusal_error,
+)
 from uplimit.outer.gate import Gate
 from uplimit.outer.keys import KeyRing
 from uplimit.outer.rollout import Rollout, RolloutBusy
@@ -495,6 +502,8 @@ async def _gather(
     for _, f in results:
         if f.reason is Finish.ERROR:
             raise link_error(service.state)
+        if f.refusal is not None:
+            raise refusal_error(f.refusal)
     return list(results)
 
 
@@ -621,6 +630,9 @@ async def _chunks(
             yield chunk(i, shape.delta(event))
         elif event.reason is Finish.ERROR:
             yield _stream_error(service)
+            return
+        elif event.refusal is not None:
+            yield refusal_error(event.refusal).body()
             return
         else:
             finished[i] = event

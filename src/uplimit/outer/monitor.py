@@ -14,6 +14,11 @@ high quantile of honest streams' mean cost times a margin, and the slack the lar
 which any honest prefix exceeded that rate, times the same margin. The first time a stream
 passes its allowance the monitor raises one alarm for it (log at ERROR, `alarms`, `on_alarm`).
 
+Memory is bounded while serving: a stream's running total is all the monitor keeps of it, and
+`end` forgets it when it leaves the table; `alarms` keeps the latest `MAX_ALARMS_KEPT`
+(`alarm_count` counts all). Per-token costs are kept only with `keep_traces`, for
+calibration and the red team, which run bounded workloads.
+
 What this bounds: an attacker that stays under the allowance on every stream can still move up
 to `allowed(n) - honest cost` bits per stream (see docs/security.md), so the monitor lowers
 the usable part of the budget; the budget stays the hard limit.
@@ -25,8 +30,9 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MIN_STREAM_TOKENS = 8  # shorter honest streams say little about the rate
 MIN_SLACK_BITS = 16.0  # a floor, so that one costly first token is never an alarm
+MAX_ALARMS_KEPT = 1024  # for the status page; each alarm is also logged and counted
 
 
 @dataclass(frozen=True)
@@ -95,48 +102,66 @@ class MonitorAlarm:
 @dataclass
 class _StreamCost:
     greedy: bool
-    costs: list[float] = field(default_factory=list)
+    tokens: int = 0
     bits: float = 0.0
     alarmed: bool = False
+    costs: list[float] | None = None  # per token, with `keep_traces` only
 
 
 class BitsMonitor:
-    """Watches each stream's coded cost; `thresholds=None` only records (for calibration)."""
+    """Watches each open stream's coded cost; `thresholds=None` only records."""
 
     def __init__(
         self,
         thresholds: MonitorThresholds | None,
         *,
+        keep_traces: bool = False,
         on_alarm: Callable[[MonitorAlarm], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.thresholds = thresholds
+        self.keep_traces = keep_traces
         self.on_alarm = on_alarm
         self.clock = clock
-        self.streams: dict[int, _StreamCost] = {}
-        self.alarms: list[MonitorAlarm] = []
+        self.streams: dict[int, _StreamCost] = {}  # open streams
+        self.alarms: deque[MonitorAlarm] = deque(maxlen=MAX_ALARMS_KEPT)
+        self.alarm_count = 0
+        self._ended_traces: list[tuple[bool, list[float]]] = []
 
     def add(self, spec: StreamSpec, bits: float) -> None:
         """One decoded token of `spec`'s stream cost `bits`."""
         s = self.streams.get(spec.stream_id)
         if s is None:
-            s = self.streams[spec.stream_id] = _StreamCost(spec.params.greedy)
-        s.costs.append(bits)
+            s = _StreamCost(spec.params.greedy, costs=[] if self.keep_traces else None)
+            self.streams[spec.stream_id] = s
+        s.tokens += 1
         s.bits += bits
+        if s.costs is not None:
+            s.costs.append(bits)
         if self.thresholds is None or s.alarmed:
             return
-        limit = self.thresholds.for_stream(spec).limit(len(s.costs))
+        limit = self.thresholds.for_stream(spec).limit(s.tokens)
         if s.bits > limit:
             s.alarmed = True
-            alarm = MonitorAlarm(self.clock(), spec.stream_id, len(s.costs), s.bits, limit)
+            alarm = MonitorAlarm(self.clock(), spec.stream_id, s.tokens, s.bits, limit)
             self.alarms.append(alarm)
+            self.alarm_count += 1
             log.error("ALARM bits: %s", alarm.describe())
             if self.on_alarm is not None:
                 self.on_alarm(alarm)
 
+    def end(self, stream_id: int) -> None:
+        """The stream left the table: forget it (keeping its trace with `keep_traces`)."""
+        s = self.streams.pop(stream_id, None)
+        if s is not None and s.costs is not None:
+            self._ended_traces.append((s.greedy, s.costs))
+
     def traces(self) -> list[tuple[bool, list[float]]]:
         """(greedy, per-token costs) of every stream seen: `calibrate`'s input."""
-        return [(s.greedy, list(s.costs)) for s in self.streams.values()]
+        if not self.keep_traces:
+            raise ConfigError("this monitor keeps no traces (keep_traces=False)")
+        open_ = [(s.greedy, list(s.costs or ())) for s in self.streams.values()]
+        return [*self._ended_traces, *open_]
 
 
 def calibrate(

@@ -10,15 +10,17 @@ A choice finishes when its stream ends on the link (EOS, max_tokens, or the inne
 end), or earlier when the outer sees a stop sequence: then it also cancels the stream, which
 matters when the link cannot tell the inner about stop sequences (`outer.link`). The reason is a
 `Finish` (EOS, STOP for a stop sequence, LENGTH, CANCELLED when the client went away); the API
-says "stop" for the first two and "length" otherwise. If the link stops serving, every open
-choice finishes with ERROR.
+says "stop" for the first two and "length" otherwise. A stream the inner refused
+(`wire.frame.Refusal`) finishes with REFUSED, and the API answers its request with an error;
+every other stream goes on. If the link stops serving, every open choice finishes with ERROR.
 
 Uplink bits per choice: what its tokens cost in the frames (`coding.codec.cost_bits`, from the
 decoder's observer) plus its share, by tokens, of the rest of each frame.
 
-When a stream leaves the table without a link failure (EOS, max_tokens, the inner's end after
-a stop sequence or a cancel), `on_stream_end` gets its request and every token decoded for it,
-past a stop sequence too: what the spot-check feed (`outer.verifier_feed`) samples from.
+When a stream leaves the table without a link failure or a refusal (EOS, max_tokens, the
+inner's end after a stop sequence or a cancel), `on_stream_end` gets its request and every
+token decoded for it, past a stop sequence too: what the spot-check feed
+(`outer.verifier_feed`) samples from.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from uplimit.models.base import LanguageModel, Logits
 from uplimit.outer.link import Uplink
 from uplimit.outer.monitor import BitsMonitor
 from uplimit.outer.text import TextAssembler
-from uplimit.wire.frame import FrameContent, FrameStats, overhead_per_token
+from uplimit.wire.frame import FrameContent, FrameStats, Refusal, overhead_per_token
 from uplimit.wire.receiver import LinkState
 from uplimit.wire.request import GenerationRequest, choice_seed
 from uplimit.wire.streams import StreamSpec, StreamState, ends_stream
@@ -68,6 +70,7 @@ class Finished:
     payload_bits: float  # of which its tokens' own code
     error: str = ""  # set when reason is ERROR
     withheld: int | None = None  # reasoning tokens kept inside; None: no reasoning configured
+    refusal: Refusal | None = None  # set when reason is REFUSED: why, in the inner's two bits
 
 
 @dataclass
@@ -261,13 +264,18 @@ class OuterService:
             self._deliver(choice, toks, payload, shared * len(toks))
         for sid in list(self._open):
             choice = self._open[sid]
-            if sid in content.ended or self._ends_implicitly(choice):
+            if sid in content.ended or sid in content.refused or self._ends_implicitly(choice):
                 del self._open[sid]
-                if choice.finished is None:
+                if self.monitor is not None:
+                    self.monitor.end(sid)
+                refused = content.refused.get(sid)
+                if refused is not None and choice.finished is None:
+                    self._finish(choice, Finish.REFUSED, refusal=refused)
+                elif choice.finished is None:  # else a stop sequence finished it already
                     self._finish(
                         choice, Finish.EOS if choice.last_token in self.eos else Finish.LENGTH
                     )
-                if self.on_stream_end is not None:
+                if self.on_stream_end is not None and refused is None:  # nothing to check
                     self.on_stream_end(choice.request, tuple(choice.decoded))
                 if self.on_choice_end is not None:
                     self.on_choice_end(choice)
@@ -292,15 +300,18 @@ class OuterService:
     def _ends_implicitly(self, choice: Choice) -> bool:
         return ends_stream(choice.decoded, choice.max_tokens, self.eos)
 
-    def _finish(self, choice: Choice, reason: Finish, error: str = "") -> None:
+    def _finish(
+        self, choice: Choice, reason: Finish, error: str = "", refusal: Refusal | None = None
+    ) -> None:
+        failed = reason in (Finish.ERROR, Finish.REFUSED)
         tail = choice.text.finish()
-        if tail and reason is not Finish.ERROR:
+        if tail and not failed:
             choice.events.put_nowait(tail)
         withheld = None
-        if self.reasoning and reason is not Finish.ERROR:
+        if self.reasoning and not failed:
             withheld = choice.withheld or 0  # a frame leaves zero counts out
         choice.finished = Finished(
-            reason, choice.text.tokens, choice.bits, choice.payload_bits, error, withheld
+            reason, choice.text.tokens, choice.bits, choice.payload_bits, error, withheld, refusal
         )
         choice.events.put_nowait(choice.finished)
 

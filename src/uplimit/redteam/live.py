@@ -243,7 +243,7 @@ class Live:
             )  # fmt: skip
 
         uplink = TransportUplink(build, decoder)
-        monitor = BitsMonitor(self.thresholds)
+        monitor = BitsMonitor(self.thresholds, keep_traces=True)
         service = OuterService(p.weak, uplink, max_context=s.max_context, monitor=monitor)
         observe = decoder.observe
 

@@ -4,6 +4,10 @@ Grammar of a coded frame (every symbol arithmetic-coded; probabilities fixed unl
 
     kind      flag        coded (P = 1 - 2**-16) or raw (a resend, see below)
     admitted  flag        "no new streams" (P = 63/64); else admitted - 1 in 8 raw bits
+    refusals  flags       one per admitted stream: "refused" (P = 2**-8), then why in 2 raw
+                          bits (`Refusal`). The inner could not serve that stream: it leaves
+                          at once, unprefilled, and the outer answers its request with an
+                          error; the link and every other stream go on
     counts    flag        "uniform" (P = 31/32): one n in 0..K for all streams, each stream
                           then has min(n, its remaining) tokens, fewer if it ends with EOS;
                           n is "same as the last frame's longest" (P = 3/4) or in raw bits;
@@ -45,6 +49,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 
@@ -59,6 +64,7 @@ from uplimit.wire.streams import StreamSpec, StreamState, StreamTable
 CHECK_BITS = 16
 FRAME_NO_BITS = 32
 ADMIT_BITS = 8  # at most 2**8 streams admitted per frame: the inner admits more next tick
+REFUSAL_BITS = 2
 WITHHELD_LENGTH_BITS = 5  # a withheld count's bit length: counts below 2**31
 
 # Probabilities of the rare branches, in units of 2**-16.
@@ -68,6 +74,16 @@ _UNIFORM_COUNTS = FLAG_TOTAL - FLAG_TOTAL // 32
 _SAME_COUNT = FLAG_TOTAL * 3 // 4  # P(uniform count = the last uniform count)
 _NO_ENDS = FLAG_TOTAL - FLAG_TOTAL // 64
 _ENDS = FLAG_TOTAL // 16  # P(a given stream ended explicitly | some did)
+_NOT_REFUSED = FLAG_TOTAL - FLAG_TOTAL // 256  # P(an explicit end is not a refusal)
+
+
+class Refusal(IntEnum):
+    """Why the inner refused one stream (module doc): two bits on the wire, so the words a
+    user reads are the outer's, never the inner's."""
+
+    INVALID = 0  # the inner's own checks reject the stream's options
+    CONTEXT = 1  # the prompt leaves no room in the inner's context
+    FAILED = 2  # the inner's model failed on this stream alone
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,7 @@ def max_frame_bytes(config: FrameConfig, max_streams: int) -> int:
         + _FLAG_MAX_BITS + ADMIT_BITS  # admitted
         + 2 * _FLAG_MAX_BITS + config.count_bits + s * _SYMBOL_MAX_BITS  # counts, either way
         + _FLAG_MAX_BITS + s * _FLAG_MAX_BITS  # ends
+        + s * (_FLAG_MAX_BITS + REFUSAL_BITS)  # refusals: an honest inner admits <= s
         + s * k * max(_CODED_TOKEN_MAX_BITS, config.token_bits)  # tokens
         + (s * _WITHHELD_MAX_BITS if config.withheld_counts else 0)
         + CHECK_BITS
@@ -134,6 +151,8 @@ class FrameContent:
     # Withheld tokens of streams that leave the table after this frame (with
     # `withheld_counts`); zero counts are left out.
     withheld: Mapping[int, int] = field(default_factory=dict)
+    # Streams refused as they were admitted (module doc), and why: they carry nothing.
+    refused: Mapping[int, Refusal] = field(default_factory=dict)
 
 
 @dataclass
@@ -196,6 +215,8 @@ def _check_value(frame_no: int, raw: bool, order: list[int], content: FrameConte
         parts.append(struct.pack(f"<B?{len(toks)}I", len(toks), s in content.ended, *toks))
     if content.withheld:  # absent without reasoning: those frames' checks are unchanged
         parts += [struct.pack("<IQ", s, content.withheld[s]) for s in sorted(content.withheld)]
+    if content.refused:  # absent without refusals: likewise
+        parts += [struct.pack("<IB", s, content.refused[s]) for s in sorted(content.refused)]
     return zlib.crc32(b"".join(parts)) & ((1 << CHECK_BITS) - 1)
 
 
@@ -351,7 +372,7 @@ class _FrameSide:
         admitted = 0
         if not io.flag(None if not enc else content.admitted == 0, _NONE_ADMITTED):
             admitted = io.uniform(None if not enc else content.admitted - 1, ADMIT_BITS) + 1
-        self._admit(admitted)
+        refused = self._admit(io, admitted, content.refused if enc else None)
         order = list(self.table.active)
         counts = self._code_counts(io, order, content)
         if not io.flag(None if not enc else not content.ended, _NO_ENDS):
@@ -392,13 +413,23 @@ class _FrameSide:
         # What the encoder's uniform n is (the longest stream's count), for raw frames too.
         self.last_count = max(map(len, tokens.values()), default=0)
         kept = {s: tuple(t) for s, t in tokens.items() if t}
-        return FrameContent(admitted, kept, ended, withheld)
+        return FrameContent(admitted, kept, ended, withheld, refused)
 
-    def _admit(self, count: int) -> None:
+    def _admit(
+        self, io: _Coder, count: int, refused: Mapping[int, Refusal] | None
+    ) -> dict[int, Refusal]:
+        """The next `count` pending streams join the table, but for those refused, which
+        leave it unprefilled (`refused`: the encoder's; `_retire` forgets them)."""
         if count > len(self.table.pending):
             raise CodecError(f"frame admits {count} streams, {len(self.table.pending)} pending")
-        for state in self.table.admit(count):
-            self._generation_of[state.spec.stream_id].weak.start(state.spec)
+        admitted = self.table.admit(count)
+        out = _code_refusals(io, [state.spec.stream_id for state in admitted], refused)
+        for state in admitted:
+            if state.spec.stream_id in out:
+                self.table.remove(state.spec.stream_id)
+            else:
+                self._generation_of[state.spec.stream_id].weak.start(state.spec)
+        return out
 
     def _code_counts(
         self, io: _Coder, order: list[int], content: FrameContent | None
@@ -460,7 +491,9 @@ class _FrameSide:
             generation.weak.rollback(generation_mark)
 
     def _retire(self, content: FrameContent) -> None:
-        """After a frame: streams that finished or were ended leave the table."""
+        """After a frame: streams that were refused, finished or were ended leave."""
+        for s in content.refused:
+            del self._generation_of[s]
         for s in list(self.table.active):
             if self.table.active[s].finished or s in content.ended:
                 self.table.remove(s)
@@ -469,6 +502,22 @@ class _FrameSide:
                     weak.stop(s)
         if len(self._generations) > 1:
             self._release_idle()
+
+
+def _code_refusals(
+    io: _Coder, admitted: list[int], refused: Mapping[int, Refusal] | None
+) -> dict[int, Refusal]:
+    """Which of the streams just admitted were refused, and why (`refused`: the encoder's)."""
+    if refused is not None and not refused.keys() <= set(admitted):
+        raise ConfigError("a stream can only be refused in the frame that admits it")
+    out = {}
+    for s in admitted:
+        if not io.flag(None if refused is None else s not in refused, _NOT_REFUSED):
+            why = io.uniform(None if refused is None else refused[s], REFUSAL_BITS)
+            if why not in Refusal._value2member_map_:
+                raise CodecError(f"unknown refusal {why}")
+            out[s] = Refusal(why)
+    return out
 
 
 def _code_withheld(io: _Coder, count: int | None) -> int:
@@ -511,6 +560,7 @@ class _Sent:
     """What the encoder keeps of a sent frame, to resend it raw."""
 
     frame_no: int
+    admitted: tuple[int, ...]  # streams it admitted, refused ones included
     order: tuple[int, ...]  # active streams after admission, in coding order
     content: FrameContent
     leaving: tuple[int, ...]  # streams that left the table after it, in coding order
@@ -527,6 +577,7 @@ class FrameEncoder(_FrameSide):
     def encode(self, content: FrameContent) -> tuple[bytes, FrameStats]:
         io = _Writer()
         io.flag(False, _RAW)
+        admitted = tuple(spec.stream_id for spec in list(self.table.pending)[: content.admitted])
         mark = self._mark()
         try:
             coded = self._walk(io, content)
@@ -552,7 +603,8 @@ class FrameEncoder(_FrameSide):
             io.hits,
         )
         leaving = tuple(s for s in order if self.table.active[s].finished or s in coded.ended)
-        self._history[self.frame_no] = _Sent(self.frame_no, tuple(order), coded, leaving)
+        sent = _Sent(self.frame_no, admitted, tuple(order), coded, leaving)
+        self._history[self.frame_no] = sent
         self._history.pop(self.frame_no - self._history_limit, None)
         self._retire(coded)
         self.frame_no += 1
@@ -572,6 +624,7 @@ class FrameEncoder(_FrameSide):
         io.uniform(sent.frame_no, FRAME_NO_BITS)
         if not io.flag(c.admitted == 0, _NONE_ADMITTED):
             io.uniform(c.admitted - 1, ADMIT_BITS)
+        _code_refusals(io, list(sent.admitted), c.refused)
         io.flag(False, _UNIFORM_COUNTS)
         table = self.config.count_table()
         for s in order:
@@ -593,7 +646,8 @@ class FrameEncoder(_FrameSide):
 def _normalized(content: FrameContent) -> FrameContent:
     tokens = {s: tuple(t) for s, t in content.tokens.items() if t}
     withheld = {s: n for s, n in content.withheld.items() if n}
-    return FrameContent(content.admitted, tokens, frozenset(content.ended), withheld)
+    refused = {s: Refusal(why) for s, why in content.refused.items()}
+    return FrameContent(content.admitted, tokens, frozenset(content.ended), withheld, refused)
 
 
 class FrameDecoder(_FrameSide):

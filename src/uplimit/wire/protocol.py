@@ -18,7 +18,8 @@ Downlink byte layout (integers: `uv` = unsigned LEB128 varint, minimal encoding 
     OPEN_STREAM  2   uv stream_id, u64 seed, uv max_tokens, f64 temperature, f64 top_p,
                      uv top_k, uv n, n x uv token, uv m, extra[m]
                      (extra: what the inner's services need besides the coding spec, e.g.
-                     a request id, stop sequences, best-of; opaque to the link)
+                     a request id, stop sequences, best-of; opaque to the link);
+                     stream ids increase from one OPEN_STREAM to the next (`wire.streams`)
     CANCEL       3   uv stream_id
     RESEND       4   uv frame_no      (the decoder's `awaiting_resend`)
     SHUTDOWN     5   (empty)          last message: the outer wants the inner to stop

@@ -78,12 +78,16 @@ class StreamTable:
         self.eos_ids = frozenset(eos_ids)
         self.pending: deque[StreamSpec] = deque()
         self.active: dict[int, StreamState] = {}  # insertion order = coding order
-        self._ids: set[int] = set()
+        # Stream ids increase (the outer counts them), so that no id is used twice is one
+        # comparison, and the table keeps nothing of the streams that left.
+        self._last_id = -1
 
     def add(self, spec: StreamSpec) -> None:
-        if spec.stream_id in self._ids:
-            raise InternalError(f"stream {spec.stream_id} was already added")
-        self._ids.add(spec.stream_id)
+        if spec.stream_id <= self._last_id:
+            raise InternalError(
+                f"stream {spec.stream_id} after stream {self._last_id}: stream ids must increase"
+            )
+        self._last_id = spec.stream_id
         self.pending.append(spec)
 
     def admit(self, count: int) -> list[StreamState]:

@@ -8,9 +8,11 @@ sequences and best_of, under the relay's own stream id, remembered here). What t
 decoder got for it is coded again by this encoder on the relay's ticks: token ids and whether
 the stream ended explicitly, nothing of the inner's frames (bytes, padding, sizes, times).
 
-Streams are admitted to the table at the first tick after they are opened (the outer's own
-timing), as many as the table has room for. Their tokens go up at most K per stream per tick,
-once released (`[relay] release`):
+Streams are admitted to the table in the outer's order, as many as it has room for, once the
+relay knows how they start: released tokens, or an end, or a refusal (the frame that admits a
+stream says whether it is refused: the inner's refusal, or the relay's own when it cannot open
+the stream towards the inner, e.g. a prompt that does not fit its context). Their tokens go up
+at most K per stream per tick, once released (`[relay] release`):
 
 - "stream": when the stream has ended on the inner's link. The outer's frame timing then says
   when each stream ended there, and nothing about when the inner sent which frame.
@@ -18,9 +20,7 @@ once released (`[relay] release`):
   as it is generated; the inner's frame timing reaches the outer rounded to the relay's ticks).
 
 Fail closed: if the relay's link to the inner stops serving, the next frame raises, and the
-serving loop ends the outer's link with END(error). A stream the relay cannot open towards the
-inner (its prompt does not fit the relay's context) ends with no tokens, as the inner ends a
-stream it cannot generate.
+serving loop ends the outer's link with END(error).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from uplimit.errors import InvalidRequest, LinkClosed, LinkError
-from uplimit.outer.service import Choice, OuterService
-from uplimit.wire.frame import ADMIT_BITS, FrameContent, FrameEncoder
+from uplimit.outer.service import Choice, OuterService, PromptTooLong
+from uplimit.wire.frame import ADMIT_BITS, FrameContent, FrameEncoder, Refusal
 from uplimit.wire.request import GenerationRequest
 from uplimit.wire.streams import StreamSpec, ends_stream
 
@@ -49,7 +49,8 @@ class _Forward:
     spec: StreamSpec
     choice: Choice | None = None  # the relay's stream towards the inner; None: never opened
     tokens: tuple[int, ...] = ()  # every token, once final
-    final: bool = False  # ended on the inner's link (or cancelled, or never opened)
+    final: bool = False  # ended on the inner's link (or cancelled)
+    refusal: Refusal | None = None  # refused: by the inner, or by the relay that cannot open it
     sent: int = 0  # tokens coded for the outer so far
     decoded: list[int] = field(default_factory=list)  # the choice's tokens so far ("tick")
 
@@ -103,7 +104,7 @@ class RelayFrames:
             self._streams[spec.stream_id] = forward
             self._pending.append(spec.stream_id)
         if request.withheld_id is not None:  # never sent by an outer whose handshake passed
-            self._end(forward)
+            self._refuse(forward, Refusal.INVALID)
             return
         self._require_upstream()
         try:
@@ -114,8 +115,11 @@ class RelayFrames:
                     best_of=request.best_of,
                 )
             )  # fmt: skip
+        except PromptTooLong:
+            self._refuse(forward, Refusal.CONTEXT)
+            return
         except InvalidRequest:
-            self._end(forward)
+            self._refuse(forward, Refusal.INVALID)
             return
         except LinkClosed as e:
             raise LinkError(f"the relay's link to the inner: {e}") from e
@@ -165,9 +169,19 @@ class RelayFrames:
 
     # --- frames ---------------------------------------------------------------------------
 
-    def _end(self, forward: _Forward) -> None:
+    def _refuse(self, forward: _Forward, why: Refusal) -> None:
         with self._lock:
-            forward.final = True
+            forward.refusal = why
+
+    def _known(self, forward: _Forward) -> bool:
+        """Whether the stream may be admitted: its frame must say if it is refused, so the
+        relay waits until it knows how the stream starts (or, releasing whole streams, ends)."""
+        choice = forward.choice
+        finished = choice.finished if choice is not None else None
+        if choice is not None and finished is not None and finished.refusal is not None:
+            forward.refusal = finished.refusal  # the inner's (INVALID is 0: compare to None)
+            self._upstream.pop(choice.stream_id, None)
+        return forward.final or forward.refusal is not None or bool(self._visible(forward))
 
     def _visible(self, forward: _Forward) -> list[int] | tuple[int, ...]:
         if forward.final:
@@ -178,8 +192,14 @@ class RelayFrames:
         """The next frame's content (under the lock), or None when it would say nothing."""
         k = self._encoder.config.max_tokens_per_stream
         room = min(self._max_streams - len(self._active), (1 << ADMIT_BITS) - 1)
-        admit, self._pending = self._pending[:room], self._pending[room:]
-        order = self._active + admit
+        admit: list[int] = []
+        for sid in self._pending:  # in the outer's order
+            if len(admit) >= room or not self._known(self._streams[sid]):
+                break
+            admit.append(sid)
+        del self._pending[: len(admit)]
+        refused = {sid: why for sid in admit if (why := self._streams[sid].refusal) is not None}
+        order = self._active + [sid for sid in admit if sid not in refused]
         tokens: dict[int, tuple[int, ...]] = {}
         ended: set[int] = set()
         retired: set[int] = set()
@@ -199,6 +219,6 @@ class RelayFrames:
         if not admit and not tokens and not ended:
             return None
         self._active = [sid for sid in order if sid not in retired]
-        for sid in retired:
+        for sid in retired | refused.keys():
             del self._streams[sid]
-        return FrameContent(len(admit), tokens, frozenset(ended))
+        return FrameContent(len(admit), tokens, frozenset(ended), refused=refused)

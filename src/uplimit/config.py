@@ -25,6 +25,9 @@ checks what changes coded bytes; the rest only has to fit.
               (docs/gauge.md: the inner serves a re-gauged copy of the strong model per period)
     [verifier] host, port, verdicts, metrics_port, metrics_host, max_queue (the spot-check
               verifier; the outer's `verifier` and `verify_rate` send it streams)
+    [relay]   host, downlink_port, uplink_port, tick_s, ledger, lifetime/per-day/per-second
+              budget bytes, downlink_log, secret_file, release (`uplimit serve relay`: its
+              uplink to the outer; docs/tiers.md)
 """
 
 from __future__ import annotations
@@ -46,10 +49,12 @@ __all__ = [
     "LinkConfig",
     "ModelsConfig",
     "OuterConfig",
+    "RelayConfig",
     "Side",
     "VerifierConfig",
     "link_secret_path",
     "load_config",
+    "relay_secret_path",
     "rollout_record_path",
 ]
 
@@ -187,6 +192,49 @@ class VerifierConfig:
             raise ConfigError(f"verifier.max_queue must be >= 1, got {self.max_queue}")
 
 
+# --- the relay tier (docs/tiers.md) ------------------------------------------------------------
+
+RELEASES = ("stream", "tick")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """`uplimit serve relay`: the link it uploads to the outer on, metered like an inner's.
+
+    Towards the inner the relay is an outer ([link], [coding], [models]); its own users get
+    the outer's API ([outer]). Only its uplink is configured here."""
+
+    host: str = "127.0.0.1"  # the outer's link address: the relay connects out to it
+    downlink_port: int = 7311
+    uplink_port: int = 7312
+    tick_s: float = 0.1
+    ledger: str = ""  # SQLite path or postgresql:// URL; "": $UPLIMIT_HOME/relay-ledger.db
+    lifetime_budget_bytes: int = 0  # 0: the relay's own receive budget ([link])
+    per_day_budget_bytes: int = 0  # 0: none
+    per_second_budget_bytes: int = 0  # 0: none
+    downlink_log: str = ""  # "": $UPLIMIT_HOME/relay-downlink.jsonl
+    secret_file: str = ""  # the relay-outer link's secret; "": $UPLIMIT_HOME/relay.secret
+    # When the outer's streams go up: "stream" once a stream has ended on the inner's link
+    # (the outer's timing says when streams ended, no more), "tick" at each relay tick (text
+    # streams, and the inner's frame timing reaches the outer rounded to the relay's ticks).
+    release: str = "stream"
+
+    def __post_init__(self) -> None:
+        if self.release not in RELEASES:
+            raise ConfigError(f"relay.release must be one of {', '.join(RELEASES)}")
+        if not self.tick_s > 0:  # NaN too
+            raise ConfigError(f"relay.tick_s must be > 0, got {self.tick_s}")
+
+
+def relay_secret_path(config: Config) -> Path:
+    """The relay-outer link's secret (`[relay] secret_file`; the outer's `[link] secret_file`
+    names the same bytes)."""
+    return config.path(config.relay.secret_file, "relay.secret")
+
+
+# --- end of the relay tier ---------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -196,6 +244,7 @@ class Config:
     outer: OuterConfig = field(default_factory=OuterConfig)
     gauge: GaugeConfig = field(default_factory=GaugeConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
 
     @property
     def reasoning(self) -> tuple[str, str] | None:

@@ -12,21 +12,16 @@ Stopping: SIGTERM to `serve both` while a request is still generating ends the p
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
 from support.config import link_files, tiny_models, write_config
 from support.net import free_port
+from support.processes import UPLIMIT, Processes, healthy, metric
 from uplimit.inner.confine import UNCONFINED_ALARM
-
-UPLIMIT = str(Path(sys.executable).with_name("uplimit"))
 
 # `uplimit serve inner` with the red team's dishonest scheduler swapped in: nothing in the
 # command or its configuration can do this (docs/security.md); a test can.
@@ -47,65 +42,6 @@ from uplimit.cli import main
 sys.argv = ["uplimit", "serve", "inner", "--unconfined", "--config", sys.argv[1]]
 main()
 """
-
-
-class Processes:
-    """Started processes, each logging to a file; all stopped at the end, pass or fail."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.dir = tmp_path
-        self.env = {**os.environ, "UPLIMIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def init_ledger(self, config: Path) -> None:
-        """`uplimit budget init`: serving refuses a ledger that was never initialised."""
-        subprocess.run([UPLIMIT, "budget", "init", "--config", str(config)], env=self.env,
-                       check=True, capture_output=True, timeout=120)  # fmt: skip
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = (self.dir / f"{name}.log").open("w")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.dir / f"{name}.log").read_text()
-
-    def wait_for(self, condition, what: str, timeout_s: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() not in (None, 0)}
-            if dead or time.monotonic() > deadline:
-                logs = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
-                raise AssertionError(f"waiting for {what}; exited: {dead}\n{logs}")
-            time.sleep(0.1)
-
-    def stop(self, name: str, timeout_s: float = 60.0) -> int:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name, 10)
-
-
-def _metric(url: str, name: str, labels: str = "") -> float:
-    text = httpx.get(url, timeout=10).text
-    found = re.search(rf"^{name}(?:\{{{labels}\}})? (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _complete(url: str, **body) -> dict:
@@ -148,7 +84,7 @@ def test_honest_streams_agree_and_a_dishonest_inner_is_caught(tiny_pair_dirs, tm
         # Unconfined: the tiny pair lies where only root can read it (test_confined_inner.py)
         procs.start("inner", [UPLIMIT, "serve", "inner", "--unconfined", *cfg])
         procs.wait_for(lambda: "listening on" in procs.log("verifier"), "the verifier")
-        procs.wait_for(lambda: _healthy(url), "the link")
+        procs.wait_for(lambda: healthy(url), "the link")
 
         # Honest traffic: 5 streams, every one sent to the verifier.
         _complete(url, temperature=0.0)
@@ -161,10 +97,10 @@ def test_honest_streams_agree_and_a_dishonest_inner_is_caught(tiny_pair_dirs, tm
         assert sorted(v["checked_tokens"] > 0 for v in honest) == [True] * 5
         assert {v["seed"] for v in honest} >= {3, 9, 11}
         assert stopped["choices"][0]["finish_reason"] in ("stop", "length")
-        assert _metric(outer_url, "uplimit_spotchecks_total", 'outcome="sent"') == 5
-        assert _metric(outer_url, "uplimit_alarms_total", 'kind="verifier"') == 0
-        assert _metric(verifier_url, "uplimit_checks_total", 'outcome="agree"') == 5
-        assert _metric(verifier_url, "uplimit_alarms_total", 'kind="spotcheck"') == 0
+        assert metric(outer_url, "uplimit_spotchecks_total", 'outcome="sent"') == 5
+        assert metric(outer_url, "uplimit_alarms_total", 'kind="verifier"') == 0
+        assert metric(verifier_url, "uplimit_checks_total", 'outcome="agree"') == 5
+        assert metric(verifier_url, "uplimit_alarms_total", 'kind="spotcheck"') == 0
         assert "ALARM" not in procs.log("verifier") + procs.log("outer")
 
         # One link serves one inner: stop both, then a new outer and a dishonest inner.
@@ -175,18 +111,18 @@ def test_honest_streams_agree_and_a_dishonest_inner_is_caught(tiny_pair_dirs, tm
         assert "link ended (shutdown)" in procs.log("inner")
         procs.start("outer2", [UPLIMIT, "serve", "outer", *cfg])
         procs.start("dishonest", [sys.executable, "-c", _DISHONEST_INNER, str(config)])
-        procs.wait_for(lambda: _healthy(url), "the second link")
+        procs.wait_for(lambda: healthy(url), "the second link")
         for seed in (1, 2):
             _complete(url, temperature=0.7, seed=seed, n=3)
         procs.wait_for(lambda: len(lines()) == 11, "6 more verdicts", 120)
         caught = [v for v in lines()[5:] if not v["agree"]]
         assert caught, lines()[5:]
         assert all(v["first_difference"] < v["checked_tokens"] for v in caught)
-        alarms = _metric(verifier_url, "uplimit_alarms_total", 'kind="spotcheck"')
-        assert alarms == len(caught) == _metric(verifier_url, "uplimit_checks_total",
+        alarms = metric(verifier_url, "uplimit_alarms_total", 'kind="spotcheck"')
+        assert alarms == len(caught) == metric(verifier_url, "uplimit_checks_total",
                                                 'outcome="disagree"')  # fmt: skip
         assert procs.log("verifier").count("ALARM spotcheck") == len(caught)
-        assert _metric(verifier_url, "uplimit_alarms_total", 'kind="protocol"') == 0
+        assert metric(verifier_url, "uplimit_alarms_total", 'kind="protocol"') == 0
     finally:
         procs.stop_all()
 
@@ -209,7 +145,7 @@ def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dir
     try:
         procs.init_ledger(config)
         procs.start("both", [UPLIMIT, "serve", "both", "--unconfined", "--config", str(config)])
-        procs.wait_for(lambda: _healthy(url), "the link")
+        procs.wait_for(lambda: healthy(url), "the link")
         body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 400, "temperature": 1.0}
         client = subprocess.Popen(  # a non-streaming request that will not finish by itself
             [sys.executable, "-c", f"import httpx; httpx.post('{url}/v1/completions',"
@@ -217,7 +153,7 @@ def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dir
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         # In flight: its first tokens have been decoded (it is the only request).
-        procs.wait_for(lambda: _metric(metrics, "uplimit_tokens_total") > 0, "the first tokens")
+        procs.wait_for(lambda: metric(metrics, "uplimit_tokens_total") > 0, "the first tokens")
         assert client.poll() is None  # still waiting for its answer
         started = time.monotonic()
         assert procs.stop("both", timeout_s=120) == 0

@@ -1,7 +1,8 @@
 """The house rules on imports (DESIGN.md, Layout), as import-linter contracts in pyproject.toml.
 
 inner and outer never import each other; models never import coding; coding and wire do no
-I/O; config is a leaf; redteam is imported by nothing that serves.
+I/O; config is a leaf; redteam is imported by nothing that serves; the relay never imports inner
+(it holds no strong model), and neither side imports the relay.
 """
 
 import tomllib

@@ -19,10 +19,11 @@ from uplimit.errors import ConfigError
 
 @app.command(rich_help_panel="Operate")
 def meters(
-    config: Path | None = typer.Option(
+    config: list[Path] | None = typer.Option(
         None,
         help="The served system's config: its ledger, receive counter and kernel meter"
-        " ([outer] kernel_meter), unless given below.",
+        " ([outer] kernel_meter), unless given below. Repeat it for each link of a deployment"
+        " with a relay (docs/tiers.md): the relay's config, then the outer's.",
     ),
     ledger: str | None = typer.Option(None, help="Inner ledger: SQLite file or PostgreSQL URL."),
     budget: str | None = typer.Option(None, help="Budget name [SQLite: link, PostgreSQL: global]."),
@@ -35,50 +36,65 @@ def meters(
     """Ledger, outer count and kernel count side by side; exit 1 if they disagree.
 
     Overhead (IP/TCP headers; ACKs the inner sends for downlink traffic) is shown apart.
+    With several --config, one link each: JSON is then a list, each with its "config".
     """
     import json
 
     from uplimit.link.agreement import as_json, checks, figures, read_meters
 
-    if config is not None:
-        from uplimit.config import load_config
-        from uplimit.inner.serve import ledger_location
+    configs = config or []
+    if len(configs) > 1 and (ledger or received or kernel):
+        raise ConfigError("--ledger, --received and --kernel name one link: give one --config")
+    links = []
+    for path in configs or [None]:
+        book, count, meter = ledger, received, kernel
+        if path is not None:
+            from uplimit.config import load_config
+            from uplimit.inner.serve import ledger_location
 
-        cfg = load_config(config)
-        ledger = ledger or ledger_location(cfg)
-        received = received or cfg.path(cfg.link.receive_counter, "received.db")
-        kernel = kernel or cfg.outer.kernel_meter or None
-    readings = read_meters(
-        ledger=ledger, budget=budget, received=received, counter=counter, kernel=kernel
-    )
-    found = checks(readings, slack)
+            cfg = load_config(path)
+            book = ledger or ledger_location(cfg)
+            count = received or cfg.path(cfg.link.receive_counter, "received.db")
+            meter = kernel or cfg.outer.kernel_meter or None
+        readings = read_meters(
+            ledger=book, budget=budget, received=count, counter=counter, kernel=meter
+        )
+        links.append((path, readings, checks(readings, slack)))
     if json_out:
-        print(json.dumps(as_json(readings, found), indent=2))
+        found = [{"config": str(p), **as_json(r, c)} for p, r, c in links]
+        print(json.dumps(found if len(links) > 1 else as_json(*links[0][1:]), indent=2))
     else:
-        table = Table("meter", "bytes", "", title="uplimit meters")
-        for row in figures(readings):
-            table.add_row(*row)
-        Console().print(table)
-        for c in found:
-            mark = "[green]agree[/green]" if c.ok else "[red]DISAGREE[/red]"
-            Console().print(f"{mark}  {c.name}: {c.detail}")
-    if not all(c.ok for c in found):
+        for path, readings, found in links:
+            title = "uplimit meters" + (f" ({path})" if len(links) > 1 else "")
+            table = Table("meter", "bytes", "", title=title)
+            for row in figures(readings):
+                table.add_row(*row)
+            Console().print(table)
+            for c in found:
+                mark = "[green]agree[/green]" if c.ok else "[red]DISAGREE[/red]"
+                Console().print(f"{mark}  {c.name}: {c.detail}")
+    if not all(c.ok for _, _, found in links for c in found):
         raise typer.Exit(1)
+
+
+RELAY_SECRET_HELP = "The relay's link to the outer instead: [relay] secret_file (docs/tiers.md)."
+RELAY_LEDGER_HELP = "The relay's ledger instead: [relay] ledger and budgets (docs/tiers.md)."
 
 
 @app.command("link-secret", rich_help_panel="Operate")
 def link_secret(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    relay: bool = typer.Option(False, "--relay", help=RELAY_SECRET_HELP),
 ) -> None:
     """Create the link's shared secret, [link] secret_file (0600; never overwrites one).
 
     Copy the file to the other side over a channel you trust: both sides prove they hold it
     before the outer takes an inner (docs/link.md)."""
-    from uplimit.config import link_secret_path, load_config
+    from uplimit.config import link_secret_path, load_config, relay_secret_path
     from uplimit.link.auth import create_secret
 
     cfg = load_config(config)
-    path = create_secret(link_secret_path(cfg))
+    path = create_secret(relay_secret_path(cfg) if relay else link_secret_path(cfg))
     console.print(f"link secret written to {path} (0600): copy it to the other side")
 
 
@@ -146,6 +162,7 @@ app.add_typer(budget_app, name="budget", rich_help_panel="Operate")
 def budget_init(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
     ledger: str | None = typer.Option(None, help="Ledger: SQLite path or URL [link.ledger]."),
+    relay: bool = typer.Option(False, "--relay", help=RELAY_LEDGER_HELP),
 ) -> None:
     """Create the ledger with the configured budgets, its creation time and a random id.
 
@@ -154,9 +171,13 @@ def budget_init(
     from uplimit.config import load_config
     from uplimit.inner.serve import budgets_for, ledger_location
     from uplimit.link.ledger import init_ledger
+    from uplimit.relay.serve import relay_budgets, relay_ledger_location
 
     cfg = load_config(config)
-    state = init_ledger(ledger or ledger_location(cfg), budgets_for(cfg))
+    if relay:
+        state = init_ledger(ledger or relay_ledger_location(cfg), relay_budgets(cfg))
+    else:
+        state = init_ledger(ledger or ledger_location(cfg), budgets_for(cfg))
     console.print(
         f"ledger {state.ledger_id} initialised: budget {state.name!r},"
         f" lifetime {state.budgets.lifetime_bytes:,} bytes, per day"

@@ -1,4 +1,4 @@
-"""`uplimit serve inner|outer|both|verifier`, `rollout`, `demo`: the running system."""
+"""`uplimit serve inner|outer|both|relay|verifier`, `rollout`, `demo`: the running system."""
 
 from __future__ import annotations
 
@@ -132,6 +132,29 @@ def serve_both_cmd(
     asyncio.run(serve_both(run_inner, outer_cfg, outer_weak, on_listening=listening))
 
 
+@serve_app.command("relay")
+def serve_relay_cmd(
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+) -> None:
+    """The intermediate tier (docs/tiers.md), re-coding the outer's streams with the weak model.
+
+    Towards the inner it is an outer (the link and outer sections: its own users' API, whose
+    text stays here); towards the outer it is an inner (the relay section: its own ledger,
+    budgets and ticks)."""
+    import asyncio
+
+    from uplimit.config import load_config
+    from uplimit.relay.serve import serve_relay
+
+    cfg = load_config(config)
+    weak = load_service_models(cfg, ("weak",))["weak"]
+
+    def listening() -> None:
+        console.print(f"relay: API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
+
+    asyncio.run(serve_relay(cfg, weak, on_listening=listening))
+
+
 @serve_app.command("verifier")
 def serve_verifier_cmd(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
@@ -202,16 +225,28 @@ def demo(
     max_tokens: int = typer.Option(96, help="Tokens per answer at most."),
     clients: int = typer.Option(32, help="Then this many clients at once (0: skip)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the figures here."),
+    tiers: int = typer.Option(
+        2, help="3: inner, relay and outer (docs/tiers.md); a researcher asks on the relay."
+    ),
 ) -> None:
     """Serve a few prompts through the real inner/outer processes; show every uploaded bit.
 
     Starts both sides on loopback (the inner behind the kernel quota in its own network
     namespace when root), asks through the official `openai` client at T=0 and T=0.7, and
     prints each answer with its uploaded bits and what gzip would need; then many clients ask
-    at once, for the figure at scale (`make demo`).
+    at once, for the figure at scale (`make demo`). With --tiers 3 a relay sits between them:
+    one researcher's question on the relay, the users' at the outer, and each link's figures
+    (--clients does not apply).
     """
-    from uplimit.demo import run_service_demo
-
     if clients < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--clients")
+    if tiers not in (2, 3):
+        raise typer.BadParameter("2 or 3", param_hint="--tiers")
+    if tiers == 3:
+        from uplimit.demo_tiers import run_tiers_demo
+
+        run_tiers_demo(Console(), max_tokens=max_tokens, json_out=json_out)
+        return
+    from uplimit.demo import run_service_demo
+
     run_service_demo(Console(), max_tokens=max_tokens, clients=clients, json_out=json_out)

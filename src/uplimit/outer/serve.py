@@ -14,7 +14,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -64,9 +64,11 @@ async def serve_outer(
     *,
     link_host: str | None = None,
     on_listening: Callable[[], None] | None = None,
+    beside: Callable[[OuterService], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until the HTTP server exits (a signal) or this is cancelled; then shut the link
-    down (SHUTDOWN, so the inner stops too)."""
+    down (SHUTDOWN, so the inner stops too). `beside(service)` runs alongside the server
+    (the relay's uplink, `relay.serve`): if it fails, serving stops and its error is raised."""
     calibration = configured_calibration(config.models, weak.info.file_sha256)
     coding = config.coding
     frame_config = FrameConfig(
@@ -140,6 +142,9 @@ async def serve_outer(
             )
         )  # fmt: skip
         serving = asyncio.create_task(server.serve())
+        companion = asyncio.create_task(beside(service)) if beside is not None else None
+        if companion is not None:
+            companion.add_done_callback(lambda t: _stop_on_failure(t, server))
         try:
             with _signals_stop(server):
                 while not server.started and not serving.done():
@@ -150,6 +155,10 @@ async def serve_outer(
         finally:  # also when cancelled: let uvicorn close its connections first
             server.should_exit = True
             await asyncio.wait([serving])
+            if companion is not None:
+                companion.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await companion  # raises what it failed with
     finally:
         log.info("outer: shutting the link down")
         with contextlib.suppress(Exception):
@@ -166,6 +175,11 @@ async def serve_outer(
         decoder.close()  # the weak models a rollout brought
         session.close()
         counter.close()
+
+
+def _stop_on_failure(task: asyncio.Task[None], server: uvicorn.Server) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        server.should_exit = True
 
 
 def receive_budget_bytes(config: Config) -> int:

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import itertools
 import socket
 import sys
 import time
@@ -84,6 +85,7 @@ __all__ = [
     "StegoAttack",
     "TimingAttack",
     "honest",
+    "timing_symbols",
 ]
 
 Prompts = Sequence[Sequence[int]]
@@ -236,6 +238,16 @@ class TimingSource:
         return frame
 
 
+def timing_symbols(
+    arrivals: Sequence[float], tick_s: float, unit_ticks: int, bits: int
+) -> list[int]:
+    """The symbols an accomplice reads from frame arrival times (`TimingSource`): the first
+    frame has no gap before it; symbol k rides on the gap before frame k."""
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    top = (1 << bits) - 1
+    return [min(top, max(0, round((g / tick_s - 1) / unit_ticks))) for g in gaps]
+
+
 class _ArrivalTap(Tap):
     def __init__(self) -> None:
         self.arrivals: list[float] = []
@@ -264,10 +276,7 @@ class TimingAttack:
 
         out = await live.run(self.name, inner, prompts, self.temperature, tap=tap)
         sent = sources[0].symbols if sources else []
-        # The first frame has no gap before it; symbol k rides on the gap before frame k.
-        gaps = [b - a for a, b in zip(tap.arrivals, tap.arrivals[1:], strict=False)]
-        top = (1 << self.bits) - 1
-        read = [min(top, max(0, round((g / tick - 1) / self.unit_ticks))) for g in gaps]
+        read = timing_symbols(tap.arrivals, tick, self.unit_ticks, self.bits)
         correct = sum(
             self.bits - bin(s ^ r).count("1") for s, r in zip(sent[1:], read, strict=False)
         )

@@ -1,0 +1,221 @@
+"""`uplimit demo --tiers 3`: inner, relay and outer as separate processes (docs/tiers.md).
+
+    researcher --HTTP--> relay process <--link 1--> inner process (confined as root)
+    users --HTTP--> outer process <--link 2--> relay process
+
+The inner and the relay read the two-tier demo's config (`demo._config`: the relay is that
+file's outer, and its `[relay]` section is link 2); the outer has its own file, naming link 2's
+ports and secret and the relay's ledger. A researcher's question is answered on the relay
+while the users' questions go to the outer, all at once; then each link's figures: what its
+ledger charged (wire and timing) and the tokens it carried. On exit the outer, then the relay
+are sent SIGTERM (SHUTDOWN goes down each link), and the inner stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from uplimit.demo import (
+    DEMO_PROMPTS,
+    MODEL_NAME,
+    STOP_TIMEOUT_S,
+    Answer,
+    _ask,
+    _charged,
+    _config,
+    _free_port,
+    _ledger,
+    _panel,
+    _readable_models,
+    _uplimit,
+    _wait_serving,
+)
+from uplimit.errors import BackendError
+from uplimit.link.auth import create_secret
+from uplimit.link.budget import Budgets
+from uplimit.link.kernel import available
+from uplimit.link.ledger import init_ledger
+from uplimit.models import store
+
+__all__ = ["RESEARCH_PROMPT", "run_tiers_demo"]
+
+# Written for the demo: a question for a researcher in the intermediate tier.
+RESEARCH_PROMPT = "Write a Python function that checks whether a string is a palindrome."
+USER_TEMPERATURE = 0.7
+
+
+def _configs(workdir: Path, meter: str, budget: int) -> tuple[Path, Path, int, int]:
+    """(the inner's and relay's config, the outer's, the relay's HTTP port, the outer's)."""
+    models = _readable_models(workdir)
+    shared, relay_port = _config(workdir, models, meter, budget, len(DEMO_PROMPTS) + 1)
+    secret = create_secret(workdir / "relay.secret")
+    up, down = _free_port(), _free_port()
+    with shared.open("a") as f:
+        f.write(
+            f"""[relay]
+downlink_port = {down}
+uplink_port = {up}
+ledger = "{workdir / "relay-ledger.db"}"
+lifetime_budget_bytes = {budget}
+downlink_log = "{workdir / "relay-downlink.jsonl"}"
+secret_file = "{secret}"
+"""
+        )
+    outer, port = workdir / "outer.toml", _free_port()
+    outer.write_text(
+        f"""[models]
+strong = "{models[0]}"
+weak = "{models[1]}"
+threads = 1
+[coding]
+max_streams = {len(DEMO_PROMPTS) + 1}
+max_context = 1024
+[link]
+downlink_port = {down}
+uplink_port = {up}
+ledger = "{workdir / "relay-ledger.db"}"
+lifetime_budget_bytes = {budget}
+receive_counter = "{workdir / "outer-received.db"}"
+secret_file = "{secret}"
+[outer]
+port = {port}
+model_name = "{MODEL_NAME}"
+metrics_port = 0
+"""
+    )
+    return shared, outer, relay_port, port
+
+
+@contextlib.contextmanager
+def _tiers(workdir: Path, shared: Path, outer: Path, confined: bool) -> Iterator[dict]:
+    """Start outer, relay, inner; on exit stop them in that order and leave nothing behind."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = {
+        "outer": _uplimit("serve", "outer", "--config", str(outer)),
+        "relay": _uplimit("serve", "relay", "--config", str(shared)),
+        "inner": _uplimit("serve", "inner", "--config", str(shared))
+        + ([] if confined else ["--unconfined"]),
+    }
+    procs: dict[str, subprocess.Popen] = {}
+    logs = {name: open(workdir / f"{name}.log", "w") for name in argv}  # noqa: SIM115
+    try:
+        for name, args in argv.items():
+            procs[name] = subprocess.Popen(
+                args, stdout=logs[name], stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        yield procs
+    finally:
+        for name, proc in procs.items():  # the inner stops when the relay's SHUTDOWN comes
+            if name == "inner":
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(STOP_TIMEOUT_S)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for log in logs.values():
+            log.close()
+
+
+async def _questions(
+    relay_url: str, outer_url: str, max_tokens: int, console: Console
+) -> tuple[list[Answer], list[Answer], float]:
+    """The researcher's question on the relay and the users' at the outer, all at once."""
+    research = [Answer(RESEARCH_PROMPT, 0.0)]
+    users = [Answer(p, USER_TEMPERATURE) for p in DEMO_PROMPTS]
+    clients = [
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=0)
+        for url in (relay_url, outer_url)
+    ]
+    t0 = time.monotonic()
+    try:
+        with Progress(console=console, transient=True) as progress:
+            asks = []
+            for i, (client, answer) in enumerate(
+                [(clients[0], a) for a in research] + [(clients[1], a) for a in users]
+            ):
+                task = progress.add_task(f"{answer.prompt[:40]}... (chars)", total=None)
+                asks.append(_ask(client, answer, max_tokens, i, progress, task))
+            await asyncio.gather(*asks)
+    finally:
+        for client in clients:
+            await client.close()
+    return research, users, time.monotonic() - t0
+
+
+def run_tiers_demo(console: Console, *, max_tokens: int = 96, json_out: Path | None = None) -> dict:
+    """The three-tier demo (module doc); returns its figures (what `json_out` gets)."""
+    strong = store.status(store.STRONG)
+    if not strong.verified or not store.status(store.WEAK).verified:
+        raise BackendError("the model pair is not fetched: run `uplimit models fetch`")
+    budget = Budgets.default_for(strong.path.stat().st_size).lifetime_bytes
+    workdir = Path(tempfile.mkdtemp(prefix="uplimit-tiers-"))
+    workdir.chmod(0o755)  # the confined inner's user reads its config and the models here
+    can = available()
+    meter = f"tiers{os.getpid() % 100000}"
+    where = "the inner confined behind the kernel quota" if can.ok else "the inner unconfined"
+    console.print(f"uplimit demo --tiers 3: inner, relay, outer processes, {where}; {workdir}")
+    shared, outer, relay_port, outer_port = _configs(workdir, meter, budget)
+    ledgers = {"inner->relay": workdir / "ledger" / "ledger.db",
+               "relay->outer": workdir / "relay-ledger.db"}  # fmt: skip
+    for path in ledgers.values():
+        init_ledger(path, Budgets(budget))  # `uplimit budget init [--relay]`
+    relay_url, outer_url = f"http://127.0.0.1:{relay_port}", f"http://127.0.0.1:{outer_port}"
+    try:
+        with _tiers(workdir, shared, outer, can.ok) as procs:
+            for url in (relay_url, outer_url):
+                asyncio.run(_wait_serving(url, procs, workdir, console))
+            console.print("both links up (models loaded, fingerprints agree)")
+            before = {name: _ledger(path) for name, path in ledgers.items()}
+            research, users, seconds = asyncio.run(
+                _questions(relay_url, outer_url, max_tokens, console)
+            )
+            after = {name: _ledger(path) for name, path in ledgers.items()}
+    finally:
+        for model in workdir.glob("*.gguf"):  # links or copies of the pair: the originals stay
+            model.unlink(missing_ok=True)
+    for a in research + users:
+        console.print(_panel(a))
+    carried = {"inner->relay": research + users, "relay->outer": users}
+    figures = {
+        "links": [
+            {"name": name, **_charged(before[name], after[name]),
+             "tokens": sum(a.tokens for a in carried[name])}
+            for name in ledgers
+        ],
+        "relay_answers": [_answer(a) for a in research],
+        "outer_answers": [_answer(a) for a in users],
+        "seconds": seconds,
+    }  # fmt: skip
+    table = Table("link", "charged bytes", "of which timing", "tokens", "bits/token (all-in)")
+    for link in figures["links"]:
+        per_token = 8 * link["charged_bytes"] / max(link["tokens"], 1)
+        table.add_row(link["name"], f"{link['charged_bytes']:,}", f"{link['timing_bytes']:,}",
+                      str(link["tokens"]), f"{per_token:.3f}")  # fmt: skip
+    console.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(figures, indent=2))
+        console.print(f"wrote {json_out}")
+    return figures
+
+
+def _answer(a: Answer) -> dict:
+    return {"prompt": a.prompt, "temperature": a.temperature, "finish": a.finish,
+            "tokens": a.tokens, "text": a.text}  # fmt: skip

@@ -1,0 +1,267 @@
+"""The relay tier (docs/tiers.md) as three processes on the tiny pair: `serve inner`,
+`serve relay`, `serve outer`, each with its own config, ledger or receive counter.
+
+- A relay user's answer and an outer user's answer are both the strong model's own text.
+- Each link's ledger is charged for its own bytes only: the relay's user makes the inner's
+  ledger grow, not the relay's; the outer's user makes both grow; each link's receive count
+  agrees with its ledger (`uplimit meters`).
+- The relay or the inner killed (-9), or the relay restarted, while an outer user's stream is
+  in flight: that request and the next get OpenAI-shaped errors at the outer (fail closed; the
+  relay ends the outer's link with END(error) when the inner's link fails; a link serves one
+  peer, so the outer stays closed after a relay restart until it is restarted too).
+- The relay's budget exhausted: END up to the outer, whose users get the budget's 503.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support.config import tiny_models, write_config
+from support.net import free_port
+from support.processes import UPLIMIT, Processes, healthy, metric
+from uplimit.coding.generate import Request, generate
+from uplimit.coding.sampling import SamplingParams
+from uplimit.link.agreement import as_json, checks, read_meters
+from uplimit.link.auth import create_secret
+from uplimit.models import store
+from uplimit.wire.request import choice_seed
+
+PROMPT = "def add(a, b):"
+CODING = {"frame_tokens": 4, "max_streams": 8, "max_context": 256}
+
+
+class Tiers:
+    """The three configs of one deployment on loopback (files under `tmp_path`)."""
+
+    def __init__(
+        self, tmp_path: Path, models: dict, relay: dict, inner_tick_s: float = 0.02
+    ) -> None:
+        inner_secret, relay_secret = tmp_path / "inner.secret", tmp_path / "relay.secret"
+        create_secret(inner_secret)
+        create_secret(relay_secret)
+        self.inner_ledger, self.relay_ledger = tmp_path / "inner.db", tmp_path / "relay.db"
+        self.relay_received = tmp_path / "relay-received.db"
+        self.outer_received = tmp_path / "outer-received.db"
+        inner_link = {"downlink_port": free_port(), "uplink_port": free_port(),
+                      "lifetime_budget_bytes": 1_000_000, "secret_file": inner_secret}  # fmt: skip
+        relay_link = {"downlink_port": free_port(), "uplink_port": free_port(),
+                      "secret_file": relay_secret}  # fmt: skip
+        self.relay_port, self.outer_port = free_port(), free_port()
+        self.relay_metrics, self.outer_metrics = free_port(), free_port()
+        self.inner = write_config(tmp_path / "inner.toml", {
+            "models": models, "coding": CODING,
+            "link": {**inner_link, "tick_s": inner_tick_s, "ledger": self.inner_ledger,
+                     "downlink_log": tmp_path / "inner-downlink.jsonl"},
+            "inner": {"max_batch": 4, "frame_delay_s": 0, "audit": tmp_path / "audit.db"},
+        })  # fmt: skip
+        self.relay = write_config(tmp_path / "relay.toml", {
+            "models": models, "coding": CODING,
+            "link": {**inner_link, "receive_counter": self.relay_received,
+                     "ledger": self.inner_ledger},
+            "outer": {"port": self.relay_port, "metrics_port": self.relay_metrics,
+                      "model_name": "tiny"},
+            "relay": {**relay_link, "tick_s": 0.02, "ledger": self.relay_ledger,
+                      "downlink_log": tmp_path / "relay-downlink.jsonl", **relay},
+        })  # fmt: skip
+        budget = self.relay.relay.lifetime_budget_bytes or 1_000_000
+        self.outer = write_config(tmp_path / "outer.toml", {
+            "models": models, "coding": CODING,
+            "link": {**relay_link, "lifetime_budget_bytes": budget,
+                     "receive_counter": self.outer_received, "ledger": self.relay_ledger},
+            "outer": {"port": self.outer_port, "metrics_port": self.outer_metrics,
+                      "model_name": "tiny"},
+        })  # fmt: skip
+        self.paths = {name: tmp_path / f"{name}.toml" for name in ("inner", "relay", "outer")}
+
+    @property
+    def relay_url(self) -> str:
+        return f"http://127.0.0.1:{self.relay_port}"
+
+    @property
+    def outer_url(self) -> str:
+        return f"http://127.0.0.1:{self.outer_port}"
+
+    def start(self, procs: Processes) -> None:
+        procs.init_ledger(self.paths["inner"])
+        procs.init_ledger(self.paths["relay"], "--relay")
+        procs.start("outer", [UPLIMIT, "serve", "outer", "--config", str(self.paths["outer"])])
+        procs.start("relay", [UPLIMIT, "serve", "relay", "--config", str(self.paths["relay"])])
+        # Unconfined: the tiny pair lies where only root can read it (test_confined_inner.py)
+        inner = [UPLIMIT, "serve", "inner", "--unconfined", "--config", str(self.paths["inner"])]
+        procs.start("inner", inner)
+        procs.wait_for(lambda: healthy(self.relay_url), "the inner's link to the relay")
+        procs.wait_for(lambda: healthy(self.outer_url), "the relay's link to the outer")
+
+    def meters(self) -> tuple[dict, dict]:
+        """Both links' meters as `uplimit meters --json` shows them: inner -> relay, relay ->
+        outer (read here; `test_relay_and_outer_users...` runs the command once)."""
+        inner = read_meters(ledger=str(self.inner_ledger), received=self.relay_received)
+        relay = read_meters(ledger=str(self.relay_ledger), received=self.outer_received)
+        return as_json(inner, checks(inner)), as_json(relay, checks(relay))
+
+
+def _ask(url: str, timeout_s: float = 120, **body) -> httpx.Response:
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 24, **body}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout_s)
+
+
+def _strong_text(strong, temperature: float, seed: int, max_tokens: int) -> str:
+    prompt = tuple(strong.tokenize(PROMPT))
+    [gen], _ = generate(strong, [Request(prompt, SamplingParams(temperature), seed, max_tokens)])
+    return strong.detokenize([t for t in gen.tokens if t not in strong.info.eos_ids])
+
+
+def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes(
+    tiny_pair_dirs, tiny_strong, tmp_path
+):
+    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "stream"})
+    procs = Processes(tmp_path)
+    try:
+        tiers.start(procs)
+        inner_before, relay_before = tiers.meters()
+
+        # The relay's own user: the inner uploads to the relay, the relay nothing to the outer.
+        r = _ask(tiers.relay_url, temperature=0.7, seed=5)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.7, 5, 24)
+        inner_mid, relay_mid = tiers.meters()
+        assert inner_mid["ledger"]["wire_bytes"] > inner_before["ledger"]["wire_bytes"]
+        assert relay_mid["ledger"] == relay_before["ledger"]
+        assert relay_mid["received_bytes"] == relay_before["received_bytes"]
+
+        # The outer's users (T=0 and T>0, n=2): through the relay, re-coded there.
+        r0 = _ask(tiers.outer_url, temperature=0.0)
+        r1 = _ask(tiers.outer_url, temperature=0.7, seed=9, n=2)
+        assert r0.status_code == 200 and r1.status_code == 200, (r0.text, r1.text)
+        assert r0.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.0, 0, 24)
+        texts = [c["text"] for c in sorted(r1.json()["choices"], key=lambda c: c["index"])]
+        assert texts == [_strong_text(tiny_strong, 0.7, choice_seed(9, i), 24) for i in (0, 1)]
+        inner_after, relay_after = tiers.meters()
+        assert inner_after["ledger"]["wire_bytes"] > inner_mid["ledger"]["wire_bytes"]
+        assert relay_after["ledger"]["wire_bytes"] > relay_mid["ledger"]["wire_bytes"]
+        # Each link's meters agree: what its receiver read, its ledger charged first.
+        assert inner_after["agree"] and relay_after["agree"], (inner_after, relay_after)
+        assert 0 < relay_after["received_bytes"] <= relay_after["ledger"]["wire_bytes"]
+        assert metric(f"http://127.0.0.1:{tiers.outer_metrics}/metrics", "uplimit_tokens_total")
+        assert "ALARM" not in procs.log("relay") + procs.log("outer")
+        # `uplimit meters` across both links: the relay's config, then the outer's.
+        configs = ["--config", str(tiers.paths["relay"]), "--config", str(tiers.paths["outer"])]
+        out = subprocess.run([UPLIMIT, "meters", *configs, "--json"], env=procs.env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout) == [
+            {"config": str(tiers.paths[name]), **link}
+            for name, link in zip(("relay", "outer"), tiers.meters(), strict=True)
+        ]
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.parametrize("killed", ["relay", "inner", "relay restarted"])
+def test_a_tier_killed_mid_stream_fails_closed_at_the_outer(tiny_pair_dirs, tmp_path, killed):
+    # Frames of 4 tokens every 0.1 s: the answer below takes ~5 s to come up to the relay.
+    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "tick"}, inner_tick_s=0.1)
+    procs = Processes(tmp_path)
+    answers: list[httpx.Response] = []
+    try:
+        tiers.start(procs)
+        asking = threading.Thread(
+            target=lambda: answers.append(
+                _ask(tiers.outer_url, temperature=1.0, seed=3, max_tokens=200)
+            )
+        )
+        asking.start()
+        relay_metrics = f"http://127.0.0.1:{tiers.relay_metrics}/metrics"
+        procs.wait_for(lambda: metric(relay_metrics, "uplimit_tokens_total") > 0, "tokens")
+        if killed == "relay restarted":  # SIGTERM: its server stops, link 2 closes, then again
+            assert procs.stop("relay") == 0
+            procs.start("relay", [UPLIMIT, "serve", "relay", "--config", str(tiers.paths["relay"])])
+        else:
+            procs.procs[killed].kill()  # SIGKILL: no END, no SHUTDOWN, sockets reset
+        asking.join(60)
+        assert answers, "the outer's request did not end"
+        [cut] = answers
+        assert cut.status_code == 503, cut.text
+        assert cut.json()["error"]["code"] == "inner_unreachable"
+        after = _ask(tiers.outer_url, temperature=0.0)
+        assert after.status_code == 503
+        assert set(after.json()["error"]) >= {"message", "type", "code"}
+        assert not healthy(tiers.outer_url)
+        if killed == "inner":  # the relay sent END(error) up and stopped with the error
+            assert procs.procs["relay"].wait(60) != 0
+            assert "inner-error" in procs.log("outer")
+        if killed == "relay restarted":  # it said END(shutdown) as it stopped: no alarm
+            assert "ALARM" not in procs.log("outer"), procs.log("outer")
+    finally:
+        procs.stop_all()
+
+
+def test_relay_budget_exhausted_ends_the_outer_link_and_the_relay_still_serves_its_users(
+    tiny_pair_dirs, tmp_path
+):
+    tiers = Tiers(
+        tmp_path, tiny_models(tiny_pair_dirs), {"release": "tick", "lifetime_budget_bytes": 600}
+    )
+    procs = Processes(tmp_path)
+    try:
+        tiers.start(procs)
+        for seed in range(8):  # ~100 bytes an answer: the budget ends within a few
+            r = _ask(tiers.outer_url, temperature=1.0, seed=seed, max_tokens=200)
+            if r.status_code != 200:
+                break
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "upload_budget_exhausted"
+        procs.wait_for(lambda: "budget ended the link" in procs.log("relay"), "the relay's log")
+        _, relay = tiers.meters()
+        assert relay["ledger"]["lifetime_bytes"] <= 600 and relay["agree"], relay
+        # Its own users do not need the outer's link.
+        mine = _ask(tiers.relay_url, temperature=0.0)
+        assert mine.status_code == 200, mine.text
+        assert _ask(tiers.outer_url, temperature=0.0).status_code == 503
+    finally:
+        procs.stop_all()
+
+
+def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tiny_strong, tmp_path):
+    # release "tick": the outer's text streams as the relay decodes it, and is still exact.
+    tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "tick"})
+    procs = Processes(tmp_path)
+    try:
+        tiers.start(procs)
+        assert _ask(tiers.outer_url, temperature=0.0).status_code == 200
+        assert procs.stop("outer") == 0  # SIGTERM: SHUTDOWN up the relay's link, not further
+        assert _ask(tiers.relay_url, temperature=0.0).status_code == 200  # its users still
+        procs.start("outer2", [UPLIMIT, "serve", "outer", "--config", str(tiers.paths["outer"])])
+        procs.wait_for(lambda: healthy(tiers.outer_url), "the relay's link to the new outer")
+        r = _ask(tiers.outer_url, temperature=0.7, seed=2)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.7, 2, 24)
+        _, relay_link = tiers.meters()
+        assert relay_link["agree"], relay_link
+    finally:
+        procs.stop_all()
+
+
+def test_the_real_pair_through_the_relay(real_strong, tmp_path):
+    """Once on the real pair: both users' answers are the strong model's own text."""
+    models = {"strong": str(store.status(store.STRONG).path),
+              "weak": str(store.status(store.WEAK).path), "threads": 1}  # fmt: skip
+    tiers = Tiers(tmp_path, models, {"release": "stream"})
+    procs = Processes(tmp_path)
+    try:
+        tiers.start(procs)
+        mine = _ask(tiers.relay_url, temperature=0.0, max_tokens=16, timeout_s=600)
+        theirs = _ask(tiers.outer_url, temperature=0.7, seed=4, max_tokens=16, timeout_s=600)
+        assert mine.status_code == 200 and theirs.status_code == 200, (mine.text, theirs.text)
+        assert mine.json()["choices"][0]["text"] == _strong_text(real_strong, 0.0, 0, 16)
+        assert theirs.json()["choices"][0]["text"] == _strong_text(real_strong, 0.7, 4, 16)
+        inner_link, relay_link = tiers.meters()
+        assert inner_link["agree"] and relay_link["agree"], (inner_link, relay_link)
+    finally:
+        procs.stop_all()

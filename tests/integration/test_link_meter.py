@@ -59,7 +59,8 @@ def counter(tmp_path: Path) -> ReceiveCounter:
 def timing_bytes_for(ticks: list[int]) -> int:
     """What the timing charge of frames at these ticks adds up to (prepaid in whole bytes)."""
     gaps = [b - a - 1 for a, b in itertools.pairwise([0, *ticks])]
-    return -(-sum(map(timing_cost_units, gaps)) // (8 * TIMING_UNIT))
+    units = sum(map(timing_cost_units, gaps, [0, *gaps]))  # each gap coded after the one before
+    return -(-units // (8 * TIMING_UNIT))
 
 
 def test_frames_are_charged_then_sent_at_ticks(tmp_path: Path, counter: ReceiveCounter) -> None:
@@ -111,7 +112,7 @@ def test_silence_before_a_frame_is_charged(tmp_path: Path, counter: ReceiveCount
             return timing, ticks
 
     timing, ticks = asyncio.run(main())
-    assert ticks[2] - ticks[1] > 256  # >= 256 silent ticks cost 4 + 17 bits: 2-3 more bytes
+    assert ticks[2] - ticks[1] > 256  # >= 256 silent ticks cost 5 + 17 bits: 2-3 more bytes
     assert timing[2] >= 2
     # Receipts show what was planned; a charge that overran its tick topped it up.
     assert ledger.usage().timing_bytes - CONNECT_CHARGE_BYTES == timing_bytes_for(ticks)

@@ -90,7 +90,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # What an honest inner keeps back so that END can always be paid for. A charge's timing part
-# is at most T = 12 bytes (after up to 2**40 silent ticks, 3,500 years at 100 ms: 83 bits,
+# is at most T = 12 bytes (after up to 2**40 silent ticks, 3,500 years at 100 ms: 86 bits,
 # plus a byte if the tick slips); END is 2 bytes plus its timing. The frame sent last left at
 # least R - T, which must cover 2 + T: R >= 2 + 2T = 26.
 END_RESERVE_BYTES = 32

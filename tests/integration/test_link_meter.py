@@ -75,6 +75,8 @@ def test_frames_are_charged_then_sent_at_ticks(tmp_path: Path, counter: ReceiveC
                 receipts.append(await link.send(f))
                 # One frame per tick, written once its tick has begun.
                 assert time.monotonic() >= link.tick_time(link.last_tick)
+                # The frame loop's poll: the next tick starts within a tick.
+                assert 0 < link.until_next_tick() <= TICK
                 ticks.append(link.last_tick)
             await link.aclose()
             await asyncio.wait_for(rx.eof.wait(), 5)

@@ -521,7 +521,9 @@ async def serve_frames(
                         return EndReason.SHUTDOWN
             frame = resends.popleft() if resends else await asyncio.to_thread(source.next_frame)
             if frame is None:
-                await link.wait(link.tick_s)  # idle: nothing is sent
+                # Idle: nothing is sent. Ask again just after the next tick starts, so that
+                # the source is polled once per tick (the scheduler's cadence counts on it).
+                await link.wait(link.uplink_writer().until_next_tick())
                 continue
             await link.send_frame(frame)
     except BudgetExhausted as e:

@@ -34,12 +34,13 @@ waiting for it would stall every other stream.
 
 Cadence (`max_latency_s`, `[link] max_latency_s`). A frame's own overhead (check, flags,
 padding to a byte: ~3 bytes) is shared by fewer tokens the more often frames go out, so a
-frame that is not full (K tokens for every stream) waits until `max_latency_s` has passed
-since a poll first found something to send. The frame loop polls once per tick, just after
-the tick's start (`link.inner_link.serve_frames`), so a steady stream of tokens goes out every
-round(max_latency_s / tick_s) + 1 ticks and keeps the timing code's cheapest symbol (0.09 bit,
-`link.budget`); a poll up to half a tick early still counts, so that scheduling jitter does not
-push the frame a tick later. Latency added: up to max_latency_s plus a tick.
+frame that is not full (K tokens for every stream) is taken once `max_latency_s` less one tick
+has passed since a poll first found something to send, and leaves at the next tick, so tokens
+wait up to max_latency_s from that poll. The frame loop polls once per tick, just after the
+tick's start (`link.inner_link.serve_frames`), so a steady stream of tokens goes out every
+round(max_latency_s / tick_s) ticks and keeps the timing code's cheapest symbol (0.09 bit,
+`link.budget`); a poll up to half a tick early still counts, so that scheduling jitter does
+not push the frame a tick later.
 
 The scheduler's other parts live beside it: best-of scoring in `inner.scoring`, the streams
 and candidates it runs and their audit records in `inner.runs`.
@@ -89,10 +90,11 @@ class SchedulerConfig:
     # How long frames wait for an active stream that has no token ready (e.g. one token held
     # back as a possible reasoning marker) before carrying unequal counts, which cost bits.
     stall_patience_s: float = 0.5
-    # A frame that is not full (K tokens for every stream) waits until this long after a poll
-    # first found something to send (module doc): each frame costs ~3 bytes of its own (check,
-    # flags, padding), so fuller frames cost fewer bits per token, at the price of text
-    # arriving in larger, later pieces. 0: a frame goes out as soon as anything is ready.
+    # A frame that is not full (K tokens for every stream) waits so that it leaves this long
+    # after a poll first found something to send (module doc): each frame costs ~3 bytes of
+    # its own (check, flags, padding), so fuller frames cost fewer bits per token, at the
+    # price of text arriving in larger, later pieces. 0: a frame goes as soon as anything is
+    # ready.
     max_latency_s: float = 0.0
     tick_s: float = 0.1  # the uplink's tick ([link] tick_s): the frame loop polls once per tick
     # Speculative decoding: weak-model drafts per candidate per step (0: off). Part of what
@@ -472,12 +474,13 @@ class Scheduler:
             return FramePlan(FrameContent(len(admit), tokens, ended, withheld), retired)
 
     def _deadline_passed(self) -> bool:
-        """Whether a frame that is not full may go now: `max_latency_s` after the poll that
-        first found something to send, half a tick early counting (module doc)."""
+        """Whether a frame that is not full may go now (it leaves at the next tick):
+        `max_latency_s` less that tick after the poll that first found something to send,
+        half a tick early counting (module doc)."""
         now = time.monotonic()
         if self._due_since is None:
             self._due_since = now
-        return now - self._due_since >= self.config.max_latency_s - self.config.tick_s / 2
+        return now - self._due_since >= self.config.max_latency_s - 1.5 * self.config.tick_s
 
     def _stall_patience_over(self) -> bool:
         now = time.monotonic()

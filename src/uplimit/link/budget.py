@@ -41,7 +41,7 @@ per tick. Besides the bytes of the frames (charged byte for byte), an observer o
 learns:
 
 1. which ticks carry a frame: at most 1 bit per tick (send / no send), 10 bit/s at 100 ms;
-2. each frame's size. Frames are self-delimiting (the wire format says how long a frame is), so
+2. each frame's size. Frames are self-delimiting (each frame's code says where it ends), so
    the set of possible frames is prefix-free and charging 8 bits per byte already pays for the
    size: summed over every possible frame f, 2 ** -(8 * len(f)) <= 1 (Kraft).
    Without that, a size would be worth about 2 log2(len) more bits per frame.

@@ -511,17 +511,19 @@ class OuterLink:
         frame, every `INCOMPLETE_PATIENCE_S` without more bytes it judges them as they are
         (`wire.receiver`); the read is never cancelled, so no counted byte is lost."""
         read = asyncio.ensure_future(metered.read(READ_BYTES))
-        while True:
-            patience = INCOMPLETE_PATIENCE_S if self._receiver.incomplete else None
-            done, _ = await asyncio.wait({read}, timeout=patience)
-            if done:
-                return read.result()
-            async with self._decoding:
-                events = await asyncio.to_thread(self._receiver.expire)
-            await self._handle(events)
-            if self.state is LinkState.FAILED:  # nothing more is read from this uplink
-                read.cancel()
-                return b""
+        try:
+            while True:
+                patience = INCOMPLETE_PATIENCE_S if self._receiver.incomplete else None
+                done, _ = await asyncio.wait({read}, timeout=patience)
+                if done:
+                    return read.result()
+                async with self._decoding:
+                    events = await asyncio.to_thread(self._receiver.expire)
+                await self._handle(events)
+                if self.state is LinkState.FAILED:  # nothing more is read from this uplink
+                    return b""
+        finally:
+            read.cancel()  # a no-op once it is done
 
     def _received(self, n: int) -> None:
         if self.metrics is not None and n:

@@ -270,7 +270,7 @@ class _Writer(_Coder):
 class _Reader(_Coder):
     def __init__(self, data: bytes) -> None:
         self.dec = ArithmeticDecoder(data)
-        self.dec_data = data
+        self.data = data
         self.raw_token_bits: int | None = None  # set for a raw resend: tokens in plain bits
 
     def flag(self, bit: bool | None, p_true: int) -> bool:
@@ -703,6 +703,6 @@ class FrameDecoder(_FrameSide):
         if check != _check_value(self.frame_no, raw, list(self.table.active), content):
             raise CodecError("integrity check failed")
         used = io.dec.finish()
-        if whole and used != len(io.dec_data):
-            raise CodecError(f"{len(io.dec_data) - used} bytes after the frame")
+        if whole and used != len(io.data):
+            raise CodecError(f"{len(io.data) - used} bytes after the frame")
         return content, raw, used

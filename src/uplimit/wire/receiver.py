@@ -296,8 +296,7 @@ class UplinkReceiver:
                 events += self._skip_to_marker()
                 if self._resync or not self._stream:
                     break
-            enough = len(self._stream) >= self.max_frame_bytes + _LOOKAHEAD_BYTES
-            got = self._decode(final or enough)
+            got = self._decode(final)
             if got is None:
                 break
             events += got
@@ -329,8 +328,10 @@ class UplinkReceiver:
         """The message the stream begins with, as events; None until more bytes come."""
         frame_no = self.decoder.frame_no
         waiting = self.decoder.awaiting_resend
+        window = self.max_frame_bytes + _LOOKAHEAD_BYTES  # all a frame's decoding can read
+        final = final or len(self._stream) >= window
         try:
-            got = self.decoder.decode_next(bytes(self._stream), final=final)
+            got = self.decoder.decode_next(bytes(self._stream[:window]), final=final)
         except DecodeMismatch as e:
             self.rejected += 1
             self._resync = True  # where the frame ends is not known: skip to the marker

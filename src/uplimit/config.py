@@ -11,11 +11,11 @@ checks what changes coded bytes; the rest only has to fit.
     [models]  strong, weak ("strong"/"weak": the pinned pair; or a GGUF file / HF directory),
               backend ("" = llama.cpp for files, HF for directories), threads, calibration
     [coding]  frame_tokens, max_streams, max_context
-    [link]    host, downlink_port, uplink_port, tick_s, ledger, lifetime/per-day/per-second
-              budget bytes (lifetime 0 = 1 % of the strong weights), downlink_log,
-              downlink_log_max_bytes, downlink_log_backups,
+    [link]    host, downlink_port, uplink_port, tick_s, max_latency_s, ledger,
+              lifetime/per-day/per-second budget bytes (lifetime 0 = 1 % of the strong
+              weights), downlink_log, downlink_log_max_bytes, downlink_log_backups,
               receive_counter, downlink_bytes_per_s, secret_file, inner_addresses
-    [inner]   max_batch, frame_delay_s, best_of, scorer, reasoning_open/_close,
+    [inner]   max_batch, best_of, scorer, reasoning_open/_close,
               max_reasoning_tokens, audit, draft_tokens, received_models, rollout_record,
               user (the confined inner's unprivileged user)
     [outer]   host, port, model_name, api_key, max_choices, monitor, admin_key, kernel_meter,
@@ -85,6 +85,9 @@ class LinkConfig:
     downlink_port: int = 7301
     uplink_port: int = 7302
     tick_s: float = 0.1
+    # A frame that is not full waits up to this long for more tokens (`inner.scheduler`):
+    # fewer, fuller frames cost fewer bits per token, text arrives in later, larger pieces.
+    max_latency_s: float = 0.5
     ledger: str = ""  # SQLite path or postgresql:// URL; "": $UPLIMIT_HOME/ledger.db
     # 0: 1 % of the strong weights; the outer enforces it too, and knows that size only for
     # the pinned pair (`outer.serve.receive_budget_bytes`): set it for any other strong model.
@@ -107,7 +110,6 @@ class LinkConfig:
 @dataclass(frozen=True)
 class InnerConfig:
     max_batch: int = 8  # strong sequences generated at once
-    frame_delay_s: float = 0.5  # a frame waits this long to fill up (fewer bits, later text)
     best_of: int = 1  # candidates per stream when the request cannot say (the transport)
     scorer: str = "mean_logprob"
     reasoning_open: str = ""  # e.g. "<think>"; "" keeps nothing inside

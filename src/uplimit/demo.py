@@ -113,8 +113,8 @@ lifetime_budget_bytes = {budget}
 downlink_log = "{workdir / "inner" / "downlink.jsonl"}"
 receive_counter = "{workdir / "received.db"}"
 secret_file = "{secret}"
+max_latency_s = 1.0
 [inner]
-frame_delay_s = 1.0
 max_batch = {streams}
 audit = "{workdir / "inner" / "audit.db"}"
 received_models = "{workdir / "inner" / "received"}"

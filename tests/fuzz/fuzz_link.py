@@ -10,12 +10,14 @@ libFuzzer ends with "Done N runs in S second(s)"; any crash stops it and saves t
 
 Targets (the first input byte picks the chunk size the bytes are fed in, 1..64):
   uplink    `UplinkParser`: either messages whose canonical encoding is exactly the bytes it
-            consumed, or `ProtocolError`. Any other exception, or a non-canonical parse, crashes.
+            consumed (after the handshake, the bytes it hands on as they are), or
+            `ProtocolError`. Any other exception, or a non-canonical parse, crashes.
   downlink  `DownlinkParser`: the same, after the preamble.
   receiver  `UplinkReceiver` with the real `FrameDecoder` on the tiny weak model, fed a verdict
             and frames coded by the real encoder (seeded into the corpus) as libFuzzer mutates
             them. It must never raise, and a delivered frame must be exactly what the encoder
-            sent under that frame number: nothing else is ever delivered.
+            sent under that frame number: nothing else is ever delivered. Bytes left waiting
+            for more are judged as they are (`expire`) before the end of the stream.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ with atheris.instrument_imports(include=["uplimit.wire"]):
     from uplimit.wire.protocol import (
         DOWNLINK_PREAMBLE,
         DownlinkParser,
+        FrameBytes,
         ProtocolError,
         UplinkParser,
         encode_downlink,
@@ -53,7 +56,10 @@ def _feed(parser, data: bytes, encode) -> None:
 
 
 def uplink(data: bytes) -> None:
-    _feed(UplinkParser(FIELDS), data, lambda ms: b"".join(map(encode_uplink, ms)))
+    def encode(msgs) -> bytes:
+        return b"".join(m.data if isinstance(m, FrameBytes) else encode_uplink(m) for m in msgs)
+
+    _feed(UplinkParser(FIELDS), data, encode)
 
 
 def downlink(data: bytes) -> None:
@@ -121,7 +127,7 @@ def _receiver_target(corpus: Path):
             events = []
             for i in range(1, len(data), step):
                 events += rx.receive(data[i : i + step])
-            events += rx.eof()
+            events += rx.expire() + rx.eof()
             for e in events:
                 if isinstance(e, Delivered) and e.content != contents[e.stats.frame_no]:
                     raise AssertionError(f"frame {e.stats.frame_no} delivered wrong content")

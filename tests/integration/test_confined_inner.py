@@ -58,8 +58,8 @@ def world(missing) -> Iterator[tuple[Path, Path, dict[str, str]]]:
         "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.02,
                  "lifetime_budget_bytes": BUDGET, "ledger": base / "ledger" / "ledger.db",
                  "receive_counter": base / "received.db",
-                 "secret_file": create_secret(base / "link.secret")},
-        "inner": {"max_batch": 4, "frame_delay_s": 0},
+                 "secret_file": create_secret(base / "link.secret"), "max_latency_s": 0},
+        "inner": {"max_batch": 4},
         "outer": {"port": free_port(), "metrics_port": free_port(), "model_name": "tiny",
                   "kernel_meter": name},
     })  # fmt: skip

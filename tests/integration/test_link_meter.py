@@ -59,7 +59,8 @@ def counter(tmp_path: Path) -> ReceiveCounter:
 def timing_bytes_for(ticks: list[int]) -> int:
     """What the timing charge of frames at these ticks adds up to (prepaid in whole bytes)."""
     gaps = [b - a - 1 for a, b in itertools.pairwise([0, *ticks])]
-    return -(-sum(map(timing_cost_units, gaps)) // (8 * TIMING_UNIT))
+    units = sum(map(timing_cost_units, gaps, [0, *gaps]))  # each gap coded after the one before
+    return -(-units // (8 * TIMING_UNIT))
 
 
 def test_frames_are_charged_then_sent_at_ticks(tmp_path: Path, counter: ReceiveCounter) -> None:
@@ -74,6 +75,8 @@ def test_frames_are_charged_then_sent_at_ticks(tmp_path: Path, counter: ReceiveC
                 receipts.append(await link.send(f))
                 # One frame per tick, written once its tick has begun.
                 assert time.monotonic() >= link.tick_time(link.last_tick)
+                # The frame loop's poll: the next tick starts within a tick.
+                assert 0 < link.until_next_tick() <= TICK
                 ticks.append(link.last_tick)
             await link.aclose()
             await asyncio.wait_for(rx.eof.wait(), 5)
@@ -111,7 +114,7 @@ def test_silence_before_a_frame_is_charged(tmp_path: Path, counter: ReceiveCount
             return timing, ticks
 
     timing, ticks = asyncio.run(main())
-    assert ticks[2] - ticks[1] > 256  # >= 256 silent ticks cost 4 + 17 bits: 2-3 more bytes
+    assert ticks[2] - ticks[1] > 256  # >= 256 silent ticks cost 5 + 17 bits: 2-3 more bytes
     assert timing[2] >= 2
     # Receipts show what was planned; a charge that overran its tick topped it up.
     assert ledger.usage().timing_bytes - CONNECT_CHARGE_BYTES == timing_bytes_for(ticks)

@@ -102,13 +102,13 @@ def test_timing_moves_no_more_than_the_ledger_charged_for_timing(system):
 def test_injected_frames_are_rejected_and_metered(system, mode, chunk):
     live, prompts = system
     row = asyncio.run(InjectAttack(mode, mode, chunk=chunk).run(live, prompts, SECRET))
-    # Under the frame cap a frame is decoded and rejected (mismatch); over it (1 kB against
-    # what 8 streams of 4 tokens can need) the first one fails the link.
+    # Under the frame cap or over it (1 kB against what 8 streams of 4 tokens can need), a
+    # forged frame is decoded and rejected (mismatch): frames delimit themselves, and bytes
+    # past the cap are judged as they are.
     config = FrameConfig(SETTINGS.frame_tokens, live.pair.weak.info.n_vocab)
     cap = max_frame_bytes(config, SETTINGS.max_streams)
     assert cap // 2 > 64 and cap < 1024
-    expected = "link mismatch" if chunk < cap else "link protocol: malformed uplink: frame length"
-    assert any(a.startswith(expected) for a in row.alarms), row.alarms
+    assert any(a.startswith("link mismatch") for a in row.alarms), row.alarms
     assert row.moved_bytes <= row.uplink_bytes <= row.charged_bytes <= SETTINGS.budget_bytes
     assert "budget" in row.stopped_by or "failed" in row.stopped_by
 

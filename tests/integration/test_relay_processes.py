@@ -56,9 +56,10 @@ class Tiers:
         self.relay_metrics, self.outer_metrics = free_port(), free_port()
         self.inner = write_config(tmp_path / "inner.toml", {
             "models": models, "coding": CODING,
-            "link": {**inner_link, "tick_s": inner_tick_s, "ledger": self.inner_ledger,
+            "link": {**inner_link, "tick_s": inner_tick_s, "max_latency_s": 0,
+                     "ledger": self.inner_ledger,
                      "downlink_log": tmp_path / "inner-downlink.jsonl"},
-            "inner": {"max_batch": 4, "frame_delay_s": 0, "audit": tmp_path / "audit.db"},
+            "inner": {"max_batch": 4, "audit": tmp_path / "audit.db"},
         })  # fmt: skip
         self.relay = write_config(tmp_path / "relay.toml", {
             "models": models, "coding": CODING,

@@ -59,8 +59,8 @@ def test_honest_streams_agree_and_a_dishonest_inner_is_caught(tiny_pair_dirs, tm
         "models": tiny_models(tiny_pair_dirs),
         "coding": {"frame_tokens": 4, "max_streams": 8, "max_context": 256},
         "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.02,
-                 "lifetime_budget_bytes": 1000000, **link_files(tmp_path)},
-        "inner": {"max_batch": 4, "frame_delay_s": 0},
+                 "max_latency_s": 0, "lifetime_budget_bytes": 1000000, **link_files(tmp_path)},
+        "inner": {"max_batch": 4},
         "outer": {"port": port, "metrics_port": outer_metrics, "model_name": "tiny",
                   "verifier": f"127.0.0.1:{verifier_port}", "verify_rate": 1.0},
         "verifier": {"port": verifier_port, "verdicts": verdicts,
@@ -135,8 +135,8 @@ def test_sigterm_with_a_request_in_flight_stops_serve_both_cleanly(tiny_pair_dir
         "models": tiny_models(tiny_pair_dirs),
         "coding": {"frame_tokens": 1, "max_context": 512},
         "link": {"downlink_port": free_port(), "uplink_port": free_port(), "tick_s": 0.5,
-                 "lifetime_budget_bytes": 1000000, "secret_file": tmp_path / "made-by-both"},
-        "inner": {"frame_delay_s": 0},
+                 "max_latency_s": 0, "lifetime_budget_bytes": 1000000,
+                 "secret_file": tmp_path / "made-by-both"},
         "outer": {"port": port, "metrics_port": metrics_port, "model_name": "tiny"},
     })  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -49,9 +49,9 @@ ledger = "{tmp_path / "ledger.db"}"
 downlink_log = "{tmp_path / "down.jsonl"}"
 receive_counter = "{tmp_path / "received.db"}"
 secret_file = "{tmp_path / "link.secret"}"
+max_latency_s = 0.3
 [inner]
 max_batch = 4
-frame_delay_s = 0.3
 audit = "{tmp_path / "audit.db"}"
 [outer]
 port = {_port()}

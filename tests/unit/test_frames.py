@@ -17,11 +17,13 @@ from uplimit.wire.frame import (
     ADMIT_BITS,
     CHECK_BITS,
     REFUSAL_BITS,
+    EndMessage,
     FrameConfig,
     FrameContent,
     FrameDecoder,
     FrameEncoder,
     Refusal,
+    encode_end,
     max_frame_bytes,
 )
 from uplimit.wire.streams import StreamSpec
@@ -212,6 +214,63 @@ def test_resend_recovers_after_a_rejected_frame(tiny_weak, scenario):
         assert enc.mismatches == 1 and dec.mismatches == 1
 
 
+def _read_stream(dec, stream: bytes, step: int) -> tuple[list, bytes]:
+    """What `decode_next` reads from `stream` fed `step` bytes at a time, and what is left."""
+    buf, pos, out = bytearray(), 0, []
+    while True:
+        got = dec.decode_next(bytes(buf), final=False) if buf else None
+        if got is None:
+            if pos >= len(stream):
+                return out, bytes(buf)
+            buf += stream[pos : pos + step]
+            pos += step
+            continue
+        out.append(got if isinstance(got, EndMessage) else got[0])
+        del buf[: got.bytes if isinstance(got, EndMessage) else got[1].bytes]
+
+
+def test_frames_and_end_delimit_themselves_on_a_byte_stream(tiny_weak, scenario):
+    """Frames follow each other with nothing between them and END last; the decoder finds
+    where each ends, read whole or a few bytes at a time (None while a frame may go on)."""
+    specs, frames = scenario
+    with link(tiny_weak, tiny_weak, specs) as (enc, _):
+        encoded = [enc.encode(c)[0] for c in frames]
+    stream = b"".join(encoded) + encode_end(4)
+    for step in (len(stream), 1, 3):
+        with link(tiny_weak, tiny_weak, specs) as (_, dec):
+            out, left = _read_stream(dec, stream, step)
+            assert out == [*frames, EndMessage(4, 3)] and left == b""
+            assert dec.mismatches == 0
+    # A frame cut short is never delivered: it waits, and judged as it is it is rejected.
+    with link(tiny_weak, tiny_weak, specs) as (_, dec):
+        out, left = _read_stream(dec, encoded[0] + encoded[1][:-1], 1)
+        assert out == frames[:1] and left == encoded[1][:-1]
+        with pytest.raises(DecodeMismatch):
+            dec.decode_next(left, final=True)
+
+
+def test_a_decoder_whose_numbers_differ_never_delivers_a_wrong_frame(tiny_strong, tiny_weak):
+    """Desyncs, many times over: the decoder runs another weak model than the encoder (every
+    symbol's numbers differ). Over 30 scenarios no frame is delivered with content other
+    than what was sent; each desync is rejected at the first frame (detection: 0 frames
+    late, nothing of it delivered). The bound behind it, 2**-16 per desync, is the check's."""
+    rng, wrong, detected = random.Random(11), 0, []
+    for _ in range(30):
+        specs = make_specs(tiny_weak, rng.randint(1, 4), rng, max_tokens=16)
+        frames = likely_frames(tiny_strong, specs)
+        with link(tiny_weak, tiny_strong, specs) as (enc, dec):
+            for n, content in enumerate(frames):
+                data, _ = enc.encode(content)
+                try:
+                    decoded, _ = dec.decode(data)
+                except DecodeMismatch:
+                    detected.append(n)
+                    break
+                wrong += decoded != content
+    assert wrong == 0
+    assert detected == [0] * 30
+
+
 def test_a_decoder_with_a_different_weak_model_is_detected(tiny_strong, tiny_weak, scenario):
     """The derailment the integrity check exists for: the sides' models disagree."""
     specs, frames = scenario
@@ -262,10 +321,10 @@ def test_frame_overhead_is_small_for_many_streams(tiny_strong, tiny_weak):
     rng = random.Random(3)
     specs = make_specs(tiny_weak, 64, rng, max_tokens=12)
     frames = likely_frames(tiny_strong, specs)
-    # 16 check bits, <= 1 bit to terminate, < 8 to pad to a byte; a uniform count that is not
+    # 16 check bits, <= 3 bits to terminate, < 8 to pad to a byte; a uniform count that is not
     # the last one: 2 bits + the count raw; the other flags (kind, ends, uniform) < 0.1 bit;
     # admissions: "some admitted" (6 bits) + how many (ADMIT_BITS raw).
-    fixed = CHECK_BITS + 1 + 8 + 2 + FrameConfig(K).count_bits + 0.1
+    fixed = CHECK_BITS + 3 + 8 + 2 + FrameConfig(K).count_bits + 0.1
     admission = 6 + ADMIT_BITS
     with link(tiny_weak, tiny_weak, specs) as (enc, dec):
         for content in frames:
@@ -398,9 +457,10 @@ def test_a_switch_codes_new_streams_with_the_new_model_and_lets_old_ones_finish(
 
 def test_the_frame_bound_is_pinned_for_the_default_configuration() -> None:
     # 16 streams x 16 tokens x 48 bits (a coded miss at its worst) and the grammar's other
-    # symbols at their worst: 13,485 bits, 1,686 bytes (the parser's old cap was 1 MiB).
-    assert max_frame_bytes(FrameConfig(16, 151_936), 16) == 1686
-    assert max_frame_bytes(FrameConfig(16, 151_936, withheld_counts=True), 16) == 1756
+    # symbols at their worst: 13,485 bits and the termination, 1,687 bytes (the parser's old
+    # cap was 1 MiB).
+    assert max_frame_bytes(FrameConfig(16, 151_936), 16) == 1687
+    assert max_frame_bytes(FrameConfig(16, 151_936, withheld_counts=True), 16) == 1757
     with pytest.raises(ConfigError):
         max_frame_bytes(FrameConfig(16, 151_936), 0)
 

@@ -151,20 +151,39 @@ def test_decide_matches_a_history_model(
 
 
 def test_timing_costs_are_pinned() -> None:
-    assert timing_cost_units(0) == 6103  # ceil(log2(16/15) * 2**16)
-    assert [timing_cost_units(g) // TIMING_UNIT for g in (1, 2, 3, 4, 9)] == [5, 7, 7, 9, 11]
-    assert timing_cost_units(35_999) == 35 * TIMING_UNIT  # a frame after an hour at 100 ms
-    assert all(timing_cost_units(g) % TIMING_UNIT == 0 for g in range(1, 1000))
+    assert timing_cost_units(0) == timing_cost_units(4, 4) == 6103  # ceil(log2(16/15) * 2**16)
+    assert timing_cost_units(3, 4) == timing_cost_units(5, 4) == 6 * TIMING_UNIT
+    # The escape: 5 bits, then Elias gamma of gap + 1.
+    assert [timing_cost_units(g) // TIMING_UNIT for g in (1, 2, 3, 4, 9)] == [6, 8, 10, 10, 12]
+    assert timing_cost_units(0, 2) == 6 * TIMING_UNIT  # 5 + gamma(1) = 6 as well
+    assert timing_cost_units(35_999) == 36 * TIMING_UNIT  # a frame after an hour at 100 ms
+    assert all(timing_cost_units(g, 3) % TIMING_UNIT == 0 for g in range(0, 1000) if g != 3)
+    with pytest.raises(ConfigError):
+        timing_cost_units(1, -1)
 
 
-def test_streak_cost_rounds_up_so_kraft_holds_exactly() -> None:
+@pytest.mark.parametrize("last_gap", [0, 1, 5, 1000])
+def test_streak_cost_rounds_up_so_kraft_holds_exactly(last_gap: int) -> None:
     getcontext().prec = 60
-    streak = Decimal(2) ** (Decimal(-timing_cost_units(0)) / TIMING_UNIT)
+    streak = Decimal(2) ** (Decimal(-timing_cost_units(last_gap, last_gap)) / TIMING_UNIT)
     assert streak <= Decimal(15) / 16  # the streak's share of the code space
     assert Decimal(15) / 16 - streak < Decimal("1e-5")  # and hardly less
-    # The gaps' share: 1/16 * sum over g >= 1 of 2**-gamma(g) -> 1/16 as g grows.
-    gaps = sum(Decimal(2) ** -(timing_cost_units(g) // TIMING_UNIT) for g in range(1, 1 << 16))
-    assert gaps <= Decimal(1) / 16
+    # Every other gap's share: its neighbours' 1/64 each, the escape's 1/32 in the limit.
+    others = sum(
+        Decimal(2) ** -(timing_cost_units(g, last_gap) // TIMING_UNIT)
+        for g in range(0, 1 << 16)
+        if g != last_gap
+    )
+    assert others <= Decimal(1) / 16
+
+
+def _pattern_units(sent: tuple[int, ...]) -> int:
+    units, last, last_gap = 0, 0, 0
+    for tick in sent:
+        gap = tick - last - 1
+        units += timing_cost_units(gap, last_gap)
+        last, last_gap = tick, gap
+    return units
 
 
 def test_every_tick_pattern_costs_at_least_its_information() -> None:
@@ -172,25 +191,31 @@ def test_every_tick_pattern_costs_at_least_its_information() -> None:
     of 2**-cost is <= 1, so at most 2**C patterns of k frames cost <= C bits."""
     ticks = 14
     for k in range(1, ticks + 1):
-        kraft = 0.0
-        for sent in itertools.combinations(range(1, ticks + 1), k):
-            units, last = 0, 0
-            for tick in sent:
-                units += timing_cost_units(tick - last - 1)
-                last = tick
-            kraft += 2.0 ** (-units / TIMING_UNIT)
+        kraft = sum(
+            2.0 ** (-_pattern_units(sent) / TIMING_UNIT)
+            for sent in itertools.combinations(range(1, ticks + 1), k)
+        )
         assert kraft <= 1 + 1e-12, (k, kraft)
+
+
+def test_a_steady_deadline_costs_what_streaming_does() -> None:
+    """Frames every 5 ticks (a 0.5 s deadline at 100 ms) pay the escape once, then 0.09 bit."""
+    steady = _pattern_units(tuple(range(5, 501, 5)))
+    assert steady == 10 * TIMING_UNIT + 99 * 6103  # gap 4 once (5 + gamma(5)), then kept
+    jitter = _pattern_units((5, 10, 16, 21, 26))  # one tick late, then back
+    assert jitter == 10 * TIMING_UNIT + 6103 + 2 * 6 * TIMING_UNIT + 6103
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 5000), min_size=1, max_size=200))
 def test_prepaid_bytes_cover_the_cost_and_waste_under_a_byte(steps: list[int]) -> None:
-    state, prepaid, cost = TimingState(), 0, 0
+    state, prepaid, cost, last_gap = TimingState(), 0, 0, 0
     for step in steps:
         tick = state.last_tick + step
         nbytes, state = timing_charge(state, tick)
         prepaid += nbytes
-        cost += timing_cost_units(step - 1)
+        cost += timing_cost_units(step - 1, last_gap)
+        last_gap = step - 1
         assert 0 <= state.credit_units < 8 * TIMING_UNIT
         assert prepaid * 8 * TIMING_UNIT - cost == state.credit_units
 

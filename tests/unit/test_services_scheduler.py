@@ -4,6 +4,7 @@ uploaded; best-of-N uploads one candidate; reasoning never reaches a frame; stop
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -310,11 +311,11 @@ def test_mean_logprob_scorer():
     assert mean_logprob(C()) == -2.0
 
 
-def test_frame_delay_fills_frames(tiny_strong, tiny_weak):
-    """Waiting for frames to fill (frame_delay_s) puts more tokens in each frame."""
+def test_max_latency_fills_frames(tiny_strong, tiny_weak):
+    """Waiting for frames to fill (max_latency_s) puts more tokens in each frame."""
 
-    def tokens_per_frame(delay):
-        link = Link(tiny_strong, tiny_weak, SchedulerConfig(frame_tokens=8, frame_delay_s=delay))
+    def tokens_per_frame(latency):
+        link = Link(tiny_strong, tiny_weak, SchedulerConfig(frame_tokens=8, max_latency_s=latency))
         for i in range(3):
             link.submit(request(tiny_strong, i, t=0.0, max_tokens=40))
         link.run(max_rounds=100_000)
@@ -323,6 +324,38 @@ def test_frame_delay_fills_frames(tiny_strong, tiny_weak):
         return n
 
     assert tokens_per_frame(1.0) > 2 * tokens_per_frame(0.0)
+
+
+def test_a_frame_that_is_not_full_waits_for_the_deadline_and_no_longer(tiny_strong, tiny_weak):
+    """A frame is taken max_latency_s less a tick and a half after a poll first found tokens to
+    send (it leaves at the next tick), not before, and without much delay after; a full frame,
+    or one whose streams all end in it, does not wait."""
+    latency, tick = 0.3, 0.1
+    config = SchedulerConfig(frame_tokens=255, max_latency_s=latency, tick_s=tick)
+    link = Link(tiny_strong, tiny_weak, config)
+    link.submit(request(tiny_strong, 0, "Explain recursion.", t=1.0, max_tokens=40))
+    waits, due = [], None
+    while 0 not in link.ended:
+        link.sched.step()
+        time.sleep(0.02)  # a token every 20 ms: slower than the deadline
+        now = time.monotonic()
+        if due is None and link.sched._streams[0].upload[link.sched._streams[0].sent :]:
+            due = now
+        if link.tick():
+            waits.append(now - due)
+            due = None
+    link.close()
+    *steady, last = waits  # the last frame ends the stream: no more tokens to wait for
+    assert len(steady) >= 2, link.decoded
+    assert all(latency - 1.5 * tick <= w < latency + 1.0 for w in steady), waits
+    assert last < latency + 1.0
+
+    full = Link(tiny_strong, tiny_weak, SchedulerConfig(frame_tokens=2, max_latency_s=60.0))
+    full.submit(request(tiny_strong, 0, "Explain recursion.", t=1.0, max_tokens=12))
+    full.run(max_rounds=100)  # 100 quick rounds: a frame that waited 60 s would not be sent
+    assert 0 in full.ended and len(full.decoded[0]) > 2
+    assert len(full.frames) == -(-len(full.decoded[0]) // 2)
+    full.close()
 
 
 def _decoded(strong, weak, requests, drafter=None, **config):

@@ -1,4 +1,4 @@
-"""Binary arithmetic coding with exact integers, one message per frame (sans-IO).
+"""Binary arithmetic coding with exact integers, self-delimiting messages (sans-IO).
 
 `ArithmeticEncoder` turns a sequence of symbols, each given as an interval `[low, low + freq)`
 of `[0, total)`, into the shortest message this scheme allows; `ArithmeticDecoder` turns the
@@ -12,8 +12,9 @@ Contract (what makes decoding exact):
   `0 <= low < low + freq <= total`. Every step is integer arithmetic on Python ints, so the
   result does not depend on the platform. A different table on one side (by even one count)
   derails everything after it: tables must be built exactly alike (see `coding.freqs`).
-* The decoder must be told how many symbols to decode (e.g. coded in the message itself):
-  the message is not self-delimiting, because trailing zero bits are dropped.
+* The decoder must be told how many symbols to decode (e.g. coded in the message itself);
+  given that, the message delimits itself: the decoder finds where it ends (`finish`), so
+  messages can follow each other on a byte stream with nothing between them.
 * State: a 64-bit interval `[low, high]`. Coding a symbol sets
   `r = (high - low + 1) // total`, `low += r * low_sym`, `high = low + r * freq - 1`;
   then every leading bit that `low` and `high` share is emitted (MSB first), and while the
@@ -21,19 +22,23 @@ Contract (what makes decoding exact):
   midpoint and the bit owed is settled later ("bits plus follow", Witten, Neal & Cleary 1987).
   After that the interval is wider than `2**62`, so `r >= 2**30` and rounding costs
   less than `1.4e-9` bits per symbol.
-* Termination: nothing if the interval still starts at 0 with no bit owed, else a single
-  1 bit (the midpoint, which the interval always contains). The message is then the coded
-  bits without trailing zeros, padded with zero bits to whole bytes, once; a decoder reads
-  zero bits past the end. So a message of symbols with ideal cost
-  `I = sum(-log2(freq / total))` has `n_bits < I + 1 + 1.4e-9 * n_symbols` bits before
-  padding (it can be shorter than `I`: a run of symbols at the bottom of their tables
-  is implied by the zero padding) and `ceil(n_bits / 8)` bytes. An empty message is `b""`.
+* Termination (self-delimiting): after the coded bits, the fewest bits `t` such that some
+  `t`-bit string's every continuation lies in the final interval, then zero bits to a whole
+  byte, where the string is the smallest of the resulting length whose continuations all lie
+  in it (bits owed by doublings go after its first bit, as in coding). Whatever follows the
+  message then cannot change what it decodes to. The interval is wider than `2**62` after
+  every symbol, so `t <= 3`: a message of symbols with ideal cost
+  `I = sum(-log2(freq / total))` has `n_bits < I + 3 + 1.4e-9 * n_symbols` bits before
+  padding and `ceil(n_bits / 8)` bytes. An empty message is `b""`.
 * Strictness: for every symbol sequence there is exactly one message (the canonical one
-  above). `ArithmeticDecoder.finish()` checks that the data is that message; after it
-  passes, the data are exactly the bytes the encoder produced for the decoded symbols. So a
-  truncated message, trailing garbage or any changed bit either raises `CodecError`
+  above), and no message is a prefix of another's (their intervals are disjoint once the
+  symbol count is known). `ArithmeticDecoder.finish()` checks that the data start with that
+  message and returns its length; after it passes, those bytes are exactly the bytes the
+  encoder produced for the decoded symbols. So a changed bit either raises `CodecError`
   (in `decode_target` when the value falls outside every interval, or in `finish`) or
-  decodes to different symbols; the latter is what the frame's integrity check is for.
+  decodes to different symbols; the latter is what the frame's integrity check is for. Data
+  that end before the message does raise `IncompleteMessage` in `finish` (or decode
+  differently, read as zeros past their end: `overrun_bits` says whether that can be).
 
     enc = ArithmeticEncoder()
     enc.encode(low, freq, total)            # per symbol
@@ -44,7 +49,7 @@ Contract (what makes decoding exact):
     target = dec.decode_target(total)       # find the symbol whose interval holds target
     dec.consume(low, freq, total)
     checksum = dec.decode_uniform(16)
-    dec.finish()                            # raises CodecError unless data is canonical
+    used = dec.finish()                     # the message's bytes; CodecError unless canonical
 
 Speed (measured on a shared 2-vCPU Xeon, Python 3.11): a symbol costing ~0.01 bits takes
 ~0.9 us to encode and ~1.4 us to decode (decode_target + consume); one of ~11 bits ~2.1 us
@@ -57,7 +62,13 @@ from operator import index
 
 from uplimit.errors import CodecError
 
-__all__ = ["MAX_TOTAL", "MAX_UNIFORM_BITS", "ArithmeticDecoder", "ArithmeticEncoder"]
+__all__ = [
+    "MAX_TOTAL",
+    "MAX_UNIFORM_BITS",
+    "ArithmeticDecoder",
+    "ArithmeticEncoder",
+    "IncompleteMessage",
+]
 
 _PRECISION = 64  # bits in low/high: wide enough that total = 2**32 still gets r >= 2**30
 _MASK = (1 << _PRECISION) - 1
@@ -70,6 +81,28 @@ MAX_TOTAL = 1 << 32  # after normalization high - low + 1 > 2**62, so r >= 2**30
 MAX_UNIFORM_BITS = 32  # uniform symbols are coded with total = 2**n_bits <= MAX_TOTAL
 
 _FLUSH_BITS = 512  # move whole bytes out of the bit accumulator once it holds this many
+
+
+class IncompleteMessage(CodecError):
+    """The data end before the message does: more bytes are needed to decode it."""
+
+
+def _termination(low: int, high: int, emitted: int, pending: int) -> tuple[int, int]:
+    """The canonical termination after `emitted` bits with `pending` bits owed and the final
+    interval `[low, high]` (module doc): (word, length), the bits that follow the emitted ones,
+    owed bits included, up to a whole byte."""
+    n = 1 if pending else 0  # owed bits need a first bit to follow
+    while (-(-low >> (_PRECISION - n)) + 1 << (_PRECISION - n)) - 1 > high:
+        n += 1
+    n += -(emitted + pending + n) % 8  # the zero padding: any bits would do; take the smallest
+    x = -(-low >> (_PRECISION - n)) if n else 0
+    if not n:
+        return 0, 0
+    rest_len = n - 1
+    rest = x & ((1 << rest_len) - 1)
+    if x >> rest_len:
+        return (1 << (pending + rest_len)) | rest, pending + n
+    return (((1 << pending) - 1) << rest_len) | rest, pending + n
 
 
 def _as_int(value: int, name: str) -> int:
@@ -128,7 +161,6 @@ class ArithmeticEncoder:
         self._high = _MASK
         self._pending = 0  # bits owed by interval doublings around the midpoint
         self._n_emitted = 0  # bits emitted so far (excluding pending ones)
-        self._end_of_last_one = 0  # position just after the last 1 bit emitted
         self._out = bytearray()
         self._acc = 0  # emitted bits not yet in _out, MSB first
         self._acc_len = 0
@@ -136,10 +168,11 @@ class ArithmeticEncoder:
 
     @property
     def n_bits(self) -> int:
-        """Length in bits of the message if `finish()` were called now (before padding)."""
-        if self._finished or (self._low == 0 and self._pending == 0):
-            return self._end_of_last_one
-        return self._n_emitted + 1
+        """Length in bits of the message if `finish()` were called now (padding included)."""
+        if self._finished:
+            return self._n_emitted
+        _, length = _termination(self._low, self._high, self._n_emitted, self._pending)
+        return self._n_emitted + length
 
     def encode(self, low: int, freq: int, total: int) -> None:
         """Code the symbol occupying `[low, low + freq)` of `[0, total)`."""
@@ -161,19 +194,15 @@ class ArithmeticEncoder:
         self.encode(value, 1, 1 << n_bits)
 
     def finish(self) -> bytes:
-        """Terminate the message and return it, zero-padded to whole bytes."""
+        """Terminate the message (self-delimiting, whole bytes) and return it."""
         if self._finished:
             raise CodecError("encoder already finished")
         self._finished = True
-        if not (self._low == 0 and self._pending == 0):
-            # The midpoint 2**63 lies in [low, high]; as bits it is a 1, then the owed bits
-            # (all 0 after a 1), then zeros: only the 1 needs to be sent.
-            self._emit(1, 1)
-        n_bytes = (self._end_of_last_one + 7) // 8
-        pad = -self._acc_len % 8
-        self._out += (self._acc << pad).to_bytes((self._acc_len + pad) // 8, "big")
-        # Everything after the last 1 bit is zero, and the decoder reads zeros past the end.
-        return bytes(self._out[:n_bytes])
+        self._emit(*_termination(self._low, self._high, self._n_emitted, self._pending))
+        self._pending = 0
+        assert self._acc_len % 8 == 0  # the termination pads to a whole byte
+        self._out += self._acc.to_bytes(self._acc_len // 8, "big")
+        return bytes(self._out)
 
     def _normalize(self) -> None:
         low, high = self._low, self._high
@@ -204,9 +233,6 @@ class ArithmeticEncoder:
         self._acc = (self._acc << length) | word
         self._acc_len += length
         self._n_emitted += length
-        if word:
-            trailing_zeros = (word & -word).bit_length() - 1
-            self._end_of_last_one = self._n_emitted - trailing_zeros
         if self._acc_len >= _FLUSH_BITS:
             keep = self._acc_len % 8
             self._out += (self._acc >> keep).to_bytes(self._acc_len // 8, "big")
@@ -238,12 +264,11 @@ class ArithmeticDecoder:
 
     @property
     def overrun_bits(self) -> int:
-        """Bits read beyond the end of the data (read as zeros).
+        """Bits read beyond the end of the data (read as zeros, with the 64-bit lookahead).
 
-        Because of the lookahead, a well-formed message fully decoded always shows
-        `overrun_bits >= 56` (64 bits of window minus at most 1 termination and 7 padding
-        bits); a smaller value means trailing data. This is a necessary condition only:
-        `finish()` is the exact check.
+        0 means the data covered every bit decoding looked at, so more data could not have
+        changed what was decoded (or whether it failed); above 0, data that end early may be
+        the start of a longer message (a stream reader waits for more bytes).
         """
         return max(0, self._pos - 8 * len(self._data))
 
@@ -285,25 +310,31 @@ class ArithmeticDecoder:
         self.consume(value, 1, total)
         return value
 
-    def finish(self) -> None:
-        """Raise `CodecError` unless the data is exactly the encoder's message so far.
+    def finish(self) -> int:
+        """The message's length in bytes; raise `CodecError` unless the data start with the
+        encoder's message of the symbols decoded so far.
 
-        Call it after decoding every symbol. It passes iff the data are the canonical message
-        of the symbols decoded: the termination the encoder would write in this state, no
-        bits after it, no trailing zero byte.
+        Call it after decoding every symbol. It passes iff the data begin with the canonical
+        message of those symbols (the termination the encoder would write in this state);
+        bytes after it are the caller's (the next message). Data that end before the
+        termination does raise `IncompleteMessage`.
         """
-        data = self._data
-        if data and data[-1] == 0:
-            raise CodecError("message ends with a zero byte (trailing data or padding)")
-        last = data[-1] if data else 0
-        data_bits = 8 * len(data) - ((last & -last).bit_length() - 1 if data else 0)
         emitted = self._shifts - self._pending
-        if self._low == 0 and self._pending == 0:
-            ok = self._value == 0 and data_bits <= emitted  # termination: nothing
-        else:
-            ok = self._value == _HALF and data_bits == emitted + 1  # termination: one 1 bit
-        if not ok:
-            raise CodecError("message is truncated, altered or followed by extra bits")
+        word, length = _termination(self._low, self._high, emitted, self._pending)
+        end = emitted + length
+        if end > 8 * len(self._data):
+            raise IncompleteMessage(
+                f"the message needs {end // 8} bytes, the data has {len(self._data)}"
+            )
+        if length and self._bits_at(emitted, length) != word:
+            raise CodecError("message is altered: not the canonical termination")
+        return end // 8
+
+    def _bits_at(self, pos: int, k: int) -> int:
+        """Bits pos .. pos + k of the data (all inside it), MSB first."""
+        start, stop = pos >> 3, (pos + k + 7) >> 3
+        bits = int.from_bytes(self._data[start:stop], "big")
+        return (bits >> (8 * stop - pos - k)) & ((1 << k) - 1)
 
     def _normalize(self) -> None:
         low, high, value = self._low, self._high, self._value

@@ -32,9 +32,15 @@ choosing among candidates, holds back the ones after it). Only when some active 
 nothing ready (it is reasoning, or was cancelled) does a frame carry unequal counts, since
 waiting for it would stall every other stream.
 
-Frames may also wait (`frame_delay_s`) until they are full or the delay has passed: a frame's
-own overhead (check, flags, padding to a byte: ~3 bytes) is shared by fewer tokens the more
-often frames go out.
+Cadence (`max_latency_s`, `[link] max_latency_s`). A frame's own overhead (check, flags,
+padding to a byte: ~3 bytes) is shared by fewer tokens the more often frames go out, so a
+frame that is not full (K tokens for every stream) is taken once `max_latency_s` less one tick
+has passed since a poll first found something to send, and leaves at the next tick, so tokens
+wait up to max_latency_s from that poll. The frame loop polls once per tick, just after the
+tick's start (`link.inner_link.serve_frames`), so a steady stream of tokens goes out every
+round(max_latency_s / tick_s) ticks and keeps the timing code's cheapest symbol (0.09 bit,
+`link.budget`); a poll up to half a tick early still counts, so that scheduling jitter does
+not push the frame a tick later.
 
 The scheduler's other parts live beside it: best-of scoring in `inner.scoring`, the streams
 and candidates it runs and their audit records in `inner.runs`.
@@ -46,7 +52,6 @@ generation limit.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -85,10 +90,13 @@ class SchedulerConfig:
     # How long frames wait for an active stream that has no token ready (e.g. one token held
     # back as a possible reasoning marker) before carrying unequal counts, which cost bits.
     stall_patience_s: float = 0.5
-    # A frame waits up to this long after the last one unless it is full (K tokens for every
-    # stream): each frame costs ~3 bytes of its own (check, flags, padding), so fuller frames
-    # cost fewer bits per token, at the price of text arriving in larger, later pieces.
-    frame_delay_s: float = 0.0
+    # A frame that is not full (K tokens for every stream) waits so that it leaves this long
+    # after a poll first found something to send (module doc): each frame costs ~3 bytes of
+    # its own (check, flags, padding), so fuller frames cost fewer bits per token, at the
+    # price of text arriving in larger, later pieces. 0: a frame goes as soon as anything is
+    # ready.
+    max_latency_s: float = 0.0
+    tick_s: float = 0.1  # the uplink's tick ([link] tick_s): the frame loop polls once per tick
     # Speculative decoding: weak-model drafts per candidate per step (0: off). Part of what
     # decides the output (module doc), so a re-run must use the same value.
     draft_tokens: int = 0
@@ -98,6 +106,8 @@ class SchedulerConfig:
         for name in ("max_batch", "max_streams", "max_context", "frame_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if not (self.max_latency_s >= 0 and self.tick_s > 0):  # NaN too
+            raise ConfigError("max_latency_s must be >= 0 and tick_s > 0")
         if not 0 <= self.draft_tokens <= 16:
             raise ConfigError("draft_tokens must be in 0..16")
         if self.reasoning is not None and not all(self.reasoning):
@@ -145,7 +155,7 @@ class Scheduler:
         self._waiting: deque[CandidateRun] = deque()
         self._running: list[CandidateRun] = []
         self._stall_since: float | None = None
-        self._last_frame_at = -math.inf
+        self._due_since: float | None = None  # the first poll that found something to send
         self.generated_tokens = 0
         self.drafted_tokens = 0
         self.accepted_drafts = 0
@@ -445,9 +455,6 @@ class Scheduler:
                 else:
                     return None  # a stream is about to have tokens: wait for it
             self._stall_since = None
-            now = time.monotonic()
-            if n < k and now - self._last_frame_at < self.config.frame_delay_s:
-                return None
             counts = {sid: min(n, ready(sid)) for sid in order}
             ended = frozenset(
                 sid
@@ -457,7 +464,11 @@ class Scheduler:
                 and streams[sid].sent + counts[sid] == len(streams[sid].upload)
             )
             if not admit and not ended and not any(counts.values()):
+                self._due_since = None
                 return None
+            if n < k and not self._deadline_passed():
+                return None
+            self._due_since = None
             tokens = {}
             for sid in order:
                 s = streams[sid]
@@ -471,13 +482,21 @@ class Scheduler:
                 sid for sid in order if sid in ended or (streams[sid].final and ready(sid) == 0)
             )
             self._active = [sid for sid in order if sid not in retired]
-            self._last_frame_at = now
             withheld = {}
             if self.config.reasoning:  # the frame says how much each leaving stream kept inside
                 for sid in retired:
                     chosen = streams[sid].chosen
                     withheld[sid] = len(chosen.withheld) if chosen else 0
             return FramePlan(FrameContent(len(admit), tokens, ended, withheld, refusing), retired)
+
+    def _deadline_passed(self) -> bool:
+        """Whether a frame that is not full may go now (it leaves at the next tick):
+        `max_latency_s` less that tick after the poll that first found something to send,
+        half a tick early counting (module doc)."""
+        now = time.monotonic()
+        if self._due_since is None:
+            self._due_since = now
+        return now - self._due_since >= self.config.max_latency_s - 1.5 * self.config.tick_s
 
     def _stall_patience_over(self) -> bool:
         now = time.monotonic()

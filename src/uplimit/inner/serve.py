@@ -81,7 +81,8 @@ def scheduler_config(config: Config) -> SchedulerConfig:
         frame_tokens=config.coding.frame_tokens,
         reasoning=config.reasoning,
         max_reasoning_tokens=config.inner.max_reasoning_tokens,
-        frame_delay_s=config.inner.frame_delay_s,
+        max_latency_s=config.link.max_latency_s,
+        tick_s=config.link.tick_s,
         draft_tokens=config.inner.draft_tokens,
         scorer=SCORERS[config.inner.scorer],
     )

@@ -41,7 +41,7 @@ per tick. Besides the bytes of the frames (charged byte for byte), an observer o
 learns:
 
 1. which ticks carry a frame: at most 1 bit per tick (send / no send), 10 bit/s at 100 ms;
-2. each frame's size. Frames are self-delimiting (the wire format says how long a frame is), so
+2. each frame's size. Frames are self-delimiting (each frame's code says where it ends), so
    the set of possible frames is prefix-free and charging 8 bits per byte already pays for the
    size: summed over every possible frame f, 2 ** -(8 * len(f)) <= 1 (Kraft).
    Without that, a size would be worth about 2 log2(len) more bits per frame.
@@ -50,15 +50,24 @@ learns:
    removes it: that is the transport's part, outside this module's bound.
 
 Charging every tick 1 bit would cost 108 kB per idle day, so the ledger would drain with no
-traffic. Instead each frame pays for the gap before it, with a prefix code over gaps: after
-`g` silent ticks a frame costs `timing_cost_units(g)`:
+traffic. Instead each frame pays for the gap before it, with a prefix code over gaps that is
+chosen by the gap before the last frame, `p` (0 for the first frame of a connection), which
+both ends have seen. After `g` silent ticks a frame costs `timing_cost_units(g, p)`:
 
-* g = 0 (back to back):   log2(16/15) = 0.0931 bit;
-* g >= 1:                 4 + (2 * floor(log2 g) + 1) bits (a 4-bit escape, then Elias gamma of g).
+* g = p (the cadence kept):      log2(16/15) = 0.0931 bit;
+* g = p - 1 or g = p + 1:        6 bits (1/64 each: a deadline that slipped by a tick);
+* any g >= 0 (the escape):       5 + (2 * floor(log2(g + 1)) + 1) bits (a 5-bit escape, then
+                                 Elias gamma of g + 1), charged only when the above do not apply.
 
-These lengths satisfy Kraft's inequality with equality, 15/16 + 1/16 * sum_g>=1 2**-gamma(g) = 1,
-so over any k frames the patterns whose total charge is at most C bits number at most 2**C, and
-the pattern of a connection with k frames and C charged timing bits carries at most
+A link streaming a frame every tick keeps p = 0; one that sends at a latency deadline
+(`[link] max_latency_s`) keeps p = the deadline's gap; both pay 0.09 bit a frame.
+For every p these lengths satisfy Kraft's inequality,
+15/16 + 2/64 + 1/32 * sum_{n>=1} 2**-gamma(n) <= 1 (the escape also spends code space on gaps
+that have a shorter code, and p = 0 has no p - 1), so the probabilities 2**-cost(g | p) are a
+conditional distribution over the next gap given the gaps so far. Over any k frames, the sum of
+2**-(total charge) over all gap sequences is then at most 1 (induction over the frames: sum
+over the last gap first), so the patterns whose total charge is at most C bits number at most
+2**C, and the pattern of a connection with k frames and C charged timing bits carries at most
 C + log2(k + 1) bits (the log2 term counts k). Together with the frames' bytes
 (also a prefix-free code) everything an observer can read from ticks, sizes and contents is
 bounded by what the ledger charged, plus that log term.
@@ -70,8 +79,9 @@ The tick grid starts when a connection is made, and the instant of connecting is
 each connection is charged `CONNECT_CHARGE_BYTES` = 64 bits, enough to name any nanosecond in
 584 years. Refusing a charge latches the ledger, so "when the budget ran out" is said once.
 
-At 100 ms: a link streaming a frame every tick pays 0.93 bit/s (10.1 kB/day) for timing; a frame
-after 1 s of silence 11 bits; after an hour, 35 bits.
+At 100 ms: a link streaming a frame every tick, or at a steady deadline, pays 0.09 bit a frame
+(0.93 bit/s, 10.1 kB/day, every tick); a frame after 1 s of silence that breaks the cadence 12
+bits; after an hour, 36 bits.
 """
 
 from __future__ import annotations
@@ -109,9 +119,12 @@ DEFAULT_TICK_S = 0.1
 
 TIMING_UNIT = 1 << 16  # timing costs are counted in 1/65536 bit
 _BYTE_UNITS = 8 * TIMING_UNIT
-_ESCAPE_BITS = 4  # a gap is announced with probability 1/16 in the code behind the costs
+# The code behind the costs (module doc): P(the last gap again) = 15/16, P(one tick more or
+# less) = 1/64 each, P(escape, then Elias gamma of gap + 1) = 1/32.
 # -log2(15/16) rounded up to a whole unit: rounding up keeps Kraft's sum <= 1.
 _STREAK_UNITS = math.ceil(math.log2(16 / 15) * TIMING_UNIT)
+_NEIGHBOUR_BITS = 6
+_ESCAPE_BITS = 5
 CONNECT_CHARGE_BYTES = 8
 
 # `steady_time`'s anchor: taken once per process, so every ledger and link in it agree.
@@ -251,14 +264,17 @@ def decide(budgets: Budgets, usage: Usage, n_bytes: int, now: float) -> Decision
 # --- timing channel -------------------------------------------------------------------------
 
 
-def timing_cost_units(gap: int) -> int:
-    """Charge, in `TIMING_UNIT`s, for a frame sent after `gap` silent ticks (see module doc)."""
-    g = index(gap)
-    if g < 0:
-        raise ConfigError(f"gap must be >= 0 ticks, got {g}")
-    if g == 0:
+def timing_cost_units(gap: int, last_gap: int = 0) -> int:
+    """Charge, in `TIMING_UNIT`s, for a frame sent after `gap` silent ticks when the frame
+    before it came after `last_gap` (see module doc)."""
+    g, p = index(gap), index(last_gap)
+    if g < 0 or p < 0:
+        raise ConfigError(f"gaps must be >= 0 ticks, got {g} after {p}")
+    if g == p:
         return _STREAK_UNITS
-    gamma_bits = 2 * (g.bit_length() - 1) + 1
+    if abs(g - p) == 1:
+        return _NEIGHBOUR_BITS * TIMING_UNIT
+    gamma_bits = 2 * ((g + 1).bit_length() - 1) + 1
     return (_ESCAPE_BITS + gamma_bits) * TIMING_UNIT
 
 
@@ -266,11 +282,13 @@ def timing_cost_units(gap: int) -> int:
 class TimingState:
     """Where a connection's tick pattern stands.
 
-    Ticks count from the connection (tick 0); `credit_units` is timing already prepaid in whole
+    Ticks count from the connection (tick 0); `last_gap` is the silent ticks before the last
+    frame (the code's context, module doc); `credit_units` is timing already prepaid in whole
     bytes but not yet used, in `TIMING_UNIT`s (always < 8 bits).
     """
 
     last_tick: int = 0
+    last_gap: int = 0
     credit_units: int = 0
 
 
@@ -282,9 +300,10 @@ def timing_charge(state: TimingState, tick: int) -> tuple[int, TimingState]:
     t = index(tick)
     if t <= state.last_tick:
         raise ConfigError(f"tick {t} is not after the last frame's tick {state.last_tick}")
-    cost = timing_cost_units(t - state.last_tick - 1)
+    gap = t - state.last_tick - 1
+    cost = timing_cost_units(gap, state.last_gap)
     prepay = max(0, -(-(cost - state.credit_units) // _BYTE_UNITS))
-    return prepay, TimingState(t, state.credit_units + prepay * _BYTE_UNITS - cost)
+    return prepay, TimingState(t, gap, state.credit_units + prepay * _BYTE_UNITS - cost)
 
 
 @dataclass(frozen=True)

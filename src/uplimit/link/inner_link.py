@@ -71,6 +71,7 @@ from uplimit.wire.protocol import (
     ProtocolError,
     Refuse,
     Resend,
+    Resync,
     Shutdown,
     Switch,
     encode_downlink,
@@ -91,9 +92,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # What an honest inner keeps back so that END can always be paid for. A charge's timing part
-# is at most T = 12 bytes (after up to 2**40 silent ticks, 3,500 years at 100 ms: 83 bits,
-# plus a byte if the tick slips); END is 2 bytes plus its timing. The frame sent last left at
-# least R - T, which must cover 2 + T: R >= 2 + 2T = 26.
+# is at most T = 12 bytes (after up to 2**40 silent ticks, 3,500 years at 100 ms: 86 bits,
+# plus a byte if the tick slips); END is 3 bytes plus its timing. The frame sent last left at
+# least R - T, which must cover 3 + T: R >= 3 + 2T = 27.
 END_RESERVE_BYTES = 32
 
 # A frame that the per-second window has refused for this long ends the link (module doc).
@@ -408,11 +409,14 @@ class InnerLink:
             async with asyncio.timeout(timeout_s):
                 await self._arrived.wait()
 
-    async def send_frame(self, frame: bytes) -> ChargeReceipt:
-        """Send one coded frame (charged, at the next tick); if the budget cannot pay for it
+    async def send_frame(self, frame: bytes, *, resync: bool = False) -> ChargeReceipt:
+        """Send one coded frame (charged, at the next tick), after the RESYNC marker if
+        `resync` (the first raw resend, `wire.protocol`); if the budget cannot pay for it
         and for END, send END instead and raise `BudgetExhausted` (module doc)."""
         uplink = self.uplink_writer()
         wire = encode_uplink(Frame(frame))
+        if resync:
+            wire = encode_uplink(Resync()) + wire
         need = len(wire) + END_RESERVE_BYTES
         waiting_since = None
         while True:
@@ -528,6 +532,7 @@ async def serve_frames(
     failure (a rollout message without `models` among them) it sends END(error), closes, and
     raises."""
     resends: deque[bytes] = deque()
+    resync = False
     try:
         while True:
             for msg in link.pending():
@@ -545,14 +550,23 @@ async def serve_frames(
                     case Cancel(stream_id):
                         await asyncio.to_thread(source.cancel, stream_id)
                     case Resend(first):
-                        # Replaces any resend under way: this one starts where the decoder is.
+                        # Replaces any resend under way: this one starts where the decoder is,
+                        # after the marker the outer skips to (it cannot tell where the frame
+                        # it rejected ends).
                         resends = deque(await asyncio.to_thread(source.resend, first))
+                        resync = True
                     case Shutdown():
                         await link.end(EndReason.SHUTDOWN)
                         return EndReason.SHUTDOWN
-            frame = resends.popleft() if resends else await asyncio.to_thread(source.next_frame)
+            if resends:
+                await link.send_frame(resends.popleft(), resync=resync)
+                resync = False
+                continue
+            frame = await asyncio.to_thread(source.next_frame)
             if frame is None:
-                await link.wait(link.tick_s)  # idle: nothing is sent
+                # Idle: nothing is sent. Ask again just after the next tick starts, so that
+                # the source is polled once per tick (the scheduler's cadence counts on it).
+                await link.wait(link.uplink_writer().until_next_tick())
                 continue
             await link.send_frame(frame)
     except BudgetExhausted as e:

@@ -119,6 +119,10 @@ class MeteredWriter:
         """When `tick` begins, on this writer's clock."""
         return self._t0 + tick * self._tick_s
 
+    def until_next_tick(self) -> float:
+        """Seconds until the next tick begins (the frame loop polls just after each start)."""
+        return max(0.0, self.tick_time(self._next_tick()) - self._clock())
+
     def _next_tick(self) -> int:
         now = self._clock()
         return max(self._timing.last_tick + 1, math.ceil((now - self._t0) / self._tick_s))

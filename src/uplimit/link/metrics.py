@@ -15,7 +15,7 @@ optional port, `inner.verifier`, is for the inner side's own network.)
                                       0: the outer's own receive budget is spent and it reads
                                       nothing more (alarm kind "receive-budget")
     uplimit_bits_per_token            histogram, per decoded frame with tokens: its uplink
-                                      bits (length prefix included) per token
+                                      bits per token
     uplimit_frames_total{outcome}     frames decoded / rejected
     uplimit_tokens_total              tokens delivered
     uplimit_mismatches_total          frames that failed their check and started a resend

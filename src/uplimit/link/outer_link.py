@@ -60,6 +60,7 @@ from uplimit.wire.protocol import (
     encode_downlink,
 )
 from uplimit.wire.receiver import (
+    INCOMPLETE_PATIENCE_S,
     Accepted,
     AlarmKind,
     Delivered,
@@ -484,7 +485,7 @@ class OuterLink:
         try:
             while True:
                 try:
-                    data = await metered.read(READ_BYTES)
+                    data = await self._read_uplink(metered)
                 except BudgetExhausted:
                     await self._budget_spent()
                     break
@@ -504,6 +505,25 @@ class OuterLink:
             await self._fail(AlarmKind.INTERNAL, f"uplink: {e!r}")
         finally:
             self._close_connections()
+
+    async def _read_uplink(self, metered: MeteredReader) -> bytes:
+        """The next uplink bytes. While the receiver holds what may be the start of a longer
+        frame, every `INCOMPLETE_PATIENCE_S` without more bytes it judges them as they are
+        (`wire.receiver`); the read is never cancelled, so no counted byte is lost."""
+        read = asyncio.ensure_future(metered.read(READ_BYTES))
+        try:
+            while True:
+                patience = INCOMPLETE_PATIENCE_S if self._receiver.incomplete else None
+                done, _ = await asyncio.wait({read}, timeout=patience)
+                if done:
+                    return read.result()
+                async with self._decoding:
+                    events = await asyncio.to_thread(self._receiver.expire)
+                await self._handle(events)
+                if self.state is LinkState.FAILED:  # nothing more is read from this uplink
+                    return b""
+        finally:
+            read.cancel()  # a no-op once it is done
 
     def _received(self, n: int) -> None:
         if self.metrics is not None and n:

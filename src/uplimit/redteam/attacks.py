@@ -57,11 +57,14 @@ from uplimit.wire.frame import (
     FrameContent,
     FrameEncoder,
     FrameStats,
+    encode_end,
     max_frame_bytes,
 )
 from uplimit.wire.protocol import (
     MAX_CHARGED_BYTES,
+    RESYNC,
     Accept,
+    End,
     EndReason,
     Frame,
     LedgerReport,
@@ -466,12 +469,11 @@ def _sent(outputs: list[str]) -> int:
 def malformed_payloads(secret: bytes) -> dict[str, bytes]:
     """Uplink messages that break the grammar, each carrying some of the secret."""
     body = secret[:512]
-    huge = bytes([0x80, 0x80, 0x80, 0x01])  # uv 2**21: a 2 MiB frame, over the 1 MiB limit
     return {
-        "non-minimal length": bytes([0x80 | 5, 0x00]) + body[:5],
-        "oversized length": huge + body,
-        "unknown END reason": bytes([0x00, 0x7F]),
-        "bytes after END": bytes([0x00, EndReason.SHUTDOWN]) + encode_uplink(Frame(body)),
+        "zero bytes": bytes(64),
+        "longer than any frame": body * 8,  # frames delimit themselves: judged at the cap
+        "unknown END reason": encode_end(0),
+        "bytes after END": encode_uplink(End(EndReason.SHUTDOWN)) + encode_uplink(Frame(body)),
         "truncated frame": encode_uplink(Frame(body))[:-7],
         "random frame body": encode_uplink(Frame(body)),
     }
@@ -729,7 +731,8 @@ class LedgerFloodAttack:
                     piece = secret[written[0] : written[0] + cap]
                     enc.encode(FrameContent())  # frame F, never sent: garbage goes in its place
                     (raw,) = enc.resend(enc.frame_no - 1)
-                    up.write(encode_uplink(Frame(piece)) + encode_uplink(Frame(raw)))
+                    # The raw frame after the marker the outer skips to (`wire.protocol`).
+                    up.write(encode_uplink(Frame(piece)) + RESYNC + encode_uplink(Frame(raw)))
                     up.write(encode_uplink(Frame(enc.encode(FrameContent())[0])))
                     await up.drain()
                     written[0] += len(piece)

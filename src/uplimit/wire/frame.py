@@ -1,8 +1,13 @@
 """Frames: everything the inner side uploads in one tick, as one arithmetic-coded message.
 
-Grammar of a coded frame (every symbol arithmetic-coded; probabilities fixed unless noted):
+Uplink messages after the handshake, one after another on the byte stream with nothing
+between them: each is one arithmetic-coded message that delimits itself (`coding.arith`:
+the decoder finds where it ends, and the bytes must be that canonical termination, so the
+parser stays strict with no length prefix). Grammar (every symbol arithmetic-coded;
+probabilities fixed unless noted):
 
-    kind      flag        coded (P = 1 - 2**-16) or raw (a resend, see below)
+    kind      symbol      coded (P = 1 - 2**-15), raw (2**-16: a resend, see below) or
+                          END (2**-16: then the reason in 3 raw bits, and nothing follows)
     admitted  flag        "no new streams" (P = 63/64); else admitted - 1 in 8 raw bits
     refusals  flags       one per admitted stream: "refused" (P = 2**-8), then why in 2 raw
                           bits (`Refusal`). The inner could not serve that stream: it leaves
@@ -22,6 +27,7 @@ Grammar of a coded frame (every symbol arithmetic-coded; probabilities fixed unl
                           tokens it withheld: its bit length in 5 raw bits, then the bits
                           below the leading one (~5 + log2(count) bits per response)
     check     16 bits     crc32 of (frame number, decoded content), low 16 bits
+    end       2-10 bits   the coder's self-delimiting termination, to a whole byte
 
 Stream identity comes from the shared `StreamTable`: no ids on the wire. The frame number
 is implicit (both sides count), and the check covers it, so a replayed, reordered or
@@ -40,7 +46,17 @@ Recovery. A decoder that rejects frame F rolls its state back to before F, and f
 rejects every frame but a raw resend of F. The inner side, told so on the downlink, resends
 frames F, F+1, ... as raw frames: the same content with the frame number in 32 bits and
 every token in ceil(log2(vocabulary)) raw bits, no model involved. They cost more, and are
-metered like every other byte. Mismatches are counted on both sides.
+metered like every other byte. Mismatches are counted on both sides. A rejected frame's end
+is not known (its termination was decoded with the wrong numbers), so the receiver skips the
+byte stream up to a resync marker the inner sends before the raw frames
+(`wire.protocol.RESYNC`, `wire.receiver`).
+
+Wrong text after a desync. A frame decoded with numbers that differ from the encoder's is
+delivered only if its 16-bit check matches and its bytes are the canonical termination of
+what was decoded: probability at most 2**-16 per rejected frame, the issue's bound. It is
+detected at that frame (no text of it is delivered), or, when the stream's bytes end inside
+what the decoder reads, when the next bytes arrive or after `receiver.INCOMPLETE_PATIENCE_S`
+(0.5 s) without any.
 """
 
 from __future__ import annotations
@@ -53,7 +69,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from uplimit.coding.arith import ArithmeticDecoder, ArithmeticEncoder
+from uplimit.coding.arith import ArithmeticDecoder, ArithmeticEncoder, IncompleteMessage
 from uplimit.coding.calibration import FLAG_TOTAL, Calibration
 from uplimit.coding.codec import Prediction, decode_token, encode_token, predict
 from uplimit.coding.freqs import FrequencyTable
@@ -67,8 +83,11 @@ ADMIT_BITS = 8  # at most 2**8 streams admitted per frame: the inner admits more
 REFUSAL_BITS = 2
 WITHHELD_LENGTH_BITS = 5  # a withheld count's bit length: counts below 2**31
 
+# The kind symbol: coded, raw, END. The escapes cost a coded frame 4e-5 bits.
+_KIND = FrequencyTable(np.array([FLAG_TOTAL - 2, 1, 1], dtype=np.int64), FLAG_TOTAL)
+_CODED, _RAW, _END = 0, 1, 2
+END_REASON_BITS = 3  # END's reason code, 0..7
 # Probabilities of the rare branches, in units of 2**-16.
-_RAW = 1  # P(raw) = 2**-16: a coded frame pays 2e-5 bits for the escape
 _NONE_ADMITTED = FLAG_TOTAL - FLAG_TOTAL // 64
 _UNIFORM_COUNTS = FLAG_TOTAL - FLAG_TOTAL // 32
 _SAME_COUNT = FLAG_TOTAL * 3 // 4  # P(uniform count = the last uniform count)
@@ -138,7 +157,7 @@ def max_frame_bytes(config: FrameConfig, max_streams: int) -> int:
         + (s * _WITHHELD_MAX_BITS if config.withheld_counts else 0)
         + CHECK_BITS
     )  # fmt: skip
-    return -(-(bits + 2) // 8)  # + the coder's termination (< 1 bit + rounding), whole bytes
+    return -(-(bits + 4) // 8)  # + the coder's termination (<= 3 bits + rounding), whole bytes
 
 
 @dataclass(frozen=True)
@@ -272,6 +291,8 @@ class _Writer(_Coder):
 class _Reader(_Coder):
     def __init__(self, data: bytes) -> None:
         self.dec = ArithmeticDecoder(data)
+        self.data = data
+        self.raw_token_bits: int | None = None  # set for a raw resend: tokens in plain bits
 
     def flag(self, bit: bool | None, p_true: int) -> bool:
         if self.dec.decode_target(FLAG_TOTAL) < p_true:
@@ -289,6 +310,8 @@ class _Reader(_Coder):
         return s
 
     def token(self, value: int | None, pred: Prediction) -> int:
+        if self.raw_token_bits is not None:
+            return self.dec.decode_uniform(self.raw_token_bits)
         return decode_token(self.dec, pred)
 
 
@@ -544,17 +567,6 @@ def _uniform_count(
     return n if n <= k else None
 
 
-class _RawReader(_Reader):
-    """Reads a raw resend: the same grammar, tokens as plain `token_bits`-bit numbers."""
-
-    def __init__(self, data: bytes, token_bits: int) -> None:
-        super().__init__(data)
-        self.token_bits = token_bits
-
-    def token(self, value: int | None, pred: Prediction) -> int:
-        return self.dec.decode_uniform(self.token_bits)
-
-
 @dataclass(frozen=True)
 class _Sent:
     """What the encoder keeps of a sent frame, to resend it raw."""
@@ -576,7 +588,7 @@ class FrameEncoder(_FrameSide):
 
     def encode(self, content: FrameContent) -> tuple[bytes, FrameStats]:
         io = _Writer()
-        io.flag(False, _RAW)
+        io.symbol(_CODED, _KIND)
         admitted = tuple(spec.stream_id for spec in list(self.table.pending)[: content.admitted])
         mark = self._mark()
         try:
@@ -620,7 +632,7 @@ class FrameEncoder(_FrameSide):
     def _raw(self, sent: _Sent) -> bytes:
         """Mirror of `_walk` as `_RawReader` reads it: counts per stream, tokens in raw bits."""
         io, c, order = _Writer(), sent.content, sent.order
-        io.flag(True, _RAW)
+        io.symbol(_RAW, _KIND)
         io.uniform(sent.frame_no, FRAME_NO_BITS)
         if not io.flag(c.admitted == 0, _NONE_ADMITTED):
             io.uniform(c.admitted - 1, ADMIT_BITS)
@@ -650,6 +662,23 @@ def _normalized(content: FrameContent) -> FrameContent:
     return FrameContent(content.admitted, tokens, frozenset(content.ended), withheld, refused)
 
 
+@dataclass(frozen=True)
+class EndMessage:
+    """The inner's last uplink message (`encode_end`): a reason code and its length."""
+
+    reason: int
+    bytes: int
+
+
+def encode_end(reason: int) -> bytes:
+    """END with a reason code in 0..7, coded like a frame's kind (module doc): the same bytes
+    for every link, whatever came before."""
+    io = _Writer()
+    io.symbol(_END, _KIND)
+    io.uniform(reason, END_REASON_BITS)
+    return io.enc.finish()
+
+
 class FrameDecoder(_FrameSide):
     """Outer side: coded bytes -> frame contents, or DecodeMismatch with state rolled back."""
 
@@ -659,16 +688,35 @@ class FrameDecoder(_FrameSide):
         self.rejected = 0  # frames dropped while waiting for a resend
 
     def decode(self, data: bytes) -> tuple[FrameContent, FrameStats]:
-        """Decode and apply one frame.
+        """Decode and apply one frame that is all of `data`.
 
         Raises DecodeMismatch (state unchanged, `awaiting_resend` set to the frame number the
-        inner side must resend from) if the frame fails any check.
+        inner side must resend from) if the frame fails any check, is END, or is followed by
+        more bytes.
+        """
+        got = self.decode_next(data, final=True, whole=True)
+        assert isinstance(got, tuple)  # final: never None; whole: never END
+        return got
+
+    def decode_next(
+        self, data: bytes, *, final: bool, whole: bool = False
+    ) -> tuple[FrameContent, FrameStats] | EndMessage | None:
+        """Decode and apply the message that `data` (a byte stream's unread part) begins with:
+        a frame (its stats give its length) or END; None when `data` may end before the
+        message does (state unchanged: call again with more bytes).
+
+        A failure is a mismatch (DecodeMismatch, as `decode`) when `final` (no more bytes are
+        coming, or enough are here for the longest frame) or when decoding read no bit past
+        the end of `data`; otherwise more bytes could change it, and it is None.
         """
         mark = self._mark()
+        io = _Reader(data)
         try:
-            content, raw = self._decode(data)
+            got = self._decode(io, whole)
         except (CodecError, ConfigError) as e:
             self._rollback(mark)
+            if not final and (isinstance(e, IncompleteMessage) or io.dec.overrun_bits > 0):
+                return None
             if self.awaiting_resend is None:
                 self.mismatches += 1
                 self.awaiting_resend = self.frame_no
@@ -678,19 +726,27 @@ class FrameDecoder(_FrameSide):
         except BaseException:
             self._rollback(mark)
             raise
+        if isinstance(got, EndMessage):
+            return got
+        content, raw, used = got
         self._retire(content)
-        stats = FrameStats(self.frame_no, raw, len(data), 8 * len(data))
+        stats = FrameStats(self.frame_no, raw, used, 8 * used)
         stats.tokens = sum(len(t) for t in content.tokens.values())
         self.awaiting_resend = None
         self.frame_no += 1
         return content, stats
 
-    def _decode(self, data: bytes) -> tuple[FrameContent, bool]:
-        io: _Reader = _Reader(data)
-        raw = io.flag(None, _RAW)
+    def _decode(self, io: _Reader, whole: bool) -> tuple[FrameContent, bool, int] | EndMessage:
+        kind = io.symbol(None, _KIND)
+        if kind == _END:
+            reason = io.uniform(None, END_REASON_BITS)
+            used = io.dec.finish()
+            if whole:
+                raise CodecError("END where a frame was expected")
+            return EndMessage(reason, used)
+        raw = kind == _RAW
         if raw:
-            io = _RawReader(data, self.config.token_bits)
-            io.flag(None, _RAW)
+            io.raw_token_bits = self.config.token_bits
             number = io.uniform(None, FRAME_NO_BITS)
             if number != self.frame_no:
                 raise CodecError(f"raw frame {number} where frame {self.frame_no} was expected")
@@ -700,5 +756,7 @@ class FrameDecoder(_FrameSide):
         check = io.uniform(None, CHECK_BITS)
         if check != _check_value(self.frame_no, raw, list(self.table.active), content):
             raise CodecError("integrity check failed")
-        io.dec.finish()
-        return content, raw
+        used = io.dec.finish()
+        if whole and used != len(io.data):
+            raise CodecError(f"{len(io.data) - used} bytes after the frame")
+        return content, raw, used

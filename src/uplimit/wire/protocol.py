@@ -43,14 +43,27 @@ Uplink byte layout, as small as it can be, since every byte is budgeted::
                                                     the inner's ledger id and lifetime total
                                                     (charged before this message); flags bit 0:
                                                     the inner claims to run confined (others 0)
-    message    uv L (1 <= L <= max_frame_bytes) frame[L]     one coded frame
-             | 0x00 reason:u8                                END: nothing follows, ever
+    message    frame                                one coded frame, self-delimiting
+                                                    (`wire.frame`: no length prefix; at most
+                                                    max_frame_bytes)
+             | END                                  coded like a frame's kind, then a reason
+                                                    (`wire.frame.encode_end`, 3 bytes): nothing
+                                                    follows, ever
+             | RESYNC frame...                      after a RESEND: the 8-byte marker below,
+                                                    then the raw resends
 
 The verdict's first byte is the uplink's version byte: high nibble the protocol version,
 low nibble the verdict. Frame numbers are implicit: both sides count frames, and the frame's
 own check covers its number (`wire.frame`), so a replayed or reordered frame fails to decode.
-The uplink's messages form a prefix-free code (a verdict, then length-prefixed frames or an
+The uplink's messages form a prefix-free code (a verdict, then self-delimiting frames or an
 END), which the timing charge relies on (`link.budget`). An idle tick sends nothing.
+
+After the handshake this parser only hands the bytes on (`FrameBytes`): where a frame ends
+is known only by decoding it, which `wire.receiver` does with the frame decoder. A frame that
+fails its check has no known end, so after a RESEND the receiver skips bytes up to `RESYNC`,
+8 bytes the inner writes before its raw resends: a desync costs those 8 bytes, the raw
+frames, and the skipped bytes (frames in flight, charged and dropped). Honest frames contain
+the marker by chance with probability about 2**-64 per byte position.
 
 Parsers take bytes in any chunking (`feed`) and return complete messages; anything malformed,
 oversized, non-minimal, of unknown type, out of order or after the last message raises
@@ -68,6 +81,7 @@ from typing import TypeAlias
 
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError, InternalError, InvalidRequest, ProtocolError
+from uplimit.wire.frame import encode_end
 from uplimit.wire.limits import (
     MAX_EXTRA_BYTES,
     MAX_PROMPT_TOKENS,
@@ -84,6 +98,7 @@ __all__ = [
     "MAX_CHARGED_BYTES",
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
+    "RESYNC",
     "Accept",
     "ByteRate",
     "Cancel",
@@ -93,6 +108,7 @@ __all__ = [
     "End",
     "EndReason",
     "Frame",
+    "FrameBytes",
     "Hello",
     "LedgerReport",
     "ModelData",
@@ -101,6 +117,7 @@ __all__ = [
     "ProtocolError",
     "Refuse",
     "Resend",
+    "Resync",
     "Shutdown",
     "Switch",
     "UplinkMessage",
@@ -119,6 +136,7 @@ _REFUSE = PROTOCOL_VERSION << 4 | 2
 _LEDGER = PROTOCOL_VERSION << 4 | 3
 LEDGER_ID_BYTES = 16
 MAX_CHARGED_BYTES = (1 << 63) - 1  # a BIGINT total
+RESYNC = bytes.fromhex("a7c3e15f2b9d0486")  # before raw resends (module doc)
 DIGEST_BYTES = 4  # an accidental match of two different fingerprints: 2**-32
 
 # Limits, each with its reason.
@@ -245,7 +263,19 @@ class End:
     reason: EndReason
 
 
-UplinkMessage: TypeAlias = Accept | LedgerReport | Refuse | Frame | End
+@dataclass(frozen=True)
+class Resync:
+    """The marker the receiver skips to after a rejected frame (module doc)."""
+
+
+@dataclass(frozen=True)
+class FrameBytes:
+    """Uplink bytes after the handshake, for the frame decoder to delimit (module doc)."""
+
+    data: bytes
+
+
+UplinkMessage: TypeAlias = Accept | LedgerReport | Refuse | Frame | End | Resync | FrameBytes
 
 
 class _Type(IntEnum):
@@ -362,9 +392,11 @@ def encode_uplink(msg: UplinkMessage) -> bytes:
         case Frame(data):
             if not 1 <= len(data) <= MAX_FRAME_BYTES:
                 raise ConfigError(f"a frame is 1..{MAX_FRAME_BYTES} bytes, got {len(data)}")
-            return uvarint(len(data)) + data
+            return bytes(data)  # it delimits itself
         case End(reason):
-            return bytes([0, EndReason(reason)])
+            return encode_end(EndReason(reason))
+        case Resync():
+            return RESYNC
     raise ConfigError(f"not an uplink message: {msg!r}")
 
 
@@ -526,19 +558,16 @@ def accepted_downlink(msg: DownlinkMessage, limits: DownlinkLimits, n_vocab: int
 
 class UplinkParser(Parser):
     """The outer side's parser of the uplink: a verdict (an accept is followed by the ledger
-    report), then frames, then maybe END.
+    report), then the frame stream's bytes as they come (`FrameBytes`, module doc).
 
     `field_count` is the number of keys the outer sent in HELLO (a refusal indexes them).
     """
 
-    def __init__(self, field_count: int, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(self, field_count: int) -> None:
         super().__init__()
         if not 0 <= field_count <= MAX_FIELDS:
             raise ConfigError(f"field_count must be in 0..{MAX_FIELDS}")
-        if not 1 <= max_frame_bytes <= MAX_FRAME_BYTES:
-            raise ConfigError(f"max_frame_bytes must be in 1..{MAX_FRAME_BYTES}")
         self.field_count = field_count
-        self.max_frame_bytes = max_frame_bytes
         self._ledger_due = False  # an accept was read; the ledger report comes next
 
     def feed(self, data: bytes) -> list[UplinkMessage]:
@@ -557,22 +586,7 @@ class UplinkParser(Parser):
             if buf[0] == _REFUSE:
                 return self._refusal(buf)
             raise ProtocolError(f"uplink verdict byte {buf[0]:#04x} is not protocol 1")
-        got = read_uvarint(buf, 0, self.max_frame_bytes, "frame length")
-        if got is None:
-            return None
-        length, pos = got
-        if length == 0:  # END
-            if len(buf) < 2:
-                return None
-            try:
-                reason = EndReason(buf[1])
-            except ValueError:
-                raise ProtocolError(f"unknown END reason {buf[1]}") from None
-            self.state = ParserState.DONE
-            return End(reason), 2
-        if len(buf) < pos + length:
-            return None
-        return Frame(bytes(buf[pos : pos + length])), pos + length
+        return FrameBytes(bytes(buf)), len(buf)
 
     def _ledger_report(self, buf: bytearray) -> tuple[LedgerReport, int] | None:
         if buf[0] != _LEDGER:

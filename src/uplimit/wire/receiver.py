@@ -1,8 +1,10 @@
 """The outer side's uplink, sans-IO: bytes in, events out, and the link's state.
 
 `UplinkReceiver` runs the strict `UplinkParser`, checks the handshake verdict against the
-outer's fingerprint, and hands each frame to the frame decoder. It never raises on anything
-the inner sends: every problem becomes an event, and the state says what the link is now.
+outer's fingerprint, and hands the bytes after it to the frame decoder, which finds where each
+frame (or END) ends by decoding it (`wire.frame`: frames delimit themselves). It never raises
+on anything the inner sends: every problem becomes an event, and the state says what the link
+is now.
 
     state        meaning                                   what the outer does
     handshaking  waiting for the inner's verdict and its
@@ -19,6 +21,12 @@ that failed its check: nothing of it is delivered; `resend_from` is set when the
 send RESEND), `Ended`, `Failed` (with an alarm kind). Malformed, truncated, oversized input
 fails the link; a replayed, reordered or corrupted frame fails the decoder's check and is
 recovered by a raw resend. Every failure is final: the parser and this object stay failed.
+
+Bytes that may be the start of a longer frame wait for more (`incomplete`); the caller calls
+`expire()` if none come for `INCOMPLETE_PATIENCE_S`, and what is there is then judged as it
+is: a frame whose decoder disagrees with the encoder is detected within that time even when
+nothing follows it. A rejected frame's end is unknown, so after one the receiver skips bytes
+up to the inner's `RESYNC` marker, which precedes its raw resends (`wire.protocol`).
 """
 
 from __future__ import annotations
@@ -29,25 +37,25 @@ from enum import StrEnum
 from typing import Protocol, TypeAlias
 
 from uplimit.coding.calibration import Calibration
-from uplimit.errors import DecodeMismatch
+from uplimit.errors import ConfigError, DecodeMismatch
 from uplimit.models.base import Session
 from uplimit.wire.fingerprint import fingerprint_digest, refused_differences
-from uplimit.wire.frame import FrameContent, FrameStats
+from uplimit.wire.frame import EndMessage, FrameContent, FrameStats
 from uplimit.wire.protocol import (
     MAX_FRAME_BYTES,
+    RESYNC,
     Accept,
-    End,
     EndReason,
-    Frame,
+    FrameBytes,
     LedgerReport,
     ProtocolError,
     Refuse,
     UplinkParser,
-    encode_uplink,
 )
 from uplimit.wire.streams import StreamSpec
 
 __all__ = [
+    "INCOMPLETE_PATIENCE_S",
     "Accepted",
     "AlarmKind",
     "Delivered",
@@ -64,9 +72,16 @@ __all__ = [
 # Decoding that fails again and again (each time recovered by a raw resend) means the sides
 # do not compute the same weak-model numbers: stop rather than resend raw frames forever.
 MAX_MISMATCHES_IN_A_ROW = 3
-# Frames the inner had sent before it saw a RESEND are rejected as they arrive: a second of
+# Frames the inner had sent before it saw a RESEND are skipped as they arrive: a second of
 # frames at a 100 ms tick, well over the round trip. More means the inner ignores RESEND.
 MAX_REJECTED_WHILE_WAITING = 64
+# How long bytes that may begin a longer frame wait for the rest: a frame is written at once,
+# so the rest of it is a TCP segment away; a mismatch in the last frame before a silence is
+# detected after this long (issue 18's bound: 1 s). A wrong call costs a resend, no text.
+INCOMPLETE_PATIENCE_S = 0.5
+# The frame decoder reads 64 bits ahead: with this many bytes beyond the longest frame, more
+# data cannot change what it decodes.
+_LOOKAHEAD_BYTES = 8
 
 
 class LinkState(StrEnum):
@@ -105,7 +120,9 @@ class FrameSink(Protocol):
 
     def add_stream(self, spec: StreamSpec) -> None: ...
 
-    def decode(self, data: bytes) -> tuple[FrameContent, FrameStats]: ...
+    def decode_next(
+        self, data: bytes, *, final: bool
+    ) -> tuple[FrameContent, FrameStats] | EndMessage | None: ...
 
     def switch(
         self, weak_session: Session, calibration: Calibration, release: Callable[[], None]
@@ -125,7 +142,7 @@ LedgerCheck = Callable[[LedgerReport], "str | None"]
 class Delivered:
     content: FrameContent
     stats: FrameStats
-    wire_bytes: int  # uplink bytes of this frame, its length prefix included
+    wire_bytes: int  # uplink bytes of this frame
 
 
 @dataclass(frozen=True)
@@ -165,7 +182,14 @@ class UplinkReceiver:
         self.fingerprint = dict(fingerprint)
         self._check_ledger = check_ledger
         self.decoder = decoder
-        self._parser = UplinkParser(len(fingerprint), max_frame_bytes=max_frame_bytes)
+        if not 1 <= max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ConfigError(f"max_frame_bytes must be in 1..{MAX_FRAME_BYTES}")
+        self.max_frame_bytes = max_frame_bytes
+        self._parser = UplinkParser(len(fingerprint))
+        self._stream = bytearray()  # frame-stream bytes not yet decoded
+        self._resync = False  # skipping to the RESYNC marker after a rejected frame
+        self._skipped = 0  # bytes skipped since the last rejection
+        self._ended = False
         self.state = LinkState.HANDSHAKING
         self.reason = "waiting for the inner's verdict"
         self.delivered = 0
@@ -188,8 +212,20 @@ class UplinkReceiver:
         for msg in messages:
             events += self._message(msg)
             if self.state is LinkState.FAILED:
-                break
-        return events
+                return events
+        return events + self._drain(final=False)
+
+    @property
+    def incomplete(self) -> bool:
+        """Bytes wait that may begin a longer frame: call `expire()` if no more come within
+        `INCOMPLETE_PATIENCE_S`."""
+        return bool(self._stream) and not (self._resync or self._ended or self.state.final)
+
+    def expire(self) -> list[ReceiverEvent]:
+        """No bytes came for `INCOMPLETE_PATIENCE_S`: judge the waiting bytes as they are."""
+        if not self.incomplete:
+            return []
+        return self._drain(final=True)
 
     def eof(self) -> list[ReceiverEvent]:
         """The uplink connection ended."""
@@ -202,6 +238,11 @@ class UplinkReceiver:
         if self.state is LinkState.HANDSHAKING:
             return self.fail(AlarmKind.CLOSED, "the uplink closed before the inner's verdict")
         if self.state is LinkState.SERVING:
+            if self._stream and not self._resync:
+                return self.fail(
+                    AlarmKind.PROTOCOL, f"truncated uplink: it ended inside a frame"
+                    f" ({len(self._stream)} bytes)",
+                )  # fmt: skip
             return self.fail(
                 AlarmKind.CLOSED,
                 "the uplink closed without END: the inner stopped (crashed, was killed, or a"
@@ -217,11 +258,10 @@ class UplinkReceiver:
         return [Failed(kind, message)]
 
     def _message(self, msg: object) -> list[ReceiverEvent]:
-        # The parser allows a verdict only first, and nothing after a refusal or END.
-        if isinstance(msg, Frame):
-            return self._frame(msg.data)
-        if isinstance(msg, End):
-            return self._end(msg.reason)
+        # The parser allows a verdict only first, and nothing after a refusal.
+        if isinstance(msg, FrameBytes):  # only after the ledger report
+            self._stream += msg.data
+            return []
         if isinstance(msg, LedgerReport):  # the parser allows it only right after an accept
             return self._ledger(msg)
         if isinstance(msg, Refuse):
@@ -248,25 +288,58 @@ class UplinkReceiver:
         self.state, self.reason = LinkState.SERVING, "serving"
         return [Accepted(report)]
 
-    def _frame(self, data: bytes) -> list[ReceiverEvent]:
+    def _drain(self, *, final: bool) -> list[ReceiverEvent]:
+        """Decode every whole message in the frame stream (module doc)."""
+        events: list[ReceiverEvent] = []
+        while self._stream and self.state is LinkState.SERVING:
+            if self._resync:
+                events += self._skip_to_marker()
+                if self._resync or not self._stream:
+                    break
+            got = self._decode(final)
+            if got is None:
+                break
+            events += got
+        if self._ended and self._stream:
+            events += self.fail(AlarmKind.PROTOCOL, f"{len(self._stream)} bytes after END")
+        return events
+
+    def _skip_to_marker(self) -> list[ReceiverEvent]:
+        """Drop bytes up to and including RESYNC (then `_resync` is off); fail the link if
+        the inner sends too much before it."""
+        at = self._stream.find(RESYNC)
+        if at >= 0:
+            self._skipped += at
+            del self._stream[: at + len(RESYNC)]
+            self._resync = False
+            return []
+        drop = max(0, len(self._stream) - (len(RESYNC) - 1))  # it may be split across reads
+        self._skipped += drop
+        del self._stream[:drop]
+        if self._skipped > MAX_REJECTED_WHILE_WAITING * self.max_frame_bytes:
+            return self.fail(
+                AlarmKind.DECODER,
+                f"{self._skipped:,} bytes skipped waiting for the resend of frame"
+                f" {self.decoder.awaiting_resend}: the inner does not resend",
+            )
+        return []
+
+    def _decode(self, final: bool) -> list[ReceiverEvent] | None:
+        """The message the stream begins with, as events; None until more bytes come."""
         frame_no = self.decoder.frame_no
         waiting = self.decoder.awaiting_resend
+        window = self.max_frame_bytes + _LOOKAHEAD_BYTES  # all a frame's decoding can read
+        final = final or len(self._stream) >= window
         try:
-            content, stats = self.decoder.decode(data)
+            got = self.decoder.decode_next(bytes(self._stream[:window]), final=final)
         except DecodeMismatch as e:
             self.rejected += 1
+            self._resync = True  # where the frame ends is not known: skip to the marker
             if waiting is not None:
-                self._rejected_waiting += 1
-                if self._rejected_waiting > MAX_REJECTED_WHILE_WAITING:
-                    return self.fail(
-                        AlarmKind.DECODER,
-                        f"{self._rejected_waiting} frames rejected while waiting for a resend"
-                        f" of frame {waiting}: the inner does not resend",
-                    )
                 return [Rejected(frame_no, str(e), None)]
             self.mismatches += 1
             self._mismatch_run += 1
-            self._rejected_waiting = 0
+            self._skipped = 0
             if self._mismatch_run > MAX_MISMATCHES_IN_A_ROW:
                 return self.fail(
                     AlarmKind.DECODER,
@@ -276,12 +349,24 @@ class UplinkReceiver:
             return [Rejected(frame_no, str(e), self.decoder.awaiting_resend)]
         except Exception as e:  # a decoder bug must not take the outer down: fail closed
             return self.fail(AlarmKind.INTERNAL, f"frame {frame_no}: decoder failed: {e!r}")
+        if got is None:
+            return None
+        if isinstance(got, EndMessage):
+            del self._stream[: got.bytes]
+            return self._end(got.reason)
+        content, stats = got
+        del self._stream[: stats.bytes]
         if not stats.raw:
             self._mismatch_run = 0
         self.delivered += 1
-        return [Delivered(content, stats, len(encode_uplink(Frame(data))))]
+        return [Delivered(content, stats, stats.bytes)]
 
-    def _end(self, reason: EndReason) -> list[ReceiverEvent]:
+    def _end(self, code: int) -> list[ReceiverEvent]:
+        try:
+            reason = EndReason(code)
+        except ValueError:
+            return self.fail(AlarmKind.PROTOCOL, f"unknown END reason {code}")
+        self._ended = True
         if reason is EndReason.ERROR:
             return [Ended(reason), *self.fail(AlarmKind.INNER_ERROR, "the inner failed (END)")]
         if reason.exhausted:

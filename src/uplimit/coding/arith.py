@@ -258,11 +258,6 @@ class ArithmeticDecoder:
         self._total = 0
 
     @property
-    def bits_read(self) -> int:
-        """Bits read from the message, counting the 64-bit lookahead window (so it starts at 64)."""
-        return self._pos
-
-    @property
     def overrun_bits(self) -> int:
         """Bits read beyond the end of the data (read as zeros, with the 64-bit lookahead).
 

@@ -99,10 +99,10 @@ load-api: setup
 	  UPLIMIT_REQUIRE=real $(PY) -m pytest tests/integration/test_api_load.py -q -s -p no:cacheprovider
 
 # Memory over 100,000 streams from 16 clients through the served tiny pair (#16 item 8): the
-# traced heap and RSS after each tenth (about an hour on 2 cores).
+# traced heap and RSS after each tenth (about an hour on 2 idle cores; no per-test timeout).
 memory: setup
 	UPLIMIT_MEMORY_STREAMS=100000 UPLIMIT_MEMORY_CLIENTS=16 nice -n 10 $(PY) -m pytest \
-	  tests/integration/test_memory.py -q -s -p no:cacheprovider
+	  tests/integration/test_memory.py -q -s -p no:cacheprovider --timeout 0
 
 fuzz: $(VENV)/.installed
 	$(PY) -m pip install -q 'atheris==3.0.0'

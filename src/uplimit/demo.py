@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,19 +151,26 @@ def _processes(
         yield procs[0], procs[1]
     finally:
         # SIGTERM to the outer: uvicorn exits, the outer sends SHUTDOWN, the inner ends.
-        for i, proc in enumerate(procs):
-            if i == 1:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(STOP_TIMEOUT_S)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_in_order(procs, procs[1:2])
         for log in logs:
             log.close()
+
+
+def stop_in_order(procs: Sequence[subprocess.Popen], ending: Sequence[subprocess.Popen]) -> None:
+    """Stop `procs` in order: SIGTERM, then SIGKILL after STOP_TIMEOUT_S. Those in `ending`
+    stop by themselves once an earlier one has (SHUTDOWN on the link): they get that long
+    first."""
+    for proc in procs:
+        if proc in ending:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_TIMEOUT_S)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -32,7 +31,6 @@ from rich.table import Table
 from uplimit.demo import (
     DEMO_PROMPTS,
     MODEL_NAME,
-    STOP_TIMEOUT_S,
     Answer,
     _ask,
     _charged,
@@ -43,6 +41,7 @@ from uplimit.demo import (
     _readable_models,
     _uplimit,
     _wait_serving,
+    stop_in_order,
 )
 from uplimit.errors import BackendError
 from uplimit.link.auth import create_secret
@@ -119,17 +118,8 @@ def _tiers(workdir: Path, shared: Path, outer: Path, confined: bool) -> Iterator
             )
         yield procs
     finally:
-        for name, proc in procs.items():  # the inner stops when the relay's SHUTDOWN comes
-            if name == "inner":
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(STOP_TIMEOUT_S)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        # The inner stops when the relay's SHUTDOWN comes.
+        stop_in_order(list(procs.values()), [p for name, p in procs.items() if name == "inner"])
         for log in logs.values():
             log.close()
 

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import ClassVar
 
 import httpx
@@ -22,6 +23,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from support.api_stack import api_config, served_api
+from uplimit.config import Config
 from uplimit.outer.api_errors import LINK_TEXT, link_error
 from uplimit.wire.limits import MAX_BEST_OF, MAX_STOP_BYTES, MAX_STOPS, MAX_TOP_K
 from uplimit.wire.receiver import LinkState
@@ -430,22 +432,27 @@ def test_the_async_openai_client(api):
 # --- the link's state, in fixed texts ---------------------------------------------------------
 
 
+def inner_beside(
+    config: Config, pair_dirs: tuple[Path, Path], tmp_path: Path, **sections: dict
+) -> Config:
+    """An inner's own config on `config`'s link (its ports, and its secret, so the inner
+    proves itself), with `sections` changed, under tmp_path/inner."""
+    link = {
+        "downlink_port": config.link.downlink_port,
+        "uplink_port": config.link.uplink_port,
+        "secret_file": config.link.secret_file,
+    }
+    (tmp_path / "inner").mkdir()
+    return api_config(pair_dirs, tmp_path / "inner", link=link, **sections)
+
+
 def test_a_failed_link_says_only_a_fixed_text(tiny_pair_dirs, tiny_strong, tiny_weak, tmp_path):
     """#15 item 5: an inner whose codec differs refuses the link with its own fingerprint
     values (bytes the inner chose). Users read a fixed text; the values stay out of every
     body, in /health and in the 503."""
     config = api_config(tiny_pair_dirs, tmp_path)
-    (tmp_path / "inner").mkdir()
-    # The same ports, another frame size: the inner refuses with its value ("5").
-    sections = {
-        "coding": {"frame_tokens": 5},
-        "link": {
-            "downlink_port": config.link.downlink_port,
-            "uplink_port": config.link.uplink_port,
-            "secret_file": config.link.secret_file,  # the same link: it proves itself
-        },
-    }
-    inner_config = api_config(tiny_pair_dirs, tmp_path / "inner", **sections)
+    # Another frame size: the inner refuses with its value ("5").
+    inner_config = inner_beside(config, tiny_pair_dirs, tmp_path, coding={"frame_tokens": 5})
     with (
         served_api(config, tiny_strong, tiny_weak, inner_config=inner_config, serving=False) as url,
         httpx.Client(base_url=url, timeout=10) as http,
@@ -644,16 +651,7 @@ def test_a_stream_the_inner_refuses_is_a_4xx_and_the_link_serves_on(
     the gateway and the inner refuses that stream alone: 400 `context_length_exceeded` (an
     error event when streaming), while the requests around it are served."""
     config = api_config(tiny_pair_dirs, tmp_path)  # max_context 256
-    (tmp_path / "inner").mkdir()
-    sections = {
-        "coding": {"max_context": 64},
-        "link": {
-            "downlink_port": config.link.downlink_port,
-            "uplink_port": config.link.uplink_port,
-            "secret_file": config.link.secret_file,
-        },
-    }
-    inner_config = api_config(tiny_pair_dirs, tmp_path / "inner", **sections)
+    inner_config = inner_beside(config, tiny_pair_dirs, tmp_path, coding={"max_context": 64})
     long_prompt = "word " * 100
     short = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 8}
     with (

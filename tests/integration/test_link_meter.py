@@ -272,3 +272,26 @@ def test_a_failed_connect_is_a_link_error_and_stays_charged(tmp_path: Path) -> N
         with pytest.raises(LinkClosed, match="cannot connect"):
             asyncio.run(MeteredWriter.connect("127.0.0.1", port, ledger))
     assert ledger.usage().timing_bytes == CONNECT_CHARGE_BYTES  # charged before trying
+
+
+def test_nothing_follows_the_last_frame(tmp_path: Path, counter: ReceiveCounter) -> None:
+    """END goes with `last`: a frame another task sends after it (or was waiting to send
+    behind it) is refused, uncharged, and never reaches the wire."""
+    ledger = SqliteLedger(tmp_path / "ledger.db", Budgets(1000))
+
+    async def main() -> None:
+        async with Receiver(counter) as rx:
+            link = await MeteredWriter.connect("127.0.0.1", rx.port, ledger, tick_s=TICK)
+            end = asyncio.create_task(link.send(b"END", last=True))
+            behind = asyncio.create_task(link.send(b"frame"))  # waits for the lock
+            await end
+            with pytest.raises(LinkClosed):
+                await behind
+            with pytest.raises(LinkClosed):
+                await link.send(b"later")
+            await link.aclose()
+            await asyncio.wait_for(rx.eof.wait(), 5)
+            assert rx.data == b"END"
+
+    asyncio.run(main())
+    assert ledger.usage().wire_bytes == 3

@@ -465,7 +465,9 @@ class InnerLink:
         """Send END (if the budget still allows) and close both connections."""
         if self._uplink is not None and not self._uplink.closed:
             with contextlib.suppress(LinkError):
-                await self._uplink.send(encode_uplink(End(reason)), note=f"END {reason.name}")
+                await self._uplink.send(
+                    encode_uplink(End(reason)), note=f"END {reason.name}", last=True
+                )
         await self.aclose()
 
     def uplink_writer(self) -> MeteredWriter:

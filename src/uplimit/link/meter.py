@@ -138,8 +138,12 @@ class MeteredWriter:
             self._fail(e)
             raise
 
-    async def send(self, frame: bytes | bytearray | memoryview, *, note: str = "") -> ChargeReceipt:
-        """Charge, then write, one frame at the next tick; on any failure close the uplink."""
+    async def send(
+        self, frame: bytes | bytearray | memoryview, *, note: str = "", last: bool = False
+    ) -> ChargeReceipt:
+        """Charge, then write, one frame at the next tick; on any failure close the uplink.
+        `last` (END): every later send raises LinkClosed, so nothing follows it on the wire,
+        not even a frame another task was about to send."""
         if not isinstance(frame, bytes | bytearray | memoryview):
             raise ConfigError(f"a frame is bytes, not {type(frame).__name__}")
         # An immutable copy: what is written is exactly what was charged, even if the caller's
@@ -174,6 +178,8 @@ class MeteredWriter:
                 self._fail(e)
                 raise LinkClosed(f"uplink write failed: {e}") from e
             self.sent_bytes += len(frame)
+            if last:
+                self._failure = LinkClosed("END was sent")
             return receipt
 
     def _fail(self, cause: BaseException) -> None:

@@ -24,7 +24,7 @@ UV_VERSION := 0.13.9
 comma := ,
 REQUIRE := $(if $(filter 0,$(shell id -u)),real$(comma)kernel$(comma)postgres$(comma)browser$(comma)promtool$(comma)faketime,real)
 
-.PHONY: setup demo test test-avx2 lint fuzz crash memory load-api lock system-packages models
+.PHONY: setup demo test test-slow test-avx2 lint fuzz crash memory load-api lock system-packages models
 setup: system-packages $(VENV)/.installed $(VENV)/.llama-$(LLAMA_ISA) models
 
 # As root with apt (CI, a fresh machine of this kind), install what is missing; elsewhere
@@ -70,6 +70,10 @@ demo: setup
 
 test: setup
 	UPLIMIT_REQUIRE=$(REQUIRE) $(PY) -m pytest
+
+# The suite with the cases it leaves to UPLIMIT_SLOW=1 (tests/support/marks.py).
+test-slow:
+	UPLIMIT_SLOW=1 $(MAKE) test
 
 # The suite on the narrowest SIMD paths this project supports: llama.cpp built for AVX2,
 # torch's and numpy's kernels dispatched without AVX-512. `make test` afterwards reinstalls

@@ -8,12 +8,12 @@ line (`pytest -s`); docs/gauge.md quotes scripts/measure_gauged_gguf.py, which m
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from support.marks import slow
 from uplimit.gauge.export import export_gguf, gauge_gguf
 from uplimit.gauge.verify import DEFAULT_CHATS
 from uplimit.models import store
@@ -21,10 +21,7 @@ from uplimit.models.llama import LlamaModel
 
 pytestmark = [
     pytest.mark.real,
-    pytest.mark.skipif(
-        os.environ.get("UPLIMIT_SLOW") != "1",
-        reason="writes two 3.6 GB F16 copies of the 1.5B model (minutes): run with UPLIMIT_SLOW=1",
-    ),
+    slow("writes two 3.6 GB F16 copies of the 1.5B model (minutes)"),
 ]
 
 ANSWER = 16

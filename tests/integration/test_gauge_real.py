@@ -9,13 +9,13 @@ The numbers print as one JSON line (`pytest -s`); docs/gauge.md quotes a run.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from support.marks import slow
 from uplimit.gauge import attack
 from uplimit.gauge.transform import Dims, apply_gauge, gauge_bits, random_gauge
 from uplimit.gauge.verify import DEFAULT_CHATS, DEFAULT_TOLERANCE, compare_to, trace
@@ -23,10 +23,7 @@ from uplimit.models import store
 
 pytestmark = [
     pytest.mark.real,
-    pytest.mark.skipif(
-        os.environ.get("UPLIMIT_SLOW") != "1",
-        reason="dequantizes the 1.5B model to fp32 (6 GB, minutes): run with UPLIMIT_SLOW=1",
-    ),
+    slow("dequantizes the 1.5B model to fp32 (6 GB, minutes)"),
 ]
 
 ATTACKED_LAYERS = (0, 13, 27)  # first, middle, last: full MLP matching attacks on these

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import pytest
 
+from support.marks import slow
 from uplimit.coding.calibration import Calibration
 from uplimit.redteam.attacks import InjectAttack, TimingAttack, honest, timing_symbols
 from uplimit.redteam.hostile_verifier import symbol
@@ -71,7 +72,9 @@ def _information(sent: list[int], read: list[int]) -> tuple[float, float, float]
     return exact, best(sent), null[494]
 
 
-@pytest.mark.parametrize("release", ["stream", "tick"])
+@pytest.mark.parametrize(
+    "release", ["stream", pytest.param("tick", marks=slow("the negative control, 17 s"))]
+)
 def test_the_timing_channel_reaches_the_relay_and_stops_there_unless_it_streams(
     pair, tmp_path, release
 ):
@@ -97,7 +100,9 @@ def test_the_timing_channel_reaches_the_relay_and_stops_there_unless_it_streams(
         assert bits <= noise
 
 
-@pytest.mark.parametrize("mode", ["padded", "forged"])
+@pytest.mark.parametrize(
+    "mode", ["padded", pytest.param("forged", marks=slow("padded covers the path, 10 s"))]
+)
 def test_injected_frames_reach_the_relay_and_never_the_outer(pair, tmp_path, mode):
     pair, prompts = pair
     live = RelayedLive(pair, SETTINGS, tmp_path, release="tick")

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from support.config import tiny_models, write_config
+from support.marks import slow
 from support.net import free_port
 from support.processes import UPLIMIT, Processes, healthy, metric
 from uplimit.coding.generate import Request, generate
@@ -249,6 +250,7 @@ def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tiny_strong, tmp
         procs.stop_all()
 
 
+@slow("the real pair in three processes, 14 s")
 def test_the_real_pair_through_the_relay(real_strong, tmp_path):
     """Once on the real pair: both users' answers are the strong model's own text."""
     models = {"strong": str(store.status(store.STRONG).path),

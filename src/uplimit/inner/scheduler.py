@@ -168,11 +168,7 @@ class Scheduler:
         """Add a stream, in the order the outer side opened it."""
         spec = request.spec
         with self._lock:
-            if spec.stream_id in self._streams:
-                raise ConfigError(f"stream {spec.stream_id} was already submitted")
-            stream = StreamRun(request, self.clock())
-            self._streams[spec.stream_id] = stream
-            self._pending.append(spec.stream_id)
+            stream = self._add(StreamRun(request, self.clock()))
             if request.withheld_id is not None:
                 self._retrieve(stream)
                 return
@@ -203,13 +199,18 @@ class Scheduler:
     def refuse(self, spec: StreamSpec, why: Refusal) -> None:
         """Add a stream the inner will not serve (e.g. its options fail the inner's checks):
         the frames admit it and end it with `why`, in the outer's order like any other."""
+        request = GenerationRequest(spec, f"stream-{spec.stream_id}")
         with self._lock:
-            if spec.stream_id in self._streams:
-                raise ConfigError(f"stream {spec.stream_id} was already submitted")
-            request = GenerationRequest(spec, f"stream-{spec.stream_id}")
-            stream = StreamRun(request, self.clock(), final=True, refused=why)
-            self._streams[spec.stream_id] = stream
-            self._pending.append(spec.stream_id)
+            self._add(StreamRun(request, self.clock(), final=True, refused=why))
+
+    def _add(self, stream: StreamRun) -> StreamRun:
+        """Register a stream (lock held): it waits for admission in the outer's order."""
+        sid = stream.request.spec.stream_id
+        if sid in self._streams:
+            raise ConfigError(f"stream {sid} was already submitted")
+        self._streams[sid] = stream
+        self._pending.append(sid)
+        return stream
 
     def cancel(self, stream_id: int) -> None:
         """The client went away: stop generating; the stream ends at the next frame."""

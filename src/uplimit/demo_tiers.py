@@ -62,18 +62,15 @@ def _configs(workdir: Path, meter: str, budget: int) -> tuple[Path, Path, int, i
     models = _readable_models(workdir)
     shared, relay_port = _config(workdir, models, meter, budget, len(DEMO_PROMPTS) + 1)
     secret = create_secret(workdir / "relay.secret")
-    up, down = _free_port(), _free_port()
-    with shared.open("a") as f:
-        f.write(
-            f"""[relay]
-downlink_port = {down}
-uplink_port = {up}
+    # Link 2, as both its ends name it: the relay's [relay] and the outer's [link].
+    link2 = f"""downlink_port = {_free_port()}
+uplink_port = {_free_port()}
 ledger = "{workdir / "relay-ledger.db"}"
 lifetime_budget_bytes = {budget}
-downlink_log = "{workdir / "relay-downlink.jsonl"}"
 secret_file = "{secret}"
 """
-        )
+    with shared.open("a") as f:
+        f.write(f"""[relay]\n{link2}downlink_log = "{workdir / "relay-downlink.jsonl"}"\n""")
     outer, port = workdir / "outer.toml", _free_port()
     outer.write_text(
         f"""[models]
@@ -84,12 +81,7 @@ threads = 1
 max_streams = {len(DEMO_PROMPTS) + 1}
 max_context = 1024
 [link]
-downlink_port = {down}
-uplink_port = {up}
-ledger = "{workdir / "relay-ledger.db"}"
-lifetime_budget_bytes = {budget}
-receive_counter = "{workdir / "outer-received.db"}"
-secret_file = "{secret}"
+{link2}receive_counter = "{workdir / "outer-received.db"}"
 [outer]
 port = {port}
 model_name = "{MODEL_NAME}"

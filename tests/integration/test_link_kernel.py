@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from uplimit.errors import ConfigError, KernelMeterError
-from uplimit.link.kernel import KernelMeter, available
+from uplimit.link.kernel import Gate, KernelMeter, available
 
 QUOTA = 40_000
 
@@ -147,3 +147,75 @@ def test_teardown_removes_everything_even_after_a_failure(missing) -> None:
 def test_names_are_checked(name: str) -> None:
     with pytest.raises(ConfigError):
         KernelMeter(name, 1000)
+
+
+# A gated namespace (the relay's): it serves one port, uploads on another, and tries elsewhere,
+# once from an ephemeral port and once from the port it serves.
+_GATED = """
+import socket, sys
+inner, outer, served, uplink, other, n, m = sys.argv[1:3] + [int(a) for a in sys.argv[3:]]
+with socket.create_server((inner, served)) as server:
+    print("ready", flush=True)
+    conn, _ = server.accept()
+    conn.sendall(b"s" * n)
+    conn.close()
+with socket.create_connection((outer, uplink)) as up:
+    up.sendall(b"u" * m)
+def attempt(port):
+    with socket.socket() as s:
+        s.settimeout(2)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((inner, port))
+        try:
+            s.connect((outer, other))
+            return "connected"
+        except OSError as e:
+            return type(e).__name__
+print(attempt(0), attempt(served), flush=True)
+"""
+
+
+def test_a_gated_namespace_meters_its_uplink_serves_uncounted_and_reaches_nothing_else(
+    missing,
+) -> None:
+    can = available()
+    if not can.ok:
+        missing("kernel", f"kernel meter unavailable: {can.reason}")
+    served, uplink, other = 7391, 7392, 7393
+    km = KernelMeter("test-gate", 10**9, gate=Gate(serves=(served,), connects=(uplink,)))
+    km.teardown()
+    km.create()
+    try:
+        with (
+            socket.create_server((km.outer_address, uplink)) as sink,
+            socket.create_server((km.outer_address, other)) as elsewhere,
+        ):
+            sink.settimeout(30)
+            elsewhere.settimeout(0.1)
+            got = [0]
+            rx = threading.Thread(target=_receive_all, args=(sink, got))
+            rx.start()
+            n, m = 50_000, 3_000
+            argv = [sys.executable, "-c", _GATED, km.inner_address, km.outer_address,
+                    str(served), str(uplink), str(other), str(n), str(m)]  # fmt: skip
+            proc = km.popen(argv, stdout=subprocess.PIPE, text=True)
+            assert proc.stdout.readline().strip() == "ready"
+            with socket.create_connection((km.inner_address, served), timeout=30) as client:
+                read = 0
+                while data := client.recv(1 << 16):
+                    read += len(data)
+            attempts = proc.stdout.readline().split()
+            proc.wait(timeout=30)
+            rx.join()
+            with pytest.raises(TimeoutError):
+                elsewhere.accept()
+        reading = km.read()
+    finally:
+        km.teardown()
+    assert read == n and got[0] == m
+    # Only the upload passed the quota, to the byte; the served replies passed beside it.
+    assert reading.tcp_payload_bytes == m and reading.dropped_packets == 0
+    assert reading.served_bytes > n and reading.served_packets > 0
+    # Anywhere else, even from the served port, is dropped: the connection never opens.
+    assert attempts == ["TimeoutError", "TimeoutError"], attempts
+    assert reading.refused_packets >= 2

@@ -73,7 +73,8 @@ def test_slack_tolerates_retransmissions_at_the_kernel():
     reading = KernelReading(
         quota_bytes=4000, quota_used_bytes=300, sent_bytes=300, sent_packets=4,
         dropped_bytes=0, dropped_packets=0, ctl_bytes=104, ctl_packets=2,
-        tcp_payload_bytes=140, other_bytes=0, other_packets=0,
+        tcp_payload_bytes=140, other_bytes=0, other_packets=0, served_bytes=0, served_packets=0,
+        refused_bytes=0, refused_packets=0,
     )  # fmt: skip
     found = {c.name: c.ok for c in checks(Readings(state, 100, reading, "x"))}
     assert found == {
@@ -82,6 +83,7 @@ def test_slack_tolerates_retransmissions_at_the_kernel():
         "received <= kernel payload": True,
         "charged <= lifetime budget": True,
         "kernel dropped nothing": True,
+        "kernel refused nothing": True,
     }
     assert all(c.ok for c in checks(Readings(state, 100, reading, "x"), slack_bytes=40))
 
@@ -129,6 +131,7 @@ def test_a_writer_around_the_meter_shows_at_the_kernel_and_the_outer(tmp_path, k
         "received <= kernel payload": True,  # and it did pass the kernel meter
         "charged <= lifetime budget": True,
         "kernel dropped nothing": True,
+        "kernel refused nothing": True,
     }
     assert report["kernel"]["tcp_payload_bytes"] == report["received_bytes"] == 3000
     assert report["kernel"]["ctl_packets"] >= 2  # SYN and FIN at least, counted apart

@@ -19,10 +19,14 @@ disagreement to look into:
    at zero when it is created): use one counter file per namespace.
 4. ledger total (wire + timing) <= lifetime budget.
 5. the kernel dropped nothing: a drop means something tried to send past the quota.
+6. the kernel refused nothing: in a gated namespace (the relay's, `link.kernel.Gate`), a refusal
+   means something tried to reach past its link and its served ports.
 
 The known overhead is shown, never flagged: the IP and TCP headers of the packets that carried
 payload (52 bytes each on Linux with timestamps), and apart from them the payload-free packets
 the inner sends (ACKs for downlink traffic, SYN, FIN), which are uplink bytes at the kernel too.
+So are a gated namespace's served bytes: its replies on connections opened into it, beside the
+quota.
 """
 
 from __future__ import annotations
@@ -150,6 +154,10 @@ def figures(r: Readings) -> list[tuple[str, str, str]]:
         )
         if k.other_packets:
             rows.append(("  other IP", _n(k.other_bytes), f"{_n(k.other_packets)} packets"))
+        if k.served_packets:
+            rows.append(("  served (uncounted)", _n(k.served_bytes),
+                         f"{_n(k.served_packets)} packets: replies on connections opened into"
+                         " the namespace"))  # fmt: skip
         rows.append(
             (
                 "  quota",
@@ -210,6 +218,13 @@ def checks(r: Readings, slack_bytes: int = 0) -> list[Check]:
                 "kernel dropped nothing",
                 r.kernel.dropped_packets == 0,
                 f"{_n(r.kernel.dropped_packets)} packets dropped at the quota",
+            )
+        )
+        out.append(
+            Check(
+                "kernel refused nothing",
+                r.kernel.refused_packets == 0,
+                f"{_n(r.kernel.refused_packets)} packets to anything but the link refused",
             )
         )
     return out

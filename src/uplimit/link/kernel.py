@@ -1,4 +1,5 @@
-"""The kernel meter: the inner side in its own network namespace, behind an nftables quota.
+"""The kernel meter: a confined side (the inner, the relay) in its own network namespace, behind
+an nftables quota.
 
 Layout, all created and removed by name (`name`: 1-10 of [a-z0-9-], not starting with -):
 
@@ -10,7 +11,8 @@ creation refuses if any interface already holds an address in it. The inner side
 the outer end of its veth (no other route), and IPv6 is off in the namespace so nothing else
 leaves it.
 
-Inside the namespace, table `inet uplimit` hooks output on `uli-<name>`:
+Inside the namespace, table `inet uplimit` hooks output on `uli-<name>`; every packet that
+leaves goes through chain `metered`:
 
     quota up { over Q bytes }      every packet first meets the quota; once Q is reached the
                                    packet and all after it are dropped ("dropped" counter)
@@ -20,6 +22,14 @@ Inside the namespace, table `inet uplimit` hooks output on `uli-<name>`:
     counter tcp5 .. tcp15          of those, TCP over plain IPv4 by header length (doff), so the
                                    TCP payload is sum(bytes - packets * (20 + 4 * doff)), exactly
     counter other                  anything else that passed (not TCP, or IPv4 options)
+
+A *gated* meter (`Gate`: the relay's, which also accepts connections) sends to `metered` only
+what the namespace originates towards the veth's outer end on the gate's `connects` ports
+(conntrack direction original: the link it uploads on). Packets of connections opened from
+outside to one of its `serves` ports (direction reply: the namespace did not open them) leave
+uncounted by the quota ("served" counter), and everything else the namespace sends is dropped
+("refused" counter). Conntrack's direction is set by whoever sent a connection's first packet,
+so a process inside cannot make a connection of its own look served, whatever ports it binds.
 
 The quota counts IP packets as the output hook sees them (one header per GSO packet), headers
 included, so what passed holds fewer than Q payload bytes. nft reports the quota's `used` capped
@@ -49,7 +59,7 @@ from typing import Any
 
 from uplimit.errors import ConfigError, KernelMeterError
 
-__all__ = ["Availability", "KernelMeter", "KernelReading", "available"]
+__all__ = ["Availability", "Gate", "KernelMeter", "KernelReading", "available"]
 
 SUBNET = ipaddress.IPv4Network("10.201.0.0/16")
 _BLOCKS = SUBNET.num_addresses // 4
@@ -110,29 +120,70 @@ class KernelReading:
     tcp_payload_bytes: int
     other_bytes: int
     other_packets: int
+    served_bytes: int  # a gated meter's replies on connections opened from outside: uncounted
+    served_packets: int
+    refused_bytes: int  # what a gated meter's namespace tried to send anywhere else
+    refused_packets: int
 
     @property
     def over_quota(self) -> bool:
         return self.dropped_packets > 0
 
 
-def _ruleset(ifname: str, quota_bytes: int) -> str:
-    counters = ["sent", "dropped", "ctl", "other", *(f"tcp{d}" for d in _DOFFS)]
+@dataclass(frozen=True)
+class Gate:
+    """A namespace that serves as well as uploads (module doc): the TCP ports it accepts
+    connections on (its replies leave uncounted), and the ports on the veth's outer end that it
+    may connect to (through the quota). It sends nothing else."""
+
+    serves: tuple[int, ...]
+    connects: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for port in (*self.serves, *self.connects):
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ConfigError(f"a gate's ports are 1..65535, got {port!r}")
+        if not self.connects:
+            raise ConfigError("a gate needs the ports its namespace uploads on")
+
+
+def _ruleset(ifname: str, quota_bytes: int, gate: Gate | None, outer_address: str) -> str:
+    counters = ["sent", "dropped", "ctl", "other", "served", "refused",
+                *(f"tcp{d}" for d in _DOFFS)]  # fmt: skip
     by_doff = []
     for d in _DOFFS:
         header = 20 + 4 * d
         by_doff.append(f'    tcp doff {d} ip length {header} counter name "ctl"')
         by_doff.append(f'    tcp doff {d} counter name "tcp{d}" return')
+    if gate is None:
+        entry = [f'    oifname "{ifname}" goto metered']
+    else:
+        serves = ", ".join(map(str, gate.serves))
+        connects = ", ".join(map(str, gate.connects))
+        served = (
+            [f'    oifname "{ifname}" ct direction reply ip daddr {outer_address}'
+             f' tcp sport {{ {serves} }} counter name "served" accept']
+            if gate.serves else []
+        )  # fmt: skip
+        entry = [
+            *served,
+            f'    oifname "{ifname}" ct direction original ip daddr {outer_address}'
+            f" tcp dport {{ {connects} }} goto metered",
+            f'    oifname "{ifname}" counter name "refused" drop',
+        ]
     lines = [
         "table inet uplimit {",
         f"  quota up {{ over {quota_bytes} bytes }}",
         *(f"  counter {c} {{ }}" for c in counters),
         "  chain output {",
         "    type filter hook output priority filter; policy accept;",
-        f'    oifname "{ifname}" quota name "up" counter name "dropped" drop',
-        f'    oifname "{ifname}" counter name "sent"',
-        f'    oifname "{ifname}" ip hdrlength 5 meta l4proto tcp goto tcp_out',
-        f'    oifname "{ifname}" counter name "other"',
+        *entry,
+        "  }",
+        "  chain metered {",
+        '    quota name "up" counter name "dropped" drop',
+        '    counter name "sent"',
+        "    ip hdrlength 5 meta l4proto tcp goto tcp_out",
+        '    counter name "other"',
         "  }",
         "  chain tcp_out {",
         *by_doff,
@@ -164,13 +215,15 @@ def _succeeds(argv: list[str]) -> bool:
 
 
 class KernelMeter:
-    """A network namespace for the inner side with an nftables quota on its only way out.
+    """A network namespace for a confined side with an nftables quota on its way out.
 
     Use as a context manager (`with KernelMeter(name, quota) as km:`) or `create()` then
     `teardown()`; teardown removes everything by name and also cleans up after a crashed run.
     """
 
-    def __init__(self, name: str, quota_bytes: int, *, index: int | None = None) -> None:
+    def __init__(
+        self, name: str, quota_bytes: int, *, index: int | None = None, gate: Gate | None = None
+    ) -> None:
         if not _NAME.fullmatch(name):
             raise ConfigError(f"kernel meter name must be 1-10 of [a-z0-9-], got {name!r}")
         if isinstance(quota_bytes, bool) or not isinstance(quota_bytes, int) or quota_bytes < 1:
@@ -180,6 +233,7 @@ class KernelMeter:
             raise ConfigError(f"subnet index must be in 0..{_BLOCKS - 1}, got {block}")
         self.name = name
         self.quota_bytes = quota_bytes
+        self.gate = gate
         self.netns = f"uplimit-{name}"
         self.outer_ifname = f"ulo-{name}"
         self.inner_ifname = f"uli-{name}"
@@ -216,7 +270,8 @@ class KernelMeter:
             for conf in ("all", "default"):
                 _run([*ns, "sysctl", "-qw", f"net.ipv6.conf.{conf}.disable_ipv6=1"])
             # The quota is in place before the inner end can carry a packet.
-            _run([*ns, "nft", "-f", "-"], stdin=_ruleset(self.inner_ifname, self.quota_bytes))
+            rules = _ruleset(self.inner_ifname, self.quota_bytes, self.gate, self.outer_address)
+            _run([*ns, "nft", "-f", "-"], stdin=rules)
             veth = ["type", "veth", "peer", "name", self.inner_ifname, "netns", self.netns]
             _run(["ip", "link", "add", self.outer_ifname, *veth])
             _run(["sysctl", "-qw", f"net.ipv6.conf.{self.outer_ifname}.disable_ipv6=1"])
@@ -293,6 +348,10 @@ class KernelMeter:
                 tcp_payload_bytes=payload,
                 other_bytes=counters["other"]["bytes"],
                 other_packets=counters["other"]["packets"],
+                served_bytes=counters["served"]["bytes"],
+                served_packets=counters["served"]["packets"],
+                refused_bytes=counters["refused"]["bytes"],
+                refused_packets=counters["refused"]["packets"],
             )
         except (KeyError, ValueError, TypeError) as e:
             raise KernelMeterError(f"unexpected nft output for {self.netns}: {e!r}") from e

@@ -204,7 +204,8 @@ class RelayConfig:
     """`uplimit serve relay`: the link it uploads to the outer on, metered like an inner's.
 
     Towards the inner the relay is an outer ([link], [coding], [models]); its own users get
-    the outer's API ([outer]). Only its uplink is configured here."""
+    the outer's API ([outer]). Only its uplink and its confinement (kernel_meter, user) are
+    configured here."""
 
     host: str = "127.0.0.1"  # the outer's link address: the relay connects out to it
     downlink_port: int = 7311
@@ -214,6 +215,10 @@ class RelayConfig:
     lifetime_budget_bytes: int = 0  # 0: the relay's own receive budget ([link])
     per_day_budget_bytes: int = 0  # 0: none
     per_second_budget_bytes: int = 0  # 0: none
+    # Confinement (`relay.confine`): namespace uplimit-NAME behind the kernel quota, and the
+    # unprivileged user the confined relay runs as.
+    kernel_meter: str = "relay"
+    user: str = "nobody"
     downlink_log: str = ""  # "": $UPLIMIT_HOME/relay-downlink.jsonl
     secret_file: str = ""  # the relay-outer link's secret; "": $UPLIMIT_HOME/relay.secret
     # When the outer's streams go up: "stream" once a stream has ended on the inner's link

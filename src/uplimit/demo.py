@@ -93,10 +93,12 @@ def _config(
 ) -> tuple[Path, int]:
     """The demo's config file (room for `streams` at once; the link's secret, 0600, beside
     it), and the outer's HTTP port. The ledger has a directory of its own: the confined inner
-    may write the inner/ directory, never the ledger's."""
+    may write the inner/ directory, never the ledger's (nor may a confined relay, whose files
+    are the outer/ directory's: the three-tier demo's relay is this file's outer)."""
     path, port = workdir / "uplimit.toml", _free_port()
     secret = create_secret(workdir / "link.secret")
     (workdir / "ledger").mkdir()
+    (workdir / "outer").mkdir()
     path.write_text(
         f"""[models]
 strong = "{models[0]}"
@@ -111,7 +113,7 @@ uplink_port = {_free_port()}
 ledger = "{workdir / "ledger" / "ledger.db"}"
 lifetime_budget_bytes = {budget}
 downlink_log = "{workdir / "inner" / "downlink.jsonl"}"
-receive_counter = "{workdir / "received.db"}"
+receive_counter = "{workdir / "outer" / "received.db"}"
 secret_file = "{secret}"
 max_latency_s = 1.0
 [inner]
@@ -125,6 +127,7 @@ port = {port}
 model_name = "{MODEL_NAME}"
 metrics_port = {_free_port()}
 kernel_meter = "{meter}"
+rollout_record = "{workdir / "outer" / "rollout.json"}"
 """
     )
     return path, port

@@ -1,14 +1,18 @@
 """`uplimit demo --tiers 3`: inner, relay and outer as separate processes (docs/tiers.md).
 
-    researcher --HTTP--> relay process <--link 1--> inner process (confined as root)
+    researcher --HTTP--> relay process <--link 1--> inner process
     users --HTTP--> outer process <--link 2--> relay process
+
+As root the inner and the relay are confined, each in its own namespace behind its kernel quota
+(`inner.confine`, `relay.confine`).
 
 The inner and the relay read the two-tier demo's config (`demo._config`: the relay is that
 file's outer, and its `[relay]` section is link 2); the outer has its own file, naming link 2's
 ports and secret and the relay's ledger. A researcher's question is answered on the relay
 while the users' questions go to the outer, all at once; then each link's figures: what its
-ledger charged (wire and timing) and the tokens it carried. On exit the outer, then the relay
-are sent SIGTERM (SHUTDOWN goes down each link), and the inner stops.
+ledger charged (wire and timing) and the tokens it carried, and when confined what its kernel
+quota passed (TCP payload since the namespace was made) beside its ledger's wire bytes. On exit
+the outer, then the relay are sent SIGTERM (SHUTDOWN goes down each link), and the inner stops.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from uplimit.demo import (
 from uplimit.errors import BackendError
 from uplimit.link.auth import create_secret
 from uplimit.link.budget import Budgets
-from uplimit.link.kernel import available
-from uplimit.link.ledger import init_ledger
+from uplimit.link.kernel import KernelMeter, KernelReading, available
+from uplimit.link.ledger import LedgerState, init_ledger
 from uplimit.models import store
 
 __all__ = ["RESEARCH_PROMPT", "run_tiers_demo"]
@@ -57,20 +61,29 @@ RESEARCH_PROMPT = "Write a Python function that checks whether a string is a pal
 USER_TEMPERATURE = 0.7
 
 
-def _configs(workdir: Path, meter: str, budget: int) -> tuple[Path, Path, int, int]:
+def _configs(
+    workdir: Path, meters: dict[str, str], budget: int, confined: bool
+) -> tuple[Path, Path, int, int]:
     """(the inner's and relay's config, the outer's, the relay's HTTP port, the outer's)."""
     models = _readable_models(workdir)
-    shared, relay_port = _config(workdir, models, meter, budget, len(DEMO_PROMPTS) + 1)
+    shared, relay_port = _config(
+        workdir, models, meters["inner->relay"], budget, len(DEMO_PROMPTS) + 1
+    )
     secret = create_secret(workdir / "relay.secret")
     # Link 2, as both its ends name it: the relay's [relay] and the outer's [link].
     link2 = f"""downlink_port = {_free_port()}
 uplink_port = {_free_port()}
-ledger = "{workdir / "relay-ledger.db"}"
+ledger = "{workdir / "ledger" / "relay-ledger.db"}"
 lifetime_budget_bytes = {budget}
 secret_file = "{secret}"
 """
+    relay_meter = meters["relay->outer"]
     with shared.open("a") as f:
-        f.write(f"""[relay]\n{link2}downlink_log = "{workdir / "relay-downlink.jsonl"}"\n""")
+        f.write(
+            f"""[relay]\n{link2}downlink_log = "{workdir / "outer" / "relay-downlink.jsonl"}"
+kernel_meter = "{relay_meter}"
+"""
+        )
     outer, port = workdir / "outer.toml", _free_port()
     outer.write_text(
         f"""[models]
@@ -87,6 +100,7 @@ port = {port}
 model_name = "{MODEL_NAME}"
 metrics_port = 0
 """
+        + (f'kernel_meter = "{relay_meter}"\n' if confined else "")
     )
     return shared, outer, relay_port, port
 
@@ -95,11 +109,11 @@ metrics_port = 0
 def _tiers(workdir: Path, shared: Path, outer: Path, confined: bool) -> Iterator[dict]:
     """Start outer, relay, inner; on exit stop them in that order and leave nothing behind."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    unconfined = [] if confined else ["--unconfined"]
     argv = {
         "outer": _uplimit("serve", "outer", "--config", str(outer)),
-        "relay": _uplimit("serve", "relay", "--config", str(shared)),
-        "inner": _uplimit("serve", "inner", "--config", str(shared))
-        + ([] if confined else ["--unconfined"]),
+        "relay": _uplimit("serve", "relay", "--config", str(shared), *unconfined),
+        "inner": _uplimit("serve", "inner", "--config", str(shared), *unconfined),
     }
     procs: dict[str, subprocess.Popen] = {}
     logs = {name: open(workdir / f"{name}.log", "w") for name in argv}  # noqa: SIM115
@@ -151,12 +165,17 @@ def run_tiers_demo(console: Console, *, max_tokens: int = 96, json_out: Path | N
     workdir = Path(tempfile.mkdtemp(prefix="uplimit-tiers-"))
     workdir.chmod(0o755)  # the confined inner's user reads its config and the models here
     can = available()
-    meter = f"tiers{os.getpid() % 100000}"
-    where = "the inner confined behind the kernel quota" if can.ok else "the inner unconfined"
+    meters = {"inner->relay": f"tiers{os.getpid() % 100000}",
+              "relay->outer": f"relay{os.getpid() % 100000}"}  # fmt: skip
+    where = (
+        "the inner and the relay confined, each behind its kernel quota"
+        if can.ok
+        else f"unconfined ({can.reason})"
+    )
     console.print(f"uplimit demo --tiers 3: inner, relay, outer processes, {where}; {workdir}")
-    shared, outer, relay_port, outer_port = _configs(workdir, meter, budget)
+    shared, outer, relay_port, outer_port = _configs(workdir, meters, budget, can.ok)
     ledgers = {"inner->relay": workdir / "ledger" / "ledger.db",
-               "relay->outer": workdir / "relay-ledger.db"}  # fmt: skip
+               "relay->outer": workdir / "ledger" / "relay-ledger.db"}  # fmt: skip
     for path in ledgers.values():
         init_ledger(path, Budgets(budget))  # `uplimit budget init [--relay]`
     relay_url, outer_url = f"http://127.0.0.1:{relay_port}", f"http://127.0.0.1:{outer_port}"
@@ -170,6 +189,9 @@ def run_tiers_demo(console: Console, *, max_tokens: int = 96, json_out: Path | N
                 _questions(relay_url, outer_url, max_tokens, console)
             )
             after = {name: _ledger(path) for name, path in ledgers.items()}
+            # Read while they run: each launcher removes its namespace when it ends.
+            kernels = {name: KernelMeter(meters[name], 1).read() if can.ok else None
+                       for name in ledgers}  # fmt: skip
     finally:
         for model in workdir.glob("*.gguf"):  # links or copies of the pair: the originals stay
             model.unlink(missing_ok=True)
@@ -179,7 +201,8 @@ def run_tiers_demo(console: Console, *, max_tokens: int = 96, json_out: Path | N
     figures = {
         "links": [
             {"name": name, **_charged(before[name], after[name]),
-             "tokens": sum(a.tokens for a in carried[name])}
+             "tokens": sum(a.tokens for a in carried[name]),
+             "kernel": _kernel(kernels[name], after[name])}
             for name in ledgers
         ],
         "relay_answers": [_answer(a) for a in research],
@@ -192,10 +215,29 @@ def run_tiers_demo(console: Console, *, max_tokens: int = 96, json_out: Path | N
         table.add_row(link["name"], f"{link['charged_bytes']:,}", f"{link['timing_bytes']:,}",
                       str(link["tokens"]), f"{per_token:.3f}")  # fmt: skip
     console.print(table)
+    for link in figures["links"]:
+        if (k := link["kernel"]) is not None:
+            console.print(
+                f"{link['name']}: its kernel quota passed {k['tcp_payload_bytes']:,} bytes of"
+                f" TCP payload ({k['sent_bytes']:,} IP bytes) since its namespace was made; its"
+                f" ledger charged {k['ledger_wire_bytes']:,} wire bytes"
+            )
     if json_out is not None:
         json_out.write_text(json.dumps(figures, indent=2))
         console.print(f"wrote {json_out}")
     return figures
+
+
+def _kernel(reading: KernelReading | None, ledger: LedgerState) -> dict | None:
+    """A link's kernel count (None unconfined) beside its ledger's wire bytes, both totals."""
+    if reading is None:
+        return None
+    return {
+        "tcp_payload_bytes": reading.tcp_payload_bytes,
+        "sent_bytes": reading.sent_bytes,
+        "served_bytes": reading.served_bytes,
+        "ledger_wire_bytes": ledger.wire_bytes,
+    }
 
 
 def _answer(a: Answer) -> dict:

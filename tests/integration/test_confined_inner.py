@@ -28,8 +28,9 @@ import pytest
 
 from support.config import tiny_models, write_config
 from support.net import free_port
-from uplimit.inner.confine import UNCONFINED_ALARM, kernel_quota_bytes
+from uplimit.inner.confine import UNCONFINED_ALARM
 from uplimit.link.auth import create_secret
+from uplimit.link.confine import kernel_quota_bytes
 from uplimit.link.kernel import available
 
 UPLIMIT = str(Path(sys.executable).with_name("uplimit"))

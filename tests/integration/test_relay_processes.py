@@ -25,12 +25,11 @@ import pytest
 from support.config import tiny_models, write_config
 from support.marks import slow
 from support.net import free_port
-from support.processes import UPLIMIT, Processes, healthy, metric
-from uplimit.coding.generate import Request, generate
-from uplimit.coding.sampling import SamplingParams
+from support.processes import UPLIMIT, Processes, healthy, metric, strong_text
 from uplimit.link.agreement import as_json, checks, read_meters
 from uplimit.link.auth import create_secret
 from uplimit.models import store
+from uplimit.relay.confine import UNCONFINED_ALARM
 from uplimit.wire.request import choice_seed
 
 PROMPT = "def add(a, b):"
@@ -89,12 +88,17 @@ class Tiers:
     def outer_url(self) -> str:
         return f"http://127.0.0.1:{self.outer_port}"
 
+    @property
+    def relay_argv(self) -> list[str]:
+        return [UPLIMIT, "serve", "relay", "--unconfined", "--config", str(self.paths["relay"])]
+
     def start(self, procs: Processes) -> None:
         procs.init_ledger(self.paths["inner"])
         procs.init_ledger(self.paths["relay"], "--relay")
         procs.start("outer", [UPLIMIT, "serve", "outer", "--config", str(self.paths["outer"])])
-        procs.start("relay", [UPLIMIT, "serve", "relay", "--config", str(self.paths["relay"])])
-        # Unconfined: the tiny pair lies where only root can read it (test_confined_inner.py)
+        # Unconfined: the tiny pair lies where only root can read it (test_confined_inner.py;
+        # test_relay_confined.py confines the relay)
+        procs.start("relay", self.relay_argv)
         inner = [UPLIMIT, "serve", "inner", "--unconfined", "--config", str(self.paths["inner"])]
         procs.start("inner", inner)
         procs.wait_for(lambda: healthy(self.relay_url), "the inner's link to the relay")
@@ -113,12 +117,6 @@ def _ask(url: str, timeout_s: float = 120, **body) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout_s)
 
 
-def _strong_text(strong, temperature: float, seed: int, max_tokens: int) -> str:
-    prompt = tuple(strong.tokenize(PROMPT))
-    [gen], _ = generate(strong, [Request(prompt, SamplingParams(temperature), seed, max_tokens)])
-    return strong.detokenize([t for t in gen.tokens if t not in strong.info.eos_ids])
-
-
 def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes(
     tiny_pair_dirs, tiny_strong, tmp_path
 ):
@@ -131,7 +129,7 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
         # The relay's own user: the inner uploads to the relay, the relay nothing to the outer.
         r = _ask(tiers.relay_url, temperature=0.7, seed=5)
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.7, 5, 24)
+        assert r.json()["choices"][0]["text"] == strong_text(tiny_strong, PROMPT, 0.7, 5, 24)
         inner_mid, relay_mid = tiers.meters()
         assert inner_mid["ledger"]["wire_bytes"] > inner_before["ledger"]["wire_bytes"]
         assert relay_mid["ledger"] == relay_before["ledger"]
@@ -141,9 +139,10 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
         r0 = _ask(tiers.outer_url, temperature=0.0)
         r1 = _ask(tiers.outer_url, temperature=0.7, seed=9, n=2)
         assert r0.status_code == 200 and r1.status_code == 200, (r0.text, r1.text)
-        assert r0.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.0, 0, 24)
+        assert r0.json()["choices"][0]["text"] == strong_text(tiny_strong, PROMPT, 0.0, 0, 24)
         texts = [c["text"] for c in sorted(r1.json()["choices"], key=lambda c: c["index"])]
-        assert texts == [_strong_text(tiny_strong, 0.7, choice_seed(9, i), 24) for i in (0, 1)]
+        expected = [strong_text(tiny_strong, PROMPT, 0.7, choice_seed(9, i), 24) for i in (0, 1)]
+        assert texts == expected
         inner_after, relay_after = tiers.meters()
         assert inner_after["ledger"]["wire_bytes"] > inner_mid["ledger"]["wire_bytes"]
         assert relay_after["ledger"]["wire_bytes"] > relay_mid["ledger"]["wire_bytes"]
@@ -151,7 +150,8 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
         assert inner_after["agree"] and relay_after["agree"], (inner_after, relay_after)
         assert 0 < relay_after["received_bytes"] <= relay_after["ledger"]["wire_bytes"]
         assert metric(f"http://127.0.0.1:{tiers.outer_metrics}/metrics", "uplimit_tokens_total")
-        assert "ALARM" not in procs.log("relay") + procs.log("outer")
+        assert UNCONFINED_ALARM in procs.log("relay")  # and no other alarm anywhere
+        assert "ALARM" not in procs.log("relay").replace(UNCONFINED_ALARM, "") + procs.log("outer")
         # `uplimit meters` across both links: the relay's config, then the outer's.
         configs = ["--config", str(tiers.paths["relay"]), "--config", str(tiers.paths["outer"])]
         out = subprocess.run([UPLIMIT, "meters", *configs, "--json"], env=procs.env,
@@ -183,7 +183,7 @@ def test_a_tier_killed_mid_stream_fails_closed_at_the_outer(tiny_pair_dirs, tmp_
         procs.wait_for(lambda: metric(relay_metrics, "uplimit_tokens_total") > 0, "tokens")
         if killed == "relay restarted":  # SIGTERM: its server stops, link 2 closes, then again
             assert procs.stop("relay") == 0
-            procs.start("relay", [UPLIMIT, "serve", "relay", "--config", str(tiers.paths["relay"])])
+            procs.start("relay", tiers.relay_argv)
         else:
             procs.procs[killed].kill()  # SIGKILL: no END, no SHUTDOWN, sockets reset
         asking.join(60)
@@ -243,7 +243,7 @@ def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tiny_strong, tmp
         procs.wait_for(lambda: healthy(tiers.outer_url), "the relay's link to the new outer")
         r = _ask(tiers.outer_url, temperature=0.7, seed=2)
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == _strong_text(tiny_strong, 0.7, 2, 24)
+        assert r.json()["choices"][0]["text"] == strong_text(tiny_strong, PROMPT, 0.7, 2, 24)
         _, relay_link = tiers.meters()
         assert relay_link["agree"], relay_link
     finally:
@@ -262,8 +262,8 @@ def test_the_real_pair_through_the_relay(real_strong, tmp_path):
         mine = _ask(tiers.relay_url, temperature=0.0, max_tokens=16, timeout_s=600)
         theirs = _ask(tiers.outer_url, temperature=0.7, seed=4, max_tokens=16, timeout_s=600)
         assert mine.status_code == 200 and theirs.status_code == 200, (mine.text, theirs.text)
-        assert mine.json()["choices"][0]["text"] == _strong_text(real_strong, 0.0, 0, 16)
-        assert theirs.json()["choices"][0]["text"] == _strong_text(real_strong, 0.7, 4, 16)
+        assert mine.json()["choices"][0]["text"] == strong_text(real_strong, PROMPT, 0.0, 0, 16)
+        assert theirs.json()["choices"][0]["text"] == strong_text(real_strong, PROMPT, 0.7, 4, 16)
         inner_link, relay_link = tiers.meters()
         assert inner_link["agree"] and relay_link["agree"], (inner_link, relay_link)
     finally:

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["UPLIMIT", "Processes", "healthy", "metric"]
+from uplimit.coding.generate import Request, generate
+from uplimit.coding.sampling import SamplingParams
+from uplimit.models.base import LanguageModel
+
+__all__ = ["UPLIMIT", "Processes", "healthy", "metric", "strong_text"]
 
 UPLIMIT = str(Path(sys.executable).with_name("uplimit"))
 
@@ -74,3 +78,12 @@ def healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def strong_text(
+    strong: LanguageModel, prompt: str, temperature: float, seed: int, max_tokens: int
+) -> str:
+    """The strong model's own answer to `prompt` (what a served request must return)."""
+    ids = tuple(strong.tokenize(prompt))
+    [gen], _ = generate(strong, [Request(ids, SamplingParams(temperature), seed, max_tokens)])
+    return strong.detokenize([t for t in gen.tokens if t not in strong.info.eos_ids])

@@ -27,8 +27,9 @@ def _inner(config: Path | None, cfg, host: str | None, unconfined: bool):
     when `unconfined` (loading its models here first)."""
     import logging
 
-    from uplimit.inner.confine import UNCONFINED_ALARM, Launch, run_confined
+    from uplimit.inner.confine import UNCONFINED_ALARM, run_confined
     from uplimit.inner.serve import serve_inner
+    from uplimit.link.confine import Launch
 
     if not unconfined:
 
@@ -59,12 +60,12 @@ def serve_inner_cmd(
     import asyncio
 
     from uplimit.config import load_config
-    from uplimit.inner.confine import require_confinable
+    from uplimit.link.confine import require_confinable
     from uplimit.models.active import with_active_weak
     from uplimit.wire.protocol import EndReason
 
     if charge_socket is None and not unconfined:
-        require_confinable()  # before anything else touches a file
+        require_confinable("the inner side")  # before anything else touches a file
     cfg = with_active_weak(load_config(config), "inner")
     console.print(f"inner: connecting to {host or cfg.link.host}:{cfg.link.downlink_port}")
     if charge_socket is None:
@@ -73,11 +74,11 @@ def serve_inner_cmd(
             raise typer.Exit(result)
         console.print(f"inner: link ended ({result.name.lower()})")
         return
-    from uplimit.inner.confine import check_confined
     from uplimit.inner.serve import serve_inner
     from uplimit.link.charge_service import ChargeClient
+    from uplimit.link.confine import check_confined
 
-    check_confined()
+    check_confined("inner")
     ledger = ChargeClient(charge_socket)
     models = load_service_models(cfg, ("strong", "weak"))
     reason = asyncio.run(serve_inner(cfg, models["strong"], models["weak"], host=host,
@@ -116,11 +117,11 @@ def serve_both_cmd(
 
     from uplimit.both import serve_both
     from uplimit.config import load_config
-    from uplimit.inner.confine import require_confinable
+    from uplimit.link.confine import require_confinable
     from uplimit.models.active import with_active_weak
 
     if not unconfined:
-        require_confinable()  # before anything else touches a file
+        require_confinable("the inner side")  # before anything else touches a file
     cfg = load_config(config)
     inner_cfg, outer_cfg = with_active_weak(cfg, "inner"), with_active_weak(cfg, "outer")
     run_inner = _inner(config, inner_cfg, None, unconfined)
@@ -132,27 +133,59 @@ def serve_both_cmd(
     asyncio.run(serve_both(run_inner, outer_cfg, outer_weak, on_listening=listening))
 
 
+RELAY_UNCONFINED_HELP = (
+    "Serve the relay without its network namespace, kernel quota, unprivileged user and"
+    " charge-only ledger (an ALARM; the outer shows uplimit_inner_confined 0)."
+)
+
+
 @serve_app.command("relay")
 def serve_relay_cmd(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    unconfined: bool = typer.Option(False, "--unconfined", help=RELAY_UNCONFINED_HELP),
+    charge_socket: Path | None = typer.Option(None, hidden=True),  # the confined child's
 ) -> None:
     """The intermediate tier (docs/tiers.md), re-coding the outer's streams with the weak model.
 
     Towards the inner it is an outer (the link and outer sections: its own users' API, whose
     text stays here); towards the outer it is an inner (the relay section: its own ledger,
-    budgets and ticks)."""
+    budgets and ticks). As root it confines itself as the inner does, its link to the outer
+    behind its own kernel quota (relay.confine); elsewhere it refuses to start unless
+    --unconfined is given."""
     import asyncio
+    import logging
 
     from uplimit.config import load_config
+    from uplimit.link.charge_service import ChargeClient
+    from uplimit.link.confine import Launch, check_confined, require_confinable
+    from uplimit.relay.confine import UNCONFINED_ALARM, run_confined
     from uplimit.relay.serve import serve_relay
 
+    if charge_socket is None and not unconfined:
+        require_confinable("the relay")  # before anything else touches a file
     cfg = load_config(config)
+    if charge_socket is None and not unconfined:
+
+        def launched(launch: Launch) -> None:
+            console.print(
+                f"relay: confined in namespace uplimit-{launch.meter} (quota"
+                f" {launch.quota_bytes:,} bytes) as {launch.user}; API on"
+                f" http://{cfg.outer.host}:{cfg.outer.port}/v1"
+            )
+
+        raise typer.Exit(asyncio.run(run_confined(cfg, config, on_launch=launched)))
+    if charge_socket is None:
+        logging.getLogger("uplimit.relay").error("%s", UNCONFINED_ALARM)
+    else:
+        check_confined("relay")
     weak = load_service_models(cfg, ("weak",))["weak"]
 
     def listening() -> None:
         console.print(f"relay: API on http://{cfg.outer.host}:{cfg.outer.port}/v1")
 
-    asyncio.run(serve_relay(cfg, weak, on_listening=listening))
+    ledger = ChargeClient(charge_socket) if charge_socket is not None else None
+    asyncio.run(serve_relay(cfg, weak, on_listening=listening, ledger=ledger,
+                            confined=charge_socket is not None))  # fmt: skip
 
 
 @serve_app.command("verifier")

@@ -16,6 +16,9 @@ not be opened before). When the outer's link ends (SHUTDOWN, a failure) the rela
 the next outer; when the relay's budget ended it, it stays down and the relay serves its own
 users only. If the inner's link stops serving, the relay ends the outer's link with END(error)
 and stops (fail closed, as an inner that fails).
+
+As root, `uplimit serve relay` runs this confined (`relay.confine`): charging through the
+launcher's charge service, and telling the outer so at link 2's handshake.
 """
 
 from __future__ import annotations
@@ -68,31 +71,39 @@ def relay_ledger_location(config: Config) -> str:
 
 
 async def serve_relay(
-    config: Config, weak: LanguageModel, *, on_listening: Callable[[], None] | None = None
+    config: Config,
+    weak: LanguageModel,
+    *,
+    on_listening: Callable[[], None] | None = None,
+    ledger: Ledger | None = None,
+    confined: bool = False,
 ) -> None:
     """Serve until a signal (module doc); the relay's ledger must exist (`uplimit budget init
-    --relay`)."""
+    --relay`). `ledger`: what to charge (a confined relay's `ChargeClient`; default: the
+    configured one, opened here). `confined`: what link 2's handshake tells the outer
+    (`relay.confine`)."""
     if config.reasoning is not None:
         raise ConfigError("the relay does not forward withheld reasoning: unset [inner] reasoning")
-    ledger = open_served(relay_ledger_location(config), relay_budgets(config))
+    if ledger is None:
+        ledger = open_served(relay_ledger_location(config), relay_budgets(config))
     try:
         await serve_outer(
             config, weak, on_listening=on_listening,
-            beside=functools.partial(_forward, config, weak, ledger),
+            beside=functools.partial(_forward, config, weak, ledger, confined),
         )  # fmt: skip
     finally:
         ledger.close()
 
 
 async def _forward(
-    config: Config, weak: LanguageModel, ledger: Ledger, service: OuterService
+    config: Config, weak: LanguageModel, ledger: Ledger, confined: bool, service: OuterService
 ) -> None:
     """The relay's uplink to the outer, link after link (module doc)."""
     while service.state is LinkState.HANDSHAKING:
         await asyncio.sleep(UPSTREAM_POLL_S)
     while True:
         try:
-            reason = await _serve_outer_link(config, weak, ledger, service)
+            reason = await _serve_outer_link(config, weak, ledger, confined, service)
         except LinkClosed as e:  # the outer went without a word (killed, a network failure)
             if service.state is not LinkState.SERVING:
                 raise
@@ -108,14 +119,14 @@ async def _forward(
 
 
 async def _serve_outer_link(
-    config: Config, weak: LanguageModel, ledger: Ledger, service: OuterService
+    config: Config, weak: LanguageModel, ledger: Ledger, confined: bool, service: OuterService
 ) -> EndReason:
     calibration = configured_calibration(config.models, weak.info.file_sha256)
     coding = config.coding
     frame_config = FrameConfig(coding.frame_tokens, weak.info.n_vocab)
 
     async def connect(fingerprint: dict[str, str]) -> InnerLink:
-        return await _connect(config, ledger, fingerprint, weak.info.n_vocab, service)
+        return await _connect(config, ledger, fingerprint, weak.info.n_vocab, service, confined)
 
     return await forward_link(
         service, weak, calibration, frame_config, connect,
@@ -176,6 +187,7 @@ async def _connect(
     fingerprint: dict[str, str],
     n_vocab: int,
     service: OuterService,
+    confined: bool,
 ) -> InnerLink:
     """Connect to the outer as an inner does, retrying while the inner's link serves."""
     r = config.relay
@@ -189,6 +201,7 @@ async def _connect(
                 log_path=config.path(r.downlink_log, "relay-downlink.jsonl"),
                 tick_s=r.tick_s, n_vocab=n_vocab,
                 limits=DownlinkLimits(bytes_per_s=float(config.link.downlink_bytes_per_s)),
+                confined=confined,
             )  # fmt: skip
         except LinkClosed:
             await asyncio.sleep(CONNECT_RETRY_S)

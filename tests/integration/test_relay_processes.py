@@ -149,7 +149,9 @@ def test_relay_and_outer_users_get_the_strong_text_and_each_ledger_its_own_bytes
         # Each link's meters agree: what its receiver read, its ledger charged first.
         assert inner_after["agree"] and relay_after["agree"], (inner_after, relay_after)
         assert 0 < relay_after["received_bytes"] <= relay_after["ledger"]["wire_bytes"]
-        assert metric(f"http://127.0.0.1:{tiers.outer_metrics}/metrics", "uplimit_tokens_total")
+        outer_metrics = f"http://127.0.0.1:{tiers.outer_metrics}/metrics"
+        assert metric(outer_metrics, "uplimit_tokens_total")
+        assert metric(outer_metrics, "uplimit_inner_confined") == 0.0  # the relay said so
         assert UNCONFINED_ALARM in procs.log("relay")  # and no other alarm anywhere
         assert "ALARM" not in procs.log("relay").replace(UNCONFINED_ALARM, "") + procs.log("outer")
         # `uplimit meters` across both links: the relay's config, then the outer's.

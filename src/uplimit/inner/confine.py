@@ -11,11 +11,12 @@ stays root, outside the namespace, and
 3. relays the inner's two connections from the outer end of the veth to the outer side
    (`[link] host`, or `--host`): the namespace has no other way out, and everything that
    leaves it has passed the quota;
-4. checks, by probing as that user, that the user can read the configuration and the models
-   but cannot write the code, the virtualenv or the ledger's files and directory; gives the
-   user the directories of the files the inner writes (audit store, downlink log, received
-   models, rollout record, gauge copies), which must not be the ledger's; keys left unset
-   put those files under `$UPLIMIT_HOME/inner/`;
+4. checks, by probing as that user, that the user can run the code (the interpreter, the
+   virtualenv, the checkout) and read the configuration and the models, but cannot write the
+   code, the virtualenv or the ledger's files and directory; gives the user the directories
+   of the files the inner writes (audit store, downlink log, received models, rollout
+   record, gauge copies), which must not be the ledger's; keys left unset put those files
+   under `$UPLIMIT_HOME/inner/`;
 5. starts `uplimit serve inner --charge-socket ...` inside the namespace as `[inner] user`
    with every capability dropped (`setpriv`), with a copy of the link's secret only that user
    can read (the original stays root's), and waits for it; then removes the namespace, the
@@ -153,7 +154,28 @@ def _probe(user: tuple[int, int], test: str, path: Path) -> bool:
     return done.returncode == 0
 
 
+def _check_runnable(user: tuple[int, int]) -> None:
+    """The user must be able to run this interpreter and import this very code: a checkout
+    under a directory it cannot enter (e.g. a 0700 one, as `mktemp -d` makes) fails here, with
+    a message, rather than inside the namespace (an ImportError, or another copy imported)."""
+    ours = str(Path(uplimit.__file__).resolve())
+    where = "import pathlib, uplimit.cli; print(pathlib.Path(uplimit.__file__).resolve())"
+    argv = [*_as_user(*user), sys.executable, "-c", where]
+    done = subprocess.run(argv, timeout=60, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    elif (theirs := done.stdout.strip()) != ours:
+        why = f"it imports {theirs}"
+    else:
+        return
+    raise ConfigError(
+        f"the inner's user cannot run {sys.executable} with {ours} ({why}): it must be able to"
+        " read the code and the virtualenv, and to enter every directory above them"
+    )
+
+
 def _check_access(config: Config, config_path: Path | None, user: tuple[int, int]) -> None:
+    _check_runnable(user)
     ledger = ledger_location(config)
     protected = [Path(uplimit.__file__).parent, Path(sys.prefix)]
     if not ledger.startswith(("postgresql://", "postgres://")):

@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -26,22 +29,32 @@ from support.config import tiny_models, write_config
 from support.marks import slow
 from support.net import free_port
 from support.processes import UPLIMIT, Processes, healthy, metric
+from uplimit.coding.calibration import Calibration
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.link.agreement import as_json, checks, read_meters
 from uplimit.link.auth import create_secret
 from uplimit.models import store
+from uplimit.models.active import ActiveWeak
+from uplimit.models.llama import LlamaModel
+from uplimit.models.tiny import export_gguf
 from uplimit.wire.request import choice_seed
 
 PROMPT = "def add(a, b):"
 CODING = {"frame_tokens": 4, "max_streams": 8, "max_context": 256}
+ADMIN = "admin-secret"
 
 
 class Tiers:
     """The three configs of one deployment on loopback (files under `tmp_path`)."""
 
     def __init__(
-        self, tmp_path: Path, models: dict, relay: dict, inner_tick_s: float = 0.02
+        self,
+        tmp_path: Path,
+        models: dict,
+        relay: dict,
+        inner_tick_s: float = 0.02,
+        downlink_bytes_per_s: int = 1 << 20,
     ) -> None:
         inner_secret, relay_secret = tmp_path / "inner.secret", tmp_path / "relay.secret"
         create_secret(inner_secret)
@@ -49,7 +62,8 @@ class Tiers:
         self.inner_ledger, self.relay_ledger = tmp_path / "inner.db", tmp_path / "relay.db"
         self.relay_received = tmp_path / "relay-received.db"
         self.outer_received = tmp_path / "outer-received.db"
-        inner_link = {"downlink_port": free_port(), "uplink_port": free_port(),
+        rate = {"downlink_bytes_per_s": downlink_bytes_per_s}  # what a rollout is paced at
+        inner_link = {"downlink_port": free_port(), "uplink_port": free_port(), **rate,
                       "lifetime_budget_bytes": 1_000_000, "secret_file": inner_secret}  # fmt: skip
         relay_link = {"downlink_port": free_port(), "uplink_port": free_port(),
                       "secret_file": relay_secret}  # fmt: skip
@@ -67,17 +81,18 @@ class Tiers:
             "link": {**inner_link, "receive_counter": self.relay_received,
                      "ledger": self.inner_ledger},
             "outer": {"port": self.relay_port, "metrics_port": self.relay_metrics,
-                      "model_name": "tiny"},
+                      "model_name": "tiny", "admin_key": ADMIN,
+                      "rollout_record": tmp_path / "relay-link1.json"},
             "relay": {**relay_link, "tick_s": 0.02, "ledger": self.relay_ledger,
                       "downlink_log": tmp_path / "relay-downlink.jsonl", **relay},
         })  # fmt: skip
         budget = self.relay.relay.lifetime_budget_bytes or 1_000_000
         self.outer = write_config(tmp_path / "outer.toml", {
             "models": models, "coding": CODING,
-            "link": {**relay_link, "lifetime_budget_bytes": budget,
+            "link": {**relay_link, **rate, "lifetime_budget_bytes": budget,
                      "receive_counter": self.outer_received, "ledger": self.relay_ledger},
             "outer": {"port": self.outer_port, "metrics_port": self.outer_metrics,
-                      "model_name": "tiny"},
+                      "model_name": "tiny", "admin_key": ADMIN},
         })  # fmt: skip
         self.paths = {name: tmp_path / f"{name}.toml" for name in ("inner", "relay", "outer")}
 
@@ -275,3 +290,126 @@ def test_the_real_pair_through_the_relay(real_strong, tmp_path):
         assert inner_link["agree"] and relay_link["agree"], (inner_link, relay_link)
     finally:
         procs.stop_all()
+
+
+def _charged(tiers: Tiers, url: str, **body) -> tuple[str, int, int]:
+    """Ask at `url`: the text, and the bytes each link's ledger charged meanwhile (inner ->
+    relay, relay -> outer)."""
+    inner_before, relay_before = tiers.meters()
+    r = _ask(url, **body)
+    assert r.status_code == 200, r.text
+    inner_after, relay_after = tiers.meters()
+    inner = inner_after["ledger"]["wire_bytes"] - inner_before["ledger"]["wire_bytes"]
+    relay = relay_after["ledger"]["wire_bytes"] - relay_before["ledger"]["wire_bytes"]
+    return r.json()["choices"][0]["text"], inner, relay
+
+
+def _admin_status(url: str) -> dict:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    return httpx.get(f"{url}/admin/rollout", headers=headers, timeout=10).json()
+
+
+def test_a_rollout_reaches_the_relay_then_the_inner_and_a_corrupted_file_is_refused(
+    tiny_pair_dirs, tmp_path
+):
+    """`uplimit rollout --url <outer> --url <relay>` (docs/tiers.md, Rollouts): link 2
+    switches, then the relay passes the file on down link 1; a stream open across both
+    switches finishes exactly; then a file corrupted on its way ends link 2 at the relay."""
+    strong_path, weak_path = (export_gguf(d) for d in tiny_pair_dirs)
+    new = tmp_path / "new-weak.gguf"  # the strong model's copy: every guess hits
+    shutil.copyfile(strong_path, new)
+    sha = hashlib.sha256(new.read_bytes()).hexdigest()
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(Calibration().to_json())
+    models = {"strong": str(strong_path), "weak": str(weak_path), "threads": 1}
+    # Frames of 4 tokens every 0.2 s: the long answer takes ~11 s to reach the relay; a
+    # rollout's 676 kB take ~1.5 s a link at 3/4 of 400 kB/s.
+    tiers = Tiers(tmp_path, models, {"release": "stream"}, 0.2, downlink_bytes_per_s=400_000)
+    procs = Processes(tmp_path)
+    home = tmp_path / "home"  # UPLIMIT_HOME: the records' and received files' default place
+    strong = LlamaModel(strong_path, n_threads=1)
+    long: list[tuple[httpx.Response, float]] = []
+    try:
+        tiers.start(procs)
+        old_text, old_inner, old_relay = _charged(tiers, tiers.outer_url, temperature=0.7, seed=9)
+        asking = threading.Thread(target=lambda: long.append(
+            (_ask(tiers.outer_url, temperature=1.0, seed=3, max_tokens=220), time.time())
+        ))  # fmt: skip
+        asking.start()
+        relay_metrics = f"http://127.0.0.1:{tiers.relay_metrics}/metrics"
+        procs.wait_for(lambda: metric(relay_metrics, "uplimit_tokens_total") > 0, "tokens")
+
+        urls = ["--url", tiers.outer_url, "--url", tiers.relay_url]
+        command = [UPLIMIT, "rollout", "--weak", str(new), "--calibration", str(calibration),
+                   *urls, "--admin-key", ADMIN]  # fmt: skip
+        env = {**procs.env, "COLUMNS": "300"}  # one line a tier
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        relay_status = _admin_status(tiers.relay_url)
+        asking.join(60)
+
+        # Both tiers switched (the relay's status is its link 1's: it passed the file on).
+        for url in (tiers.outer_url, tiers.relay_url):
+            assert f"{url}: switched" in out.stderr, out.stderr
+        assert relay_status["state"] == "switched" and relay_status["sha256"] == sha
+        # The stream open across both switches finished after them, exactly.
+        [(r, ended)] = long
+        assert r.status_code == 200, r.text
+        assert ended > relay_status["switched"]
+        assert r.json()["choices"][0]["text"] == _strong_text(strong, 1.0, 3, 220)
+        # New answers are the strong model's, coded with the new model on both links: every
+        # guess hits, so each link's ledger is charged less for the same answer.
+        new_text, new_inner, new_relay = _charged(tiers, tiers.outer_url, temperature=0.7, seed=9)
+        assert new_text == old_text == _strong_text(strong, 0.7, 9, 24)
+        assert new_inner < old_inner and new_relay < old_relay, (old_inner, new_inner,
+                                                                 old_relay, new_relay)  # fmt: skip
+        mine = _ask(tiers.relay_url, temperature=0.0)
+        assert mine.json()["choices"][0]["text"] == _strong_text(strong, 0.0, 0, 24)
+        for url in (f"http://127.0.0.1:{p}/metrics" for p in (tiers.relay_metrics,
+                                                               tiers.outer_metrics)):  # fmt: skip
+            assert metric(url, "uplimit_frames_total", 'outcome="rejected"') == 0
+        # Each link carried one offer and one SWITCH; each tier recorded the new model, and
+        # the relay and the inner keep the file they were sent.
+        for log in (tmp_path / "relay-downlink.jsonl", tmp_path / "inner-downlink.jsonl"):
+            kinds = [json.loads(line)["type"] for line in log.read_text().splitlines()]
+            assert kinds.count("model_offer") == kinds.count("switch") == 1, log
+        records = [home / "rollout-outer.json", home / "rollout-relay.json",
+                   tmp_path / "relay-link1.json", home / "rollout-inner.json"]  # fmt: skip
+        assert [ActiveWeak.load(path).sha256 for path in records] == [sha] * 4
+        for received in (home / "relay-received", home / "received"):
+            assert (received / f"weak-{sha[:16]}.gguf").read_bytes() == new.read_bytes()
+        listed = subprocess.run(
+            [UPLIMIT, "models", "list", "--config", str(tiers.paths["relay"])],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        rows = {r.split("│")[1].strip(): r for r in listed.stdout.splitlines() if "│" in r}
+        assert sha[:16] in rows["outer"] and sha[:16] in rows["relay"], listed.stdout  # links 1, 2
+
+        # A file that changes after the outer checked it: the relay refuses it, link 2 ends
+        # with END(error), the outer's users get OpenAI-shaped errors, its own users do not.
+        corrupt = tmp_path / "corrupt.gguf"
+        shutil.copyfile(weak_path, corrupt)
+        command[command.index(str(new))] = str(corrupt)
+        rolling = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        procs.wait_for(lambda: _admin_status(tiers.outer_url)["state"] == "sending", "sending")
+        with corrupt.open("r+b") as f:  # its last chunk is read ~0.9 s after the first
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([last[0] ^ 1]))
+        said, _ = rolling.communicate(timeout=120)
+        assert rolling.returncode != 0 and f"rollout failed at {tiers.relay_url}" in said, said
+        refused = _admin_status(tiers.relay_url)
+        assert refused["state"] == "failed" and "arrived with sha256" in refused["error"]
+        cut = _ask(tiers.outer_url, temperature=0.0)
+        assert cut.status_code == 503 and set(cut.json()["error"]) >= {"message", "type", "code"}
+        mine = _ask(tiers.relay_url, temperature=0.7, seed=5)
+        assert mine.json()["choices"][0]["text"] == _strong_text(strong, 0.7, 5, 24)
+        assert [ActiveWeak.load(path).sha256 for path in records[1:]] == [sha] * 3
+        assert sorted(p.name for p in (home / "relay-received").iterdir()) == sorted(
+            [f"weak-{sha[:16]}.gguf", f"weak-{sha[:16]}.calibration.json"]
+        )
+    finally:
+        procs.stop_all()
+        strong.close()

@@ -47,6 +47,7 @@ from uplimit.wire.request import choice_seed
 PROMPT = "def add(a, b):"
 CODING = {"frame_tokens": 4, "max_streams": 8, "max_context": 256}
 ADMIN = "admin-secret"
+WIDE = {"COLUMNS": "300"}  # a command's console: one line a row
 
 
 class Tiers:
@@ -111,6 +112,10 @@ class Tiers:
     def start(self, procs: Processes) -> None:
         procs.init_ledger(self.paths["inner"])
         procs.init_ledger(self.paths["relay"], "--relay")
+        self.launch(procs)
+
+    def launch(self, procs: Processes) -> None:
+        """Start the three processes (their ledgers exist) and wait for both links."""
         procs.start("outer", [UPLIMIT, "serve", "outer", "--config", str(self.paths["outer"])])
         procs.start("relay", [UPLIMIT, "serve", "relay", "--config", str(self.paths["relay"])])
         # Unconfined: the tiny pair lies where only root can read it (test_confined_inner.py)
@@ -301,25 +306,47 @@ def _admin_status(url: str) -> dict:
     return httpx.get(f"{url}/admin/rollout", headers=headers, timeout=10).json()
 
 
+class Rollouts:
+    """The tiny pair in GGUF (rollouts send files) and a new weak model to roll out: a copy
+    of the strong model's file, which shares the tokenizer and makes every guess hit."""
+
+    def __init__(self, tiny_pair_dirs, tmp_path: Path) -> None:
+        self.strong, self.weak = (export_gguf(d) for d in tiny_pair_dirs)
+        self.new = tmp_path / "new-weak.gguf"
+        shutil.copyfile(self.strong, self.new)
+        self.sha = hashlib.sha256(self.new.read_bytes()).hexdigest()
+        self.calibration = tmp_path / "calibration.json"
+        self.calibration.write_text(Calibration().to_json())
+        self.models = {"strong": str(self.strong), "weak": str(self.weak), "threads": 1}
+
+    def command(self, weak: Path, *urls: str) -> list[str]:
+        """`uplimit rollout` of `weak` through `urls`, top first."""
+        tiers = [option for url in urls for option in ("--url", url)]
+        return [UPLIMIT, "rollout", "--weak", str(weak), "--calibration", str(self.calibration),
+                *tiers, "--admin-key", ADMIN]  # fmt: skip
+
+    def run(self, procs: Processes, weak: Path, *urls: str) -> str:
+        """Roll `weak` out through `urls` and return what the command said."""
+        out = subprocess.run(self.command(weak, *urls), env=procs.env | WIDE,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stderr
+
+
 def test_a_rollout_reaches_the_relay_then_the_inner_and_a_corrupted_file_is_refused(
     tiny_pair_dirs, tmp_path
 ):
     """`uplimit rollout --url <outer> --url <relay>` (docs/tiers.md, Rollouts): link 2
     switches, then the relay passes the file on down link 1; a stream open across both
     switches finishes exactly; then a file corrupted on its way ends link 2 at the relay."""
-    strong_path, weak_path = (export_gguf(d) for d in tiny_pair_dirs)
-    new = tmp_path / "new-weak.gguf"  # the strong model's copy: every guess hits
-    shutil.copyfile(strong_path, new)
-    sha = hashlib.sha256(new.read_bytes()).hexdigest()
-    calibration = tmp_path / "calibration.json"
-    calibration.write_text(Calibration().to_json())
-    models = {"strong": str(strong_path), "weak": str(weak_path), "threads": 1}
+    files = Rollouts(tiny_pair_dirs, tmp_path)
+    new, sha, weak_path = files.new, files.sha, files.weak
     # Frames of 4 tokens every 0.2 s: the long answer takes ~11 s to reach the relay; a
     # rollout's 676 kB take ~1.5 s a link at 3/4 of 400 kB/s.
-    tiers = Tiers(tmp_path, models, {"release": "stream"}, 0.2, downlink_bytes_per_s=400_000)
+    tiers = Tiers(tmp_path, files.models, {"release": "stream"}, 0.2, downlink_bytes_per_s=400_000)
     procs = Processes(tmp_path)
     home = tmp_path / "home"  # UPLIMIT_HOME: the records' and received files' default place
-    strong = LlamaModel(strong_path, n_threads=1)
+    strong = LlamaModel(files.strong, n_threads=1)
     long: list[tuple[httpx.Response, float]] = []
     try:
         tiers.start(procs)
@@ -330,18 +357,13 @@ def test_a_rollout_reaches_the_relay_then_the_inner_and_a_corrupted_file_is_refu
         relay_metrics = f"http://127.0.0.1:{tiers.relay_metrics}/metrics"
         procs.wait_for(lambda: metric(relay_metrics, "uplimit_tokens_total") > 0, "tokens")
 
-        urls = ["--url", tiers.outer_url, "--url", tiers.relay_url]
-        command = [UPLIMIT, "rollout", "--weak", str(new), "--calibration", str(calibration),
-                   *urls, "--admin-key", ADMIN]  # fmt: skip
-        env = {**procs.env, "COLUMNS": "300"}  # one line a tier
-        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stdout + out.stderr
+        said = files.run(procs, new, tiers.outer_url, tiers.relay_url)
         relay_status = _admin_status(tiers.relay_url)
         asking.join(60)
 
         # Both tiers switched (the relay's status is its link 1's: it passed the file on).
         for url in (tiers.outer_url, tiers.relay_url):
-            assert f"{url}: switched" in out.stderr, out.stderr
+            assert f"{url}: switched" in said, said
         assert relay_status["state"] == "switched" and relay_status["sha256"] == sha
         # The stream open across both switches finished after them, exactly.
         [(r, ended)] = long
@@ -377,7 +399,7 @@ def test_a_rollout_reaches_the_relay_then_the_inner_and_a_corrupted_file_is_refu
             assert (received / f"weak-{sha[:16]}.gguf").read_bytes() == new.read_bytes()
         listed = subprocess.run(
             [UPLIMIT, "models", "list", "--config", str(tiers.paths["relay"])],
-            env=env, capture_output=True, text=True, timeout=120,
+            env=procs.env | WIDE, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         rows = {r.split("│")[1].strip(): r for r in listed.stdout.splitlines() if "│" in r}
         assert sha[:16] in rows["outer"] and sha[:16] in rows["relay"], listed.stdout  # links 1, 2
@@ -386,8 +408,8 @@ def test_a_rollout_reaches_the_relay_then_the_inner_and_a_corrupted_file_is_refu
         # with END(error), the outer's users get OpenAI-shaped errors, its own users do not.
         corrupt = tmp_path / "corrupt.gguf"
         shutil.copyfile(weak_path, corrupt)
-        command[command.index(str(new))] = str(corrupt)
-        rolling = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+        command = files.command(corrupt, tiers.outer_url, tiers.relay_url)
+        rolling = subprocess.Popen(command, env=procs.env | WIDE, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
         procs.wait_for(lambda: _admin_status(tiers.outer_url)["state"] == "sending", "sending")
         with corrupt.open("r+b") as f:  # its last chunk is read ~0.9 s after the first
@@ -407,6 +429,42 @@ def test_a_rollout_reaches_the_relay_then_the_inner_and_a_corrupted_file_is_refu
         assert sorted(p.name for p in (home / "relay-received").iterdir()) == sorted(
             [f"weak-{sha[:16]}.gguf", f"weak-{sha[:16]}.calibration.json"]
         )
+
+        # The relay's own rollout of link 1 (its /admin/rollout), here back to the first model.
+        said = files.run(procs, weak_path, tiers.relay_url)
+        assert f"{tiers.relay_url}: switched" in said, said
+        first = hashlib.sha256(weak_path.read_bytes()).hexdigest()
+        assert [ActiveWeak.load(path).sha256 for path in records[1:]] == [sha, first, first]
+        mine = _ask(tiers.relay_url, temperature=0.7, seed=6)
+        assert mine.json()["choices"][0]["text"] == _strong_text(strong, 0.7, 6, 24)
+    finally:
+        procs.stop_all()
+        strong.close()
+
+
+@slow("a rollout through three tiers, then the three restarted: 22 s")
+def test_a_deployment_restarted_after_a_rollout_serves_the_recorded_models(
+    tiny_pair_dirs, tmp_path
+):
+    """Each tier codes each of its links with the model its record names: restarted, both
+    links' handshakes pass, and the answers are still the strong model's."""
+    files = Rollouts(tiny_pair_dirs, tmp_path)
+    tiers = Tiers(tmp_path, files.models, {"release": "stream"})
+    procs = Processes(tmp_path)
+    strong = LlamaModel(files.strong, n_threads=1)
+    try:
+        tiers.start(procs)
+        files.run(procs, files.new, tiers.outer_url, tiers.relay_url)
+        for name in ("relay", "outer", "inner"):  # the relay's SHUTDOWN stops the inner
+            procs.stop(name)
+        tiers.launch(procs)
+        theirs = _ask(tiers.outer_url, temperature=0.7, seed=9)
+        assert theirs.json()["choices"][0]["text"] == _strong_text(strong, 0.7, 9, 24)
+        mine = _ask(tiers.relay_url, temperature=0.0)
+        assert mine.json()["choices"][0]["text"] == _strong_text(strong, 0.0, 0, 24)
+        said = procs.log("relay")
+        for side in ("outer", "relay"):  # link 1's record, link 2's
+            assert f"{side}: serving the weak model a rollout switched to" in said, said
     finally:
         procs.stop_all()
         strong.close()

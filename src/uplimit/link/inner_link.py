@@ -515,7 +515,7 @@ class FrameSource(Protocol):
 
 
 class ModelSink(Protocol):
-    """Where a rollout's downlink messages go, in order (`inner.rollout.WeakRollout`)."""
+    """Where a rollout's downlink messages go, in order (`link.rollout.WeakRollout`)."""
 
     def offer(self, offer: ModelOffer) -> None: ...
 

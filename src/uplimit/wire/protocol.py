@@ -24,7 +24,7 @@ Downlink byte layout (integers: `uv` = unsigned LEB128 varint, minimal encoding 
     RESEND       4   uv frame_no      (the decoder's `awaiting_resend`)
     SHUTDOWN     5   (empty)          last message: the outer wants the inner to stop
     MODEL_OFFER  6   sha256[32], uv size, uv m, calibration[m]
-                     a new weak model is coming down (a rollout, `inner.rollout`): the file's
+                     a new weak model is coming down (a rollout, `link.rollout`): the file's
                      hash and size, and its calibration (JSON)
     MODEL_DATA   7   data[length]     the next 1.. bytes of the offered file, in order
     SWITCH       8   sha256[32]       of the new codec fingerprint (its HELLO message): streams

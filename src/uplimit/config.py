@@ -26,8 +26,8 @@ checks what changes coded bytes; the rest only has to fit.
     [verifier] host, port, verdicts, metrics_port, metrics_host, max_queue (the spot-check
               verifier; the outer's `verifier` and `verify_rate` send it streams)
     [relay]   host, downlink_port, uplink_port, tick_s, ledger, lifetime/per-day/per-second
-              budget bytes, downlink_log, secret_file, release (`uplimit serve relay`: its
-              uplink to the outer; docs/tiers.md)
+              budget bytes, downlink_log, secret_file, release, received_models,
+              rollout_record (`uplimit serve relay`: its uplink to the outer; docs/tiers.md)
 """
 
 from __future__ import annotations
@@ -225,6 +225,10 @@ class RelayConfig:
     # (the outer's timing says when streams ended, no more), "tick" at each relay tick (text
     # streams, and the inner's frame timing reaches the outer rounded to the relay's ticks).
     release: str = "stream"
+    # A rollout from the outer (docs/tiers.md, Rollouts): where its file is kept, and the weak
+    # model the relay's uplink switched to. "": $UPLIMIT_HOME/relay-received, rollout-relay.json
+    received_models: str = ""
+    rollout_record: str = ""
 
     def __post_init__(self) -> None:
         if self.release not in RELEASES:
@@ -317,12 +321,12 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     return config
 
 
-Side = Literal["inner", "outer"]
+Side = Literal["inner", "outer", "relay"]  # "relay": a relay's uplink to the outer
 
 
 def rollout_record_path(config: Config, side: Side) -> Path:
     """Where a side records the weak model a rollout switched it to (`models.active`)."""
-    section = config.inner if side == "inner" else config.outer
+    section = {"inner": config.inner, "outer": config.outer, "relay": config.relay}[side]
     return config.path(section.rollout_record, f"rollout-{side}.json")
 
 

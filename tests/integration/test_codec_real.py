@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from support.marks import slow
 from uplimit.bench import BenchSettings, run_bench
 from uplimit.coding.calibration import for_pair
 from uplimit.coding.sampling import SamplingParams
@@ -29,7 +30,13 @@ def decoder_weak():
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(0.0), SamplingParams(0.7, top_p=0.9), SamplingParams(1.0, top_k=40)],
+    [
+        SamplingParams(0.0),
+        SamplingParams(0.7, top_p=0.9),
+        pytest.param(
+            SamplingParams(1.0, top_k=40), marks=slow("T0.7-top_p covers sampled coding, 13 s")
+        ),
+    ],
     ids=["greedy", "T0.7-top_p", "T1-top_k"],
 )
 def test_real_pair_round_trip(real_strong, real_weak, decoder_weak, params):

@@ -211,3 +211,19 @@ def test_serve_both_as_root_confines_its_inner_half(world):
         codes = served.stop()
     assert codes == {"both": 0}, served.log("both")[-3000:]
     assert "ALARM" not in served.log("both")
+
+
+def test_code_the_inner_user_cannot_read_is_refused_before_the_child_starts(world):
+    """A copy of the code in a 0700 directory (what `mktemp -d` makes): the launcher imports
+    it, its user could not, so the launcher refuses with the reason."""
+    base, config, env = world
+    private = base / "private"
+    private.mkdir(mode=0o700)
+    shutil.copytree(Path(__import__("uplimit").__file__).parent, private / "uplimit")
+    env = {**env, "PYTHONPATH": str(private)}
+    refused = subprocess.run([UPLIMIT, "serve", "inner", "--config", str(config)], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = " ".join((refused.stdout + refused.stderr).split())  # unwrapped
+    assert refused.returncode == 2, out
+    assert "the inner's user cannot run" in out
+    assert f"with {private.resolve()}/uplimit/__init__.py (it imports /" in out

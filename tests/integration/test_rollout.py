@@ -26,9 +26,9 @@ from uplimit.coding.calibration import Calibration
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import FingerprintMismatch, ProtocolError
 from uplimit.inner.audit import AuditStore
-from uplimit.inner.rollout import WeakRollout
 from uplimit.inner.serve import scheduler_config, serve_inner
 from uplimit.inner.service import InnerService
+from uplimit.link.rollout import WeakRollout
 from uplimit.models.active import ActiveWeak, with_active_weak
 from uplimit.models.llama import LlamaModel
 from uplimit.models.tiny import export_gguf
@@ -188,7 +188,9 @@ def test_the_inner_refuses_a_file_or_fingerprint_other_than_offered(ggufs, tmp_p
     strong, weak = _load(strong_path), _load(weak_path)
     service = InnerService(strong, weak, Calibration(), scheduler_config(config))
     received, record = tmp_path / "received", tmp_path / "inner.json"
-    rollout = WeakRollout(service, strong, received, record, _load)
+    rollout = WeakRollout(
+        strong, service.frame_config, service.switch_weak, received, record, _load
+    )
     data = new_path.read_bytes()
     try:
         # The bytes that came are not the offered file: nothing is kept.
@@ -229,7 +231,14 @@ def test_a_calibration_that_does_not_parse_is_refused_at_the_offer(ggufs, tmp_pa
     config = _config(tmp_path, strong_path, weak_path)
     strong, weak = _load(strong_path), _load(weak_path)
     service = InnerService(strong, weak, Calibration(), scheduler_config(config))
-    rollout = WeakRollout(service, strong, tmp_path / "r", tmp_path / "i.json", _load)
+    rollout = WeakRollout(
+        strong,
+        service.frame_config,
+        service.switch_weak,
+        tmp_path / "r",
+        tmp_path / "i.json",
+        _load,
+    )
     try:
         with pytest.raises(ProtocolError, match="calibration does not parse"):
             rollout.offer(ModelOffer(bytes(32), 10, b"{not json"))

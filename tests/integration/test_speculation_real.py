@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from support.marks import slow
 from uplimit.coding.sampling import SamplingParams
 from uplimit.inner.scheduler import Scheduler, SchedulerConfig
 from uplimit.speed import drain
@@ -36,7 +37,9 @@ def _generate(strong, weak, specs, max_batch):
         sched.close()
 
 
-@pytest.mark.parametrize("t", [0.0, 0.7])
+@pytest.mark.parametrize(
+    "t", [pytest.param(0.0, marks=slow("0.7 covers the draft path, 9 s")), 0.7]
+)
 def test_speculative_output_is_rerunnable(real_strong, real_weak, t):
     specs = [
         StreamSpec(i, tuple(real_strong.chat_tokens([{"role": "user", "content": p}])),

@@ -347,7 +347,7 @@ def test_a_link_shakes_hands_serves_metrics_and_shuts_down(tmp_path, outer):
     # Up went the connection charge, the inner's proof, the accept and END(shutdown), each
     # charged first.
     state = SqliteLedger(tmp_path / "ledger.db").usage()
-    up = RESPONSE_BYTES + VERDICT + 3  # END is 3 bytes
+    up = RESPONSE_BYTES + VERDICT + len(encode_uplink(End(EndReason.SHUTDOWN)))
     # The proof is counted apart (read before the inner proved itself), the rest as the link's.
     assert outer.counter.total() + RESPONSE_BYTES == state.wire_bytes == up
     assert unproved(outer.counter).total() == RESPONSE_BYTES
@@ -625,8 +625,9 @@ def test_replayed_reordered_or_truncated_frames_are_rejected_then_recovered(oute
 
 
 BAD_UPLINKS = {
-    "unknown END reason": (encode_end(0), AlarmKind.PROTOCOL, "unknown END reason 0"),
-    "bytes after END": (encode_end(4) + b"\x01", AlarmKind.PROTOCOL, "after END"),
+    "unknown END reason": (RESYNC + encode_end(0), AlarmKind.PROTOCOL, "unknown END reason 0"),
+    "END without its marker": (encode_end(4), AlarmKind.PROTOCOL, "without its RESYNC marker"),
+    "bytes after END": (RESYNC + encode_end(4) + b"\x01", AlarmKind.PROTOCOL, "after END"),
     "truncated frame at close": (b"\x40abc", AlarmKind.PROTOCOL, "truncated uplink"),
     "closed without END": (b"", AlarmKind.CLOSED, "without END"),
 }
@@ -871,7 +872,8 @@ def test_the_inner_enforces_the_downlink_limits(tmp_path, outer, flood):
     # Up went the proof, the accept, the ledger report and END(error), nothing else; all of it
     # charged.
     assert result["up"][VERDICT:] == encode_uplink(End(EndReason.ERROR))
-    assert SqliteLedger(tmp_path / "ledger.db").usage().wire_bytes == RESPONSE_BYTES + VERDICT + 3
+    end = len(encode_uplink(End(EndReason.ERROR)))
+    assert SqliteLedger(tmp_path / "ledger.db").usage().wire_bytes == RESPONSE_BYTES + VERDICT + end
     assert log_types(tmp_path / "downlink.jsonl")[:3] == ["challenge", "proof", "hello"]
     assert log_types(tmp_path / "downlink.jsonl")[-1] == "violation"
 

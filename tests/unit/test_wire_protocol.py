@@ -86,8 +86,9 @@ def test_downlink_bytes_are_pinned(msg, hex_bytes):
         (Refuse(((0, "a"), (3, "xy"))), "12" "02" "0001" + "61" + "0302" + "7879"),
         (Frame(b"\xab"), "ab"),  # frames delimit themselves: no prefix
         (Frame(bytes(200)), "00" * 200),
-        (End(EndReason.LIFETIME), "ffff20"),  # END's kind escape, the reason in 3 bits
-        (End(EndReason.SHUTDOWN), "ffff80"),
+        # RESYNC, END's kind escape, the reason in 3 bits
+        (End(EndReason.LIFETIME), "a7c3e15f2b9d0486" "ffff20"),
+        (End(EndReason.SHUTDOWN), "a7c3e15f2b9d0486" "ffff80"),
         (Resync(), "a7c3e15f2b9d0486"),
     ],
 )  # fmt: skip
@@ -96,12 +97,13 @@ def test_uplink_bytes_are_pinned(msg, hex_bytes):
 
 
 def test_every_uplink_message_is_as_small_as_the_layout_allows():
-    # An accept is 5 bytes once per connection; a frame pays nothing besides itself; END is 3.
+    # An accept is 5 bytes once per connection; a frame pays nothing besides itself; END is 11
+    # (its RESYNC marker and 3).
     assert len(encode_uplink(Accept(bytes(4)))) == 5
     # The ledger report follows it once: 16 id bytes, the total (<= 9 bytes up to 2**63), flags.
     assert len(encode_uplink(LedgerReport(bytes(16), 10**6, False))) == 1 + 16 + 3 + 1
     assert [len(encode_uplink(Frame(bytes(n)))) - n for n in (1, 127, 128, 16384)] == [0] * 4
-    assert len(encode_uplink(End(EndReason.LIFETIME))) == 3
+    assert len(encode_uplink(End(EndReason.LIFETIME))) == 11
 
 
 # --- strategies -------------------------------------------------------------------------------

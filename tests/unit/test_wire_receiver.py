@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from uplimit.coding.calibration import Calibration
 from uplimit.coding.sampling import SamplingParams
 from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_digest
-from uplimit.wire.frame import FrameConfig, FrameContent, FrameDecoder, FrameEncoder
+from uplimit.wire.frame import (
+    FrameConfig,
+    FrameContent,
+    FrameDecoder,
+    FrameEncoder,
+    encode_end,
+)
 from uplimit.wire.protocol import (
     RESYNC,
     Accept,
@@ -260,6 +266,25 @@ def test_a_shutdown_end_closes_the_link(sc):
         events = rx.receive(sc.accept + encode_uplink(End(EndReason.SHUTDOWN))) + rx.eof()
         assert events == [Accepted(REPORT), Ended(EndReason.SHUTDOWN)]
         assert rx.state is LinkState.CLOSED
+
+
+def test_an_end_sent_while_the_receiver_skips_to_the_marker_is_found(sc):
+    """The inner's END can come before its resend (it had not seen RESEND yet): END carries
+    the marker, so the receiver's skip stops there and the link ends as the inner said."""
+    with sc.receiver() as rx:
+        events = rx.receive(sc.accept + sc.wire(0) + sc.wire(0) + sc.wire(1))  # a replay
+        assert isinstance(events[-1], Rejected)
+        events = rx.receive(sc.wire(1) + encode_uplink(End(EndReason.SHUTDOWN))) + rx.eof()
+        assert events == [Ended(EndReason.SHUTDOWN)]
+        assert rx.state is LinkState.CLOSED
+
+
+def test_end_without_its_marker_and_a_doubled_marker_fail_the_link(sc):
+    for tail in (encode_end(EndReason.SHUTDOWN), RESYNC + encode_uplink(End(EndReason.SHUTDOWN))):
+        with sc.receiver() as rx:
+            (*_, event) = rx.receive(sc.accept + sc.wire(0) + tail)
+            assert isinstance(event, Failed) and event.kind is AlarmKind.PROTOCOL
+            assert "RESYNC" in event.message and rx.state is LinkState.FAILED
 
 
 def test_a_decoder_that_crashes_fails_the_link_instead_of_raising(sc):

@@ -73,8 +73,10 @@ def models_list(
 
     cfg = load_config(config)
     table = Table("side", "serves weak model", "sha256", "since")
-    for side in ("outer", "inner"):
+    for side in ("outer", "inner", "relay"):  # a relay's config: outer (link 1), relay (link 2)
         record = ActiveWeak.load(rollout_record_path(cfg, side))
+        if record is None and side == "relay":
+            continue  # no relay, or its uplink codes with models.weak
         if record is None:
             table.add_row(side, f"{cfg.models.weak} (models.weak)", "", "")
         else:

@@ -220,37 +220,69 @@ def serve_verifier_cmd(
 def rollout(
     weak: Path = typer.Option(..., help="The new weak model (a GGUF file on the outer's host)."),
     calibration: Path = typer.Option(..., help="Its calibration JSON (uplimit calibrate)."),
-    url: str = typer.Option("http://127.0.0.1:8000", help="The outer side's API."),
-    admin_key: str = typer.Option(
-        ..., envvar="UPLIMIT_ADMIN_KEY", help="The outer's admin key (outer.admin_key)."
+    url: list[str] = typer.Option(
+        ["http://127.0.0.1:8000"],
+        help="A tier's API, top first: the outer's, then (three tiers) the relay's. The rollout"
+        " starts at the first and is followed down the others (docs/tiers.md).",
+    ),
+    admin_key: list[str] = typer.Option(
+        ...,
+        envvar="UPLIMIT_ADMIN_KEY",
+        help="The admin key (outer.admin_key): one for every --url, or one per --url.",
     ),
     follow: bool = typer.Option(True, help="Show progress until the switch (or failure)."),
 ) -> None:
     """Switch a running deployment to a new weak model (docs/distill.md).
 
-    The outer sends it down to the inner (not budgeted), then both sides code new streams with
-    it; running streams finish on the old one."""
+    The outer sends it down (not budgeted), then both ends of its link code new streams with
+    it; running streams finish on the old one. Through a relay, the relay passes it on down
+    its link to the inner once its own uplink switched; each --url's state is shown."""
     import time
 
     import httpx
 
-    headers = {"authorization": f"Bearer {admin_key}"}
-    endpoint = f"{url.rstrip('/')}/admin/rollout"
+    if len(admin_key) not in (1, len(url)):
+        raise typer.BadParameter("one, or one per --url", param_hint="--admin-key")
+    keys = admin_key * len(url) if len(admin_key) == 1 else admin_key
+    tiers = [
+        (f"{u.rstrip('/')}/admin/rollout", {"authorization": f"Bearer {k}"})
+        for u, k in zip(url, keys, strict=True)
+    ]
+
+    def get(tier: int) -> dict:
+        endpoint, headers = tiers[tier]
+        try:
+            return httpx.get(endpoint, headers=headers, timeout=30).raise_for_status().json()
+        except httpx.HTTPError as e:
+            raise UplimitError(
+                f"{url[tier]}: {e} (a tier that refused the rollout ended its link: see its log)"
+            ) from e
+
+    endpoint, headers = tiers[0]
     body = {"weak": str(weak.resolve()), "calibration": str(calibration.resolve())}
     r = httpx.post(endpoint, json=body, headers=headers, timeout=30)
     if r.status_code != 202:
         raise UplimitError(f"the outer refused the rollout ({r.status_code}): {r.text}")
     status = r.json()
-    with progress_bar() as update:
-        while follow and status["state"] in ("checking", "sending"):
-            if status["total_bytes"]:
-                update("sending the weak model down", status["sent_bytes"], status["total_bytes"])
-            time.sleep(1.0)
-            status = httpx.get(endpoint, headers=headers, timeout=30).json()
-    if status["state"] == "failed":
-        raise UplimitError(f"rollout failed: {status['error']}")
-    sha = status["sha256"][:16]
-    console.print(f"rollout of {status['weak']} (sha256 {sha}): {status['state']}")
+    if not follow:
+        console.print(f"{url[0]}: {status['state']} {status['weak']}")
+        return
+    for tier in range(len(tiers)):
+        if tier > 0:  # the tier above switched to `sha`; this one shows it once it receives it
+            sha, status = status["sha256"], get(tier)
+        with progress_bar() as update:
+            while status["state"] in ("checking", "receiving", "sending") or (
+                tier > 0 and status["sha256"] != sha
+            ):
+                if status["total_bytes"] and (tier == 0 or status["sha256"] == sha):
+                    what = "received" if status["state"] == "receiving" else "sent down"
+                    update(f"{url[tier]}: {what}", status["sent_bytes"], status["total_bytes"])
+                time.sleep(1.0)
+                status = get(tier)
+        if status["state"] == "failed":
+            raise UplimitError(f"rollout failed at {url[tier]}: {status['error']}")
+        done = f"{status['state']} to {status['weak']} (sha256 {status['sha256'][:16]})"
+        console.print(f"{url[tier]}: {done}")
 
 
 @app.command(rich_help_panel="Serve")

@@ -8,7 +8,7 @@
     audit      the audit store (SQLite): everything generated, uploaded or not
     service    scheduler + frame encoder as the link's FrameSource; the generation thread
     serve      `uplimit serve inner`: connect to the outer, serve frames until SHUTDOWN
-    rollout    a weak-model rollout, inner side; rotation: gauged serving copies
+    rotation   gauged serving copies
     spotcheck  re-running streams to check them; verifier: `uplimit serve verifier`
 
 Shares nothing with the outer side but `wire` (pyproject.toml's import contracts).

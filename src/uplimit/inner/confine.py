@@ -11,11 +11,12 @@ stays root, outside the namespace, and
 3. relays the inner's two connections from the outer end of the veth to the outer side
    (`[link] host`, or `--host`): the namespace has no other way out, and everything that
    leaves it has passed the quota;
-4. checks, by probing as that user, that the user can read the configuration and the models
-   but cannot write the code, the virtualenv or the ledger's files and directory; gives the
-   user the directories of the files the inner writes (audit store, downlink log, received
-   models, rollout record, gauge copies), which must not be the ledger's; keys left unset
-   put those files under `$UPLIMIT_HOME/inner/`;
+4. checks, by probing as that user, that the user can run the code (the interpreter, the
+   virtualenv, the checkout) and read the configuration and the models, but cannot write the
+   code, the virtualenv or the ledger's files and directory; gives the user the directories
+   of the files the inner writes (audit store, downlink log, received models, rollout
+   record, gauge copies), which must not be the ledger's; keys left unset put those files
+   under `$UPLIMIT_HOME/inner/`;
 5. starts `uplimit serve inner --charge-socket ...` inside the namespace as `[inner] user`
    with every capability dropped (`setpriv`), with a copy of the link's secret only that user
    can read (the original stays root's), and waits for it; then removes the namespace, the

@@ -16,7 +16,6 @@ from uplimit.coding.calibration import configured as configured_calibration
 from uplimit.config import Config, link_secret_path, rollout_record_path
 from uplimit.errors import ConfigError, LinkClosed
 from uplimit.inner.audit import AuditStore
-from uplimit.inner.rollout import WeakRollout
 from uplimit.inner.scheduler import SchedulerConfig
 from uplimit.inner.scoring import SCORERS
 from uplimit.inner.service import InnerService
@@ -24,6 +23,7 @@ from uplimit.link.auth import load_secret
 from uplimit.link.budget import Budgets
 from uplimit.link.inner_link import InnerLink, serve_frames
 from uplimit.link.ledger import Ledger, open_served
+from uplimit.link.rollout import WeakRollout
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import load_configured, resolve
 from uplimit.wire.fingerprint import codec_fingerprint
@@ -148,7 +148,8 @@ async def serve_inner(
         best_of=config.inner.best_of, rotation=rotation,
     )  # fmt: skip
     rollout = WeakRollout(
-        service, strong, config.path(config.inner.received_models, "received"),
+        strong, service.frame_config, service.switch_weak,
+        config.path(config.inner.received_models, "received"),
         rollout_record_path(config, "inner"), lambda path: load_configured(path, config.models),
     )  # fmt: skip
     try:

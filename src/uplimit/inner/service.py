@@ -99,7 +99,7 @@ class InnerService:
         self.scheduler.cancel(stream_id)
 
     def switch_weak(self, weak: LanguageModel, calibration: Calibration) -> None:
-        """Code the streams opened from now on with `weak` (a rollout, `inner.rollout`); the
+        """Code the streams opened from now on with `weak` (a rollout, `link.rollout`); the
         running ones finish on theirs. The service owns `weak` from here and closes it when
         its last stream has left. Speculative drafts keep the weak model the service started
         with (until a restart): output stays an exact sample of the strong model either way,

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import uplimit
 from uplimit.errors import ConfigError, KernelMeterError
 from uplimit.link.charge_service import ChargeService
 from uplimit.link.kernel import KernelMeter, available
@@ -140,10 +141,32 @@ def probe(user: tuple[int, int], test: str, path: Path) -> bool:
     return done.returncode == 0
 
 
+def _check_runnable(user: tuple[int, int], side: str) -> None:
+    """The user must be able to run this interpreter and import this very code: a checkout
+    under a directory it cannot enter (e.g. a 0700 one, as `mktemp -d` makes) fails here, with
+    a message, rather than inside the namespace (an ImportError, or another copy imported)."""
+    ours = str(Path(uplimit.__file__).resolve())
+    where = "import pathlib, uplimit.cli; print(pathlib.Path(uplimit.__file__).resolve())"
+    argv = [*_as_user(*user), sys.executable, "-c", where]
+    done = subprocess.run(argv, timeout=60, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    elif (theirs := done.stdout.strip()) != ours:
+        why = f"it imports {theirs}"
+    else:
+        return
+    raise ConfigError(
+        f"the {side}'s user cannot run {sys.executable} with {ours} ({why}): it must be able to"
+        " read the code and the virtualenv, and to enter every directory above them"
+    )
+
+
 def check_access(
     user: tuple[int, int], side: str, *, unwritable: list[Path], readable: list[Path]
 ) -> None:
-    """By probing as the user: it must not write `unwritable`, and must read `readable`."""
+    """As the user: it must run this code (the interpreter, the virtualenv, the checkout), and,
+    by probing with `test`, must not write `unwritable` and must read `readable`."""
+    _check_runnable(user, side)
     for path in unwritable:
         if probe(user, "-w", path):
             raise ConfigError(f"the {side}'s user can write {path}: it must not (docs/security.md)")

@@ -93,9 +93,9 @@ log = logging.getLogger(__name__)
 
 # What an honest inner keeps back so that END can always be paid for. A charge's timing part
 # is at most T = 12 bytes (after up to 2**40 silent ticks, 3,500 years at 100 ms: 86 bits,
-# plus a byte if the tick slips); END is 3 bytes plus its timing. The frame sent last left at
-# least R - T, which must cover 3 + T: R >= 3 + 2T = 27.
-END_RESERVE_BYTES = 32
+# plus a byte if the tick slips); END is 11 bytes (RESYNC and 3) plus its timing. The frame
+# sent last left at least R - T, which must cover 11 + T: R >= 11 + 2T = 35.
+END_RESERVE_BYTES = 40
 
 # A frame that the per-second window has refused for this long ends the link (module doc).
 STALL_LIMIT_S = 5.0
@@ -515,7 +515,7 @@ class FrameSource(Protocol):
 
 
 class ModelSink(Protocol):
-    """Where a rollout's downlink messages go, in order (`inner.rollout.WeakRollout`)."""
+    """Where a rollout's downlink messages go, in order (`link.rollout.WeakRollout`)."""
 
     def offer(self, offer: ModelOffer) -> None: ...
 

@@ -1,6 +1,6 @@
 """Which weak model a side serves after a rollout: a small JSON record per side.
 
-A rollout (`outer.rollout`, `inner.rollout`) switches both sides to a new weak model while they
+A rollout (`outer.rollout`, `link.rollout`) switches both sides to a new weak model while they
 run. Each side then writes this record, so that after a restart it serves the model it switched
 to instead of `[models] weak`; both sides must, or the handshake refuses (their fingerprints'
 `weak.sha256` differ). Deleting the record returns a side to `[models] weak`.

@@ -64,11 +64,12 @@ async def serve_outer(
     *,
     link_host: str | None = None,
     on_listening: Callable[[], None] | None = None,
-    beside: Callable[[OuterService], Awaitable[None]] | None = None,
+    beside: Callable[[OuterService, Rollout], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until the HTTP server exits (a signal) or this is cancelled; then shut the link
-    down (SHUTDOWN, so the inner stops too). `beside(service)` runs alongside the server
-    (the relay's uplink, `relay.serve`): if it fails, serving stops and its error is raised."""
+    down (SHUTDOWN, so the inner stops too). `beside(service, rollout)` runs alongside the
+    server (the relay's uplink, `relay.serve`, which passes rollouts on through `rollout`): if
+    it fails, serving stops and its error is raised."""
     calibration = configured_calibration(config.models, weak.info.file_sha256)
     coding = config.coding
     frame_config = FrameConfig(
@@ -142,7 +143,7 @@ async def serve_outer(
             )
         )  # fmt: skip
         serving = asyncio.create_task(server.serve())
-        companion = asyncio.create_task(beside(service)) if beside is not None else None
+        companion = asyncio.create_task(beside(service, rollout)) if beside is not None else None
         if companion is not None:
             companion.add_done_callback(lambda t: _stop_on_failure(t, server))
         try:

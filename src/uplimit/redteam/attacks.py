@@ -472,7 +472,7 @@ def malformed_payloads(secret: bytes) -> dict[str, bytes]:
     return {
         "zero bytes": bytes(64),
         "longer than any frame": body * 8,  # frames delimit themselves: judged at the cap
-        "unknown END reason": encode_end(0),
+        "unknown END reason": RESYNC + encode_end(0),
         "bytes after END": encode_uplink(End(EndReason.SHUTDOWN)) + encode_uplink(Frame(body)),
         "truncated frame": encode_uplink(Frame(body))[:-7],
         "random frame body": encode_uplink(Frame(body)),

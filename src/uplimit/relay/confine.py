@@ -78,13 +78,19 @@ UNCONFINED_ALARM = (
 
 def _written(config: Config) -> dict[str, tuple[str, str]]:
     """Environment variable -> (configured value, default name) for each file the relay
-    writes: its receive count of link 1, link 2's downlink log, its users' rollout record."""
+    writes: its receive count of link 1, link 2's downlink log, each link's rollout record, and
+    the weak models a rollout from the outer sends it."""
     c = config
     return {
         "UPLIMIT_LINK_RECEIVE_COUNTER": (c.link.receive_counter, "received.db"),
         "UPLIMIT_RELAY_DOWNLINK_LOG": (c.relay.downlink_log, "relay-downlink.jsonl"),
         "UPLIMIT_OUTER_ROLLOUT_RECORD": (c.outer.rollout_record, "rollout-outer.json"),
+        "UPLIMIT_RELAY_ROLLOUT_RECORD": (c.relay.rollout_record, "rollout-relay.json"),
+        "UPLIMIT_RELAY_RECEIVED_MODELS": (c.relay.received_models, "relay-received"),
     }
+
+
+_DIRECTORIES = frozenset({"UPLIMIT_RELAY_RECEIVED_MODELS"})  # the rest are files
 
 
 def _check_access(config: Config, config_path: Path | None, user: tuple[int, int]) -> None:
@@ -116,7 +122,7 @@ def run_confined(
     account = unprivileged(config.relay.user, "relay.user")
     user = (account.pw_uid, account.pw_gid)
     where, budgets = relay_ledger_location(config), relay_budgets(config)
-    env, dirs = places(config.path("", "relay"), _written(config), frozenset())
+    env, dirs = places(config.path("", "relay"), _written(config), _DIRECTORIES)
     _check_access(config, config_path, user)
     give(dirs, where, user, "relay")
     secrets = {

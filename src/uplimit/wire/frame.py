@@ -34,7 +34,7 @@ is implicit (both sides count), and the check covers it, so a replayed, reordere
 corrupted frame, or a decoder whose weak-model numbers differ from the encoder's, fails the
 check (or the coder's own canonical-message test) with probability about 1 - 2**-16.
 
-Weak-model generations. A new weak model (a rollout, `inner.rollout`) is a new codec, but
+Weak-model generations. A new weak model (a rollout, `link.rollout`) is a new codec, but
 streams already open finish under the one they started with: `switch` makes a new
 (weak session, calibration) generation current, every stream is coded with the generation
 that was current when it was added, and an old generation is released once its last stream

@@ -24,7 +24,7 @@ Downlink byte layout (integers: `uv` = unsigned LEB128 varint, minimal encoding 
     RESEND       4   uv frame_no      (the decoder's `awaiting_resend`)
     SHUTDOWN     5   (empty)          last message: the outer wants the inner to stop
     MODEL_OFFER  6   sha256[32], uv size, uv m, calibration[m]
-                     a new weak model is coming down (a rollout, `inner.rollout`): the file's
+                     a new weak model is coming down (a rollout, `link.rollout`): the file's
                      hash and size, and its calibration (JSON)
     MODEL_DATA   7   data[length]     the next 1.. bytes of the offered file, in order
     SWITCH       8   sha256[32]       of the new codec fingerprint (its HELLO message): streams
@@ -46,7 +46,8 @@ Uplink byte layout, as small as it can be, since every byte is budgeted::
     message    frame                                one coded frame, self-delimiting
                                                     (`wire.frame`: no length prefix; at most
                                                     max_frame_bytes)
-             | END                                  coded like a frame's kind, then a reason
+             | RESYNC END                           END: the marker, then END coded like a
+                                                    frame's kind and a reason
                                                     (`wire.frame.encode_end`, 3 bytes): nothing
                                                     follows, ever
              | RESYNC frame...                      after a RESEND: the 8-byte marker below,
@@ -62,8 +63,9 @@ After the handshake this parser only hands the bytes on (`FrameBytes`): where a 
 is known only by decoding it, which `wire.receiver` does with the frame decoder. A frame that
 fails its check has no known end, so after a RESEND the receiver skips bytes up to `RESYNC`,
 8 bytes the inner writes before its raw resends: a desync costs those 8 bytes, the raw
-frames, and the skipped bytes (frames in flight, charged and dropped). Honest frames contain
-the marker by chance with probability about 2**-64 per byte position.
+frames, and the skipped bytes (frames in flight, charged and dropped). END carries the marker
+too, so that an END sent while the receiver skips is found, not skipped. Honest frames
+contain the marker by chance with probability about 2**-64 per byte position.
 
 Parsers take bytes in any chunking (`feed`) and return complete messages; anything malformed,
 oversized, non-minimal, of unknown type, out of order or after the last message raises
@@ -394,7 +396,7 @@ def encode_uplink(msg: UplinkMessage) -> bytes:
                 raise ConfigError(f"a frame is 1..{MAX_FRAME_BYTES} bytes, got {len(data)}")
             return bytes(data)  # it delimits itself
         case End(reason):
-            return encode_end(EndReason(reason))
+            return RESYNC + encode_end(EndReason(reason))
         case Resync():
             return RESYNC
     raise ConfigError(f"not an uplink message: {msg!r}")

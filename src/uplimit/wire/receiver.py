@@ -26,7 +26,8 @@ Bytes that may be the start of a longer frame wait for more (`incomplete`); the 
 `expire()` if none come for `INCOMPLETE_PATIENCE_S`, and what is there is then judged as it
 is: a frame whose decoder disagrees with the encoder is detected within that time even when
 nothing follows it. A rejected frame's end is unknown, so after one the receiver skips bytes
-up to the inner's `RESYNC` marker, which precedes its raw resends (`wire.protocol`).
+up to the inner's `RESYNC` marker, which precedes its raw resends and every END
+(`wire.protocol`): an END sent while the receiver skips is still found.
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ class UplinkReceiver:
         self._parser = UplinkParser(len(fingerprint))
         self._stream = bytearray()  # frame-stream bytes not yet decoded
         self._resync = False  # skipping to the RESYNC marker after a rejected frame
+        self._marked = False  # the next message follows a RESYNC marker (END must)
         self._skipped = 0  # bytes skipped since the last rejection
         self._ended = False
         self.state = LinkState.HANDSHAKING
@@ -296,6 +298,13 @@ class UplinkReceiver:
                 events += self._skip_to_marker()
                 if self._resync or not self._stream:
                     break
+            elif self._stream.startswith(RESYNC):  # END's marker
+                if self._marked:
+                    events += self.fail(AlarmKind.PROTOCOL, "two RESYNC markers in a row")
+                    break
+                del self._stream[: len(RESYNC)]
+                self._marked = True
+                continue
             got = self._decode(final)
             if got is None:
                 break
@@ -311,7 +320,7 @@ class UplinkReceiver:
         if at >= 0:
             self._skipped += at
             del self._stream[: at + len(RESYNC)]
-            self._resync = False
+            self._resync, self._marked = False, True
             return []
         drop = max(0, len(self._stream) - (len(RESYNC) - 1))  # it may be split across reads
         self._skipped += drop
@@ -351,8 +360,11 @@ class UplinkReceiver:
             return self.fail(AlarmKind.INTERNAL, f"frame {frame_no}: decoder failed: {e!r}")
         if got is None:
             return None
+        marked, self._marked = self._marked, False
         if isinstance(got, EndMessage):
             del self._stream[: got.bytes]
+            if not marked:
+                return self.fail(AlarmKind.PROTOCOL, "END without its RESYNC marker")
             return self._end(got.reason)
         content, stats = got
         del self._stream[: stats.bytes]

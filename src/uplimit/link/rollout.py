@@ -1,17 +1,20 @@
-"""The inner side of a weak-model rollout: receive the model, check it, switch at SWITCH.
+"""The receiving end of a weak-model rollout: receive the model, check it, switch at SWITCH.
 
-The outer side sends a new weak model down (MODEL_OFFER, MODEL_DATA..., SWITCH; the parser
+The end above sends a new weak model down (MODEL_OFFER, MODEL_DATA..., SWITCH; the parser
 enforces that order, `wire.protocol`). Downloads are not budgeted, so the whole file comes
-down, never a delta the inner would have to trust. Here:
+down, never a delta the receiver would have to trust. The inner receives it on its link
+(`inner.serve`), and so does a relay on its link to the outer (`relay.rollout`), each with its
+own `switch`. Here:
 
 - the file is written to `directory` under a temporary name and hashed as it arrives; only a
   file with the offered sha256 is renamed to `weak-<sha256[:16]>.gguf`, beside its calibration;
-- at SWITCH the model is loaded, must share the strong model's tokenizer, and the codec
-  fingerprint it gives must hash to the one the outer sent: otherwise the inner stops
-  (END(error)), since the two sides would no longer decode alike;
-- then the encoder codes every stream opened after SWITCH with the new model, while running
-  streams finish on the old one (`wire.frame`), and the choice is recorded (`models.active`)
-  so that a restarted inner serves the new model.
+- at SWITCH the model is loaded, must share the tokenizer of `reference` (the inner's strong
+  model, the relay's weak one), and the codec fingerprint it gives must hash to the one the
+  sender sent: otherwise this raises and the serving loop ends the link (END(error)), since
+  the two ends would no longer decode alike;
+- then `switch` makes the encoder code every stream opened after SWITCH with the new model,
+  while running streams finish on the old one (`wire.frame`), and the choice is recorded
+  (`models.active`) so that a restarted receiver serves the new model.
 
 Loading happens inside the serving loop, so frames pause while the model loads (seconds).
 """
@@ -26,11 +29,11 @@ from typing import BinaryIO
 
 from uplimit.coding.calibration import Calibration
 from uplimit.errors import ConfigError, FingerprintMismatch, ProtocolError
-from uplimit.inner.service import InnerService
 from uplimit.models.active import ActiveWeak
 from uplimit.models.base import LanguageModel
 from uplimit.models.loading import check_same_tokenizer
 from uplimit.wire.fingerprint import codec_fingerprint, fingerprint_sha256
+from uplimit.wire.frame import FrameConfig
 from uplimit.wire.protocol import ModelOffer
 
 __all__ = ["WeakRollout"]
@@ -52,21 +55,28 @@ class _Incoming:
 
 
 class WeakRollout:
-    """`link.inner_link.ModelSink` for an `InnerService` (module doc)."""
+    """`link.inner_link.ModelSink` (module doc). `switch(weak, calibration)` makes the encoder
+    code new streams with `weak`, and owns it from then on; `frame_config` is that encoder's.
+    `on_switched(record)`, if given, is called once the switch is recorded."""
 
     def __init__(
         self,
-        service: InnerService,
-        strong: LanguageModel,
+        reference: LanguageModel,
+        frame_config: FrameConfig,
+        switch: Callable[[LanguageModel, Calibration], None],
         directory: Path,
         record: Path,
         load: Callable[[Path], LanguageModel],
+        *,
+        on_switched: Callable[[ActiveWeak], None] | None = None,
     ) -> None:
-        self.service = service
-        self.strong = strong
+        self.reference = reference
+        self.frame_config = frame_config
+        self._switch = switch
         self.directory = directory
         self.record = record
         self.load = load
+        self.on_switched = on_switched
         self._incoming: _Incoming | None = None
         self._ready: tuple[Path, Path, Calibration, str] | None = None  # model, cal, sha256
 
@@ -114,20 +124,23 @@ class WeakRollout:
         self._ready = None
         weak = self.load(path)
         try:
-            check_same_tokenizer(self.strong, weak)
-            fingerprint = codec_fingerprint(weak.info, calibration, self.service.frame_config)
+            check_same_tokenizer(self.reference, weak)
+            fingerprint = codec_fingerprint(weak.info, calibration, self.frame_config)
             if fingerprint_sha256(fingerprint) != digest:
                 raise FingerprintMismatch(
                     "rollout: the new weak model gives a codec fingerprint other than the"
-                    f" outer's; this side's: {fingerprint}",
+                    f" sender's; this side's: {fingerprint}",
                     [],
                 )
-            self.service.switch_weak(weak, calibration)
+            self._switch(weak, calibration)
         except BaseException:
             weak.close()
             raise
-        ActiveWeak(str(path), str(calibration_path), sha256).save(self.record)
+        record = ActiveWeak(str(path), str(calibration_path), sha256)
+        record.save(self.record)
         log.warning("rollout: new streams are coded with weak model %s", sha256)
+        if self.on_switched is not None:
+            self.on_switched(record)
 
     def close(self) -> None:
         self._discard()

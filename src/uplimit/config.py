@@ -27,7 +27,8 @@ checks what changes coded bytes; the rest only has to fit.
               verifier; the outer's `verifier` and `verify_rate` send it streams)
     [relay]   host, downlink_port, uplink_port, tick_s, ledger, lifetime/per-day/per-second
               budget bytes, downlink_log, secret_file, release, received_models,
-              rollout_record (`uplimit serve relay`: its uplink to the outer; docs/tiers.md)
+              rollout_record, kernel_meter, user (`uplimit serve relay`: its uplink to the
+              outer, and its confinement as root; docs/tiers.md)
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def sample(
 
 def guided_sample(
     strong_logits: npt.NDArray[np.floating],
-    weak_logits: npt.NDArray[np.floating],
+    weak_logits: npt.NDArray[np.floating] | None,
     params: SamplingParams,
     noise: PositionNoise | None,
 ) -> int:
@@ -137,7 +137,12 @@ def guided_sample(
     emits it too. tilt mixes logits, (1 - L) l_s + L l_w, which is p^(1-L) q^L after
     dividing by T; top-k and top-p then apply to the mixture, and the same Gumbel noise
     samples it, so the guess still agrees as often as the two distributions allow.
+    `weak_logits` may be None only when both knobs are 0.
     """
+    if not params.guided:
+        return sample(strong_logits, params, noise)
+    if weak_logits is None:
+        raise InternalError("tie_nats and tilt need the weak model's logits")
     if params.tilt == 1.0:
         return sample(weak_logits, params, noise)
     if params.tilt:

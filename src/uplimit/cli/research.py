@@ -18,6 +18,14 @@ def bench(
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
     top_k: int = typer.Option(0, help="Keep only the k most probable tokens (0: off)."),
+    tie_nats: float = typer.Option(
+        0.0,
+        help="T=0: emit the weak model's guess when the strong logit for it is within this"
+        " many nats of the top (compression-aware; 0: exact output).",
+    ),
+    tilt: float = typer.Option(
+        0.0, help="T>0: sample from p^(1-L) q^L, L in [0, 1] (compression-aware; 0: exact)."
+    ),
     max_tokens: int = typer.Option(128, help="Tokens generated per prompt at most."),
     limit: int | None = typer.Option(None, help="Use only the first K prompts."),
     streams: int | None = typer.Option(
@@ -51,7 +59,7 @@ def bench(
             for i, p in zip(range(streams), itertools.cycle(records), strict=False)
         ]
     settings = BenchSettings(
-        SamplingParams(temperature, top_p, top_k), max_tokens, frame_tokens, seed
+        SamplingParams(temperature, top_p, top_k, tie_nats, tilt), max_tokens, frame_tokens, seed
     )
     models = _coding_models(strong, weak, calibration)
     with progress_bar() as update:
@@ -87,6 +95,14 @@ def _coding_models(strong: str, weak: str, calibration: Path | None) -> tuple:
 @app.command(rich_help_panel="Measure")
 def quality(
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    tie_nats: float = typer.Option(
+        0.0,
+        help="T=0: emit the weak model's guess when the strong logit for it is within this"
+        " many nats of the top (compression-aware; 0: exact output).",
+    ),
+    tilt: float = typer.Option(
+        0.0, help="T>0: sample from p^(1-L) q^L, L in [0, 1] (compression-aware; 0: exact)."
+    ),
     max_tokens: int = typer.Option(512, help="Tokens per answer at most."),
     limit: int | None = typer.Option(None, help="Only the first K of HumanEval's 164 problems."),
     seed: int = typer.Option(0, help="Base of the per-problem sampling seeds."),
@@ -117,7 +133,8 @@ def quality(
 
     sandbox = Sandbox.for_host(allow_network=allow_network, timeout_s=timeout_s)
     problems = humaneval_problems()[:limit]
-    settings = BenchSettings(SamplingParams(temperature), max_tokens, frame_tokens, seed)
+    params = SamplingParams(temperature, tie_nats=tie_nats, tilt=tilt)
+    settings = BenchSettings(params, max_tokens, frame_tokens, seed)
     models = _coding_models(strong, weak, calibration)
     with progress_bar() as update:
         result = run_quality(problems, settings, *models, sandbox, update)
@@ -128,6 +145,7 @@ def quality(
     table.add_row("pass@1", f"{result['pass_at_1']:.3f} (95 % interval {low:.3f}-{high:.3f})")
     table.add_row("bits/token, all-in frames", f"{result['bits_per_token']:.3f}")
     table.add_row("bits/token, payload", f"{result['payload_bits_per_token']:.3f}")
+    table.add_row("tokens steered by tie_nats / tilt", f"{100 * result['steered_share']:.1f} %")
     table.add_row("tests' network", result["sandbox"]["network"])
     Console().print(table)
     if json_out:

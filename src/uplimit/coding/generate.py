@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from uplimit.coding.codec import StepContext
-from uplimit.coding.sampling import SamplingParams, guided_sample
+from uplimit.coding.sampling import SamplingParams, guided_sample, sample
 from uplimit.errors import ConfigError
 from uplimit.models.base import LanguageModel
 
@@ -56,6 +56,9 @@ class Request:
 class Generation:
     tokens: list[int] = field(default_factory=list)
     finish_reason: Finish | None = None  # EOS or LENGTH once generated
+    # Positions where tie_nats or tilt emitted another token than the strong model's own
+    # choice there (same context, same noise).
+    steered: int = 0
 
 
 @dataclass
@@ -102,6 +105,8 @@ def generate(
                 ctx = StepContext(req.params, req.seed, len(gen.tokens))
                 noise = ctx.noise(logits[i].size)
                 token = guided_sample(logits[i], weak_logits.get(i), req.params, noise)
+                if req.params.guided:
+                    gen.steered += token != sample(logits[i], req.params, noise)
                 gen.tokens.append(token)
                 if token in eos or len(gen.tokens) >= req.max_tokens:
                     gen.finish_reason = Finish.EOS if token in eos else Finish.LENGTH

@@ -143,9 +143,7 @@ def guided_sample(
         return sample(strong_logits, params, noise)
     if weak_logits is None:
         raise InternalError("tie_nats and tilt need the weak model's logits")
-    if params.tilt == 1.0:
-        return sample(weak_logits, params, noise)
-    if params.tilt:
+    if params.tilt:  # at tilt 1 the mixture is the weak logits exactly (0 * finite = 0)
         mixed = (1.0 - params.tilt) * strong_logits.astype(np.float64)
         mixed += params.tilt * weak_logits.astype(np.float64)
         return sample(mixed, params, noise)

@@ -156,3 +156,20 @@ def test_knobs_are_validated_and_need_the_weak_model(tiny_strong):
             SamplingParams(**bad)
     with pytest.raises(ConfigError, match="needs the weak model"):
         _run(tiny_strong, None, SamplingParams(0.0, tie_nats=1.0))
+
+
+def test_the_spot_check_reruns_guided_streams_with_the_weak_model(tiny_strong, tiny_weak):
+    from uplimit.inner.spotcheck import verify
+    from uplimit.wire.checks import CheckJob
+    from uplimit.wire.streams import StreamSpec
+
+    params = SamplingParams(0.0, tie_nats=3.0)
+    served = _run(tiny_strong, tiny_weak, params)[0]
+    spec = StreamSpec(0, _prompts(tiny_strong)[0], params, 100, 24)
+    assert verify(tiny_strong, CheckJob(spec, tuple(served)), weak=tiny_weak).agree
+    exact = _run(tiny_strong, None, SamplingParams(0.0))[0]
+    assert exact != served  # so the check below can tell them apart
+    verdict = verify(tiny_strong, CheckJob(spec, tuple(exact)), weak=tiny_weak)
+    assert not verdict.agree  # the strong model's own greedy text is not what was asked for
+    with pytest.raises(ConfigError, match="needs the weak model"):  # an error, never a pass
+        verify(tiny_strong, CheckJob(spec, tuple(served)))

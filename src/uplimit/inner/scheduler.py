@@ -417,10 +417,8 @@ class Scheduler:
             else:
                 seed, position = c.noise.uploaded(len(c.uploaded) + len(c.splitter.held))
             noise = PositionNoise.draw(seed, position, logits.size)
-        if params.guided:
-            token = guided_sample(logits, self._guide_logits(c), params, noise)
-        else:
-            token = sample(logits, params, noise)
+        weak = self._guide_logits(c) if params.guided else None
+        token = guided_sample(logits, weak, params, noise)
         x = logits.astype(np.float64)
         top = x.max()
         logprob = float(x[token] - top - np.log(np.exp(x - top).sum()))

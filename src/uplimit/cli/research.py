@@ -1,5 +1,5 @@
-"""`uplimit bench|quality|speed|calibrate|plan|load`: measurements, the coder's fit, the seed
-post's sums, and a running deployment under load."""
+"""`uplimit bench|quality|frontier|speed|calibrate|plan|load`: measurements, the coder's fit,
+the seed post's sums, and a running deployment under load."""
 
 from __future__ import annotations
 
@@ -152,6 +152,67 @@ def quality(
         json_out.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {json_out}")
     if not result["exact_roundtrip"]:
+        raise typer.Exit(1)
+
+
+@app.command(rich_help_panel="Measure")
+def frontier(
+    temperature: float = typer.Option(
+        0.0, help="Sampling temperature: 0 sweeps tie_nats, above 0 sweeps tilt."
+    ),
+    values: str = typer.Option(
+        "0,0.5,1,2", help="The knob's settings, comma-separated (0: the exact mode)."
+    ),
+    limit: int | None = typer.Option(None, help="Only the first K of HumanEval's 164 problems."),
+    max_tokens: int = typer.Option(512, help="Tokens per answer at most."),
+    seed: int = typer.Option(0, help="Base of the per-problem sampling seeds."),
+    frame_tokens: int = typer.Option(16, help="Tokens per stream per frame."),
+    timeout_s: float = typer.Option(10.0, help="Each problem's tests get this long."),
+    allow_network: bool = typer.Option(
+        False, help="Run the tests even where no network namespace can be made (unsafe)."
+    ),
+    calibration: Path | None = typer.Option(
+        None, help="Calibration JSON (default: the one shipped for this model pair)."
+    ),
+    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
+    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    plot: Path = typer.Option(..., help="Write the picture here (.png or .svg)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every run here."),
+) -> None:
+    """Bits/token against pass@1: one `uplimit quality` run per setting of the knob the
+    temperature allows (tie_nats at T=0, tilt at T>0), drawn as one picture (uplimit.frontier)."""
+    import json
+
+    from uplimit.bench import BenchSettings
+    from uplimit.coding.sampling import SamplingParams
+    from uplimit.frontier import plot_frontier, run_frontier
+    from uplimit.prompts import humaneval_problems
+    from uplimit.quality import Sandbox
+
+    try:
+        sweep = [float(v) for v in values.split(",")]
+    except ValueError as e:
+        raise typer.BadParameter(f"--values must be numbers separated by commas: {e}") from e
+    sandbox = Sandbox.for_host(allow_network=allow_network, timeout_s=timeout_s)
+    problems = humaneval_problems()[:limit]
+    settings = BenchSettings(SamplingParams(temperature), max_tokens, frame_tokens, seed)
+    models = _coding_models(strong, weak, calibration)
+    with progress_bar() as update:
+        result = run_frontier(problems, settings, sweep, models, sandbox, update)
+    plot_frontier(result, plot)
+    knob = result["knob"]
+    table = Table(
+        knob, "bits/token", "pass@1", "steered", title=f"uplimit frontier: T={temperature}"
+    )
+    for p in result["points"]:
+        table.add_row(f"{p[knob]:g}", f"{p['bits_per_token']:.3f}", f"{p['pass_at_1']:.3f}",
+                      f"{100 * p['steered_share']:.1f} %")  # fmt: skip
+    Console().print(table)
+    console.print(f"wrote {plot}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_out}")
+    if not all(r["exact_roundtrip"] for r in result["runs"]):
         raise typer.Exit(1)
 
 

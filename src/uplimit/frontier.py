@@ -89,7 +89,7 @@ def plot_frontier(result: dict, out: str | Path) -> Figure:
     ax.set_ylabel(f"HumanEval pass@1 ({result['problems']} problems)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ax.set_title("Compression-aware decoding: bits against quality")
     fig.tight_layout()
     fig.savefig(out)

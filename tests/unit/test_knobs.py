@@ -156,6 +156,12 @@ def test_knobs_are_validated_and_need_the_weak_model(tiny_strong):
             SamplingParams(**bad)
     with pytest.raises(ConfigError, match="needs the weak model"):
         _run(tiny_strong, None, SamplingParams(0.0, tie_nats=1.0))
+    from uplimit.outer.app import ApiSettings
+
+    for bad in ({"tie_nats": 10.5}, {"tilt": -0.1}, {"tilt": float("nan")}):
+        with pytest.raises(ConfigError, match=r"\[coding\]"):  # the server's defaults too
+            ApiSettings(**bad)
+    assert ApiSettings(tie_nats=2.0, tilt=0.5).tie_nats == 2.0
 
 
 def test_the_spot_check_reruns_guided_streams_with_the_weak_model(tiny_strong, tiny_weak):

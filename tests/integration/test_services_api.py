@@ -359,6 +359,7 @@ def test_compression_knobs_are_checked_served_and_reported(tiny_strong, tiny_wea
             c = s.client
             for body, param, words in (
                 ({"temperature": 0, "tie_nats": -1}, "tie_nats", "must be in [0, 10]"),
+                ({"temperature": 0, "tie_nats": -0.0}, "tie_nats", "must be in [0, 10]"),
                 ({"temperature": 0, "tie_nats": "1.0"}, "tie_nats", "valid number"),
                 ({"temperature": 0, "tie_nats": True}, "tie_nats", "valid number"),
                 ({"temperature": 0.7, "tie_nats": 1.0}, "tie_nats", "only at temperature 0"),

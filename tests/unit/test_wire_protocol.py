@@ -500,15 +500,19 @@ def test_what_the_inner_would_refuse_is_refused_before_sending(spec, reason):
     seed=st.integers(min_value=0, max_value=2**64 - 1),
     prompt=st.lists(st.integers(min_value=0, max_value=2**25), min_size=0, max_size=40),
     extra=st.binary(max_size=64),
+    knobs=st.tuples(
+        st.floats(-1, 12) | st.sampled_from([0.0, -0.0]),
+        st.floats(-0.5, 1.5) | st.sampled_from([0.0, -0.0]),
+    ),
 )
 def test_any_stream_is_refused_or_parsed_by_the_inner(
-    temperature, top_p, top_k, max_tokens, seed, prompt, extra
+    temperature, top_p, top_k, max_tokens, seed, prompt, extra, knobs
 ):
     """Whatever a request carries: either it is refused before it is sent (a client's error),
     or the inner's parser reads exactly it. Nothing in between would end the link."""
     try:
-        spec = StreamSpec(7, tuple(prompt), SamplingParams(temperature, top_p, top_k), seed,
-                          max_tokens)  # fmt: skip
+        params = SamplingParams(temperature, top_p, top_k, *knobs)
+        spec = StreamSpec(7, tuple(prompt), params, seed, max_tokens)
         data = accepted_downlink(OpenStream(spec, extra), DownlinkLimits(), 151_936)
     except (InvalidRequest, ConfigError, ProtocolError):
         return

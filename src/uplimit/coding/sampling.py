@@ -56,13 +56,14 @@ class SamplingParams:
             raise InvalidRequest(
                 f"top_k must be a non-negative integer, got {self.top_k}", param="top_k"
             )
-        if not (math.isfinite(self.tie_nats) and 0.0 <= self.tie_nats <= MAX_TIE_NATS):
+        # -0.0 is refused as well: the downlink has one encoding of "off" (`wire.protocol`).
+        if not (_non_negative(self.tie_nats) and self.tie_nats <= MAX_TIE_NATS):
             raise InvalidRequest(
                 f"tie_nats must be in [0, {MAX_TIE_NATS:g}], got {self.tie_nats}", param="tie_nats"
             )
         if self.tie_nats and not self.greedy:
             raise InvalidRequest("tie_nats applies only at temperature 0", param="tie_nats")
-        if not (math.isfinite(self.tilt) and 0.0 <= self.tilt <= 1.0):
+        if not (_non_negative(self.tilt) and self.tilt <= 1.0):
             raise InvalidRequest(f"tilt must be in [0, 1], got {self.tilt}", param="tilt")
         if self.tilt and self.greedy:
             raise InvalidRequest("tilt applies only at temperature > 0", param="tilt")
@@ -75,6 +76,11 @@ class SamplingParams:
     def guided(self) -> bool:
         """A knob is on: the emitted token depends on the weak model too (`guided_sample`)."""
         return bool(self.tie_nats or self.tilt)
+
+
+def _non_negative(x: float) -> bool:
+    """Finite, >= 0, and not -0.0."""
+    return math.isfinite(x) and x >= 0.0 and math.copysign(1.0, x) > 0.0
 
 
 def support(

@@ -73,7 +73,7 @@ def test_tilt_one_samples_the_weak_distribution_and_half_the_geometric_mean(tiny
     # the tiny weak model is too close to the strong one to tell p from q, so q is permuted.
     strong = tiny_logits[0] * np.float32(0.2)
     weak = np.random.default_rng(0).permutation(tiny_logits[1] * np.float32(0.2))
-    draws = 12_000
+    draws = 6_000
     for tilt in (1.0, 0.5):
         params = SamplingParams(1.0, tilt=tilt)
         counts = np.zeros(strong.size)

@@ -1,6 +1,7 @@
 """`uplimit bench`: what the uplink would carry for real prompts, against honest baselines.
 
-Generates with the strong model (all prompts in lock step), encodes the responses in frames
+Generates with the strong model (all prompts in lock step; with tie_nats or tilt the weak
+encoder's model guides it, `coding.generate`), encodes the responses in frames
 against one weak-model instance, decodes them with a separately loaded one, checks they are
 identical, and compares the frame bits with plain arithmetic coding under the weak model
 (the seed post's scheme) and with general-purpose compressors applied to each response on
@@ -124,6 +125,7 @@ def run_bench(
         requests,
         max_context=context,
         on_step=lambda n: report("strong model generating", n, budget),
+        weak=weak_encoder,  # read only with tie_nats or tilt
     )
     strong_s = time.perf_counter() - t0
     responses = [g.tokens for g in gens]
@@ -166,6 +168,8 @@ def run_bench(
         "plain_bits_per_token": per_token(enc_out["plain_bits"]),
         "frame_overhead": (frame_bits - enc_out["token_bits"]) / max(enc_out["token_bits"], 1e-9),
         "top1_agreement": enc_out["hits"] / n_tokens if n_tokens else 0.0,
+        # tie_nats or tilt: the share of tokens that are not the strong model's own choice
+        "steered_share": sum(g.steered for g in gens) / n_tokens if n_tokens else 0.0,
         "baselines_bits_per_token": {k: per_token(v) for k, v in base.items()},
         "exact_roundtrip": exact,
         "mismatches": enc_out["mismatches"] + dec_out["mismatches"],
@@ -304,6 +308,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("bits/token, plain weak coding", f"{r['plain_bits_per_token']:.3f}"),
         ("frame overhead / payload", f"{100 * r['frame_overhead']:.1f} %"),
         ("decoder guess = strong token", f"{100 * r['top1_agreement']:.1f} %"),
+        ("tokens steered by tie_nats / tilt", f"{100 * r['steered_share']:.1f} %"),
         ("exact round trip / mismatches", f"{r['exact_roundtrip']} / {r['mismatches']}"),
         *((f"baseline {k}", f"{v:.2f}") for k, v in r["baselines_bits_per_token"].items()),
         ("strong model tokens/s", f"{r['strong_tokens_per_s']:.1f}"),

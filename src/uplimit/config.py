@@ -10,7 +10,8 @@ checks what changes coded bytes; the rest only has to fit.
 
     [models]  strong, weak ("strong"/"weak": the pinned pair; or a GGUF file / HF directory),
               backend ("" = llama.cpp for files, HF for directories), threads, calibration
-    [coding]  frame_tokens, max_streams, max_context
+    [coding]  frame_tokens, max_streams, max_context, tie_nats, tilt (the outer's defaults
+              for compression-aware decoding)
     [link]    host, downlink_port, uplink_port, tick_s, max_latency_s, ledger,
               lifetime/per-day/per-second budget bytes (lifetime 0 = 1 % of the strong
               weights), downlink_log, downlink_log_max_bytes, downlink_log_backups,
@@ -78,6 +79,11 @@ class CodingConfig:
     frame_tokens: int = 16  # tokens per stream per frame
     max_streams: int = 16  # streams in the coding table at once (weak sessions' size)
     max_context: int = 2048  # prompt + answer, per sequence
+    # Compression-aware decoding for API requests that do not set it (the outer's API reads
+    # these, `outer.app.ApiSettings`, which checks them): tie_nats at T = 0, tilt at T > 0.
+    # 0: off, the strong model's exact output (docs/codec.md).
+    tie_nats: float = 0.0
+    tilt: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,7 @@ def run_quality(
         "tokens": bench["tokens"],
         "bits_per_token": bench["bits_per_token"],
         "payload_bits_per_token": bench["payload_bits_per_token"],
+        "steered_share": bench["steered_share"],  # tie_nats / tilt: not the strong's own tokens
         "exact_roundtrip": bench["exact_roundtrip"],
         "per_problem": per_problem,
     }

@@ -142,7 +142,7 @@ def main() -> None:
     corpus = Path(tempfile.mkdtemp(prefix=f"uplimit-fuzz-{target}-"))
     if target == "uplink":
         test_one = uplink
-        (corpus / "seed").write_bytes(b"\x00\x11abcd\x03xyz\x00\x01")
+        (corpus / "seed").write_bytes(b"\x00\x21abcd\x03xyz\x00\x01")  # protocol 2
     elif target == "downlink":
         test_one = downlink
         (corpus / "seed").write_bytes(b"\x00\x01\x00\x00\x00\x05\x01\x01a\x01b")

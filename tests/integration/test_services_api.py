@@ -21,6 +21,8 @@ from support.waiting import eventually
 from uplimit import both
 from uplimit.both import InProcess, in_process
 from uplimit.coding.calibration import Calibration
+from uplimit.coding.generate import Request, generate
+from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import InternalError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.scheduler import SchedulerConfig
@@ -65,7 +67,7 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=None,
-                admin_key=None, **config) -> AsyncIterator[Stack]:  # fmt: skip
+                admin_key=None, knobs=None, **config) -> AsyncIterator[Stack]:  # fmt: skip
     cfg = SchedulerConfig(**{"max_batch": 8, "max_context": 256, "frame_tokens": 4,
                              "reasoning": reasoning, **config})  # fmt: skip
     audit = AuditStore(tmp_path / "audit.db")
@@ -80,7 +82,7 @@ async def stack(strong, weak, tmp_path, *, budget=None, reasoning=None, api_key=
             service = OuterService(weak, pair.uplink, max_context=cfg.max_context,
                                    reasoning=reasoning)  # fmt: skip
             settings = ApiSettings(model_name=MODEL, api_key=api_key, admin_key=admin_key,
-                                   reasoning=reasoning is not None)  # fmt: skip
+                                   reasoning=reasoning is not None, **(knobs or {}))  # fmt: skip
             app = create_app(service, settings)
             server = uvicorn.Server(
                 uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
@@ -339,6 +341,53 @@ def test_bad_inputs_give_openai_errors(tiny_strong, tiny_weak, tmp_path):
             assert "top_k" in e.value.message
             r = await c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
             assert r.choices[0].message.content is not None
+
+    run(main())
+
+
+def test_compression_knobs_are_checked_served_and_reported(tiny_strong, tiny_weak, tmp_path):
+    """tie_nats / tilt per request (extra_body) and as the server's defaults: strict 400s, the
+    answer is the reference run with the weak model, and the uplimit object names the knob."""
+    prompt = tuple(tiny_strong.chat_tokens(CHAT))
+
+    def reference(params: SamplingParams, seed: int) -> list[int]:
+        [g], _ = generate(tiny_strong, [Request(prompt, params, seed, 16)], weak=tiny_weak)
+        return g.tokens
+
+    async def main():
+        async with stack(tiny_strong, tiny_weak, tmp_path, knobs={"tie_nats": 3.0}) as s:
+            c = s.client
+            for body, param, words in (
+                ({"temperature": 0, "tie_nats": -1}, "tie_nats", "must be in [0, 10]"),
+                ({"temperature": 0, "tie_nats": -0.0}, "tie_nats", "must be in [0, 10]"),
+                ({"temperature": 0, "tie_nats": "1.0"}, "tie_nats", "valid number"),
+                ({"temperature": 0, "tie_nats": True}, "tie_nats", "valid number"),
+                ({"temperature": 0.7, "tie_nats": 1.0}, "tie_nats", "only at temperature 0"),
+                ({"temperature": 0.7, "tilt": 1.5}, "tilt", "must be in [0, 1]"),
+                ({"temperature": 0, "tilt": 0.5}, "tilt", "only at temperature > 0"),
+            ):
+                with pytest.raises(openai.BadRequestError) as e:
+                    await c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4,
+                                                    extra_body=body)  # fmt: skip
+                assert e.value.param == param and words in e.value.message, body
+            for body, knob in (
+                ({"temperature": 0}, {"tie_nats": 3.0}),  # the server's default
+                ({"temperature": 0, "tie_nats": 0}, {}),  # off: the exact output
+                ({"temperature": 0.7}, {}),  # the default applies at T = 0 only
+                ({"temperature": 0.9, "tilt": 0.5}, {"tilt": 0.5}),
+            ):
+                r = await c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16,
+                                                    seed=3, extra_body=body)  # fmt: skip
+                extra = r.model_extra["uplimit"]["choices"][0]
+                assert {k: extra[k] for k in ("tie_nats", "tilt") if k in extra} == knob, body
+                params = SamplingParams(body["temperature"], **knob)
+                (rec,) = s.audit.query(request_id=r.id)
+                assert rec.uploaded == reference(params, 3), body
+            stream = await c.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=8, temperature=0, stream=True
+            )
+            last = [chunk async for chunk in stream][-1]
+            assert last.model_extra["uplimit"]["tie_nats"] == 3.0
 
     run(main())
 

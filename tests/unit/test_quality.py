@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from PIL import Image
 
 from uplimit.bench import BenchSettings
 from uplimit.coding.calibration import Calibration
@@ -102,3 +103,20 @@ def test_quality_runs_end_to_end_on_the_tiny_pair(tiny_strong, tiny_weak, sandbo
     assert all(p["outcome"] for p in result["per_problem"])
     assert result["tokens"] == sum(p["tokens"] for p in result["per_problem"]) > 0
     assert result["bits_per_token"] >= result["payload_bits_per_token"] > 0
+
+
+def test_frontier_plots_one_quality_run_per_setting(tiny_strong, tiny_weak, sandbox, tmp_path):
+    from uplimit.frontier import plot_frontier, run_frontier
+
+    settings = BenchSettings(SamplingParams(1.0), max_tokens=8, frame_tokens=4, seed=0)
+    models = (tiny_strong, tiny_weak, tiny_weak, Calibration())
+    result = run_frontier(PROBLEMS[:2], settings, [0.0, 1.0], models, sandbox)
+    assert result["knob"] == "tilt" and [p["tilt"] for p in result["points"]] == [0.0, 1.0]
+    one = run_quality(PROBLEMS[:2], BenchSettings(SamplingParams(1.0, tilt=1.0), 8, 4, 0),
+                      *models, sandbox)  # fmt: skip
+    assert result["points"][1]["bits_per_token"] == one["bits_per_token"]
+    assert result["points"][0]["steered_share"] == 0 < result["points"][1]["steered_share"]
+    fig = plot_frontier(result, tmp_path / "frontier.png")
+    line = fig.axes[0].containers[0].lines[0]  # the error bar's data line
+    assert list(line.get_xdata()) == [p["bits_per_token"] for p in result["points"]]
+    assert Image.open(tmp_path / "frontier.png").size[0] > 500

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 
 import pytest
 
 from support.scripted import ScriptedModel
 from uplimit.coding.calibration import Calibration
+from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError
 from uplimit.inner.audit import AuditStore
@@ -26,8 +28,10 @@ K = 4
 class Link:
     """Scheduler -> encoder -> bytes -> decoder, in one thread."""
 
-    def __init__(self, strong, weak, config: SchedulerConfig, audit=None, drafter=None) -> None:
-        self.sched = Scheduler(strong, config, audit=audit, drafter=drafter)
+    def __init__(
+        self, strong, weak, config: SchedulerConfig, audit=None, drafter=None, guide=None
+    ) -> None:
+        self.sched = Scheduler(strong, config, audit=audit, drafter=drafter, guide=guide)
         fc = FrameConfig(config.frame_tokens, weak.info.n_vocab, config.reasoning is not None)
         self._es = weak.session(config.max_streams, config.max_context)
         self._ds = weak.session(config.max_streams, config.max_context)
@@ -358,8 +362,9 @@ def test_a_frame_that_is_not_full_waits_for_the_deadline_and_no_longer(tiny_stro
     full.close()
 
 
-def _decoded(strong, weak, requests, drafter=None, **config):
-    link = Link(strong, weak, SchedulerConfig(frame_tokens=K, **config), drafter=drafter)
+def _decoded(strong, weak, requests, drafter=None, guide=None, **config):
+    link = Link(strong, weak, SchedulerConfig(frame_tokens=K, **config), drafter=drafter,
+                guide=guide)  # fmt: skip
     for r in requests:
         link.submit(r)
     link.run()
@@ -406,3 +411,49 @@ def test_speculation_keeps_reasoning_exact(tiny_strong, tiny_weak):
 def test_drafts_need_a_drafter(tiny_strong):
     with pytest.raises(ConfigError, match="drafter"):
         Scheduler(tiny_strong, SchedulerConfig(draft_tokens=2))
+
+
+@pytest.mark.parametrize("draft_tokens", [0, 3])
+def test_guided_streams_are_what_generation_alone_gives(tiny_strong, tiny_weak, draft_tokens):
+    """tie_nats and tilt through the scheduler (continuous batching, drafts or not, guided and
+    plain streams mixed): each stream is the reference run of `generate` with the weak model,
+    which is what the spot-check verifier re-runs."""
+    knobs = [(0.0, 3.0, 0.0), (1.0, 0.0, 0.5), (0.0, 0.0, 0.0), (0.8, 0.0, 1.0)]
+    reqs = []
+    for i, (t, tie, tilt) in enumerate(knobs):
+        r = request(tiny_strong, i, ["Hello!", "Explain recursion.", "x = [1, 2]"][i % 3], t=t,
+                    max_tokens=20)  # fmt: skip
+        spec = replace(r.spec, params=SamplingParams(t, tie_nats=tie, tilt=tilt))
+        reqs.append(GenerationRequest(spec, r.request_id))
+    drafter = tiny_weak if draft_tokens else None
+    served, _ = _decoded(tiny_strong, tiny_weak, reqs, drafter=drafter, guide=tiny_weak,
+                         max_batch=2, draft_tokens=draft_tokens)  # fmt: skip
+    steered = 0
+    for r in reqs:
+        s = r.spec
+        req = Request(s.prompt, s.params, s.seed, s.max_tokens)
+        [alone], _ = generate(tiny_strong, [req], max_context=256, weak=tiny_weak)
+        assert served[s.stream_id] == alone.tokens
+        steered += alone.steered
+    assert steered > 0
+
+
+def test_guided_streams_are_refused_without_a_guide_or_with_reasoning(tiny_strong, tiny_weak):
+    r = request(tiny_strong, 0, t=0.0)
+    spec = replace(r.spec, params=SamplingParams(0.0, tie_nats=1.0))
+    for guide, reasoning in ((None, None), (tiny_weak, ("<think>", "</think>"))):
+        link = Link(tiny_strong, tiny_weak, SchedulerConfig(frame_tokens=K, reasoning=reasoning),
+                    guide=guide)  # fmt: skip
+        refused = {}
+        decode = link.dec.decode
+
+        def record(data: bytes, decode=decode, refused=refused):
+            content, stats = decode(data)
+            refused.update(content.refused)
+            return content, stats
+
+        link.dec.decode = record
+        link.submit(GenerationRequest(spec, "req-0"))
+        link.run()
+        assert refused == {0: Refusal.INVALID} and not link.decoded
+        link.close()

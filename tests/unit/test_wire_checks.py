@@ -22,18 +22,18 @@ from uplimit.wire.checks import (
 from uplimit.wire.protocol import OpenStream, encode_downlink
 from uplimit.wire.streams import StreamSpec
 
-SPEC = StreamSpec(3, (1, 2, 300), SamplingParams(0.5, 0.9, 5), 0x0102030405060708, 50)
+SPEC = StreamSpec(3, (1, 2, 300), SamplingParams(0.5, 0.9, 5, tilt=0.25), 0x0102030405060708, 50)
 N_VOCAB = 704
 
 
 def test_the_layout_is_pinned_and_shares_open_streams_spec_fields():
     data = encode_check(CheckJob(SPEC, (7, 300), best_of=2))
-    spec_fields = "030102030405060708323fe00000000000003feccccccccccccd0503"
-    spec_fields += "0102ac02"
-    assert data.hex() == "0100000025" + spec_fields + "020207ac02"
+    spec_fields = "030102030405060708323fe00000000000003feccccccccccccd05"
+    spec_fields += "00000000000000003fd0000000000000030102ac02"  # tie_nats 0, tilt 0.25
+    assert data.hex() == "0100000035" + spec_fields + "020207ac02"
     # OPEN_STREAM's body is the same spec fields, then its extra: one layout, one codec.
-    assert encode_downlink(OpenStream(SPEC)).hex() == "0200000021" + spec_fields + "00"
-    assert CHECK_PREAMBLE == b"UPLV\x01"
+    assert encode_downlink(OpenStream(SPEC)).hex() == "0200000031" + spec_fields + "00"
+    assert CHECK_PREAMBLE == b"UPLV\x02"
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -160,12 +160,13 @@ def _message(body: bytes, kind: int = 1) -> bytes:
 def _body(**change: bytes | float) -> bytes:
     f: dict = {
         "id": b"\x03", "seed": bytes(8), "max_tokens": b"\x05", "t": 0.5, "p": 1.0,
-        "k": b"\x00", "prompt": b"\x01\x07", "best_of": b"\x01", "tokens": b"\x02\x08\x09",
+        "k": b"\x00", "tie": 0.0, "tilt": 0.0, "prompt": b"\x01\x07", "best_of": b"\x01",
+        "tokens": b"\x02\x08\x09",
     }  # fmt: skip
     f.update(change)
     return (
         f["id"] + f["seed"] + f["max_tokens"] + struct.pack(">dd", f["t"], f["p"]) + f["k"]
-        + f["prompt"] + f["best_of"] + f["tokens"]
+        + struct.pack(">dd", f["tie"], f["tilt"]) + f["prompt"] + f["best_of"] + f["tokens"]
     )  # fmt: skip
 
 
@@ -177,8 +178,8 @@ def test_the_reference_body_is_valid():
 @pytest.mark.parametrize(
     ("data", "error"),
     [
-        (b"UPLD\x01", "not version 1"),  # the downlink's preamble
-        (b"UPLV\x02", "not version 1"),
+        (b"UPLD\x02", "not version 2"),  # the downlink's preamble
+        (b"UPLV\x01", "not version 2"),
         (_message(_body(), kind=2), "unknown verifier message type 2"),
         (b"\x00", "unknown verifier message type 0"),
         (_message(_body() + b"\x00"), "1 bytes left over"),
@@ -214,7 +215,7 @@ def test_limits_are_checked_from_the_header_and_the_first_byte():
     parser.feed(CHECK_PREAMBLE)
     with pytest.raises(ProtocolError, match="101 bytes; the limit is 100"):
         parser.feed(struct.pack(">BI", 1, 101))  # no body byte needed to refuse it
-    with pytest.raises(ProtocolError, match="not version 1"):
+    with pytest.raises(ProtocolError, match="not version 2"):
         CheckParser().feed(b"X")  # refused at the first wrong byte
     with pytest.raises(ProtocolError, match="type 9"):
         CheckParser().feed(CHECK_PREAMBLE + b"\x09")

@@ -47,7 +47,7 @@ SPEC = StreamSpec(3, (1, 2, 300), SamplingParams(0.5, 0.9, 5), 0x010203040506070
 FIELDS = 3  # keys in the HELLO the uplink parsers answer
 HELLO = encode_downlink(Hello.of({"a": "1"}))
 # An accept and the ledger report that must follow it (id 0..0, total 0, not confined).
-ACCEPTED = b"\x11abcd\x13" + bytes(16) + b"\x00\x00"
+ACCEPTED = b"\x21abcd\x23" + bytes(16) + b"\x00\x00"
 
 # --- pinned layouts ---------------------------------------------------------------------------
 
@@ -62,8 +62,8 @@ ACCEPTED = b"\x11abcd\x13" + bytes(16) + b"\x00\x00"
         ),
         (
             OpenStream(SPEC, b"{}"),
-            "0200000023" "03" "0102030405060708" "32" "3fe0000000000000" "3feccccccccccccd" "05"
-            "03" "01" "02" "ac02" "02" "7b7d",
+            "0200000033" "03" "0102030405060708" "32" "3fe0000000000000" "3feccccccccccccd" "05"
+            "0000000000000000" "0000000000000000" "03" "01" "02" "ac02" "02" "7b7d",
         ),
         (Cancel(5), "0300000001" "05"),
         (Resend(300), "0400000002" "ac02"),
@@ -71,7 +71,7 @@ ACCEPTED = b"\x11abcd\x13" + bytes(16) + b"\x00\x00"
     ],
 )  # fmt: skip
 def test_downlink_bytes_are_pinned(msg, hex_bytes):
-    assert DOWNLINK_PREAMBLE == b"UPLD\x01"
+    assert DOWNLINK_PREAMBLE == b"UPLD\x02"
     assert encode_downlink(msg).hex() == hex_bytes
     first = b"" if isinstance(msg, Hello) else HELLO  # HELLO comes first
     parsed = DownlinkParser().feed(DOWNLINK_PREAMBLE + first + bytes.fromhex(hex_bytes))
@@ -81,9 +81,9 @@ def test_downlink_bytes_are_pinned(msg, hex_bytes):
 @pytest.mark.parametrize(
     ("msg", "hex_bytes"),
     [
-        (Accept(b"\xde\xad\xbe\xef"), "11deadbeef"),
-        (LedgerReport(bytes(range(16)), 300, True), "13" + bytes(range(16)).hex() + "ac02" "01"),
-        (Refuse(((0, "a"), (3, "xy"))), "12" "02" "0001" + "61" + "0302" + "7879"),
+        (Accept(b"\xde\xad\xbe\xef"), "21deadbeef"),
+        (LedgerReport(bytes(range(16)), 300, True), "23" + bytes(range(16)).hex() + "ac02" "01"),
+        (Refuse(((0, "a"), (3, "xy"))), "22" "02" "0001" + "61" + "0302" + "7879"),
         (Frame(b"\xab"), "ab"),  # frames delimit themselves: no prefix
         (Frame(bytes(200)), "00" * 200),
         # RESYNC, END's kind escape, the reason in 3 bits
@@ -298,17 +298,17 @@ def test_random_downlink_bytes_parse_canonically_or_raise_protocol_error(data, h
 @pytest.mark.parametrize(
     ("data", "error"),
     [
-        (b"\x13", "not protocol 1"),  # unknown verdict
-        (b"\x21abcd", "not protocol 1"),  # accept of protocol 2
-        (b"\x11abcd\x01\xab", "expected the ledger report after the accept"),
-        (b"\x11abcd\x13" + bytes(16) + b"\x00\x02", "only bit 0"),
-        (b"\x11abcd\x13" + bytes(16) + b"\x80\x00", "not minimally encoded"),
-        (b"\x12\x00", "names 0 fields"),
-        (b"\x12\x06", "names 6 fields"),
-        (b"\x12\x02\x01\x00\x01\x00", "out of order"),
-        (b"\x12\x01\x04\x00", "out of order or range"),
-        (b"\x12\x01\x00\x01\xff", "not UTF-8"),
-        (b"\x12\x01\x00\x01\n", "control characters"),
+        (b"\x23", "not protocol 2"),  # unknown verdict
+        (b"\x11abcd", "not protocol 2"),  # accept of protocol 1
+        (b"\x21abcd\x01\xab", "expected the ledger report after the accept"),
+        (b"\x21abcd\x23" + bytes(16) + b"\x00\x02", "only bit 0"),
+        (b"\x21abcd\x23" + bytes(16) + b"\x80\x00", "not minimally encoded"),
+        (b"\x22\x00", "names 0 fields"),
+        (b"\x22\x06", "names 6 fields"),
+        (b"\x22\x02\x01\x00\x01\x00", "out of order"),
+        (b"\x22\x01\x04\x00", "out of order or range"),
+        (b"\x22\x01\x00\x01\xff", "not UTF-8"),
+        (b"\x22\x01\x00\x01\n", "control characters"),
     ],
 )
 def test_malformed_uplink_input_is_refused(data, error):
@@ -323,12 +323,12 @@ def _message(kind: int, body: bytes) -> bytes:
 def _open_body(**change) -> bytes:
     f = {
         "id": b"\x03", "seed": bytes(8), "max_tokens": b"\x05", "t": 0.5, "p": 1.0,
-        "k": b"\x00", "prompt": b"\x01\x07", "extra": b"\x00",
+        "k": b"\x00", "tie": 0.0, "tilt": 0.0, "prompt": b"\x01\x07", "extra": b"\x00",
     }  # fmt: skip
     f.update(change)
     return (
         f["id"] + f["seed"] + f["max_tokens"] + struct.pack(">dd", f["t"], f["p"]) + f["k"]
-        + f["prompt"] + f["extra"]
+        + struct.pack(">dd", f["tie"], f["tilt"]) + f["prompt"] + f["extra"]
     )  # fmt: skip
 
 
@@ -347,6 +347,13 @@ def _open_body(**change) -> bytes:
         (_message(1, b"\x01\x01a\x02\xc3\x28"), "not UTF-8"),
         (HELLO + _message(2, _open_body(t=math.nan)), "finite"),
         (HELLO + _message(2, _open_body(t=2.5)), "temperature"),
+        (HELLO + _message(2, _open_body(tie=math.inf)), "finite"),
+        (HELLO + _message(2, _open_body(tie=-0.0)), "-0.0 included"),
+        (HELLO + _message(2, _open_body(tilt=-0.0)), "-0.0 included"),
+        (HELLO + _message(2, _open_body(tie=10.5, t=0.0)), "tie_nats must be in"),
+        (HELLO + _message(2, _open_body(tie=1.0)), "tie_nats applies only at temperature 0"),
+        (HELLO + _message(2, _open_body(tilt=1.5)), "tilt must be in"),
+        (HELLO + _message(2, _open_body(tilt=0.5, t=0.0)), "tilt applies only at temperature"),
         (HELLO + _message(2, _open_body(max_tokens=b"\x00")), "max_tokens"),
         (HELLO + _message(2, _open_body(prompt=b"\x00")), "non-empty prompt"),
         (HELLO + _message(2, _open_body(prompt=b"\x01\xc0\x05")), "prompt token exceeds 703"),
@@ -405,10 +412,10 @@ def test_a_malformed_or_out_of_order_rollout_is_refused(data, error):
     assert MAX_MODEL_BYTES == 1 << 36
 
 
-@pytest.mark.parametrize("preamble", [b"UPLD\x02", b"HTTP/1.1", b"uPLD\x01"])
+@pytest.mark.parametrize("preamble", [b"UPLD\x01", b"HTTP/1.1", b"uPLD\x02"])
 def test_a_downlink_without_the_protocol_1_preamble_is_refused_at_its_first_byte(preamble):
     parser = DownlinkParser()
-    with pytest.raises(ProtocolError, match="not protocol 1"):
+    with pytest.raises(ProtocolError, match="not protocol 2"):
         for i in range(len(preamble)):
             parser.feed(preamble[i : i + 1])
     assert i == next(i for i in range(5) if preamble[i] != DOWNLINK_PREAMBLE[i])
@@ -495,15 +502,19 @@ def test_what_the_inner_would_refuse_is_refused_before_sending(spec, reason):
     seed=st.integers(min_value=0, max_value=2**64 - 1),
     prompt=st.lists(st.integers(min_value=0, max_value=2**25), min_size=0, max_size=40),
     extra=st.binary(max_size=64),
+    knobs=st.tuples(
+        st.floats(-1, 12) | st.sampled_from([0.0, -0.0]),
+        st.floats(-0.5, 1.5) | st.sampled_from([0.0, -0.0]),
+    ),
 )
 def test_any_stream_is_refused_or_parsed_by_the_inner(
-    temperature, top_p, top_k, max_tokens, seed, prompt, extra
+    temperature, top_p, top_k, max_tokens, seed, prompt, extra, knobs
 ):
     """Whatever a request carries: either it is refused before it is sent (a client's error),
     or the inner's parser reads exactly it. Nothing in between would end the link."""
     try:
-        spec = StreamSpec(7, tuple(prompt), SamplingParams(temperature, top_p, top_k), seed,
-                          max_tokens)  # fmt: skip
+        params = SamplingParams(temperature, top_p, top_k, *knobs)
+        spec = StreamSpec(7, tuple(prompt), params, seed, max_tokens)
         data = accepted_downlink(OpenStream(spec, extra), DownlinkLimits(), 151_936)
     except (InvalidRequest, ConfigError, ProtocolError):
         return

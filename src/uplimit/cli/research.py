@@ -1,5 +1,5 @@
-"""`uplimit bench|quality|speed|calibrate|plan|load`: measurements, the coder's fit, the seed
-post's sums, and a running deployment under load."""
+"""`uplimit bench|quality|frontier|speed|calibrate|plan|load`: measurements, the coder's fit,
+the seed post's sums, and a running deployment under load."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ def bench(
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
     top_k: int = typer.Option(0, help="Keep only the k most probable tokens (0: off)."),
+    tie_nats: float = typer.Option(
+        0.0,
+        help="T=0: emit the weak model's guess when the strong logit for it is within this"
+        " many nats of the top (compression-aware; 0: exact output).",
+    ),
+    tilt: float = typer.Option(
+        0.0, help="T>0: sample from p^(1-L) q^L, L in [0, 1] (compression-aware; 0: exact)."
+    ),
     max_tokens: int = typer.Option(128, help="Tokens generated per prompt at most."),
     limit: int | None = typer.Option(None, help="Use only the first K prompts."),
     streams: int | None = typer.Option(
@@ -51,7 +59,7 @@ def bench(
             for i, p in zip(range(streams), itertools.cycle(records), strict=False)
         ]
     settings = BenchSettings(
-        SamplingParams(temperature, top_p, top_k), max_tokens, frame_tokens, seed
+        SamplingParams(temperature, top_p, top_k, tie_nats, tilt), max_tokens, frame_tokens, seed
     )
     models = _coding_models(strong, weak, calibration)
     with progress_bar() as update:
@@ -87,6 +95,14 @@ def _coding_models(strong: str, weak: str, calibration: Path | None) -> tuple:
 @app.command(rich_help_panel="Measure")
 def quality(
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    tie_nats: float = typer.Option(
+        0.0,
+        help="T=0: emit the weak model's guess when the strong logit for it is within this"
+        " many nats of the top (compression-aware; 0: exact output).",
+    ),
+    tilt: float = typer.Option(
+        0.0, help="T>0: sample from p^(1-L) q^L, L in [0, 1] (compression-aware; 0: exact)."
+    ),
     max_tokens: int = typer.Option(512, help="Tokens per answer at most."),
     limit: int | None = typer.Option(None, help="Only the first K of HumanEval's 164 problems."),
     seed: int = typer.Option(0, help="Base of the per-problem sampling seeds."),
@@ -117,7 +133,8 @@ def quality(
 
     sandbox = Sandbox.for_host(allow_network=allow_network, timeout_s=timeout_s)
     problems = humaneval_problems()[:limit]
-    settings = BenchSettings(SamplingParams(temperature), max_tokens, frame_tokens, seed)
+    params = SamplingParams(temperature, tie_nats=tie_nats, tilt=tilt)
+    settings = BenchSettings(params, max_tokens, frame_tokens, seed)
     models = _coding_models(strong, weak, calibration)
     with progress_bar() as update:
         result = run_quality(problems, settings, *models, sandbox, update)
@@ -128,12 +145,74 @@ def quality(
     table.add_row("pass@1", f"{result['pass_at_1']:.3f} (95 % interval {low:.3f}-{high:.3f})")
     table.add_row("bits/token, all-in frames", f"{result['bits_per_token']:.3f}")
     table.add_row("bits/token, payload", f"{result['payload_bits_per_token']:.3f}")
+    table.add_row("tokens steered by tie_nats / tilt", f"{100 * result['steered_share']:.1f} %")
     table.add_row("tests' network", result["sandbox"]["network"])
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {json_out}")
     if not result["exact_roundtrip"]:
+        raise typer.Exit(1)
+
+
+@app.command(rich_help_panel="Measure")
+def frontier(
+    temperature: float = typer.Option(
+        0.0, help="Sampling temperature: 0 sweeps tie_nats, above 0 sweeps tilt."
+    ),
+    values: str = typer.Option(
+        "0,0.5,1,2", help="The knob's settings, comma-separated (0: the exact mode)."
+    ),
+    limit: int | None = typer.Option(None, help="Only the first K of HumanEval's 164 problems."),
+    max_tokens: int = typer.Option(512, help="Tokens per answer at most."),
+    seed: int = typer.Option(0, help="Base of the per-problem sampling seeds."),
+    frame_tokens: int = typer.Option(16, help="Tokens per stream per frame."),
+    timeout_s: float = typer.Option(10.0, help="Each problem's tests get this long."),
+    allow_network: bool = typer.Option(
+        False, help="Run the tests even where no network namespace can be made (unsafe)."
+    ),
+    calibration: Path | None = typer.Option(
+        None, help="Calibration JSON (default: the one shipped for this model pair)."
+    ),
+    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
+    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    plot: Path = typer.Option(..., help="Write the picture here (.png or .svg)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every run here."),
+) -> None:
+    """Bits/token against pass@1: one `uplimit quality` run per setting of the knob the
+    temperature allows (tie_nats at T=0, tilt at T>0), drawn as one picture (uplimit.frontier)."""
+    import json
+
+    from uplimit.bench import BenchSettings
+    from uplimit.coding.sampling import SamplingParams
+    from uplimit.frontier import plot_frontier, run_frontier
+    from uplimit.prompts import humaneval_problems
+    from uplimit.quality import Sandbox
+
+    try:
+        sweep = [float(v) for v in values.split(",")]
+    except ValueError as e:
+        raise typer.BadParameter(f"--values must be numbers separated by commas: {e}") from e
+    sandbox = Sandbox.for_host(allow_network=allow_network, timeout_s=timeout_s)
+    problems = humaneval_problems()[:limit]
+    settings = BenchSettings(SamplingParams(temperature), max_tokens, frame_tokens, seed)
+    models = _coding_models(strong, weak, calibration)
+    with progress_bar() as update:
+        result = run_frontier(problems, settings, sweep, models, sandbox, update)
+    plot_frontier(result, plot)
+    knob = result["knob"]
+    table = Table(
+        knob, "bits/token", "pass@1", "steered", title=f"uplimit frontier: T={temperature}"
+    )
+    for p in result["points"]:
+        table.add_row(f"{p[knob]:g}", f"{p['bits_per_token']:.3f}", f"{p['pass_at_1']:.3f}",
+                      f"{100 * p['steered_share']:.1f} %")  # fmt: skip
+    Console().print(table)
+    console.print(f"wrote {plot}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_out}")
+    if not all(r["exact_roundtrip"] for r in result["runs"]):
         raise typer.Exit(1)
 
 

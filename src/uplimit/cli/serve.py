@@ -207,7 +207,7 @@ def serve_verifier_cmd(
     # The drafter is the weak model the inner started with: after a rollout, its record's.
     cfg = with_active_weak(load_config(config), "inner")
     check_reproducible(cfg)  # before minutes of loading
-    roles = ("strong", "weak") if cfg.inner.draft_tokens else ("strong",)  # weak: the drafter
+    roles = ("strong", "weak")  # weak: the drafter, and compression-aware decoding's guide
     models = load_service_models(cfg, roles)
 
     def listening(port: int) -> None:

@@ -8,6 +8,10 @@ where S is the support left by top-k then top-p (OpenAI/HF order). With Gumbel n
 an exact sample of softmax(logits / T) restricted to S. T = 0 means greedy (argmax).
 The decoder runs the same functions on the weak model's logits to guess that token.
 Every function here is deterministic for a given numpy build: both sides call them.
+
+Compression-aware decoding (opt-in, `tie_nats` and `tilt`; docs/codec.md) changes which token
+the inner emits so that the decoder's guess hits more often. The output is then no longer the
+strong model's exact output; both knobs at 0 leave `sample` untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from uplimit.errors import InternalError, InvalidRequest
 # of the top one (a comparison over the vocabulary instead of a partition); the full sort is
 # the fallback when they do not hold top_p of the mass.
 _NUCLEUS_WINDOW = 20.0
+# A strong model's top logits a few nats apart are alternatives it likes almost as much; past
+# ~10 nats (a probability ratio of 2e4) "within D nats" would mean "whatever the weak model says".
+MAX_TIE_NATS = 10.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,11 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0  # 1: off
     top_k: int = 0  # 0: off
+    # Compression-aware decoding (module doc), 0: off. At T = 0 emit the decoder's guess when
+    # the strong logit for it is within tie_nats of the strong top logit; at T > 0 sample from
+    # p^(1 - tilt) q^tilt, renormalised (p strong, q weak, both after temperature).
+    tie_nats: float = 0.0
+    tilt: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0):
@@ -44,10 +56,31 @@ class SamplingParams:
             raise InvalidRequest(
                 f"top_k must be a non-negative integer, got {self.top_k}", param="top_k"
             )
+        # -0.0 is refused as well: the downlink has one encoding of "off" (`wire.protocol`).
+        if not (_non_negative(self.tie_nats) and self.tie_nats <= MAX_TIE_NATS):
+            raise InvalidRequest(
+                f"tie_nats must be in [0, {MAX_TIE_NATS:g}], got {self.tie_nats}", param="tie_nats"
+            )
+        if self.tie_nats and not self.greedy:
+            raise InvalidRequest("tie_nats applies only at temperature 0", param="tie_nats")
+        if not (_non_negative(self.tilt) and self.tilt <= 1.0):
+            raise InvalidRequest(f"tilt must be in [0, 1], got {self.tilt}", param="tilt")
+        if self.tilt and self.greedy:
+            raise InvalidRequest("tilt applies only at temperature > 0", param="tilt")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def guided(self) -> bool:
+        """A knob is on: the emitted token depends on the weak model too (`guided_sample`)."""
+        return bool(self.tie_nats or self.tilt)
+
+
+def _non_negative(x: float) -> bool:
+    """Finite, >= 0, and not -0.0."""
+    return math.isfinite(x) and x >= 0.0 and math.copysign(1.0, x) > 0.0
 
 
 def support(
@@ -94,3 +127,35 @@ def sample(
     x = logits.astype(np.float64) / params.temperature
     winner, _, _ = noise.perturbed_argmax(x, support(logits, params))
     return winner
+
+
+def guided_sample(
+    strong_logits: npt.NDArray[np.floating],
+    weak_logits: npt.NDArray[np.floating] | None,
+    params: SamplingParams,
+    noise: PositionNoise | None,
+) -> int:
+    """The token the inner emits with the knobs on (`sample` when both are 0).
+
+    `weak_logits` must be the decoder's at this position (the weak model on the prompt and the
+    uploaded tokens) and `noise` the position's: then `sample(weak_logits, ...)` is exactly
+    the decoder's guess (`coding.codec.predict`), so tie_nats emits that guess, and tilt = 1
+    emits it too. tilt mixes logits, (1 - L) l_s + L l_w, which is p^(1-L) q^L after
+    dividing by T; top-k and top-p then apply to the mixture, and the same Gumbel noise
+    samples it, so the guess still agrees as often as the two distributions allow.
+    `weak_logits` may be None only when both knobs are 0.
+    """
+    if not params.guided:
+        return sample(strong_logits, params, noise)
+    if weak_logits is None:
+        raise InternalError("tie_nats and tilt need the weak model's logits")
+    if params.tilt:  # at tilt 1 the mixture is the weak logits exactly (0 * finite = 0)
+        mixed = (1.0 - params.tilt) * strong_logits.astype(np.float64)
+        mixed += params.tilt * weak_logits.astype(np.float64)
+        return sample(mixed, params, noise)
+    token = sample(strong_logits, params, noise)
+    if params.tie_nats:
+        guess = sample(weak_logits, params, noise)
+        if float(strong_logits[token]) - float(strong_logits[guess]) <= params.tie_nats:
+            return guess
+    return token

@@ -10,6 +10,9 @@ Everything here goes through `Session.step` (prompt in one call, then one token 
 draft is a deterministic function of the sequence, whatever else shares the weak session: the
 strong side's output, which depends on the drafts through how its evaluation is cut into calls,
 stays re-runnable (docs/serving.md, "Speculative decoding").
+
+The same twin serves compression-aware decoding (`tie_nats`, `tilt`): `follow` gives the weak
+logits after a sequence's tokens, evaluated as the decoder evaluates them.
 """
 
 from __future__ import annotations
@@ -37,30 +40,40 @@ class Drafter:
         self._seq: dict[Hashable, SeqId] = {}
         self._prompt: dict[Hashable, int] = {}  # prompt length
         self._fed: dict[Hashable, list[int]] = {}  # tokens after the prompt, as evaluated
+        self._first: dict[Hashable, Logits] = {}  # the logits after the prompt alone
 
     def start(self, key: Hashable, prompt: Sequence[int]) -> None:
-        self._seq[key], _ = self.session.prefill(prompt)
+        self._seq[key], self._first[key] = self.session.prefill(prompt)
         self._prompt[key], self._fed[key] = len(prompt), []
 
     def drop(self, key: Hashable) -> None:
         self.session.drop(self._seq.pop(key))
-        del self._prompt[key], self._fed[key]
+        del self._prompt[key], self._fed[key], self._first[key]
 
-    def propose(self, wants: Mapping[Hashable, DraftRequest]) -> dict[Hashable, list[int]]:
-        """Drafts for each sequence: the tokens the weak model guesses come next."""
+    def follow(self, histories: Mapping[Hashable, Sequence[int]]) -> dict[Hashable, Logits]:
+        """Each sequence's weak logits after its prompt and `history`: the twin is brought to
+        it first (also what compression-aware decoding reads, `coding.sampling.guided_sample`)."""
         todo: dict[Hashable, list[int]] = {}
-        for key, want in wants.items():
+        logits: dict[Hashable, Logits] = {}
+        for key, history in histories.items():
+            if not history:
+                logits[key] = self._first[key]
+                continue
             fed = self._fed[key]
             # Keep the common prefix, and re-feed at least the last token: its logits are needed.
-            keep = min(common_prefix(fed, want.history), len(want.history) - 1)
+            keep = min(common_prefix(fed, history), len(history) - 1)
             if keep < len(fed):
                 self.session.truncate(self._seq[key], self._prompt[key] + keep)
                 del fed[keep:]
-            todo[key] = list(want.history[keep:])
-        logits: dict[Hashable, Logits] = {}
+            todo[key] = list(history[keep:])
         while todo:  # catch up, one token per sequence per call
             logits |= self._feed({key: rest.pop(0) for key, rest in todo.items()})
             todo = {key: rest for key, rest in todo.items() if rest}
+        return logits
+
+    def propose(self, wants: Mapping[Hashable, DraftRequest]) -> dict[Hashable, list[int]]:
+        """Drafts for each sequence: the tokens the weak model guesses come next."""
+        logits = self.follow({key: want.history for key, want in wants.items()})
         drafts: dict[Hashable, list[int]] = {key: [] for key in wants}
         drafting = [key for key, want in wants.items() if want.count > 0]
         while drafting:

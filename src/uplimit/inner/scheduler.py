@@ -42,6 +42,14 @@ round(max_latency_s / tick_s) ticks and keeps the timing code's cheapest symbol 
 `link.budget`); a poll up to half a tick early still counts, so that scheduling jitter does
 not push the frame a tick later.
 
+Compression-aware decoding (a stream's `tie_nats` or `tilt`, `coding.sampling.guided_sample`):
+the token chosen also depends on the weak model's logits after the candidate's tokens, which a
+weak twin per candidate gives (`inner.draft.Drafter.follow`: the drafter's own twins when
+drafting, else a guide of its own, started at the first such stream). The twin evaluates
+the prompt and the tokens as the decoder does, so its guess is the decoder's. Streams that ask
+for it are refused when the inner keeps reasoning inside (the decoder's context is then the
+uploaded tokens only) or has no weak model.
+
 The scheduler's other parts live beside it: best-of scoring in `inner.scoring`, the streams
 and candidates it runs and their audit records in `inner.runs`.
 
@@ -62,7 +70,7 @@ import numpy as np
 
 from uplimit.coding.generate import Finish
 from uplimit.coding.noise import PositionNoise
-from uplimit.coding.sampling import sample
+from uplimit.coding.sampling import guided_sample, sample
 from uplimit.errors import ConfigError
 from uplimit.inner.audit import AuditStore
 from uplimit.inner.draft import Drafter, DraftRequest
@@ -131,7 +139,10 @@ class Scheduler:
         audit: AuditStore | None = None,
         clock: Callable[[], float] = time.time,
         drafter: LanguageModel | None = None,
+        guide: LanguageModel | None = None,
     ) -> None:
+        """`drafter`: the weak model for speculative drafts; `guide`: the weak model that
+        compression-aware decoding reads (module doc), the drafter's when drafting."""
         self.model = strong
         self.gauge_id: str | None = None  # names the weights in audit records (gauge/schedule.py)
         self.hold_starts = False  # set while draining for a model swap: start no candidate
@@ -147,6 +158,9 @@ class Scheduler:
             self.drafter = Drafter(
                 drafter, config.max_batch, config.max_context, config.draft_tokens
             )
+        self._guide_model = guide
+        self._guide: Drafter | None = self.drafter  # created at the first guided stream
+        self._guide_rows: dict[CandidateRun, tuple[int, Logits]] = {}  # this step's, batched
         self._lock = threading.Lock()
         self._work = threading.Event()  # set when there may be something to generate
         self._streams: dict[int, StreamRun] = {}
@@ -168,6 +182,9 @@ class Scheduler:
         """Add a stream, in the order the outer side opened it."""
         spec = request.spec
         with self._lock:
+            if spec.params.guided and (self.config.reasoning or self._guide_model is None):
+                self._add(StreamRun(request, self.clock(), final=True, refused=Refusal.INVALID))
+                return
             stream = self._add(StreamRun(request, self.clock()))
             if request.withheld_id is not None:
                 self._retrieve(stream)
@@ -273,9 +290,10 @@ class Scheduler:
                     if not c.done:
                         self._finish(c, Finish.ERROR)
                 continue
-            if self.drafter is not None:
+            guide = self._guide_for(c)
+            if guide is not None:
                 t0 = time.perf_counter()
-                self.drafter.start(c, prompt)
+                guide.start(c, prompt)
                 self.draft_seconds += time.perf_counter() - t0
             self._advance(c, [logits], [])
         with self._lock:
@@ -284,6 +302,7 @@ class Scheduler:
         for c in [c for c in starts if c.done and c.seq is not None]:
             self._free(c)
         drafts = self._draft(live)
+        self._follow([c for c in live if c.stream.request.spec.params.guided])
         chunks = {c.seq: [c.next, *drafts[c]] for c in live}
         if chunks:
             t0 = time.perf_counter()
@@ -311,6 +330,35 @@ class Scheduler:
         self.draft_seconds += time.perf_counter() - t0
         self.drafted_tokens += sum(map(len, drafts.values()))
         return {c: drafts.get(c, []) for c in live}
+
+    def _guide_for(self, c: CandidateRun) -> Drafter | None:
+        """The weak twins `c` needs: the drafter's, or for a guided stream the guide's."""
+        if self._guide is None and c.stream.request.spec.params.guided:
+            # Only submit() lets a guided stream in, and only with a guide model.
+            self._guide = Drafter(
+                self._guide_model, self.config.max_batch, self.config.max_context, 0
+            )
+        if self.drafter is not None or c.stream.request.spec.params.guided:
+            return self._guide
+        return None
+
+    def _follow(self, guided: list[CandidateRun]) -> None:
+        """The weak logits after each guided candidate's tokens, in one batched catch-up."""
+        if guided:
+            t0 = time.perf_counter()
+            rows = self._guide.follow({c: c.tokens for c in guided})
+            self.draft_seconds += time.perf_counter() - t0
+            self._guide_rows = {c: (len(c.tokens), rows[c]) for c in guided}
+
+    def _guide_logits(self, c: CandidateRun) -> Logits:
+        """The weak logits after `c`'s tokens: this step's batch, else (after a kept draft)
+        a catch-up of this one candidate."""
+        n, row = self._guide_rows.get(c, (-1, None))
+        if n != len(c.tokens):
+            t0 = time.perf_counter()
+            row = self._guide.follow({c: c.tokens})[c]
+            self.draft_seconds += time.perf_counter() - t0
+        return row
 
     def _guesser(self, c: CandidateRun) -> Callable[[Logits, int], int]:
         """A draft is the token the strong sampler would pick from the weak model's logits."""
@@ -352,8 +400,10 @@ class Scheduler:
     def _free(self, c: CandidateRun) -> None:
         if c.seq is not None:
             self.session.drop(c.seq)
-            if self.drafter is not None:
-                self.drafter.drop(c)
+            guide = self._guide_for(c)
+            if guide is not None:
+                guide.drop(c)
+            self._guide_rows.pop(c, None)
             c.seq = None
 
     def choose(self, c: CandidateRun, logits: Logits) -> tuple[int, float]:
@@ -367,7 +417,8 @@ class Scheduler:
             else:
                 seed, position = c.noise.uploaded(len(c.uploaded) + len(c.splitter.held))
             noise = PositionNoise.draw(seed, position, logits.size)
-        token = sample(logits, params, noise)
+        weak = self._guide_logits(c) if params.guided else None
+        token = guided_sample(logits, weak, params, noise)
         x = logits.astype(np.float64)
         top = x.max()
         logprob = float(x[token] - top - np.log(np.exp(x - top).sum()))
@@ -556,5 +607,5 @@ class Scheduler:
 
     def close(self) -> None:
         self.session.close()
-        if self.drafter is not None:
-            self.drafter.close()
+        if self._guide is not None:
+            self._guide.close()  # the drafter, when drafting

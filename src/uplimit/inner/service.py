@@ -59,7 +59,8 @@ class InnerService:
             config.frame_tokens, weak.info.n_vocab, withheld_counts=config.reasoning is not None
         )
         drafter = weak if config.draft_tokens else None  # its own session: see inner/draft.py
-        self.scheduler = scheduler(strong, config, audit=audit, drafter=drafter)
+        # The weak model also guides compression-aware decoding (tie_nats, tilt), its own twins.
+        self.scheduler = scheduler(strong, config, audit=audit, drafter=drafter, guide=weak)
         # With a rotation, `strong` is its current copy, swapped between steps (`step`).
         self.rotation = rotation
         if rotation is not None:
@@ -103,7 +104,9 @@ class InnerService:
         running ones finish on theirs. The service owns `weak` from here and closes it when
         its last stream has left. Speculative drafts keep the weak model the service started
         with (until a restart): output stays an exact sample of the strong model either way,
-        but which one depends on the drafter (inner/draft.py)."""
+        but which one depends on the drafter (inner/draft.py). The guide of compression-aware
+        decoding stays on it too: after a rollout its guesses are no longer quite the
+        decoder's, which costs bits, never exactness of the round trip."""
         session = weak.session(self.config.max_streams, self.config.max_context + 1)
 
         def release() -> None:

@@ -24,6 +24,8 @@ on the wire, so a served stream agrees if it is a prefix of any candidate (the c
 candidates, at most log2 N bits per stream, is not checked). Speculative decoding
 (`inner.draft_tokens` > 0) makes the output a function of the drafts too, so the re-run then
 goes through the scheduler with the inner's configuration and weak model (`Speculation`).
+Compression-aware decoding (a spec's tie_nats or tilt) makes the output a function of the weak
+model too: the re-run then needs it (`weak`), and a check without it is an error, never a pass.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def verify(
     *,
     max_context: int = 4096,
     speculation: Speculation | None = None,
+    weak: LanguageModel | None = None,
 ) -> Verdict:
     """Regenerate the stream's candidates as far as the served tokens go and compare (in this
     process): it agrees if the served tokens are a prefix of a candidate."""
@@ -89,7 +92,8 @@ def verify(
         count = 1 if spec.params.greedy else job.best_of  # as the scheduler does
         seeds = [candidate_seed(spec.seed, j) for j in range(count)]
         reqs = [Request(spec.prompt, spec.params, seed, n) for seed in seeds]
-        candidates = [g.tokens for g in generate(model, reqs, max_context=max_context)[0]]
+        gens, _ = generate(model, reqs, max_context=max_context, weak=weak)
+        candidates = [g.tokens for g in gens]
     else:
         candidates = _rerun_speculative(model, speculation, job)
     agreeing = max(common_prefix(served, c) for c in candidates)
@@ -102,7 +106,7 @@ def _rerun_speculative(strong: LanguageModel, s: Speculation, job: CheckJob) -> 
     """The candidates as the inner's scheduler generates them with drafts. The request keeps
     its max_tokens: how many drafts a step makes depends on the room left, and the drafts
     decide how the strong evaluation is cut into calls (docs/serving.md)."""
-    scheduler = Scheduler(strong, s.config, drafter=s.drafter)
+    scheduler = Scheduler(strong, s.config, drafter=s.drafter, guide=s.drafter)
     sid = job.spec.stream_id
     try:
         scheduler.submit(GenerationRequest(job.spec, "spotcheck", best_of=job.best_of))

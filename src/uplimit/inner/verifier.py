@@ -14,7 +14,9 @@ A re-run must produce what the inner generated, so the verifier refuses what it 
 reproduce: gauged serving copies (`[gauge] period_s` > 0: a copy re-gauged per period is not
 bit-identical to the master file at T > 0, docs/gauge.md) and withheld reasoning (the uploaded
 tokens are not the strong model's plain output). With speculative drafts (`[inner]
-draft_tokens` > 0) it loads the weak model and drafts exactly as the inner does.
+draft_tokens` > 0) it drafts exactly as the inner does, and streams with compression-aware
+decoding (tie_nats, tilt) it re-runs with the weak model beside the strong one, as the inner
+generated them; `serve verifier` loads the weak model for both.
 
 Metrics, in its own registry, on `metrics_host:metrics_port` when the port is set (an inner-side
 port: keep it off the outer's network)::
@@ -92,7 +94,11 @@ class Verifier:
                 )
             speculation = Speculation(weak, scheduler_config(config))
         self._check: Callable[[CheckJob], Verdict] = functools.partial(
-            verify, strong, max_context=config.coding.max_context, speculation=speculation
+            verify,
+            strong,
+            max_context=config.coding.max_context,
+            speculation=speculation,
+            weak=weak,  # for streams with tie_nats or tilt
         )
         self.config = config.verifier
         self.n_vocab = strong.info.n_vocab

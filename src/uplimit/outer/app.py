@@ -6,9 +6,11 @@ withheld reasoning; it is
 uploaded like any answer, so it is charged to the budget).
 
 Supported parameters: model, messages / prompt, temperature, top_p, max_tokens
-(max_completion_tokens), stop, seed, n, stream (+ stream_options.include_usage), and two
+(max_completion_tokens), stop, seed, n, stream (+ stream_options.include_usage), and four
 extensions: top_k, best_of (candidates generated inside per choice; only the best is
-uploaded). Parameters that would change the output but are not implemented (logprobs, tools,
+uploaded), and compression-aware decoding's tie_nats (T = 0) and tilt (T > 0), which trade
+the strong model's exact output for fewer uploaded bits (`coding.sampling`; defaults from
+[coding]). Parameters that would change the output but are not implemented (logprobs, tools,
 penalties, logit_bias, ...) are refused rather than ignored.
 
 Every 4xx and 5xx has OpenAI's shape, {"error": {"message", "type", "param", "code"}}
@@ -21,7 +23,9 @@ inner may have chosen.
 
 Each response carries an `uplimit` object: the request's seed, and per choice the uplink bits
 it cost (its share of every frame, and of that its tokens' own code: `payload_bits`), its
-tokens, and, when reasoning is kept inside, its withheld-reasoning id and withheld token count.
+tokens, when reasoning is kept inside, its withheld-reasoning id and withheld token count, and
+`tie_nats` or `tilt` with its value when one was on (the answer is then not the strong model's
+exact output).
 """
 
 from __future__ import annotations
@@ -96,6 +100,10 @@ class ApiSettings:
     # app's own 429, past which uvicorn answers a plain-text 503. Sized for clients, not for
     # requests: a client population bigger than it loses answers.
     max_connections: int = 1024
+    # Compression-aware decoding for requests that do not say ([coding] tie_nats, tilt): each
+    # applies where the temperature allows it (tie_nats at T = 0, tilt at T > 0); 0: off.
+    tie_nats: float = 0.0
+    tilt: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("api_key", "admin_key"):
@@ -110,6 +118,11 @@ class ApiSettings:
             raise ConfigError("max_requests must be >= 1")
         if self.max_connections <= self.max_requests:
             raise ConfigError("max_connections must be above max_requests")
+        try:  # the ranges a request's own values must be in
+            SamplingParams(0.0, tie_nats=self.tie_nats)
+            SamplingParams(1.0, tilt=self.tilt)
+        except InvalidRequest as e:
+            raise ConfigError(f"[coding] {e}") from e
 
     def body_cap(self, max_context: int) -> int:
         if self.max_body_bytes is not None:
@@ -146,6 +159,9 @@ class _Body(BaseModel):
     seed: int | None = None
     n: int = 1
     best_of: int | None = None
+    # Numbers only (no "1.0", no true): a knob that changes the answer is parsed strictly.
+    tie_nats: float | None = Field(default=None, strict=True)
+    tilt: float | None = Field(default=None, strict=True)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
@@ -202,11 +218,18 @@ def _check_extras(body: _Body) -> None:
             raise invalid(f"{name} is not supported by this server", name)
 
 
-def _params(body: _Body) -> SamplingParams:
-    """Raises InvalidRequest (a 400 naming the parameter) when one is out of range."""
+def _params(body: _Body, settings: ApiSettings) -> SamplingParams:
+    """Raises InvalidRequest (a 400 naming the parameter) when one is out of range, or when
+    the request asks for a knob its temperature does not allow; the server's defaults apply
+    only where they can."""
     t = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
-    return SamplingParams(t, top_p, body.top_k or 0)
+    tie_nats, tilt = body.tie_nats, body.tilt
+    if tie_nats is None:
+        tie_nats = settings.tie_nats if t == 0.0 else 0.0
+    if tilt is None:
+        tilt = settings.tilt if t != 0.0 else 0.0
+    return SamplingParams(t, top_p, body.top_k or 0, tie_nats, tilt)
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -294,7 +317,7 @@ def create_app(
     def check_common(body: _Body) -> tuple[SamplingParams, tuple[str, ...], int]:
         check_model(body.model)
         _check_extras(body)
-        params = _params(body)
+        params = _params(body, settings)
         if not 1 <= body.n <= service.max_choices:
             raise invalid(f"n must be in 1..{service.max_choices}", "n")
         best_of = body.best_of or 1
@@ -458,6 +481,11 @@ def _choice_extra(sub: Submission, index: int, f: Finished, settings: ApiSetting
     if settings.reasoning:
         extra["withheld_id"] = withheld_id(sub.request_id, sub.choices[index].stream_id)
         extra["withheld_tokens"] = f.withheld
+    params = sub.choices[index].request.spec.params
+    if params.tie_nats:  # the answer is not the strong model's exact output: say so
+        extra["tie_nats"] = params.tie_nats
+    if params.tilt:
+        extra["tilt"] = params.tilt
     return extra
 
 

@@ -134,6 +134,8 @@ async def serve_outer(
             max_body_bytes=config.outer.max_body_bytes or None,
             max_requests=config.outer.max_requests,
             max_connections=config.outer.max_connections,
+            tie_nats=coding.tie_nats,
+            tilt=coding.tilt,
         )
         app = create_app(service, settings, rollout, status, keyring)
         server = uvicorn.Server(

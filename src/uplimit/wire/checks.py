@@ -8,10 +8,11 @@ be an upload with no meter; the outer treats any byte read from it as an alarm.
 Byte layout (integers as in `wire.protocol`: `uv` = minimal unsigned LEB128, `u64` 8 bytes
 big-endian, `f64` IEEE 754 big-endian)::
 
-    preamble   "UPLV" version:u8 (= 1)
+    preamble   "UPLV" version:u8 (= 2; 2: the spec carries tie_nats and tilt)
     message    type:u8 length:u32be body[length]           length <= max_message_bytes
     CHECK        1   uv stream_id, u64 seed, uv max_tokens, f64 temperature, f64 top_p,
-                     uv top_k, uv n, n x uv token          the stream's spec, as OPEN_STREAM
+                     uv top_k, f64 tie_nats, f64 tilt,
+                     uv n, n x uv token                    the stream's spec, as OPEN_STREAM
                                                            sent it down
                      uv best_of                            1..16, as OPEN_STREAM's options said
                      uv m, m x uv token                    1 <= m <= max_tokens: every token
@@ -48,7 +49,7 @@ __all__ = [
     "pick",
 ]
 
-CHECK_VERSION = 1
+CHECK_VERSION = 2  # 2: the spec's tie_nats and tilt (wire.protocol)
 CHECK_PREAMBLE = b"UPLV" + bytes([CHECK_VERSION])
 _CHECK = 1
 _HEADER = 5  # type:u8 length:u32be
@@ -128,7 +129,9 @@ class CheckParser(Parser):
         if self.state is ParserState.START:
             n = len(CHECK_PREAMBLE)
             if buf[:n] != CHECK_PREAMBLE[: len(buf)]:
-                raise ProtocolError(f"verifier preamble {bytes(buf[:n])!r} is not version 1")
+                raise ProtocolError(
+                    f"verifier preamble {bytes(buf[:n])!r} is not version {CHECK_VERSION}"
+                )
             if len(buf) < n:
                 return None
             self.state = ParserState.OPEN

@@ -11,12 +11,14 @@ upload that bypassed the meter.
 Downlink byte layout (integers: `uv` = unsigned LEB128 varint, minimal encoding only;
 `u64` = 8 bytes big-endian; `f64` = IEEE 754 double, big-endian)::
 
-    preamble   "UPLD" version:u8 (= 1)
+    preamble   "UPLD" version:u8 (= 2; 2: OPEN_STREAM carries tie_nats and tilt)
     message    type:u8 length:u32be body[length]         length <= max_message_bytes
     HELLO        1   uv n, then n x (uv len, key, uv len, value)   keys sorted, unique;
                      the outer's codec fingerprint; first message, exactly once
     OPEN_STREAM  2   uv stream_id, u64 seed, uv max_tokens, f64 temperature, f64 top_p,
-                     uv top_k, uv n, n x uv token, uv m, extra[m]
+                     uv top_k, f64 tie_nats, f64 tilt, uv n, n x uv token, uv m, extra[m]
+                     (tie_nats, tilt: compression-aware decoding, `coding.sampling`; 0 = off,
+                     never -0.0, and only one of them non-zero, as the temperature allows)
                      (extra: what the inner's services need besides the coding spec, e.g.
                      a request id, stop sequences, best-of; opaque to the link);
                      stream ids increase from one OPEN_STREAM to the next (`wire.streams`)
@@ -32,14 +34,14 @@ Downlink byte layout (integers: `uv` = unsigned LEB128 varint, minimal encoding 
 
 Uplink byte layout, as small as it can be, since every byte is budgeted::
 
-    verdict    0x11 digest[4]                       accept, protocol 1: the first 4 bytes of
+    verdict    0x21 digest[4]                       accept, protocol 2: the first 4 bytes of
                                                     the sha256 of the inner's fingerprint
-             | 0x12 n:u8 n x (index:u8 len:u8 value[len])
-                                                    refuse, protocol 1: the fields that differ,
+             | 0x22 n:u8 n x (index:u8 len:u8 value[len])
+                                                    refuse, protocol 2: the fields that differ,
                                                     by index into the outer's sorted HELLO keys,
                                                     with the inner's value (index = number of
                                                     keys: names of fields only the inner has)
-    ledger     0x13 ledger_id[16] uv charged flags:u8    right after an accept, exactly once:
+    ledger     0x23 ledger_id[16] uv charged flags:u8    right after an accept, exactly once:
                                                     the inner's ledger id and lifetime total
                                                     (charged before this message); flags bit 0:
                                                     the inner claims to run confined (others 0)
@@ -131,7 +133,7 @@ __all__ = [
     "read_spec",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: OPEN_STREAM's tie_nats and tilt
 DOWNLINK_PREAMBLE = b"UPLD" + bytes([PROTOCOL_VERSION])
 _ACCEPT = PROTOCOL_VERSION << 4 | 1
 _REFUSE = PROTOCOL_VERSION << 4 | 2
@@ -319,6 +321,7 @@ def encode_spec(spec: StreamSpec) -> bytes:
             uvarint(spec.max_tokens),
             struct.pack(">dd", p.temperature, p.top_p),
             uvarint(p.top_k),
+            struct.pack(">dd", p.tie_nats, p.tilt),
             uvarint(len(spec.prompt)),
             *map(uvarint, spec.prompt),
         ]
@@ -412,13 +415,16 @@ def read_spec(c: Cursor, n_vocab: int | None) -> StreamSpec:
     max_tokens = c.uvarint(MAX_STREAM_TOKENS, "max_tokens")
     temperature, top_p = struct.unpack(">dd", c.take(16))
     top_k = c.uvarint(MAX_TOP_K, "top_k")
+    tie_nats, tilt = struct.unpack(">dd", c.take(16))
     n = c.uvarint(MAX_PROMPT_TOKENS, "prompt length")
     token_limit = (n_vocab or 1 << 32) - 1
     prompt = tuple(c.uvarint(token_limit, "prompt token") for _ in range(n))
-    if not (math.isfinite(temperature) and math.isfinite(top_p)):
+    if not all(map(math.isfinite, (temperature, top_p, tie_nats, tilt))):
         raise ProtocolError(f"{c.what}: sampling parameters must be finite")
+    if math.copysign(1.0, tie_nats) < 0 or math.copysign(1.0, tilt) < 0:
+        raise ProtocolError(f"{c.what}: tie_nats and tilt are never negative, -0.0 included")
     try:
-        params = SamplingParams(temperature, top_p, top_k)
+        params = SamplingParams(temperature, top_p, top_k, tie_nats, tilt)
         return StreamSpec(stream_id, prompt, params, seed, max_tokens)
     except InvalidRequest as e:
         raise ProtocolError(f"{c.what}: {e}") from e
@@ -460,7 +466,9 @@ class DownlinkParser(Parser):
         if self.state is ParserState.START:
             n = len(DOWNLINK_PREAMBLE)
             if buf[:n] != DOWNLINK_PREAMBLE[: len(buf)]:
-                raise ProtocolError(f"downlink preamble {bytes(buf[:n])!r} is not protocol 1")
+                raise ProtocolError(
+                    f"downlink preamble {bytes(buf[:n])!r} is not protocol {PROTOCOL_VERSION}"
+                )
             if len(buf) < n:
                 return None
             self.state = ParserState.FIRST
@@ -587,7 +595,9 @@ class UplinkParser(Parser):
                 return Accept(bytes(buf[1 : 1 + DIGEST_BYTES])), 1 + DIGEST_BYTES
             if buf[0] == _REFUSE:
                 return self._refusal(buf)
-            raise ProtocolError(f"uplink verdict byte {buf[0]:#04x} is not protocol 1")
+            raise ProtocolError(
+                f"uplink verdict byte {buf[0]:#04x} is not protocol {PROTOCOL_VERSION}"
+            )
         return FrameBytes(bytes(buf)), len(buf)
 
     def _ledger_report(self, buf: bytearray) -> tuple[LedgerReport, int] | None:

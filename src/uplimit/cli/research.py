@@ -11,6 +11,29 @@ from rich.table import Table
 
 from uplimit.cli.common import app, console, counter_bar, progress_bar
 
+# Options several measurements share.
+_TIE_NATS = typer.Option(
+    0.0,
+    help="T=0: emit the weak model's guess when the strong logit for it is within this"
+    " many nats of the top (compression-aware; 0: exact output).",
+)
+_TILT = typer.Option(
+    0.0, help="T>0: sample from p^(1-L) q^L, L in [0, 1] (compression-aware; 0: exact)."
+)
+_CALIBRATION = typer.Option(
+    None, help="Calibration JSON (default: the one shipped for this model pair)."
+)
+_STRONG = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir.")
+_WEAK = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir.")
+_FRAME_TOKENS = typer.Option(16, help="Tokens per stream per frame.")
+_PROBLEMS = typer.Option(None, help="Only the first K of HumanEval's 164 problems.")
+_ANSWER_TOKENS = typer.Option(512, help="Tokens per answer at most.")
+_PROBLEM_SEED = typer.Option(0, help="Base of the per-problem sampling seeds.")
+_TEST_TIMEOUT = typer.Option(10.0, help="Each problem's tests get this long.")
+_ALLOW_NETWORK = typer.Option(
+    False, help="Run the tests even where no network namespace can be made (unsafe)."
+)
+
 
 @app.command(rich_help_panel="Measure")
 def bench(
@@ -18,26 +41,18 @@ def bench(
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
     top_k: int = typer.Option(0, help="Keep only the k most probable tokens (0: off)."),
-    tie_nats: float = typer.Option(
-        0.0,
-        help="T=0: emit the weak model's guess when the strong logit for it is within this"
-        " many nats of the top (compression-aware; 0: exact output).",
-    ),
-    tilt: float = typer.Option(
-        0.0, help="T>0: sample from p^(1-L) q^L, L in [0, 1] (compression-aware; 0: exact)."
-    ),
+    tie_nats: float = _TIE_NATS,
+    tilt: float = _TILT,
     max_tokens: int = typer.Option(128, help="Tokens generated per prompt at most."),
     limit: int | None = typer.Option(None, help="Use only the first K prompts."),
     streams: int | None = typer.Option(
         None, help="Run this many concurrent streams, cycling through the prompts (new seeds)."
     ),
-    frame_tokens: int = typer.Option(16, help="Tokens per stream per frame."),
+    frame_tokens: int = _FRAME_TOKENS,
     seed: int = typer.Option(0, help="Base of the per-prompt sampling seeds."),
-    calibration: Path | None = typer.Option(
-        None, help="Calibration JSON (default: the one shipped for this model pair)."
-    ),
-    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
-    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    calibration: Path | None = _CALIBRATION,
+    strong: str = _STRONG,
+    weak: str = _WEAK,
     json_out: Path | None = typer.Option(None, "--json", help="Write the full result here."),
 ) -> None:
     """Generate with the strong model, code the responses in frames, decode, compare.
@@ -95,27 +110,17 @@ def _coding_models(strong: str, weak: str, calibration: Path | None) -> tuple:
 @app.command(rich_help_panel="Measure")
 def quality(
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
-    tie_nats: float = typer.Option(
-        0.0,
-        help="T=0: emit the weak model's guess when the strong logit for it is within this"
-        " many nats of the top (compression-aware; 0: exact output).",
-    ),
-    tilt: float = typer.Option(
-        0.0, help="T>0: sample from p^(1-L) q^L, L in [0, 1] (compression-aware; 0: exact)."
-    ),
-    max_tokens: int = typer.Option(512, help="Tokens per answer at most."),
-    limit: int | None = typer.Option(None, help="Only the first K of HumanEval's 164 problems."),
-    seed: int = typer.Option(0, help="Base of the per-problem sampling seeds."),
-    frame_tokens: int = typer.Option(16, help="Tokens per stream per frame."),
-    timeout_s: float = typer.Option(10.0, help="Each problem's tests get this long."),
-    allow_network: bool = typer.Option(
-        False, help="Run the tests even where no network namespace can be made (unsafe)."
-    ),
-    calibration: Path | None = typer.Option(
-        None, help="Calibration JSON (default: the one shipped for this model pair)."
-    ),
-    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
-    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    tie_nats: float = _TIE_NATS,
+    tilt: float = _TILT,
+    max_tokens: int = _ANSWER_TOKENS,
+    limit: int | None = _PROBLEMS,
+    seed: int = _PROBLEM_SEED,
+    frame_tokens: int = _FRAME_TOKENS,
+    timeout_s: float = _TEST_TIMEOUT,
+    allow_network: bool = _ALLOW_NETWORK,
+    calibration: Path | None = _CALIBRATION,
+    strong: str = _STRONG,
+    weak: str = _WEAK,
     json_out: Path | None = typer.Option(None, "--json", help="Write the full result here."),
 ) -> None:
     """HumanEval through the strong model as served: pass@1 and the answers' bits/token.
@@ -163,19 +168,15 @@ def frontier(
     values: str = typer.Option(
         "0,0.5,1,2", help="The knob's settings, comma-separated (0: the exact mode)."
     ),
-    limit: int | None = typer.Option(None, help="Only the first K of HumanEval's 164 problems."),
-    max_tokens: int = typer.Option(512, help="Tokens per answer at most."),
-    seed: int = typer.Option(0, help="Base of the per-problem sampling seeds."),
-    frame_tokens: int = typer.Option(16, help="Tokens per stream per frame."),
-    timeout_s: float = typer.Option(10.0, help="Each problem's tests get this long."),
-    allow_network: bool = typer.Option(
-        False, help="Run the tests even where no network namespace can be made (unsafe)."
-    ),
-    calibration: Path | None = typer.Option(
-        None, help="Calibration JSON (default: the one shipped for this model pair)."
-    ),
-    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
-    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    limit: int | None = _PROBLEMS,
+    max_tokens: int = _ANSWER_TOKENS,
+    seed: int = _PROBLEM_SEED,
+    frame_tokens: int = _FRAME_TOKENS,
+    timeout_s: float = _TEST_TIMEOUT,
+    allow_network: bool = _ALLOW_NETWORK,
+    calibration: Path | None = _CALIBRATION,
+    strong: str = _STRONG,
+    weak: str = _WEAK,
     plot: Path = typer.Option(..., help="Write the picture here (.png or .svg)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write every run here."),
 ) -> None:
@@ -226,8 +227,8 @@ def speed(
     draft_tokens: int = typer.Option(4, help="Weak-model drafts per step in the speculative runs."),
     rounds: int = typer.Option(2, help="Each round runs both modes, in alternating order."),
     seed: int = typer.Option(0, help="Base of the per-prompt sampling seeds."),
-    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
-    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    strong: str = _STRONG,
+    weak: str = _WEAK,
     json_out: Path | None = typer.Option(None, "--json", help="Write the full result here."),
 ) -> None:
     """Inner generation throughput with and without the weak model as speculative drafter."""
@@ -272,8 +273,8 @@ def calibrate(
     temperatures: str = typer.Option("0,0.7,1.0", help="Comma-separated; 0 is greedy."),
     max_tokens: int = typer.Option(128, help="Tokens per answer."),
     seed: int = typer.Option(1, help="Sampling seed base and prompt-selection seed."),
-    strong: str = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir."),
-    weak: str = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir."),
+    strong: str = _STRONG,
+    weak: str = _WEAK,
     prompts_file: Path | None = typer.Option(
         None,
         "--prompts",

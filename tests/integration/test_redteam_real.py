@@ -9,13 +9,17 @@ import os
 
 import pytest
 
+from support.marks import slow
 from uplimit.coding.calibration import for_pair
 from uplimit.inner.spotcheck import SpotChecker
 from uplimit.models.loading import resolve
 from uplimit.redteam.attacks import StegoAttack, honest
 from uplimit.redteam.live import Live, LiveSettings, Pair
 
-pytestmark = pytest.mark.real
+pytestmark = [
+    pytest.mark.real,
+    slow("the real pair's spot check, 20 s; the tiny pair's cover its path in make test"),
+]
 
 PROMPTS = ("Write a Python function that checks whether a number is prime.", "What is a mutex?")
 

@@ -264,6 +264,7 @@ def test_relay_budget_exhausted_ends_the_outer_link_and_the_relay_still_serves_i
         procs.stop_all()
 
 
+@slow("a second outer on the same relay, 20 s")
 def test_an_outer_restart_finds_the_relay_again(tiny_pair_dirs, tiny_strong, tmp_path):
     # release "tick": the outer's text streams as the relay decodes it, and is still exact.
     tiers = Tiers(tmp_path, tiny_models(tiny_pair_dirs), {"release": "tick"})

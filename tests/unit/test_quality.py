@@ -92,6 +92,15 @@ def test_wilson_interval():
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
+def test_the_wilson_interval_holds_its_own_estimate():
+    """Rounding put the top of 10/10's interval at 1 - 2**-53, and the frontier's error bar
+    below its point was negative (matplotlib refused the picture after the runs)."""
+    for n in range(1, 200):
+        for passed in range(n + 1):
+            low, high = wilson_interval(passed, n)
+            assert 0.0 <= low <= passed / n <= high <= 1.0, (passed, n, low, high)
+
+
 def test_quality_runs_end_to_end_on_the_tiny_pair(tiny_strong, tiny_weak, sandbox):
     settings = BenchSettings(SamplingParams(0.0), max_tokens=8, frame_tokens=4, seed=0)
     calibration = Calibration()

@@ -200,6 +200,9 @@ def frontier(
     models = _coding_models(strong, weak, calibration)
     with progress_bar() as update:
         result = run_frontier(problems, settings, sweep, models, sandbox, update)
+    if json_out:  # first: the runs are the costly part, the picture can be drawn again
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_out}")
     plot_frontier(result, plot)
     knob = result["knob"]
     table = Table(
@@ -210,9 +213,6 @@ def frontier(
                       f"{100 * p['steered_share']:.1f} %")  # fmt: skip
     Console().print(table)
     console.print(f"wrote {plot}")
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {json_out}")
     if not all(r["exact_roundtrip"] for r in result["runs"]):
         raise typer.Exit(1)
 

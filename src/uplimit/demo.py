@@ -5,7 +5,9 @@
 
 As root with nftables, `uplimit serve inner` confines itself (`inner.confine`: its own network
 namespace behind the kernel quota, an unprivileged user, charge-only access to the ledger);
-otherwise it runs `--unconfined` on loopback (with its ALARM line in inner.log). Everything
+otherwise, or when that user cannot run this checkout (`link.confine.confinable`, e.g. one
+under a 0700 directory), it runs `--unconfined` on loopback (with its ALARM line in inner.log)
+and says why at the start. Everything
 lives in a fresh directory (config, ledger, audit store, logs, hard links to the model pair
 that the inner's user can read), so the budget used is this run's. The client sends a fixed
 set of prompts at T = 0 and T = 0.7, streaming, and shows each answer with its tokens, uplink
@@ -46,7 +48,8 @@ from uplimit.errors import BackendError
 from uplimit.link.agreement import read_meters
 from uplimit.link.auth import create_secret
 from uplimit.link.budget import Budgets
-from uplimit.link.kernel import KernelMeter, KernelReading, available
+from uplimit.link.confine import confinable
+from uplimit.link.kernel import KernelMeter, KernelReading
 from uplimit.link.ledger import LedgerState, init_ledger
 from uplimit.load import LoadResult, LoadSettings, run_load
 from uplimit.models import store
@@ -299,7 +302,7 @@ def run_service_demo(
     budget = Budgets.default_for(weights).lifetime_bytes
     workdir = Path(tempfile.mkdtemp(prefix="uplimit-demo-"))
     workdir.chmod(0o755)  # the confined inner's user reads its config and the models here
-    can = available()
+    can = confinable()  # the kernel meter, and nobody (the default user) runs this code
     meter = f"demo{os.getpid() % 100000}"
     where = (
         "the inner confined in its own network namespace behind the kernel quota, as an"

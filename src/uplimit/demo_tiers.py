@@ -50,7 +50,8 @@ from uplimit.demo import (
 from uplimit.errors import BackendError
 from uplimit.link.auth import create_secret
 from uplimit.link.budget import Budgets
-from uplimit.link.kernel import KernelMeter, KernelReading, available
+from uplimit.link.confine import confinable
+from uplimit.link.kernel import KernelMeter, KernelReading
 from uplimit.link.ledger import LedgerState, init_ledger
 from uplimit.models import store
 
@@ -164,7 +165,7 @@ def run_tiers_demo(console: Console, *, max_tokens: int = 96, json_out: Path | N
     budget = Budgets.default_for(strong.path.stat().st_size).lifetime_bytes
     workdir = Path(tempfile.mkdtemp(prefix="uplimit-tiers-"))
     workdir.chmod(0o755)  # the confined inner's user reads its config and the models here
-    can = available()
+    can = confinable()  # the kernel meter, and nobody (the default user) runs this code
     meters = {"inner->relay": f"tiers{os.getpid() % 100000}",
               "relay->outer": f"relay{os.getpid() % 100000}"}  # fmt: skip
     where = (

@@ -227,3 +227,9 @@ def test_code_the_inner_user_cannot_read_is_refused_before_the_child_starts(worl
     assert refused.returncode == 2, out
     assert "the inner's user cannot run" in out
     assert f"with {private.resolve()}/uplimit/__init__.py (it imports /" in out
+    # The demos ask the same question first, and serve unconfined (saying why) instead.
+    asked = subprocess.run(
+        [sys.executable, "-c", "from uplimit.link.confine import confinable; print(confinable())"],
+        env=env, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert "ok=False" in asked.stdout and "cannot run" in asked.stdout, asked.stdout

@@ -44,7 +44,7 @@ from typing import Any
 import uplimit
 from uplimit.errors import ConfigError, KernelMeterError
 from uplimit.link.charge_service import ChargeService
-from uplimit.link.kernel import KernelMeter, available
+from uplimit.link.kernel import Availability, KernelMeter, available
 from uplimit.link.ledger import Ledger
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
     "Launch",
     "check_access",
     "check_confined",
+    "check_runnable",
+    "confinable",
     "give",
     "kernel_quota_bytes",
     "places",
@@ -141,7 +143,7 @@ def probe(user: tuple[int, int], test: str, path: Path) -> bool:
     return done.returncode == 0
 
 
-def _check_runnable(user: tuple[int, int], side: str) -> None:
+def check_runnable(user: tuple[int, int], side: str) -> None:
     """The user must be able to run this interpreter and import this very code: a checkout
     under a directory it cannot enter (e.g. a 0700 one, as `mktemp -d` makes) fails here, with
     a message, rather than inside the namespace (an ImportError, or another copy imported)."""
@@ -161,12 +163,26 @@ def _check_runnable(user: tuple[int, int], side: str) -> None:
     )
 
 
+def confinable(user: str = "nobody") -> Availability:
+    """Whether this process can confine a side as `user` here: the kernel meter, and the
+    user's access to this very code (the demos choose confined or unconfined by it)."""
+    can = available()
+    if not can.ok:
+        return can
+    try:
+        account = unprivileged(user, "the confined side's user")
+        check_runnable((account.pw_uid, account.pw_gid), "confined side")
+    except ConfigError as e:
+        return Availability(False, str(e))
+    return can
+
+
 def check_access(
     user: tuple[int, int], side: str, *, unwritable: list[Path], readable: list[Path]
 ) -> None:
     """As the user: it must run this code (the interpreter, the virtualenv, the checkout), and,
     by probing with `test`, must not write `unwritable` and must read `readable`."""
-    _check_runnable(user, side)
+    check_runnable(user, side)
     for path in unwritable:
         if probe(user, "-w", path):
             raise ConfigError(f"the {side}'s user can write {path}: it must not (docs/security.md)")

@@ -100,8 +100,8 @@ def _config(
     are the outer/ directory's: the three-tier demo's relay is this file's outer)."""
     path, port = workdir / "uplimit.toml", _free_port()
     secret = create_secret(workdir / "link.secret")
-    (workdir / "ledger").mkdir()
-    (workdir / "outer").mkdir()
+    for files in ("ledger", "inner", "outer"):  # a confined side's launcher takes its own over
+        (workdir / files).mkdir()
     path.write_text(
         f"""[models]
 strong = "{models[0]}"

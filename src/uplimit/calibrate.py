@@ -2,23 +2,23 @@
 
 For each temperature, the strong model answers the training prompts; the weak model is run
 along every answer, one token per step as the codec runs it; at every position we record
-the decoder's view: its guess's margin, whether the guess hit, and on a miss the cost of the
-true token under each candidate miss scale. Then `Calibration` gets, per regime (T = 0 and
-T > 0), the hit probability as a monotone step function of the margin and the miss scale
-with the lowest total cost. Fitting is in floating point: only its output, a JSON file of
-integers and a few floats, must be identical on both sides.
+the decoder's view: its guess's features (`coding.calibration.Features`), whether the guess
+hit, and on a miss the cost of the true token under each candidate miss scale. Then
+`Calibration` gets, per regime (T = 0 and T > 0), the hit model fitted by logistic
+regression and the miss scale with the lowest total cost. Fitting is in floating point: only
+its output, a JSON file of integers and a few floats, must be identical on both sides.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from uplimit.coding.calibration import Calibration, fit_flag
-from uplimit.coding.codec import StepContext, predict
+from uplimit.coding.calibration import Calibration, Features, fit_hit_model
+from uplimit.coding.codec import Prediction, StepContext, predict
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
 from uplimit.models.base import LanguageModel
@@ -32,12 +32,12 @@ MISS_SCALES = tuple(round(0.2 * 1.2**i, 4) for i in range(16))  # 0.2 .. 3.1
 class Observations:
     """The decoder's view at every position of the training answers, for one regime."""
 
-    margins: list[float] = field(default_factory=list)
+    features: list[Features] = field(default_factory=list)
     hits: list[bool] = field(default_factory=list)
     miss_costs: list[np.ndarray] = field(default_factory=list)  # bits per MISS_SCALES entry
 
-    def add(self, margin: float, hit: bool, miss_cost: np.ndarray | None) -> None:
-        self.margins.append(margin)
+    def add(self, features: Features, hit: bool, miss_cost: np.ndarray | None) -> None:
+        self.features.append(features)
         self.hits.append(hit)
         if miss_cost is not None:
             self.miss_costs.append(miss_cost)
@@ -55,7 +55,21 @@ def miss_costs(scores: np.ndarray, guess: int, token: int) -> np.ndarray:
     return out
 
 
-def observe(
+@dataclass(frozen=True)
+class Position:
+    """One position of one training answer, as the decoder sees it before the token."""
+
+    answer: int  # index of the prompt
+    context: tuple[int, ...]  # the prompt and the answer's tokens before this one
+    prediction: Prediction
+    token: int  # the strong model's token
+
+    @property
+    def hit(self) -> bool:
+        return self.token == self.prediction.guess
+
+
+def walk(
     strong: LanguageModel,
     weak: LanguageModel,
     prompts: Sequence[Prompt],
@@ -63,7 +77,11 @@ def observe(
     max_tokens: int,
     seed: int,
     progress: Progress,
-) -> Observations:
+) -> Iterator[Position]:
+    """The strong model answers `prompts`; then the weak model runs along every answer one
+    token per step, as the codec runs it, and each position is yielded with the decoder's
+    prediction (under uninformed defaults: the guess and its features do not depend on the
+    calibration)."""
     requests = [
         Request(tuple(strong.chat_tokens(p.messages)), params, seed + i, max_tokens)
         for i, p in enumerate(prompts)
@@ -76,8 +94,8 @@ def observe(
         max_context=context,
         on_step=lambda n: progress(f"{label}: strong answers", n, len(requests) * max_tokens),
     )
-    obs = Observations()
-    neutral = Calibration()  # the guess and margin do not depend on the calibration
+    neutral = Calibration()
+    total = sum(len(g.tokens) for g in gens)
     with weak.session(len(requests), context) as session:
         live = {}
         for i, r in enumerate(requests):
@@ -89,16 +107,14 @@ def observe(
             feed = {}
             for i, (seq, logits) in list(live.items()):
                 tokens = gens[i].tokens
-                token = tokens[position]
                 ctx = StepContext(params, requests[i].seed, position)
-                pred = predict(logits, ctx, neutral)
-                hit = token == pred.guess
-                obs.add(
-                    pred.margin, hit, None if hit else miss_costs(pred.scores, pred.guess, token)
+                prediction = predict(logits, ctx, neutral)
+                yield Position(
+                    i, requests[i].prompt + tuple(tokens[:position]), prediction, tokens[position]
                 )
                 done += 1
                 if position + 1 < len(tokens):
-                    feed[seq] = token
+                    feed[seq] = tokens[position]
                 else:
                     del live[i]
                     session.drop(seq)
@@ -107,7 +123,24 @@ def observe(
                 for i, (seq, _) in list(live.items()):
                     live[i] = (seq, out[seq])
             position += 1
-            progress(f"{label}: weak model's view", done, sum(len(g.tokens) for g in gens))
+            progress(f"{label}: weak model's view", done, total)
+
+
+def observe(
+    strong: LanguageModel,
+    weak: LanguageModel,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
+    max_tokens: int,
+    seed: int,
+    progress: Progress,
+) -> Observations:
+    obs = Observations()
+    for at in walk(strong, weak, prompts, params, max_tokens, seed, progress):
+        pred = at.prediction
+        obs.add(
+            pred.features, at.hit, None if at.hit else miss_costs(pred.scores, pred.guess, at.token)
+        )
     return obs
 
 
@@ -135,7 +168,7 @@ def observe_regimes(
         obs = observe(strong, weak, prompts, SamplingParams(temperature=t), max_tokens, seed,
                       progress)  # fmt: skip
         target = greedy if t == 0 else sampled
-        target.margins += obs.margins
+        target.features += obs.features
         target.hits += obs.hits
         target.miss_costs += obs.miss_costs
     return greedy, sampled
@@ -144,26 +177,26 @@ def observe_regimes(
 def fit(
     greedy: Observations, sampled: Observations, note: str
 ) -> tuple[Calibration, list[FitReport]]:
-    flags, scales, reports = {}, {}, []
+    models, scales, reports = {}, {}, []
     for regime, obs in (("greedy", greedy), ("sampled", sampled)):
-        flag = fit_flag(obs.margins, obs.hits)
+        model = fit_hit_model(obs.features, obs.hits)
         totals = np.sum(obs.miss_costs, axis=0) if obs.miss_costs else np.zeros(len(MISS_SCALES))
         best = int(np.argmin(totals))
         flag_bits = sum(
             -math.log2((c if h else 65536 - c) / 65536)
-            for m, h in zip(obs.margins, obs.hits, strict=True)
-            for c in (flag.hit_count(m),)
+            for f, h in zip(obs.features, obs.hits, strict=True)
+            for c in (model.hit_count(f),)
         )
         n = len(obs.hits)
-        flags[regime], scales[regime] = flag, MISS_SCALES[best]
+        models[regime], scales[regime] = model, MISS_SCALES[best]
         reports.append(
             FitReport(regime, n, sum(obs.hits) / max(n, 1), MISS_SCALES[best],
                       (flag_bits + float(totals[best])) / max(n, 1))
         )  # fmt: skip
     calibration = Calibration(
-        greedy_flag=flags["greedy"],
+        greedy_hits=models["greedy"],
         greedy_miss_scale=scales["greedy"],
-        sampled_flag=flags["sampled"],
+        sampled_hits=models["sampled"],
         sampled_miss_scale=scales["sampled"],
         note=note,
     )

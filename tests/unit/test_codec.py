@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uplimit.coding.arith import ArithmeticDecoder, ArithmeticEncoder
-from uplimit.coding.calibration import Calibration, FlagModel, fit_flag
-from uplimit.coding.codec import StepContext, decode_token, encode_token, predict
+from uplimit.coding.calibration import (
+    LOG_ODDS_UNIT,
+    Calibration,
+    Features,
+    Steps,
+    fit_hit_model,
+    hit_count_of,
+)
+from uplimit.coding.codec import StepContext, decode_token, encode_token, predict, robustness
+from uplimit.coding.freqs import FrequencyTable
 from uplimit.coding.noise import TAU, PositionNoise, position_key
 from uplimit.coding.sampling import SamplingParams, sample, support
 from uplimit.errors import ConfigError, InvalidRequest
@@ -169,6 +177,23 @@ def test_token_codec_round_trips_and_costs_what_it_reports(
     assert decoded == tokens
 
 
+def test_the_hit_models_features_are_what_they_say(tiny_logits):
+    """Margin and gap from the sorted scores; confidence is the guess's probability in the
+    exact table of the whole vocabulary; the scores are left as they were."""
+    for logits in tiny_logits:
+        scores = logits.astype(np.float64)
+        before = scores.copy()
+        guess = int(np.argmax(scores))
+        features = robustness(scores, guess)
+        assert np.array_equal(scores, before)
+        top = np.sort(scores)[::-1]
+        assert features.margin == top[0] - top[1]
+        assert features.gap == top[1] - top[2]
+        whole = FrequencyTable.from_logits(scores)
+        exact = int(whole.counts[guess]) * 65536 / whole.total
+        assert abs(features.confidence - exact) <= 2  # the tokens 20 nats down move it < 1
+
+
 def test_coupling_makes_the_weak_guess_hit_when_the_models_agree(tiny_logits):
     """Same logits on both sides: the guess is always the sampled token (cost ~0)."""
     strong = tiny_logits[0]
@@ -180,14 +205,61 @@ def test_coupling_makes_the_weak_guess_hit_when_the_models_agree(tiny_logits):
         assert pred.guess == sample(strong, params, noise)
 
 
-def test_fit_flag_is_monotone_and_never_certain():
-    rng = np.random.default_rng(0)
-    margins = rng.uniform(-1, 12, 5000)
-    hits = rng.random(5000) < 1 / (1 + np.exp(-margins))
-    flag = fit_flag(margins.tolist(), hits.tolist())
-    assert list(flag.hit_counts) == sorted(flag.hit_counts)
-    assert min(flag.hit_counts) >= 1 and max(flag.hit_counts) <= 65535
-    assert flag.hit_count(10.0) > flag.hit_count(0.1)
+@pytest.mark.parametrize("z", [-40.0, -16.5, -3.0, -0.3, 0.0, 0.7, 2.0, 9.99, 15.9, 40.0])
+def test_hit_counts_follow_the_logistic_curve_in_integers(z):
+    """2**16 / (1 + 2**-z), to within the table's rounding, never 0 or 2**16, symmetric."""
+    units = round(z * LOG_ODDS_UNIT)
+    count = hit_count_of(units)
+    exact = 65536 / (1 + 2 ** -(units / LOG_ODDS_UNIT))
+    assert count == min(65535, max(1, round(exact))) or abs(count - exact) <= 1
+    assert 1 <= count <= 65535
+    assert abs(count + hit_count_of(-units) - 65536) <= 1 or count in (1, 65535)
+
+
+def test_hit_counts_rise_with_the_log_odds():
+    counts = [hit_count_of(z) for z in range(-20 * LOG_ODDS_UNIT, 20 * LOG_ODDS_UNIT, 97)]
+    assert counts == sorted(counts)
+
+
+def _synthetic_view(rng: np.random.Generator, n: int) -> tuple[list[Features], list[bool]]:
+    """Hits that depend on the margin and on the weak model's confidence, not on the gap."""
+    margins = rng.uniform(-1, 12, n)
+    confidence = rng.integers(0, 65536, n)
+    z = margins - 2 + 3 * (confidence / 65536)
+    hits = rng.random(n) < 1 / (1 + np.exp(-z))
+    gaps = rng.exponential(2.0, n)
+    view = [
+        Features(float(m), float(g), int(c))
+        for m, g, c in zip(margins, gaps, confidence, strict=True)
+    ]
+    return view, hits.tolist()
+
+
+def test_fit_hit_model_finds_what_the_hits_depend_on_and_is_never_certain():
+    view, hits = _synthetic_view(np.random.default_rng(0), 20_000)
+    model = fit_hit_model(view, hits)
+    margin, confidence, gap = model.margin.values, model.confidence.values, model.gap.values
+    # [10, 13) against [0, 0.25): some 11 nats, 16 bits of odds (no data lies past 12)
+    assert margin[-2] - margin[1] > 8 * LOG_ODDS_UNIT
+    assert confidence[-1] - confidence[0] > 2 * LOG_ODDS_UNIT  # 3 nats across its range
+    assert max(gap) - min(gap) < LOG_ODDS_UNIT  # no effect: the penalty keeps it near flat
+    counts = [model.hit_count(f) for f in view]
+    assert min(counts) >= 1 and max(counts) <= 65535
+    # it predicts better than the hit rate alone, on data it was not fitted on
+    test_view, test_hits = _synthetic_view(np.random.default_rng(1), 5000)
+    rate = np.mean(test_hits)
+    p = np.array([model.hit_count(f) for f in test_view]) / 65536
+    y = np.asarray(test_hits)
+    fitted_bits = -np.sum(np.where(y, np.log2(p), np.log2(1 - p)))
+    flat_bits = -np.sum(np.where(y, np.log2(rate), np.log2(1 - rate)))
+    assert fitted_bits < 0.8 * flat_bits
+
+
+def test_fit_hit_model_with_every_guess_right_stays_codable():
+    view, _ = _synthetic_view(np.random.default_rng(2), 300)
+    model = fit_hit_model(view, [True] * len(view))
+    assert all(1 <= model.hit_count(f) <= 65535 for f in view)
+    assert min(model.hit_count(f) for f in view) > 60000
 
 
 def test_calibration_json_round_trip_and_digest():
@@ -197,6 +269,10 @@ def test_calibration_json_round_trip_and_digest():
     assert again.digest() == Calibration(greedy_miss_scale=0.8, note="y").digest()
     assert cal.digest() != Calibration().digest()
     with pytest.raises(ConfigError):
-        Calibration.from_json('{"greedy_flag": 1}')
+        Calibration.from_json('{"greedy_hits": 1}')
     with pytest.raises(ConfigError):
-        FlagModel((1.0, 0.5), (1, 2, 3))
+        Steps((1.0, 0.5), (1, 2, 3))
+    with pytest.raises(ConfigError):
+        Steps((0.5, 1.0), (1, 2))
+    with pytest.raises(ConfigError):
+        Steps((0.5,), (1, 2.5))

@@ -1,9 +1,11 @@
 """How the coder turns the weak model's view into probabilities: fitted, fixed per model pair.
 
 Each token is coded as "was the decoder's guess right?" and, on a miss, which token it was.
-- The hit probability is a step function of one feature the decoder can compute: the margin
-  between the guess's score and the runner-up's (weak logits at T = 0; weak logits / T plus
-  the shared Gumbel noise at T > 0). A wide margin means a robust guess.
+- The hit probability is a logistic model of three features the decoder computes from the
+  weak model's scores (weak logits at T = 0; weak logits / T plus the shared Gumbel noise at
+  T > 0): the guess's margin over the runner-up, the runner-up's gap to the third, and the
+  guess's own probability (`Features`). Each adds a fitted step function's value to the
+  log-odds, and the sum becomes a count in integers, so both sides agree exactly.
 - On a miss the token is coded under softmax(miss_scale * scores) without the guess.
 
 The values come from `fit`, run on prompts the benchmark never sees, and are stored as JSON;
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from uplimit.coding.freqs import EXP2_TABLE, FRACTION_BITS, WEIGHT_BITS
 from uplimit.config import ModelsConfig
 from uplimit.errors import ConfigError
 from uplimit.models.pins import STRONG
@@ -32,45 +35,104 @@ FLAG_TOTAL = 1 << FLAG_BITS
 # A hit probability never reaches 0 or 1: both outcomes must stay codable. 2**-16 caps the
 # cost of a surprise at 16 bits and the cost of a certain hit at 2e-5 bits.
 _MIN_COUNT, _MAX_COUNT = 1, FLAG_TOTAL - 1
+LOG_ODDS_UNIT = 1 << FRACTION_BITS  # hit-model weights: log2-odds in units of 2**-12
+_MAX_LOG_ODDS = 32 * LOG_ODDS_UNIT  # beyond 32 bits of odds the count is clamped anyway
+
+
+def hit_count_of(log_odds: int) -> int:
+    """round(2**16 / (1 + 2**(-z))) for z = log_odds / 2**12, clamped to [1, 2**16 - 1].
+
+    Integers only, through the frequency tables' exp2 table, so both sides agree exactly.
+    """
+    a = min(abs(log_odds), _MAX_LOG_ODDS)
+    smaller = int(EXP2_TABLE[a & (LOG_ODDS_UNIT - 1)]) >> (a >> FRACTION_BITS)  # 2**30 2**-|z|
+    larger = 1 << WEIGHT_BITS
+    numerator = larger if log_odds >= 0 else smaller
+    denominator = larger + smaller
+    count = ((numerator << FLAG_BITS) + (denominator >> 1)) // denominator
+    return min(_MAX_COUNT, max(_MIN_COUNT, count))
 
 
 @dataclass(frozen=True)
-class FlagModel:
-    """P(hit) in units of 2**-16, constant on each interval between consecutive `edges`."""
+class Steps:
+    """A step function: `values[i]` on the i-th interval of `edges` (as `bisect_right` counts)."""
 
     edges: tuple[float, ...]
-    hit_counts: tuple[int, ...]  # len(edges) + 1 entries in [1, 2**16 - 1]
+    values: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if len(self.hit_counts) != len(self.edges) + 1:
-            raise ConfigError("a flag model needs one more count than edges")
-        if list(self.edges) != sorted(self.edges) or not all(map(math.isfinite, self.edges)):
-            raise ConfigError("flag model edges must be finite and increasing")
-        if not all(_MIN_COUNT <= c <= _MAX_COUNT for c in self.hit_counts):
-            raise ConfigError(f"flag counts must be in [{_MIN_COUNT}, {_MAX_COUNT}]")
+        # Floats, so that the digest of a model read back from JSON is the digest written.
+        object.__setattr__(self, "edges", tuple(float(e) for e in self.edges))
+        if len(self.values) != len(self.edges) + 1:
+            raise ConfigError("a step function needs one more value than edges")
+        if list(self.edges) != sorted(set(self.edges)) or not all(map(math.isfinite, self.edges)):
+            raise ConfigError("step edges must be finite and strictly increasing")
+        if not all(type(v) is int and abs(v) <= _MAX_LOG_ODDS for v in self.values):
+            raise ConfigError(f"step values must be integers within ±{_MAX_LOG_ODDS}")
 
-    def hit_count(self, feature: float) -> int:
-        return self.hit_counts[bisect.bisect_right(self.edges, feature)]
-
-
-# Margins (in natural-log units) at which the hit probability may change.
-DEFAULT_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 13.0)
+    def __call__(self, x: float) -> int:
+        return self.values[bisect.bisect_right(self.edges, x)]
 
 
-def _uninformed() -> FlagModel:
-    """Before fitting: hit probability rising with the margin like a logistic curve."""
-    counts = [
-        min(_MAX_COUNT, max(_MIN_COUNT, round(FLAG_TOTAL / (1 + math.exp(-m)))))
-        for m in (-0.5, *DEFAULT_EDGES)
-    ]
-    return FlagModel(DEFAULT_EDGES, tuple(counts))
+# Where each feature's contribution may change (see `Features`).
+MARGIN_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 13.0)
+GAP_EDGES = (0.5, 1.0, 2.0, 4.0)
+_CONFIDENCE_LEVELS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+CONFIDENCE_EDGES = tuple(float(round(p * FLAG_TOTAL)) for p in _CONFIDENCE_LEVELS)
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the decoder knows about how robust its guess is, all from the weak model's scores.
+
+    - `margin`: the guess's score minus the runner-up's (nats);
+    - `gap`: the runner-up's score minus the third's: a wide gap with a narrow margin means a
+      two-way choice, a narrow one a crowd;
+    - `confidence`: the guess's probability under softmax(scores), in units of 2**-16, read
+      from the exact integer table (`FrequencyTable`), not from a float exp.
+    """
+
+    margin: float
+    gap: float
+    confidence: int
+
+
+@dataclass(frozen=True)
+class HitModel:
+    """P(hit) as a logistic model: log2-odds = (bias + the sum of each feature's step) / 2**12.
+
+    Evaluated in integers (`hit_count_of`), so encoder and decoder compute the same count.
+    """
+
+    bias: int
+    margin: Steps
+    gap: Steps
+    confidence: Steps
+
+    def hit_count(self, features: Features) -> int:
+        return hit_count_of(
+            self.bias
+            + self.margin(features.margin)
+            + self.gap(features.gap)
+            + self.confidence(features.confidence)
+        )
+
+
+def _flat(edges: tuple[float, ...]) -> Steps:
+    return Steps(edges, (0,) * (len(edges) + 1))
+
+
+def _uninformed() -> HitModel:
+    """Before fitting: log-odds rising with the margin like a logistic curve in nats."""
+    margin = tuple(round(m / math.log(2) * LOG_ODDS_UNIT) for m in (-0.5, *MARGIN_EDGES))
+    return HitModel(0, Steps(MARGIN_EDGES, margin), _flat(GAP_EDGES), _flat(CONFIDENCE_EDGES))
 
 
 @dataclass(frozen=True)
 class Calibration:
-    greedy_flag: FlagModel = field(default_factory=_uninformed)
+    greedy_hits: HitModel = field(default_factory=_uninformed)
     greedy_miss_scale: float = 1.0
-    sampled_flag: FlagModel = field(default_factory=_uninformed)
+    sampled_hits: HitModel = field(default_factory=_uninformed)
     sampled_miss_scale: float = 1.0
     note: str = "uninformed defaults"
 
@@ -87,9 +149,9 @@ class Calibration:
         try:
             raw = json.loads(text)
             return cls(
-                greedy_flag=_flag(raw["greedy_flag"]),
+                greedy_hits=_hit_model(raw["greedy_hits"]),
                 greedy_miss_scale=float(raw["greedy_miss_scale"]),
-                sampled_flag=_flag(raw["sampled_flag"]),
+                sampled_hits=_hit_model(raw["sampled_hits"]),
                 sampled_miss_scale=float(raw["sampled_miss_scale"]),
                 note=str(raw.get("note", "")),
             )
@@ -120,35 +182,64 @@ def calibration_name(strong_sha256: str, weak_sha256: str) -> str:
     return f"strong-{strong_sha256[:16]}_weak-{weak_sha256[:16]}.json"
 
 
-def _flag(raw: dict) -> FlagModel:
-    return FlagModel(
-        tuple(float(e) for e in raw["edges"]), tuple(int(c) for c in raw["hit_counts"])
+def _steps(raw: dict) -> Steps:
+    return Steps(tuple(float(e) for e in raw["edges"]), tuple(int(v) for v in raw["values"]))
+
+
+def _hit_model(raw: dict) -> HitModel:
+    return HitModel(
+        int(raw["bias"]), _steps(raw["margin"]), _steps(raw["gap"]), _steps(raw["confidence"])
     )
 
 
-def fit_flag(
-    features: Sequence[float], hits: Sequence[bool], edges: tuple[float, ...] = DEFAULT_EDGES
-) -> FlagModel:
-    """Maximum-likelihood step function, with add-one smoothing so no bin is certain.
+def fit_hit_model(features: Sequence[Features], hits: Sequence[bool]) -> HitModel:
+    """The hit model that `fit_steps` finds for the three features."""
+    bias, steps = fit_steps(
+        [
+            (MARGIN_EDGES, [f.margin for f in features]),
+            (GAP_EDGES, [f.gap for f in features]),
+            (CONFIDENCE_EDGES, [f.confidence for f in features]),
+        ],
+        hits,
+    )
+    return HitModel(bias, *steps)
 
-    Bins are forced to be non-decreasing in the margin (pool-adjacent-violators), which a wider
-    margin should give and which keeps sparse bins from overfitting.
+
+def fit_steps(
+    columns: Sequence[tuple[tuple[float, ...], Sequence[float]]],
+    hits: Sequence[bool],
+    l2: float = 1.0,
+) -> tuple[int, list[Steps]]:
+    """Logistic regression of `hits` on one indicator per interval of each column's edges.
+
+    Maximum likelihood by Newton's method, with an L2 penalty that keeps sparse intervals
+    near zero and every weight finite (so no outcome is ever certain); the result is rounded
+    to the integer units the coder adds up: the bias and one step function per column.
     """
-    bins = np.searchsorted(np.asarray(edges), np.asarray(features, dtype=np.float64), "right")
-    n_hit = np.bincount(bins, weights=np.asarray(hits, dtype=np.float64), minlength=len(edges) + 1)
-    n_all = np.bincount(bins, minlength=len(edges) + 1).astype(np.float64)
-    blocks = [[h + 1.0, n + 2.0, 1] for h, n in zip(n_hit, n_all, strict=True)]
-    merged: list[list[float]] = []
-    for block in blocks:  # pool adjacent violators on the smoothed rates
-        merged.append(block)
-        while len(merged) > 1 and merged[-2][0] / merged[-2][1] > merged[-1][0] / merged[-1][1]:
-            h, n, k = merged.pop()
-            merged[-1] = [merged[-1][0] + h, merged[-1][1] + n, merged[-1][2] + k]
-    counts: list[int] = []
-    for h, n, k in merged:
-        c = min(_MAX_COUNT, max(_MIN_COUNT, round(FLAG_TOTAL * h / n)))
-        counts += [c] * int(k)
-    return FlagModel(tuple(edges), tuple(counts))
+    blocks = [np.ones((len(hits), 1))]
+    for edges, values in columns:
+        bins = np.searchsorted(np.asarray(edges), np.asarray(values, np.float64), "right")
+        blocks.append(np.eye(len(edges) + 1)[bins])
+    x = np.hstack(blocks)
+    y = np.asarray(hits, dtype=np.float64)
+    w = np.zeros(x.shape[1])
+    penalty = np.full(x.shape[1], l2)
+    penalty[0] = 1e-3 * l2  # the bias barely: it carries the overall hit rate
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        gradient = x.T @ (p - y) + penalty * w
+        hessian = (x * (p * (1.0 - p))[:, None]).T @ x + np.diag(penalty)
+        step = np.linalg.solve(hessian, gradient)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    units = np.clip(np.rint(w / math.log(2) * LOG_ODDS_UNIT), -_MAX_LOG_ODDS, _MAX_LOG_ODDS)
+    values = [int(v) for v in units]
+    steps, at = [], 1
+    for edges, _ in columns:
+        steps.append(Steps(edges, tuple(values[at : at + len(edges) + 1])))
+        at += len(edges) + 1
+    return values[0], steps
 
 
 def configured(models: ModelsConfig, weak_sha256: str) -> Calibration:

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uplimit.coding.arith import ArithmeticDecoder, ArithmeticEncoder
-from uplimit.coding.calibration import FLAG_BITS, FLAG_TOTAL, Calibration
+from uplimit.coding.calibration import FLAG_BITS, FLAG_TOTAL, Calibration, Features
 from uplimit.coding.freqs import FrequencyTable
 from uplimit.coding.noise import EULER_GAMMA, PositionNoise
 from uplimit.coding.sampling import SamplingParams, support
@@ -43,7 +43,7 @@ class StepContext:
 @dataclass(frozen=True)
 class Prediction:
     guess: int
-    margin: float  # guess's score minus the best other score (the calibration feature)
+    features: Features  # how robust the guess is: what the hit probability is a function of
     hit_count: int  # P(hit) = hit_count / 2**16
     scores: npt.NDArray[np.float64]  # miss distribution = softmax(miss_scale * scores)
     miss_scale: float
@@ -69,7 +69,7 @@ def predict(
     if ctx.params.greedy:
         scores = weak_logits.astype(np.float64)
         guess = int(np.argmax(scores))
-        flag, scale = calibration.greedy_flag, calibration.greedy_miss_scale
+        model, scale = calibration.greedy_hits, calibration.greedy_miss_scale
     else:
         if noise is None:
             noise = PositionNoise.draw(ctx.seed, ctx.position, weak_logits.size)
@@ -77,20 +77,37 @@ def predict(
         guess, drawn, g = noise.perturbed_argmax(x, support(weak_logits, ctx.params))
         scores = x + EULER_GAMMA
         scores[drawn] = x[drawn] + g
-        flag, scale = calibration.sampled_flag, calibration.sampled_miss_scale
+        model, scale = calibration.sampled_hits, calibration.sampled_miss_scale
+    features = robustness(scores, guess)
+    return Prediction(guess, features, model.hit_count(features), scores, scale)
+
+
+CONFIDENCE_NATS = 20.0
+
+
+def robustness(scores: npt.NDArray[np.float64], guess: int) -> Features:
+    """The hit model's features of `guess` under `scores` (restored before returning)."""
     best = scores[guess]
     scores[guess] = -np.inf
-    runner_up = scores.max()
+    second = int(np.argmax(scores))
+    runner_up = scores[second]
+    scores[second] = -np.inf
+    third = scores.max()
+    scores[second] = runner_up
     scores[guess] = best
-    margin = float(best - runner_up)
-    return Prediction(guess, margin, flag.hit_count(margin), scores, scale)
+    # The guess's probability among the tokens within CONFIDENCE_NATS of it: the rest would
+    # move it by under 152k * e**-20 = 3e-4, and a table of the whole vocabulary costs 1 ms.
+    near = np.flatnonzero(scores >= best - CONFIDENCE_NATS)
+    table = FrequencyTable.from_logits(scores[near])
+    at = int(np.searchsorted(near, guess))
+    confidence = (int(table.counts[at]) << FLAG_BITS) // table.total
+    return Features(float(best - runner_up), float(runner_up - third), confidence)
 
 
 @dataclass(frozen=True)
 class TokenCost:
     bits: float
     hit: bool
-    margin: float
 
 
 def cost_bits(pred: Prediction, token: int) -> float:
@@ -105,13 +122,13 @@ def encode_token(enc: ArithmeticEncoder, token: int, pred: Prediction) -> TokenC
     hit = token == pred.guess
     if hit:
         enc.encode(0, pred.hit_count, FLAG_TOTAL)
-        return TokenCost(FLAG_BITS - math.log2(pred.hit_count), True, pred.margin)
+        return TokenCost(FLAG_BITS - math.log2(pred.hit_count), True)
     enc.encode(pred.hit_count, FLAG_TOTAL - pred.hit_count, FLAG_TOTAL)
     table = pred.miss_table()
     low, freq = table.interval(token)
     enc.encode(low, freq, table.total)
     flag_bits = FLAG_BITS - math.log2(FLAG_TOTAL - pred.hit_count)
-    return TokenCost(flag_bits + table.cost_bits(token), False, pred.margin)
+    return TokenCost(flag_bits + table.cost_bits(token), False)
 
 
 def decode_token(dec: ArithmeticDecoder, pred: Prediction) -> int:

@@ -1,0 +1,183 @@
+"""Which features the hit model should use, and what a copy model could save (docs/codec.md).
+
+    nice -n 10 .venv/bin/python scripts/measure_hit_features.py --count 160 --seed 11 \
+        --temperature 0 [--max-tokens 128] [--json OUT]
+
+The strong model answers `count` training prompts (`prompts.training_set`: HumanEval and
+standard-library questions, never dev.jsonl); the weak model runs along every answer as the
+codec runs it (`calibrate.walk`). Then:
+
+1. The hit flag's cost, in bits per token, under hit models fitted on one half of the answers
+   (by index parity) and scored on the other, and back: margin only (the model before issue
+   17), the shipped three features (margin, gap, confidence), and the shipped three plus each
+   feature that needs the stream's history: position, hits among the last 8 guesses, and
+   whether a copy model's candidate (the token after the latest earlier occurrence of the
+   context's longest matching suffix, prompt included) agrees with the guess.
+2. An upper bound on what mixing a copy model into the miss distribution could save: the miss
+   cost (under the shipped miss scale) of every miss whose copy candidate is the token, as if
+   those tokens became free and no other token paid for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from uplimit.calibrate import Position, walk
+from uplimit.coding.calibration import (
+    CONFIDENCE_EDGES,
+    FLAG_TOTAL,
+    GAP_EDGES,
+    MARGIN_EDGES,
+    Features,
+    fit_steps,
+    for_pair,
+    hit_count_of,
+)
+from uplimit.coding.codec import Prediction
+from uplimit.coding.sampling import SamplingParams
+from uplimit.models.loading import load_model
+from uplimit.prompts import training_set
+
+RECENT = 8  # guesses the recent hit count looks back on
+MAX_MATCH = 16  # the copy model's longest suffix
+
+
+def copy_candidate(context: Sequence[int]) -> tuple[int, int]:
+    """(token, match length) after the latest earlier occurrence of the context's longest
+    matching suffix (up to MAX_MATCH tokens); (-1, 0) when the last token never occurred."""
+    best_token, best_length = -1, 0
+    end = len(context)
+    for j in range(end - 1, 0, -1):
+        n = 0
+        while n < MAX_MATCH and j - 1 - n >= 0 and context[j - 1 - n] == context[end - 1 - n]:
+            n += 1
+        if n > best_length:
+            best_token, best_length = context[j], n
+            if n == MAX_MATCH:
+                break
+    return best_token, best_length
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the measurement keeps of one position (a prediction holds the whole vocabulary)."""
+
+    answer: int
+    features: Features
+    hit: bool
+    guess: int
+    copy_token: int
+    copy_length: int
+    miss_bits: float  # the token's cost after the miss flag; 0 on a hit
+    copy_is_token: bool
+
+
+def seen(at: Position, miss_scale: float) -> Seen:
+    pred = at.prediction
+    copy_token, copy_length = copy_candidate(at.context)
+    miss_bits = 0.0
+    if not at.hit:
+        scaled = Prediction(pred.guess, pred.features, pred.hit_count, pred.scores, miss_scale)
+        miss_bits = scaled.miss_table().cost_bits(at.token)
+    return Seen(at.answer, pred.features, at.hit, pred.guess, copy_token, copy_length,
+                miss_bits, copy_token == at.token)  # fmt: skip
+
+
+def history_columns(positions: Sequence[Seen]) -> dict[str, tuple[tuple[float, ...], list]]:
+    """Each history feature as (edges, value per position)."""
+    position, recent, copy_agrees = [], [], []
+    hits: dict[int, list[bool]] = {}
+    for at in positions:
+        past = hits.setdefault(at.answer, [])
+        position.append(len(past))
+        recent.append(sum(past[-RECENT:]) if len(past) >= RECENT else -1)
+        agrees = 0 if at.copy_token < 0 else (1 if at.copy_token == at.guess else 2)
+        copy_agrees.append(agrees * 4 + int(np.searchsorted((2, 4, 8), at.copy_length, "right")))
+        past.append(at.hit)
+    return {
+        "position": ((1, 2, 4, 8, 16, 32, 64), position),
+        "recent hits": (tuple(range(RECENT + 1)), recent),
+        "copy agrees": (tuple(k + 0.5 for k in range(11)), copy_agrees),
+    }
+
+
+def cross_validated_bits(columns: list, hits: np.ndarray, fold: np.ndarray) -> float:
+    """Flag bits per token: fitted on each half, scored on the other."""
+    total = 0.0
+    for held in (0, 1):
+        train, test = fold != held, fold == held
+        bias, steps = fit_steps([(e, np.asarray(v)[train]) for e, v in columns], hits[train])
+        for i in np.flatnonzero(test):
+            z = bias + sum(s(float(v[i])) for s, (_, v) in zip(steps, columns, strict=True))
+            p = hit_count_of(z) / FLAG_TOTAL
+            total -= math.log2(p if hits[i] else 1.0 - p)
+    return total / len(hits)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=160)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    strong, weak = load_model("strong"), load_model("weak")
+    calibration = for_pair(strong.info.file_sha256, weak.info.file_sha256)
+    params = SamplingParams(temperature=args.temperature)
+    scale = calibration.greedy_miss_scale if params.greedy else calibration.sampled_miss_scale
+
+    def progress(label: str, done: int, total: int) -> None:
+        print(f"\r{label}: {done}/{total}", end="", flush=True)
+
+    walked = walk(strong, weak, training_set(args.count, args.seed), params, args.max_tokens,
+                  args.seed, progress)  # fmt: skip
+    positions = [seen(at, scale) for at in walked]
+    print()
+    hits = np.array([at.hit for at in positions])
+    fold = np.array([at.answer % 2 for at in positions])
+    shipped = [
+        (MARGIN_EDGES, [at.features.margin for at in positions]),
+        (GAP_EDGES, [at.features.gap for at in positions]),
+        (CONFIDENCE_EDGES, [at.features.confidence for at in positions]),
+    ]
+    history = history_columns(positions)
+    flag_bits = {
+        "margin": cross_validated_bits(shipped[:1], hits, fold),
+        "margin, gap, confidence (shipped)": cross_validated_bits(shipped, hits, fold),
+    }
+    for name, column in history.items():
+        flag_bits[f"shipped + {name}"] = cross_validated_bits([*shipped, column], hits, fold)
+    flag_bits["shipped + all three"] = cross_validated_bits(
+        [*shipped, *history.values()], hits, fold
+    )
+    n = len(positions)
+    misses = [at for at in positions if not at.hit]
+    copyable = [at for at in misses if at.copy_is_token]
+    result = {
+        "temperature": args.temperature,
+        "answers": args.count,
+        "tokens": n,
+        "hit_rate": float(hits.mean()),
+        "flag_bits_per_token_cross_validated": flag_bits,
+        "miss_scale": scale,
+        "miss_token_bits_per_token": sum(at.miss_bits for at in misses) / n,
+        "misses": len(misses),
+        "misses_the_copy_candidate_names": len(copyable),
+        "copy_model_saving_bound_bits_per_token": sum(at.miss_bits for at in copyable) / n,
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

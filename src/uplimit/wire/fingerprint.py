@@ -50,7 +50,8 @@ __all__ = [
 
 # Bump whenever a change to coding, sampling, noise or the frame grammar changes the bytes
 # a frame is coded to (or how they are decoded).
-CODEC_VERSION = "3"  # 2: self-delimiting frames, END in the kind symbol; 3: END after RESYNC
+CODEC_VERSION = "4"  # 2: self-delimiting frames, END in the kind symbol; 3: END after RESYNC;
+# 4: the hit probability from a logistic model of three features (coding.calibration.HitModel)
 
 # In a refusal, fields that only the inner has are named under this pseudo-key.
 INNER_ONLY = "(fields only the inner has)"

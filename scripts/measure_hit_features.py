@@ -13,7 +13,9 @@ codec runs it (`calibrate.walk`). Then:
    feature that needs the stream's history: position, hits among the last 8 guesses, and
    whether a copy model's candidate (the token after the latest earlier occurrence of the
    context's longest matching suffix, prompt included) agrees with the guess.
-2. An upper bound on what mixing a copy model into the miss distribution could save: the miss
+2. The miss distribution's scale: one scale for every miss (as shipped) against one per
+   margin interval, each chosen on one half and scored on the other.
+3. An upper bound on what mixing a copy model into the miss distribution could save: the miss
    cost (under the shipped miss scale) of every miss whose copy candidate is the token, as if
    those tokens became free and no other token paid for it.
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uplimit.calibrate import Position, walk
+from uplimit.calibrate import Position, miss_costs, walk
 from uplimit.coding.calibration import (
     CONFIDENCE_EDGES,
     FLAG_TOTAL,
@@ -47,6 +49,7 @@ from uplimit.prompts import training_set
 
 RECENT = 8  # guesses the recent hit count looks back on
 MAX_MATCH = 16  # the copy model's longest suffix
+MISS_MARGINS = (0.25, 0.5, 1.0, 2.0, 4.0)  # intervals that may each get their own miss scale
 
 
 def copy_candidate(context: Sequence[int]) -> tuple[int, int]:
@@ -77,17 +80,19 @@ class Seen:
     copy_length: int
     miss_bits: float  # the token's cost after the miss flag; 0 on a hit
     copy_is_token: bool
+    miss_bits_by_scale: np.ndarray | None  # the same at each of calibrate.MISS_SCALES
 
 
 def seen(at: Position, miss_scale: float) -> Seen:
     pred = at.prediction
     copy_token, copy_length = copy_candidate(at.context)
-    miss_bits = 0.0
+    miss_bits, by_scale = 0.0, None
     if not at.hit:
         scaled = Prediction(pred.guess, pred.features, pred.hit_count, pred.scores, miss_scale)
         miss_bits = scaled.miss_table().cost_bits(at.token)
+        by_scale = miss_costs(pred.scores, pred.guess, at.token)
     return Seen(at.answer, pred.features, at.hit, pred.guess, copy_token, copy_length,
-                miss_bits, copy_token == at.token)  # fmt: skip
+                miss_bits, copy_token == at.token, by_scale)  # fmt: skip
 
 
 def history_columns(positions: Sequence[Seen]) -> dict[str, tuple[tuple[float, ...], list]]:
@@ -119,6 +124,23 @@ def cross_validated_bits(columns: list, hits: np.ndarray, fold: np.ndarray) -> f
             p = hit_count_of(z) / FLAG_TOTAL
             total -= math.log2(p if hits[i] else 1.0 - p)
     return total / len(hits)
+
+
+def cross_validated_miss_bits(misses: Sequence[Seen], edges: tuple[float, ...]) -> float:
+    """Miss-token bits (summed) with the best scale per margin interval, chosen on one half
+    (by answer parity) and scored on the other; no edges: one scale for all."""
+    costs = np.array([at.miss_bits_by_scale for at in misses])
+    bins = np.searchsorted(edges, [at.features.margin for at in misses], "right")
+    fold = np.array([at.answer % 2 for at in misses])
+    total = 0.0
+    for held in (0, 1):
+        for b in range(len(edges) + 1):
+            train = (fold != held) & (bins == b)
+            test = (fold == held) & (bins == b)
+            if test.any():
+                pool = train if train.any() else fold != held
+                total += costs[test, int(np.argmin(costs[pool].sum(axis=0)))].sum()
+    return total
 
 
 def main() -> None:
@@ -170,6 +192,10 @@ def main() -> None:
         "flag_bits_per_token_cross_validated": flag_bits,
         "miss_scale": scale,
         "miss_token_bits_per_token": sum(at.miss_bits for at in misses) / n,
+        "miss_token_bits_per_token_cross_validated": {
+            "one scale": cross_validated_miss_bits(misses, ()) / n,
+            "a scale per margin interval": cross_validated_miss_bits(misses, MISS_MARGINS) / n,
+        },
         "misses": len(misses),
         "misses_the_copy_candidate_names": len(copyable),
         "copy_model_saving_bound_bits_per_token": sum(at.miss_bits for at in copyable) / n,

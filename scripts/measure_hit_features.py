@@ -155,7 +155,7 @@ def main() -> None:
     strong, weak = load_model("strong"), load_model("weak")
     calibration = for_pair(strong.info.file_sha256, weak.info.file_sha256)
     params = SamplingParams(temperature=args.temperature)
-    scale = calibration.greedy_miss_scale if params.greedy else calibration.sampled_miss_scale
+    scale = calibration.regime(params.greedy)[1]
 
     def progress(label: str, done: int, total: int) -> None:
         print(f"\r{label}: {done}/{total}", end="", flush=True)

@@ -12,7 +12,7 @@ its output, a JSON file of integers and a few floats, must be identical on both 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,17 +126,9 @@ def walk(
             progress(f"{label}: weak model's view", done, total)
 
 
-def observe(
-    strong: LanguageModel,
-    weak: LanguageModel,
-    prompts: Sequence[Prompt],
-    params: SamplingParams,
-    max_tokens: int,
-    seed: int,
-    progress: Progress,
-) -> Observations:
+def observe(positions: Iterable[Position]) -> Observations:
     obs = Observations()
-    for at in walk(strong, weak, prompts, params, max_tokens, seed, progress):
+    for at in positions:
         pred = at.prediction
         obs.add(
             pred.features, at.hit, None if at.hit else miss_costs(pred.scores, pred.guess, at.token)
@@ -165,8 +157,8 @@ def observe_regimes(
     """`observe` at each temperature, merged by regime: (greedy: T = 0, sampled: T > 0)."""
     greedy, sampled = Observations(), Observations()
     for t in temperatures:
-        obs = observe(strong, weak, prompts, SamplingParams(temperature=t), max_tokens, seed,
-                      progress)  # fmt: skip
+        params = SamplingParams(temperature=t)
+        obs = observe(walk(strong, weak, prompts, params, max_tokens, seed, progress))
         target = greedy if t == 0 else sampled
         target.features += obs.features
         target.hits += obs.hits

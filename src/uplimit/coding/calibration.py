@@ -141,6 +141,12 @@ class Calibration:
             if not (math.isfinite(scale) and 0.05 <= scale <= 20.0):
                 raise ConfigError(f"miss scale must be in [0.05, 20], got {scale}")
 
+    def regime(self, greedy: bool) -> tuple[HitModel, float]:
+        """The hit model and miss scale for T = 0 (`greedy`) or for T > 0."""
+        if greedy:
+            return self.greedy_hits, self.greedy_miss_scale
+        return self.sampled_hits, self.sampled_miss_scale
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 

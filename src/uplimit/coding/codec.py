@@ -69,7 +69,6 @@ def predict(
     if ctx.params.greedy:
         scores = weak_logits.astype(np.float64)
         guess = int(np.argmax(scores))
-        model, scale = calibration.greedy_hits, calibration.greedy_miss_scale
     else:
         if noise is None:
             noise = PositionNoise.draw(ctx.seed, ctx.position, weak_logits.size)
@@ -77,7 +76,7 @@ def predict(
         guess, drawn, g = noise.perturbed_argmax(x, support(weak_logits, ctx.params))
         scores = x + EULER_GAMMA
         scores[drawn] = x[drawn] + g
-        model, scale = calibration.sampled_hits, calibration.sampled_miss_scale
+    model, scale = calibration.regime(ctx.params.greedy)
     features = robustness(scores, guess)
     return Prediction(guess, features, model.hit_count(features), scores, scale)
 

@@ -270,6 +270,8 @@ def test_calibration_json_round_trip_and_digest():
     assert cal.digest() != Calibration().digest()
     with pytest.raises(ConfigError):
         Calibration.from_json('{"greedy_hits": 1}')
+    with pytest.raises(ConfigError, match="uplimit calibrate"):
+        Calibration.from_json('{"greedy_flag": {"edges": [], "hit_counts": [1]}}')
     with pytest.raises(ConfigError):
         Steps((1.0, 0.5), (1, 2, 3))
     with pytest.raises(ConfigError):

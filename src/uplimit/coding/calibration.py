@@ -154,6 +154,11 @@ class Calibration:
     def from_json(cls, text: str) -> Calibration:
         try:
             raw = json.loads(text)
+            if isinstance(raw, dict) and "greedy_flag" in raw:
+                raise ConfigError(
+                    "this calibration is in the format before codec version 4 (a step function "
+                    "of the margin alone): fit it again with `uplimit calibrate`"
+                )
             return cls(
                 greedy_hits=_hit_model(raw["greedy_hits"]),
                 greedy_miss_scale=float(raw["greedy_miss_scale"]),
@@ -162,7 +167,7 @@ class Calibration:
                 note=str(raw.get("note", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"invalid calibration: {e}") from e
+            raise ConfigError(f"invalid calibration: {type(e).__name__}: {e}") from e
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:

@@ -25,7 +25,7 @@ HEADROOMS = (1.0, 2.0, 10.0)  # per-day budget / honest traffic
 # All-in bits/token from the README's "Measured" table (`uplimit bench`, real pair,
 # shared/prompts/dev.jsonl, 16 tokens per stream per frame), and the service demo's figure
 # (its six answers, few tokens a frame); tests/unit/test_plan_plot.py holds them to the README.
-MEASURED = {"T=0": 0.527, "T=0.7": 0.678, "T=1.0": 0.735}
+MEASURED = {"T=0": 0.525, "T=0.7": 0.674, "T=1.0": 0.725}
 MEASURED_DEMO = 2.9
 SOURCE = (
     "measured bits/token: README 'Measured' (uplimit bench, real pair, shared/prompts/dev.jsonl,"

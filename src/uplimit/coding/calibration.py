@@ -88,8 +88,9 @@ class Features:
     - `margin`: the guess's score minus the runner-up's (nats);
     - `gap`: the runner-up's score minus the third's: a wide gap with a narrow margin means a
       two-way choice, a narrow one a crowd;
-    - `confidence`: the guess's probability under softmax(scores), in units of 2**-16, read
-      from the exact integer table (`FrequencyTable`), not from a float exp.
+    - `confidence`: the guess's probability under softmax(scores) over the tokens within 20
+      nats of it, in units of 2**-16, read from the exact integer table (`FrequencyTable`),
+      not from a float exp (`codec.robustness`).
     """
 
     margin: float

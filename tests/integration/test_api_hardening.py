@@ -142,6 +142,8 @@ _near_valid = st.lists(
 )
 @example(("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "top_k": MAX_TOP_K + 1}))
 @example(("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "top_k": MAX_TOP_K}))
+# A temperature so small that logits / T overflow: once the inner failed on it, link and all.
+@example(("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "temperature": 5e-324}))
 @example(("/v1/completions", {"model": "tiny", "prompt": "x", "best_of": MAX_BEST_OF + 1}))
 @example(("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["s"] * (MAX_STOPS + 1)}))
 @example(("/v1/completions", {"model": "tiny", "prompt": "x", "stop": "é" * MAX_STOP_BYTES}))

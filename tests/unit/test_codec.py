@@ -21,7 +21,7 @@ from uplimit.coding.calibration import (
 from uplimit.coding.codec import StepContext, decode_token, encode_token, predict, robustness
 from uplimit.coding.freqs import FrequencyTable
 from uplimit.coding.noise import TAU, PositionNoise, position_key
-from uplimit.coding.sampling import SamplingParams, sample, support
+from uplimit.coding.sampling import MIN_TEMPERATURE, SamplingParams, sample, support
 from uplimit.errors import ConfigError, InvalidRequest
 
 
@@ -139,10 +139,26 @@ def test_support_is_top_k_then_top_p(tiny_logits):
 
 
 def test_sampling_params_are_validated():
-    for bad in ({"temperature": -0.1}, {"temperature": math.nan}, {"top_p": 0.0},
+    for bad in ({"temperature": -0.1}, {"temperature": math.nan}, {"temperature": 5e-324},
+                {"temperature": 1e-310}, {"temperature": MIN_TEMPERATURE / 2}, {"top_p": 0.0},
                 {"top_p": 1.5}, {"top_k": -1}):  # fmt: skip
         with pytest.raises(InvalidRequest):  # a client's input
             SamplingParams(**bad)
+
+
+def test_the_smallest_temperature_codes_without_overflow(tiny_logits):
+    """At MIN_TEMPERATURE logits / T stay finite, so every table can be built (a temperature of
+    1e-310 made them infinite, and the inner failed on the first request that asked for it)."""
+    params = SamplingParams(temperature=MIN_TEMPERATURE)
+    strong, weak = tiny_logits
+    for seed in range(20):
+        ctx = StepContext(params, seed, 0)
+        noise = ctx.noise(weak.size)
+        token = sample(strong * 100, params, noise)  # logits far beyond a real model's
+        pred = predict(weak * 100, ctx, Calibration(), noise)
+        enc = ArithmeticEncoder()
+        encode_token(enc, token, pred)
+        assert decode_token(ArithmeticDecoder(enc.finish()), pred) == token
 
 
 @settings(max_examples=25, deadline=None)

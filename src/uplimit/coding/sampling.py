@@ -32,6 +32,10 @@ _NUCLEUS_WINDOW = 20.0
 # A strong model's top logits a few nats apart are alternatives it likes almost as much; past
 # ~10 nats (a probability ratio of 2e4) "within D nats" would mean "whatever the weak model says".
 MAX_TIE_NATS = 10.0
+# Below this, logits / T overflow float64 for logits of a few hundred (T = 1e-310 makes every
+# score infinite and no table can be built); a temperature this small samples the argmax
+# anyway, and T = 0 says so exactly.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,13 @@ class SamplingParams:
     tilt: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0):
+        if not (
+            self.temperature == 0.0
+            or (math.isfinite(self.temperature) and MIN_TEMPERATURE <= self.temperature <= 2.0)
+        ):
             raise InvalidRequest(
-                f"temperature must be in [0, 2], got {self.temperature}", param="temperature"
+                f"temperature must be 0 or in [{MIN_TEMPERATURE:g}, 2], got {self.temperature}",
+                param="temperature",
             )
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")

@@ -1,4 +1,4 @@
-"""`uplimit distill prompts|collect|train`: teach the weak model the strong one's answers."""
+"""`uplimit distill prompts|collect|train|teach`: teach the weak model the strong one's answers."""
 
 from __future__ import annotations
 
@@ -6,14 +6,10 @@ from pathlib import Path
 
 import typer
 
-from uplimit.cli.common import (
-    app,
-    console,
-    counter_bar,
-)
+from uplimit.cli.common import app, console, counter_bar, progress_bar
 
 distill_app = typer.Typer(
-    help="Distil the strong model into the weak one on the outer side (docs/distill.md).",
+    help="Distil the strong model into the weak one (docs/distill.md).",
     no_args_is_help=True,
 )
 app.add_typer(distill_app, name="distill", rich_help_panel="Models")
@@ -105,21 +101,9 @@ def distill_train(
     export: bool = typer.Option(True, help="Write the merged GGUF when done."),
 ) -> None:
     """LoRA-train the weak model on the answers (CPU, bf16), then export the merged GGUF."""
-    import json
-    from dataclasses import asdict
-
-    import torch
-
     from uplimit.distill.collect import load_answers
-    from uplimit.distill.export import distilled_dir, export_distilled
-    from uplimit.distill.lora import weight_deltas
-    from uplimit.distill.train import TrainConfig, examples, split, train
-    from uplimit.models.hf import HFModel
-    from uplimit.models.loading import resolve
-    from uplimit.models.store import uplimit_home
+    from uplimit.distill.train import TrainConfig, examples, split
 
-    if threads:
-        torch.set_num_threads(threads)
     config = TrainConfig(
         rank=rank,
         alpha=2.0 * rank,
@@ -128,24 +112,156 @@ def distill_train(
         batch_tokens=batch_tokens,
         max_len=max_len,
     )
-    path = resolve(weak)
-    cache = tokenizer_dir or uplimit_home() / "tokenizers" / f"{path.stem}-hf"
-    with console.status(f"loading {path.name} (dequantized)"):
-        model = HFModel(path, tokenizer_dir=cache)
+    path, model = _load_trainable(weak, tokenizer_dir, threads)
     collected = load_answers(answers)
     train_set, held = split(examples(model, collected, config.max_len), config.holdout, 0)
     console.print(
         f"{len(collected)} answers: {len(train_set)} to train on, {len(held)} held out "
         f"(split by prompt)"
     )
+    adapters, report = _train(model, train_set, held, config, workdir)
+    report |= {
+        "answers": str(answers),
+        "collected_tokens": sum(x.tokens for x in collected),
+        "collected_upload_bits": sum(x.uploaded_bits for x in collected),
+    }
+    _finish(path, model, adapters, report, workdir, export)
+
+
+@distill_app.command("teach")
+def distill_teach(
+    workdir: Path = typer.Option(..., help="The teacher's data, checkpoints and results."),
+    count: int = typer.Option(64, help="Training prompts (HumanEval + standard library)."),
+    temperatures: str = typer.Option("0,1.0", help="The strong model answers at each."),
+    max_tokens: int = typer.Option(256, help="Tokens per answer."),
+    top_k: int = typer.Option(32, help="Teacher tokens kept per position; the rest is one."),
+    seed: int = typer.Option(2, help="Prompt-selection and sampling seed."),
+    strong: str = typer.Option("strong", help="The strong model: the pair's, or a GGUF file."),
+    weak: str = typer.Option("weak", help="The weak model: the pair's, or a GGUF file."),
+    tokenizer_dir: Path | None = typer.Option(None, help="Tokenizer cache (default: beside it)."),
+    rank: int = typer.Option(1, help="Small: the adapter goes up the metered link."),
+    targets: str = typer.Option("down_proj", help="Comma-separated linear maps to adapt."),
+    epochs: int = typer.Option(1),
+    learning_rate: float = typer.Option(1e-3),
+    batch_tokens: int = typer.Option(4096, help="Padded tokens per optimizer step."),
+    hard: bool = typer.Option(
+        False, help="Train on the answers' tokens instead of the teacher's distributions."
+    ),
+    threads: int = typer.Option(0, help="torch threads; 0: all cores."),
+    export: bool = typer.Option(True, help="Write the merged GGUF when done."),
+) -> None:
+    """Inner side: distil the strong model's full distributions into a small adapter.
+
+    The adapter is what would go up the metered link: it is rounded to int8 before it is
+    evaluated, and its bytes and share of the lifetime budget are reported."""
+    import dataclasses
+    import json
+
+    from uplimit.distill import lora
+    from uplimit.distill.data import load_taught, save_taught
+    from uplimit.distill.teacher import teach
+    from uplimit.distill.train import TrainConfig, evaluate, split
+    from uplimit.link.budget import Budgets
+    from uplimit.models.loading import load_model, resolve
+    from uplimit.models.pins import STRONG
+    from uplimit.prompts import training_set
+
+    temps = [float(t) for t in temperatures.split(",")]
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, meta = workdir / "taught.npz", workdir / "taught.json"
+    identity = {
+        "count": count, "temperatures": temps, "max_tokens": max_tokens, "top_k": top_k,
+        "seed": seed, "strong": str(resolve(strong)),
+    }  # fmt: skip
+    if data.exists() and meta.exists() and json.loads(meta.read_text()) == identity:
+        taught = load_taught(data)
+        console.print(f"read the teacher's data from {data}")
+    else:
+        with console.status("loading the strong model"):
+            teacher = load_model(strong)
+        with progress_bar() as update:
+            taught = teach(
+                teacher,
+                training_set(count, seed),
+                temperatures=temps,
+                max_tokens=max_tokens,
+                k=top_k,
+                seed=seed,
+                progress=update,
+            )
+        teacher.close()
+        save_taught(data, taught)
+        meta.write_text(json.dumps(identity) + "\n")
+    if hard:
+        taught = [dataclasses.replace(e, targets=None) for e in taught]
+    config = TrainConfig(
+        rank=rank,
+        alpha=2.0 * rank,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        batch_tokens=batch_tokens,
+        max_len=max(len(e.tokens) for e in taught),
+        targets=tuple(targets.split(",")),
+    )
+    path, model = _load_trainable(weak, tokenizer_dir, threads)
+    train_set, held = split(taught, config.holdout, 0)
+    console.print(
+        f"{len(taught)} answers ({sum(len(e.tokens) - e.n_prompt for e in taught):,} tokens): "
+        f"{len(train_set)} to train on, {len(held)} held out (split by prompt); "
+        f"{'hard labels' if hard else f'the top {top_k} of the teacher'}"
+    )
+    run = workdir / ("hard" if hard else "soft")
+    adapters, report = _train(model, train_set, held, config, run)
+    upload = lora.quantize_int8_(adapters)
+    rounded = evaluate(model.torch_model, held, config.batch_tokens)
+    saved = report["result"]["before"]["bits_per_token"] - rounded.bits_per_token
+    budget = Budgets.default_for(STRONG.size).lifetime_bytes if strong == "strong" else None
+    report |= {
+        "teacher": identity,
+        "hard": hard,
+        "upload_bytes": upload,
+        "rounded": dataclasses.asdict(rounded),
+        "lifetime_budget_bytes": budget,
+        "payback_tokens": 8 * upload / saved if saved > 0 else None,
+    }
+    share = f", {upload / budget:.2%} of the lifetime budget" if budget else ""
+    payback = (
+        f"pays for itself after {8 * upload / saved:,.0f} tokens"
+        if saved > 0
+        else "never pays for itself"
+    )
+    console.print(
+        f"adapter in int8: {upload:,} bytes{share}; held out {rounded.bits_per_token:.3f} "
+        f"bits/token, top-1 {rounded.top1:.1%} ({saved:+.3f} bits/token saved: {payback})"
+    )
+    _finish(path, model, adapters, report, run, export)
+
+
+def _load_trainable(weak: str, tokenizer_dir: Path | None, threads: int):
+    """The weak GGUF's path, and the model loaded through transformers (dequantized)."""
+    import torch
+
+    from uplimit.models.hf import HFModel
+    from uplimit.models.loading import resolve
+    from uplimit.models.store import uplimit_home
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = resolve(weak)
+    cache = tokenizer_dir or uplimit_home() / "tokenizers" / f"{path.stem}-hf"
+    with console.status(f"loading {path.name} (dequantized)"):
+        return path, HFModel(path, tokenizer_dir=cache)
+
+
+def _train(model, train_set, held, config, workdir: Path) -> tuple[dict, dict]:
+    """Train (resuming from `workdir`), print the held-out result; adapters and a report."""
+    from dataclasses import asdict
+
+    from uplimit.distill.train import train
+
     with counter_bar("training") as update:
         adapters, result = train(
-            model.torch_model,
-            train_set,
-            held,
-            config,
-            workdir,
-            progress=update,
+            model.torch_model, train_set, held, config, workdir, progress=update
         )
     b, a = result.before, result.after
     console.print(
@@ -153,13 +269,16 @@ def distill_train(
         f"bits/token, top-1 {b.top1:.1%} -> {a.top1:.1%}; {result.steps} steps, "
         f"{result.train_tokens:,} answer tokens per epoch, {result.seconds / 60:.1f} min"
     )
-    report = {
-        "train": asdict(config),
-        "result": asdict(result),
-        "answers": str(answers),
-        "collected_tokens": sum(x.tokens for x in collected),
-        "collected_upload_bits": sum(x.uploaded_bits for x in collected),
-    }
+    return adapters, {"train": asdict(config), "result": asdict(result)}
+
+
+def _finish(path: Path, model, adapters: dict, report: dict, workdir: Path, export: bool) -> None:
+    """Write the report, and the merged GGUF if asked."""
+    import json
+
+    from uplimit.distill.export import distilled_dir, export_distilled
+    from uplimit.distill.lora import weight_deltas
+
     (workdir / "result.json").write_text(json.dumps(report, indent=2) + "\n")
     if export:
         with console.status("writing the merged GGUF"):

@@ -89,6 +89,24 @@ def weight_deltas(adapters: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
     return {name: adapter.delta() for name, adapter in adapters.items()}
 
 
+def quantize_int8_(adapters: dict[str, LoRALinear]) -> int:
+    """Round every adapter to what an upload of it would carry, in place, and return its bytes.
+
+    A (rank x in) and B (out x rank) become int8 with one float16 scale per rank component
+    (per row of A, per column of B: the long dimension, so the scales cost almost nothing at
+    small rank), symmetric, so zero stays exactly zero."""
+    size = 0
+    with torch.no_grad():
+        for adapter in adapters.values():
+            for weight, dim in ((adapter.a, 1), (adapter.b, 0)):
+                peak = weight.abs().amax(dim, keepdim=True)
+                scale = (peak / 127).to(torch.float16).float()
+                scale[scale == 0] = 1.0  # an all-zero component stays zero
+                weight.copy_(torch.round(weight / scale).clamp(-127, 127) * scale)
+                size += weight.numel() + 2 * scale.numel()
+    return size
+
+
 def merge(model: nn.Module, adapters: dict[str, LoRALinear]) -> None:
     """Fold every adapter into its base weight and put the plain linear layer back."""
     with torch.no_grad():

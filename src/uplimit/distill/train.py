@@ -1,10 +1,11 @@
 """LoRA fine-tuning of the weak model on the strong model's answers, on CPU, resumable.
 
-The targets are the tokens the outer side decoded (hard labels: all it has). Loss is the
-cross-entropy of the answer tokens only; in bits per token it is what plain arithmetic coding
-of those answers under the weak model would cost, and the share of answer tokens whose weak
-argmax equals the strong token is the greedy guess's hit rate. Both are reported on a held-out
-split before and after training.
+The targets are either the tokens the outer side decoded (hard labels: all it has) or, on the
+inner side, the strong model's distributions along its answers (soft targets, `distill.teacher`).
+Loss is the cross-entropy over answer positions only. Evaluation is always against the answer
+tokens: in bits per token it is what plain arithmetic coding of those answers under the weak
+model would cost, and the share of answer tokens whose weak argmax equals the strong token is
+the greedy guess's hit rate. Both are reported on a held-out split before and after training.
 
 Batches are fixed by the data and the seed, and a checkpoint (adapters, optimizer, step) is
 written atomically every few steps, so an interrupted run resumes where it stopped and ends
@@ -23,18 +24,21 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from uplimit.distill import lora
 from uplimit.distill.collect import Answer
+from uplimit.distill.data import Example
 from uplimit.errors import ConfigError
 from uplimit.models.base import LanguageModel
 from uplimit.models.chat import Message
 from uplimit.progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
+LOG_REST_FLOOR = -100.0  # nats: far below any rest bucket a real weak model gives
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "bfloat16"  # the frozen base weights; adapters train in float32
     checkpoint_every: int = 10
-
-
-@dataclass(frozen=True)
-class Example:
-    tokens: tuple[int, ...]  # prompt, then answer
-    n_prompt: int
+    targets: tuple[str, ...] = lora.TARGETS  # the linear maps that get adapters
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,9 @@ class Evaluation:
     tokens: int
     bits_per_token: float  # cross-entropy of the answer tokens, in bits
     top1: float  # share of answer tokens that are the weak model's argmax
+    # The training loss, in bits per token: the cross-entropy against the teacher's
+    # distributions where the examples carry them (else the same as bits_per_token).
+    loss_bits: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -137,21 +139,47 @@ def _answer_logits(model: nn.Module, batch: Sequence[Example]) -> tuple[torch.Te
     return logits, targets
 
 
+def loss_of(logits: torch.Tensor, targets: torch.Tensor, batch: Sequence[Example]) -> torch.Tensor:
+    """Mean cross-entropy per answer token: against the teacher's distributions where the
+    examples carry them, else against the answer tokens."""
+    soft = [e.targets for e in batch]
+    if all(t is None for t in soft):
+        return F.cross_entropy(logits, targets)
+    if any(t is None for t in soft):
+        raise ConfigError("a batch mixes examples with and without the teacher's targets")
+    ids = torch.from_numpy(np.concatenate([t.ids for t in soft]))
+    p = torch.from_numpy(np.exp(np.concatenate([t.logprobs for t in soft])))
+    p_rest = torch.from_numpy(np.concatenate([t.rest for t in soft]))
+    log_norm = logits.logsumexp(1)
+    log_q = logits.gather(1, ids) - log_norm[:, None]
+    # The rest bucket's log-probability without cancellation: the mass of the other logits.
+    # Where the top k are every token there is no rest: masking with -inf would make NaN
+    # gradients there, and the teacher's rounding leaves a p_rest of ~1e-8 that must not
+    # meet a log of -1e38, so the masked logits are finite and the log is floored.
+    masked = logits.scatter(1, ids, torch.finfo(logits.dtype).min / 2)
+    log_q_rest = (masked.logsumexp(1) - log_norm).clamp_min(LOG_REST_FLOOR)
+    return (-(p * log_q).sum(1) - p_rest * log_q_rest).mean()
+
+
 def evaluate(model: nn.Module, data: Sequence[Example], batch_tokens: int) -> Evaluation:
-    nats, hits, count = 0.0, 0, 0
+    nats, loss, hits, count = 0.0, 0.0, 0, 0
     with torch.inference_mode():
         for batch in batches(data, batch_tokens, seed=0):
             logits, targets = _answer_logits(model, batch)
             nats += F.cross_entropy(logits, targets, reduction="sum").item()
+            loss += loss_of(logits, targets, batch).item() * len(targets)
             hits += int((logits.argmax(-1) == targets).sum())
             count += len(targets)
-    return Evaluation(count, nats / math.log(2) / max(count, 1), hits / max(count, 1))
+    per_token = math.log(2) * max(count, 1)
+    return Evaluation(count, nats / per_token, hits / max(count, 1), loss / per_token)
 
 
 def data_digest(data: Sequence[Example]) -> str:
     h = hashlib.sha256()
     for e in data:
         h.update(json.dumps([e.n_prompt, e.tokens]).encode())
+        if e.targets is not None:
+            h.update(e.targets.ids.tobytes() + e.targets.logprobs.tobytes())
     return h.hexdigest()
 
 
@@ -168,7 +196,9 @@ def train(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model.to(getattr(torch, config.dtype))
-    adapters = lora.attach(model, rank=config.rank, alpha=config.alpha, seed=config.seed)
+    adapters = lora.attach(
+        model, rank=config.rank, alpha=config.alpha, seed=config.seed, targets=config.targets
+    )
     params = lora.parameters(adapters)  # float32: made after the base was cast
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     schedule = [
@@ -191,7 +221,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         logits, targets = _answer_logits(model, schedule[step])
-        loss = F.cross_entropy(logits, targets)
+        loss = loss_of(logits, targets, schedule[step])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -144,3 +144,40 @@ def test_int8_rounding_keeps_the_adapter_within_half_a_step_and_counts_its_bytes
     rounded = adapter.delta()
     lora.quantize_int8_(adapters)
     assert torch.equal(adapter.delta(), rounded)  # what is sent is already on the grid
+
+
+def test_teach_command_reuses_the_teachers_data_and_reports_the_upload(
+    tiny_pair_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from uplimit.cli import app
+    from uplimit.models.tiny import export_gguf
+
+    monkeypatch.setenv("UPLIMIT_HOME", str(tmp_path / "home"))
+    weak = export_gguf(tiny_pair_dirs[1])
+    args = [
+        "distill", "teach", "--workdir", str(tmp_path / "w"), "--count", "4",
+        "--max-tokens", "12", "--top-k", "4", "--strong", str(tiny_pair_dirs[0]),
+        "--weak", str(weak), "--tokenizer-dir", str(tmp_path / "tok"), "--threads", "1",
+    ]  # fmt: skip
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "wrote" in first.output and (tmp_path / "w" / "taught.npz").exists()
+    hard = CliRunner().invoke(app, [*args, "--hard", "--no-export"])
+    assert hard.exit_code == 0, hard.output
+    assert "read the teacher's data" in hard.output
+    layers = HFModel(tiny_pair_dirs[1]).torch_model.config
+    for run in ("soft", "hard"):
+        report = json.loads((tmp_path / "w" / run / "result.json").read_text())
+        assert report["hard"] == (run == "hard")
+        width = layers.intermediate_size + layers.hidden_size  # down_proj, rank 1
+        assert report["upload_bytes"] == layers.num_hidden_layers * (width + 4)
+        assert report["lifetime_budget_bytes"] is None  # not the pinned strong model
+        saved = report["result"]["before"]["bits_per_token"] - report["rounded"]["bits_per_token"]
+        if saved > 0:
+            assert report["payback_tokens"] == pytest.approx(8 * report["upload_bytes"] / saved)
+        else:
+            assert report["payback_tokens"] is None

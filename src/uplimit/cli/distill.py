@@ -102,16 +102,9 @@ def distill_train(
 ) -> None:
     """LoRA-train the weak model on the answers (CPU, bf16), then export the merged GGUF."""
     from uplimit.distill.collect import load_answers
-    from uplimit.distill.train import TrainConfig, examples, split
+    from uplimit.distill.train import examples, split
 
-    config = TrainConfig(
-        rank=rank,
-        alpha=2.0 * rank,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        batch_tokens=batch_tokens,
-        max_len=max_len,
-    )
+    config = _config(rank, epochs, learning_rate, batch_tokens, max_len=max_len)
     path, model = _load_trainable(weak, tokenizer_dir, threads)
     collected = load_answers(answers)
     train_set, held = split(examples(model, collected, config.max_len), config.holdout, 0)
@@ -160,7 +153,7 @@ def distill_teach(
     from uplimit.distill import lora
     from uplimit.distill.data import load_taught, save_taught
     from uplimit.distill.teacher import teach
-    from uplimit.distill.train import TrainConfig, evaluate, split
+    from uplimit.distill.train import evaluate, split
     from uplimit.link.budget import Budgets
     from uplimit.models.loading import load_model, resolve
     from uplimit.models.pins import STRONG
@@ -194,12 +187,11 @@ def distill_teach(
         meta.write_text(json.dumps(identity) + "\n")
     if hard:
         taught = [dataclasses.replace(e, targets=None) for e in taught]
-    config = TrainConfig(
-        rank=rank,
-        alpha=2.0 * rank,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        batch_tokens=batch_tokens,
+    config = _config(
+        rank,
+        epochs,
+        learning_rate,
+        batch_tokens,
         max_len=max(len(e.tokens) for e in taught),
         targets=tuple(targets.split(",")),
     )
@@ -235,6 +227,21 @@ def distill_teach(
         f"bits/token, top-1 {rounded.top1:.1%} ({saved:+.3f} bits/token saved: {payback})"
     )
     _finish(path, model, adapters, report, run, export)
+
+
+def _config(rank: int, epochs: int, learning_rate: float, batch_tokens: int, **more):
+    """The training settings from the command line. Alpha is twice the rank, so the update's
+    scale (alpha / rank) is the same at every rank."""
+    from uplimit.distill.train import TrainConfig
+
+    return TrainConfig(
+        rank=rank,
+        alpha=2.0 * rank,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        batch_tokens=batch_tokens,
+        **more,
+    )
 
 
 def _load_trainable(weak: str, tokenizer_dir: Path | None, threads: int):

@@ -40,6 +40,15 @@ class BenchSettings:
     frame_tokens: int = 16  # tokens per stream per frame
     seed: int = 0
 
+    def record(self) -> dict:
+        """The settings as a result records them (JSON-ready)."""
+        return {
+            **asdict(self.params),
+            "max_tokens": self.max_tokens,
+            "frame_tokens": self.frame_tokens,
+            "seed": self.seed,
+        }
+
 
 class TimedSession(Session):
     """A session that adds up the time spent inside the model, and can record logits."""
@@ -149,12 +158,7 @@ def run_bench(
         return bits / n_tokens if n_tokens else 0.0
 
     return {
-        "settings": {
-            **asdict(settings.params),
-            "max_tokens": settings.max_tokens,
-            "frame_tokens": settings.frame_tokens,
-            "seed": settings.seed,
-        },
+        "settings": settings.record(),
         "models": {
             "strong": {"name": strong.info.name, "sha256": strong.info.file_sha256},
             "weak": {"name": weak_encoder.info.name, "sha256": weak_encoder.info.file_sha256},

@@ -6,10 +6,17 @@ the sandbox). The knob is the one the temperature allows (`coding.sampling`): `t
 T = 0, `tilt` at T > 0; its 0 is the exact mode, the frontier's reference point. The picture
 plots each run's all-in bits/token against its pass@1 with the 95 % Wilson interval, so the
 trade is read off one figure; the JSON keeps every run whole.
+
+A sweep over all 164 problems takes about an hour per setting on a small CPU machine, so each
+run can be kept as it finishes (`store`): a rerun reuses the stored runs measured exactly as it
+would measure them, measures the rest, and refuses a stored run measured otherwise rather than
+mixing two measurements in one picture.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from uplimit.bench import BenchSettings
 from uplimit.coding.calibration import Calibration
+from uplimit.errors import ConfigError
 from uplimit.models.base import LanguageModel
 from uplimit.progress import Progress
 from uplimit.prompts import Problem
@@ -26,6 +34,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["knob_for", "plot_frontier", "run_frontier"]
+
+Models = tuple[LanguageModel, LanguageModel, LanguageModel, Calibration]
 
 
 def knob_for(temperature: float) -> str:
@@ -37,17 +47,26 @@ def run_frontier(
     problems: Sequence[Problem],
     settings: BenchSettings,
     values: Sequence[float],
-    models: tuple[LanguageModel, LanguageModel, LanguageModel, Calibration],
+    models: Models,
     sandbox: Sandbox,
     progress: Progress | None = None,
+    store: Path | None = None,
 ) -> dict:
-    """One quality run per knob value (`settings.params` gives everything else); JSON-ready."""
+    """One quality run per knob value (`settings.params` gives everything else); JSON-ready.
+
+    With `store` (a directory), each run is written there as `<knob>-<value>.json` when it
+    finishes, and one already there is reused if it was measured with the same settings,
+    models, calibration, sandbox and problems (`ConfigError` if it was not)."""
     knob = knob_for(settings.params.temperature)
     # Every setting is checked like a request's before the first (long) run starts.
-    sweep = [replace(settings.params, **{knob: value}) for value in values]
+    sweep = [replace(settings, params=replace(settings.params, **{knob: v})) for v in values]
+    paths: list[Path | None] = [None] * len(values)
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
+        paths = [store / f"{knob}-{value:g}.json" for value in values]
     runs = [
-        run_quality(problems, replace(settings, params=params), *models, sandbox, progress)
-        for params in sweep
+        _run_or_reuse(problems, one, models, sandbox, progress, path)
+        for one, path in zip(sweep, paths, strict=True)
     ]
     return {
         "knob": knob,
@@ -66,6 +85,63 @@ def run_frontier(
         ],
         "runs": runs,
     }
+
+
+def _run_or_reuse(
+    problems: Sequence[Problem],
+    settings: BenchSettings,
+    models: Models,
+    sandbox: Sandbox,
+    progress: Progress | None,
+    path: Path | None,
+) -> dict:
+    """The quality run stored at `path` if it matches these inputs, else a new one (stored)."""
+    if path is not None and path.exists():
+        wanted = _identity_wanted(problems, settings, models, sandbox)
+        try:
+            stored = json.loads(path.read_text())
+            found = _identity_of(stored)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path} is not a stored quality run ({e}); move it away") from e
+        if found != wanted:
+            differ = ", ".join(k for k in wanted if found[k] != wanted[k])
+            raise ConfigError(
+                f"{path} was measured with other {differ}; move it away or store this sweep "
+                "in another directory"
+            )
+        return stored
+    run = run_quality(problems, settings, *models, sandbox, progress)
+    if path is not None:
+        staging = path.with_name(f".{path.name}.partial")
+        staging.write_text(json.dumps(run, indent=2))
+        os.replace(staging, path)  # a crash leaves the whole run or none
+    return run
+
+
+def _identity_of(run: dict) -> dict:
+    """What decides a quality run's numbers, as its JSON records it."""
+    return {
+        "settings": run["settings"],
+        "models": [run["models"]["strong"]["sha256"], run["models"]["weak"]["sha256"]],
+        "calibration": run["calibration"]["digest"],
+        "sandbox": run["sandbox"],
+        "problems": [p["task_id"] for p in run["per_problem"]],
+    }
+
+
+def _identity_wanted(
+    problems: Sequence[Problem], settings: BenchSettings, models: Models, sandbox: Sandbox
+) -> dict:
+    """`_identity_of` the run these inputs would make (through JSON, as a stored one went)."""
+    strong, weak, _, calibration = models
+    identity = {
+        "settings": settings.record(),
+        "models": [strong.info.file_sha256, weak.info.file_sha256],
+        "calibration": calibration.digest(),
+        "sandbox": sandbox.record(),
+        "problems": [p.task_id for p in problems],
+    }
+    return json.loads(json.dumps(identity))
 
 
 def plot_frontier(result: dict, out: str | Path) -> Figure:

@@ -75,6 +75,10 @@ class Sandbox:
                   f"--fsize={self.file_bytes}", "--core=0", "--"]  # fmt: skip
         return [*limits, *self.prefix, sys.executable, "-I", "-B", str(program)]
 
+    def record(self) -> dict:
+        """What a result records of the sandbox (JSON-ready)."""
+        return {"network": "isolated" if self.prefix else "host", "timeout_s": self.timeout_s}
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -168,10 +172,7 @@ def run_quality(
         "settings": bench["settings"],
         "models": bench["models"],
         "calibration": bench["calibration"],
-        "sandbox": {
-            "network": "isolated" if sandbox.prefix else "host",
-            "timeout_s": sandbox.timeout_s,
-        },
+        "sandbox": sandbox.record(),
         "problems": len(problems),
         "passed": passed,
         "pass_at_1": passed / len(problems) if problems else 0.0,

@@ -129,3 +129,46 @@ def test_frontier_plots_one_quality_run_per_setting(tiny_strong, tiny_weak, sand
     line = fig.axes[0].containers[0].lines[0]  # the error bar's data line
     assert list(line.get_xdata()) == [p["bits_per_token"] for p in result["points"]]
     assert Image.open(tmp_path / "frontier.png").size[0] > 500
+
+
+def test_a_stored_frontier_run_is_reused_and_only_the_missing_settings_are_measured(
+    tiny_strong, tiny_weak, sandbox, tmp_path, monkeypatch
+):
+    import uplimit.frontier as frontier
+
+    settings = BenchSettings(SamplingParams(0.0), max_tokens=8, frame_tokens=4, seed=0)
+    models = (tiny_strong, tiny_weak, tiny_weak, Calibration())
+    first = frontier.run_frontier(PROBLEMS[:2], settings, [0.0], models, sandbox, store=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tie_nats-0.json"]
+
+    measured = []
+
+    def counted(problems, settings, *rest):
+        measured.append(settings.params.tie_nats)
+        return run_quality(problems, settings, *rest)
+
+    monkeypatch.setattr(frontier, "run_quality", counted)
+    both = frontier.run_frontier(
+        PROBLEMS[:2], settings, [0.0, 2.0], models, sandbox, store=tmp_path
+    )
+    assert measured == [2.0]  # the exact mode's run was read back, not measured again
+    assert both["runs"][0] == first["runs"][0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tie_nats-0.json", "tie_nats-2.json"]
+
+
+def test_a_stored_frontier_run_measured_otherwise_is_refused(
+    tiny_strong, tiny_weak, sandbox, tmp_path
+):
+    from uplimit.frontier import run_frontier
+
+    settings = BenchSettings(SamplingParams(0.0), max_tokens=8, frame_tokens=4, seed=0)
+    models = (tiny_strong, tiny_weak, tiny_weak, Calibration())
+    run_frontier(PROBLEMS[:2], settings, [0.0], models, sandbox, store=tmp_path)
+    longer = BenchSettings(SamplingParams(0.0), max_tokens=9, frame_tokens=4, seed=0)
+    with pytest.raises(ConfigError, match=r"tie_nats-0\.json was measured with other settings"):
+        run_frontier(PROBLEMS[:2], longer, [0.0], models, sandbox, store=tmp_path)
+    with pytest.raises(ConfigError, match="other problems"):
+        run_frontier(PROBLEMS[:3], settings, [0.0], models, sandbox, store=tmp_path)
+    (tmp_path / "tie_nats-0.json").write_text('{"settings": ')  # not a run
+    with pytest.raises(ConfigError, match="is not a stored quality run"):
+        run_frontier(PROBLEMS[:2], settings, [0.0], models, sandbox, store=tmp_path)

@@ -179,6 +179,11 @@ def frontier(
     weak: str = _WEAK,
     plot: Path = typer.Option(..., help="Write the picture here (.png or .svg)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write every run here."),
+    runs: Path | None = typer.Option(
+        None,
+        help="Keep each setting's run in this directory as it finishes; a rerun reuses the "
+        "runs there measured alike and measures the rest.",
+    ),
 ) -> None:
     """Bits/token against pass@1: one `uplimit quality` run per setting of the knob the
     temperature allows (tie_nats at T=0, tilt at T>0), drawn as one picture (uplimit.frontier)."""
@@ -199,7 +204,7 @@ def frontier(
     settings = BenchSettings(SamplingParams(temperature), max_tokens, frame_tokens, seed)
     models = _coding_models(strong, weak, calibration)
     with progress_bar() as update:
-        result = run_frontier(problems, settings, sweep, models, sandbox, update)
+        result = run_frontier(problems, settings, sweep, models, sandbox, update, runs)
     if json_out:  # first: the runs are the costly part, the picture can be drawn again
         json_out.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {json_out}")

@@ -150,6 +150,7 @@ def test_teach_command_reuses_the_teachers_data_and_reports_the_upload(
     tiny_pair_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
+    import shutil
 
     from typer.testing import CliRunner
 
@@ -158,9 +159,11 @@ def test_teach_command_reuses_the_teachers_data_and_reports_the_upload(
 
     monkeypatch.setenv("UPLIMIT_HOME", str(tmp_path / "home"))
     weak = export_gguf(tiny_pair_dirs[1])
+    strong = tmp_path / "strong"
+    shutil.copytree(tiny_pair_dirs[0], strong)
     args = [
         "distill", "teach", "--workdir", str(tmp_path / "w"), "--count", "4",
-        "--max-tokens", "12", "--top-k", "4", "--strong", str(tiny_pair_dirs[0]),
+        "--max-tokens", "12", "--top-k", "4", "--strong", str(strong),
         "--weak", str(weak), "--tokenizer-dir", str(tmp_path / "tok"), "--threads", "1",
     ]  # fmt: skip
     first = CliRunner().invoke(app, args)
@@ -181,3 +184,13 @@ def test_teach_command_reuses_the_teachers_data_and_reports_the_upload(
             assert report["payback_tokens"] == pytest.approx(8 * report["upload_bytes"] / saved)
         else:
             assert report["payback_tokens"] is None
+    # Another model at the teacher's path is another teacher: its data is made again.
+    taught = tmp_path / "w" / "taught.json"
+    before = json.loads(taught.read_text())["strong_sha256"]
+    shutil.rmtree(strong)
+    shutil.copytree(tiny_pair_dirs[1], strong)
+    shutil.rmtree(tmp_path / "w" / "soft")  # its checkpoint is refused with new data
+    other = CliRunner().invoke(app, [*args, "--no-export"])
+    assert other.exit_code == 0, other.output
+    assert "read the teacher's data" not in other.output
+    assert json.loads(taught.read_text())["strong_sha256"] != before

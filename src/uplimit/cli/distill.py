@@ -155,23 +155,23 @@ def distill_teach(
     from uplimit.distill.teacher import teach
     from uplimit.distill.train import evaluate, split
     from uplimit.link.budget import Budgets
-    from uplimit.models.loading import load_model, resolve
+    from uplimit.models.loading import load_model
     from uplimit.models.pins import STRONG
     from uplimit.prompts import training_set
 
     temps = [float(t) for t in temperatures.split(",")]
     workdir.mkdir(parents=True, exist_ok=True)
     data, meta = workdir / "taught.npz", workdir / "taught.json"
-    identity = {
+    with console.status("loading the strong model"):
+        teacher = load_model(strong)
+    identity = {  # the teacher by its hash: another file at the same path is another teacher
         "count": count, "temperatures": temps, "max_tokens": max_tokens, "top_k": top_k,
-        "seed": seed, "strong": str(resolve(strong)),
+        "seed": seed, "strong_sha256": teacher.info.file_sha256,
     }  # fmt: skip
     if data.exists() and meta.exists() and json.loads(meta.read_text()) == identity:
         taught = load_taught(data)
         console.print(f"read the teacher's data from {data}")
     else:
-        with console.status("loading the strong model"):
-            teacher = load_model(strong)
         with progress_bar() as update:
             taught = teach(
                 teacher,
@@ -182,9 +182,9 @@ def distill_teach(
                 seed=seed,
                 progress=update,
             )
-        teacher.close()
         save_taught(data, taught)
         meta.write_text(json.dumps(identity) + "\n")
+    teacher.close()
     if hard:
         taught = [dataclasses.replace(e, targets=None) for e in taught]
     config = _config(

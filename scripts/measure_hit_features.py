@@ -1,7 +1,7 @@
 """Which features the hit model should use, and what a copy model could save (docs/codec.md).
 
     nice -n 10 .venv/bin/python scripts/measure_hit_features.py --count 160 --seed 11 \
-        --temperature 0 [--max-tokens 128] [--json OUT]
+        --temperature 0 [--tie-nats D | --tilt L] [--max-tokens 128] [--json OUT]
 
 The strong model answers `count` training prompts (`prompts.training_set`: HumanEval and
 standard-library questions, never dev.jsonl); the weak model runs along every answer as the
@@ -12,7 +12,10 @@ codec runs it (`calibrate.walk`). Then:
    17), the shipped three features (margin, gap, confidence), and the shipped three plus each
    feature that needs the stream's history: position, hits among the last 8 guesses, and
    whether a copy model's candidate (the token after the latest earlier occurrence of the
-   context's longest matching suffix, prompt included) agrees with the guess.
+   context's longest matching suffix, prompt included) agrees with the guess. Beside them, the
+   shipped calibration as it is, not refitted: with `--tie-nats` or `--tilt` the answers are
+   steered (compression-aware decoding), and the difference is what a calibration fitted
+   with the knob on would save.
 2. The miss distribution's scale: one scale for every miss (as shipped) against one per
    margin interval, each chosen on one half and scored on the other.
 3. An upper bound on what mixing a copy model into the miss distribution could save: the miss
@@ -148,14 +151,16 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=160)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--tie-nats", type=float, default=0.0)
+    parser.add_argument("--tilt", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     strong, weak = load_model("strong"), load_model("weak")
     calibration = for_pair(strong.info.file_sha256, weak.info.file_sha256)
-    params = SamplingParams(temperature=args.temperature)
-    scale = calibration.regime(params.greedy)[1]
+    params = SamplingParams(args.temperature, tie_nats=args.tie_nats, tilt=args.tilt)
+    model, scale = calibration.regime(params.greedy, params.knob)
 
     def progress(label: str, done: int, total: int) -> None:
         print(f"\r{label}: {done}/{total}", end="", flush=True)
@@ -172,7 +177,13 @@ def main() -> None:
         (CONFIDENCE_EDGES, [at.features.confidence for at in positions]),
     ]
     history = history_columns(positions)
+    as_shipped = [model.hit_count(at.features) for at in positions]
     flag_bits = {
+        "shipped calibration, not refitted": -sum(
+            math.log2((c if at.hit else FLAG_TOTAL - c) / FLAG_TOTAL)
+            for c, at in zip(as_shipped, positions, strict=True)
+        )
+        / len(positions),
         "margin": cross_validated_bits(shipped[:1], hits, fold),
         "margin, gap, confidence (shipped)": cross_validated_bits(shipped, hits, fold),
     }
@@ -186,6 +197,8 @@ def main() -> None:
     copyable = [at for at in misses if at.copy_is_token]
     result = {
         "temperature": args.temperature,
+        "tie_nats": args.tie_nats,
+        "tilt": args.tilt,
         "answers": args.count,
         "tokens": n,
         "hit_rate": float(hits.mean()),

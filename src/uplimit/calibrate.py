@@ -7,20 +7,24 @@ hit, and on a miss the cost of the true token under each candidate miss scale. T
 `Calibration` gets, per regime (T = 0 and T > 0), the hit model fitted by logistic
 regression and the miss scale with the lowest total cost. Fitting is in floating point: only
 its output, a JSON file of integers and a few floats, must be identical on both sides.
+
+With knob values (`tie_nats` at T = 0, `tilt` at T > 0) the strong model also answers with
+each knob on, and each value gets its own hit model and miss scale (`calibration.Steered`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from uplimit.coding.calibration import Calibration, Features, fit_hit_model
+from uplimit.coding.calibration import Calibration, Features, HitModel, Steered, fit_hit_model
 from uplimit.coding.codec import Prediction, StepContext, predict
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
+from uplimit.errors import ConfigError
 from uplimit.models.base import LanguageModel
 from uplimit.progress import Progress
 from uplimit.prompts import Prompt
@@ -41,6 +45,32 @@ class Observations:
         self.hits.append(hit)
         if miss_cost is not None:
             self.miss_costs.append(miss_cost)
+
+    def extend(self, other: Observations) -> None:
+        self.features += other.features
+        self.hits += other.hits
+        self.miss_costs += other.miss_costs
+
+
+@dataclass(frozen=True)
+class Regime:
+    """What a hit model is fitted for: T = 0 (`greedy`) or T > 0, and the knob's value
+    (`tie_nats` at T = 0, `tilt` at T > 0; 0 is the exact mode)."""
+
+    greedy: bool
+    knob: float = 0.0
+
+    def params(self, temperature: float) -> SamplingParams:
+        if self.greedy:
+            return SamplingParams(temperature, tie_nats=self.knob)
+        return SamplingParams(temperature, tilt=self.knob)
+
+    @property
+    def name(self) -> str:
+        base = "greedy" if self.greedy else "sampled"
+        if not self.knob:
+            return base
+        return f"{base}, {'tie_nats' if self.greedy else 'tilt'} {self.knob:g}"
 
 
 def miss_costs(scores: np.ndarray, guess: int, token: int) -> np.ndarray:
@@ -87,12 +117,13 @@ def walk(
         for i, p in enumerate(prompts)
     ]
     context = max(len(r.prompt) for r in requests) + max_tokens + 1
-    label = f"T={params.temperature}"
+    label = f"T={params.temperature}" + (f", knob {params.knob:g}" if params.guided else "")
     gens, _ = generate(
         strong,
         requests,
         max_context=context,
         on_step=lambda n: progress(f"{label}: strong answers", n, len(requests) * max_tokens),
+        weak=weak,  # read only with tie_nats or tilt
     )
     neutral = Calibration()
     total = sum(len(g.tokens) for g in gens)
@@ -153,43 +184,74 @@ def observe_regimes(
     max_tokens: int,
     seed: int,
     progress: Progress,
-) -> tuple[Observations, Observations]:
-    """`observe` at each temperature, merged by regime: (greedy: T = 0, sampled: T > 0)."""
-    greedy, sampled = Observations(), Observations()
+    *,
+    tie_nats: Sequence[float] = (),
+    tilts: Sequence[float] = (),
+    exact: bool = True,
+) -> dict[Regime, Observations]:
+    """`observe` at each temperature, and with each knob value it allows, merged by regime.
+    With `exact`, the exact regimes (T = 0 and T > 0) are there, empty if no temperature had
+    them; without, only the knobs' answers are walked."""
+    observed = {Regime(True): Observations(), Regime(False): Observations()} if exact else {}
     for t in temperatures:
-        params = SamplingParams(temperature=t)
-        obs = observe(walk(strong, weak, prompts, params, max_tokens, seed, progress))
-        target = greedy if t == 0 else sampled
-        target.features += obs.features
-        target.hits += obs.hits
-        target.miss_costs += obs.miss_costs
-    return greedy, sampled
+        greedy = t == 0
+        for knob in ((0.0,) if exact else ()) + tuple(tie_nats if greedy else tilts):
+            regime = Regime(greedy, knob)
+            walked = walk(strong, weak, prompts, regime.params(t), max_tokens, seed, progress)
+            observed.setdefault(regime, Observations()).extend(observe(walked))
+    return observed
+
+
+def fit_regime(obs: Observations, regime: Regime) -> tuple[HitModel, float, FitReport]:
+    """The hit model and the best miss scale for one regime's observations."""
+    model = fit_hit_model(obs.features, obs.hits)
+    totals = np.sum(obs.miss_costs, axis=0) if obs.miss_costs else np.zeros(len(MISS_SCALES))
+    best = int(np.argmin(totals))
+    flag_bits = sum(
+        -math.log2((c if h else 65536 - c) / 65536)
+        for f, h in zip(obs.features, obs.hits, strict=True)
+        for c in (model.hit_count(f),)
+    )
+    n = len(obs.hits)
+    report = FitReport(regime.name, n, sum(obs.hits) / max(n, 1), MISS_SCALES[best],
+                       (flag_bits + float(totals[best])) / max(n, 1))  # fmt: skip
+    return model, MISS_SCALES[best], report
 
 
 def fit(
-    greedy: Observations, sampled: Observations, note: str
+    observed: Mapping[Regime, Observations], note: str, onto: Calibration | None = None
 ) -> tuple[Calibration, list[FitReport]]:
-    models, scales, reports = {}, {}, []
-    for regime, obs in (("greedy", greedy), ("sampled", sampled)):
-        model = fit_hit_model(obs.features, obs.hits)
-        totals = np.sum(obs.miss_costs, axis=0) if obs.miss_costs else np.zeros(len(MISS_SCALES))
-        best = int(np.argmin(totals))
-        flag_bits = sum(
-            -math.log2((c if h else 65536 - c) / 65536)
-            for f, h in zip(obs.features, obs.hits, strict=True)
-            for c in (model.hit_count(f),)
+    """The calibration fitted on `observe_regimes`' observations, with a steered hit model for
+    each knob value observed. A regime not observed keeps `onto`'s models (the exact regimes
+    must then be there, or `onto` given)."""
+    fitted = {regime: fit_regime(obs, regime) for regime, obs in observed.items()}
+    models = {r: (model, scale) for r, (model, scale, _) in fitted.items()}
+    if onto is not None:
+        kept = [(Regime(True), onto.greedy_hits, onto.greedy_miss_scale),
+                (Regime(False), onto.sampled_hits, onto.sampled_miss_scale)]  # fmt: skip
+        kept += [(Regime(True, s.knob), s.hits, s.miss_scale) for s in onto.greedy_steered]
+        kept += [(Regime(False, s.knob), s.hits, s.miss_scale) for s in onto.sampled_steered]
+        for regime, model, scale in kept:
+            models.setdefault(regime, (model, scale))
+
+    def steered(greedy: bool) -> tuple[Steered, ...]:
+        knobs = sorted(r.knob for r in models if r.greedy == greedy and r.knob)
+        return tuple(Steered(k, *models[Regime(greedy, k)]) for k in knobs)
+
+    if Regime(True) not in models or Regime(False) not in models:
+        raise ConfigError(
+            "no exact-mode models: observe the exact regimes, or fit onto a calibration"
         )
-        n = len(obs.hits)
-        models[regime], scales[regime] = model, MISS_SCALES[best]
-        reports.append(
-            FitReport(regime, n, sum(obs.hits) / max(n, 1), MISS_SCALES[best],
-                      (flag_bits + float(totals[best])) / max(n, 1))
-        )  # fmt: skip
+    greedy_hits, greedy_scale = models[Regime(True)]
+    sampled_hits, sampled_scale = models[Regime(False)]
     calibration = Calibration(
-        greedy_hits=models["greedy"],
-        greedy_miss_scale=scales["greedy"],
-        sampled_hits=models["sampled"],
-        sampled_miss_scale=scales["sampled"],
+        greedy_hits=greedy_hits,
+        greedy_miss_scale=greedy_scale,
+        sampled_hits=sampled_hits,
+        sampled_miss_scale=sampled_scale,
         note=note,
+        greedy_steered=steered(True),
+        sampled_steered=steered(False),
     )
-    return calibration, reports
+    order = sorted(fitted, key=lambda r: (not r.greedy, r.knob))
+    return calibration, [fitted[r][2] for r in order]

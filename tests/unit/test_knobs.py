@@ -3,11 +3,13 @@ exact, on does what docs/codec.md says, and the round trip stays exact."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from uplimit.bench import BenchSettings, run_bench
-from uplimit.coding.calibration import Calibration
+from uplimit.coding.calibration import LOG_ODDS_UNIT, Calibration, Steered
 from uplimit.coding.codec import StepContext, predict
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.noise import PositionNoise
@@ -140,6 +142,16 @@ def test_round_trip_is_exact_with_knobs_on_and_they_save_bits(
         knob.tie_nats,
         knob.tilt,
     )
+    # With a hit model fitted for steered streams both sides switch to it for this knob:
+    # still exact, and priced differently.
+    base = Calibration()
+    confident = replace(base.greedy_hits, bias=base.greedy_hits.bias + 4 * LOG_ODDS_UNIT)
+    steered = (Steered(knob.knob, confident, 0.8),)
+    with_steered = replace(base, greedy_steered=steered, sampled_steered=steered)
+    settings = BenchSettings(knob, max_tokens=24, frame_tokens=8)
+    r = run_bench(prompts, settings, tiny_strong, tiny_weak, decoder_weak, with_steered)
+    assert r["exact_roundtrip"] and r["mismatches"] == 0
+    assert r["payload_bits_per_token"] != results[True]["payload_bits_per_token"]
 
 
 def test_knobs_are_validated_and_need_the_weak_model(tiny_strong):

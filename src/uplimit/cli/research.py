@@ -90,6 +90,14 @@ def bench(
         raise typer.Exit(1)
 
 
+def _numbers(text: str, option: str) -> list[float]:
+    """A comma-separated list of numbers given to `option` ("" is none)."""
+    try:
+        return [float(v) for v in text.split(",")] if text.strip() else []
+    except ValueError as e:
+        raise typer.BadParameter(f"{option} must be numbers separated by commas: {e}") from e
+
+
 def _coding_models(strong: str, weak: str, calibration: Path | None) -> tuple:
     """(strong, weak encoder, weak decoder, calibration) for a codec measurement: the decoder
     is a separately loaded instance, as the outer side has."""
@@ -195,10 +203,7 @@ def frontier(
     from uplimit.prompts import humaneval_problems
     from uplimit.quality import Sandbox
 
-    try:
-        sweep = [float(v) for v in values.split(",")]
-    except ValueError as e:
-        raise typer.BadParameter(f"--values must be numbers separated by commas: {e}") from e
+    sweep = _numbers(values, "--values")
     sandbox = Sandbox.for_host(allow_network=allow_network, timeout_s=timeout_s)
     problems = humaneval_problems()[:limit]
     settings = BenchSettings(SamplingParams(temperature), max_tokens, frame_tokens, seed)
@@ -276,6 +281,17 @@ def calibrate(
         64, help="Training prompts (HumanEval + standard-library questions)."
     ),
     temperatures: str = typer.Option("0,0.7,1.0", help="Comma-separated; 0 is greedy."),
+    tie_nats: str = typer.Option(
+        "", help="Also fit a hit model for T=0 answers steered by each tie_nats (comma-separated)."
+    ),
+    tilt: str = typer.Option(
+        "", help="Also fit a hit model for T>0 answers steered by each tilt (comma-separated)."
+    ),
+    onto: Path | None = typer.Option(
+        None,
+        help="Keep this calibration's models and add (or replace) only the steered ones fitted "
+        "now: the exact-mode answers are not walked.",
+    ),
     max_tokens: int = typer.Option(128, help="Tokens per answer."),
     seed: int = typer.Option(1, help="Sampling seed base and prompt-selection seed."),
     strong: str = _STRONG,
@@ -288,25 +304,43 @@ def calibrate(
     ),
 ) -> None:
     """Fit how the coder predicts the strong model from the weak one (never on eval prompts)."""
-    from uplimit.calibrate import fit, observe_regimes
+    from uplimit.calibrate import Regime, fit, observe_regimes
+    from uplimit.coding.calibration import Calibration
+    from uplimit.errors import InvalidRequest
     from uplimit.models.loading import ModelPair, load_model
     from uplimit.prompts import load_jsonl, training_set
 
-    temps = [float(t) for t in temperatures.split(",")]
+    temps = _numbers(temperatures, "--temperatures")
+    ties, tilts = _numbers(tie_nats, "--tie-nats"), _numbers(tilt, "--tilt")
+    if (ties and 0.0 not in temps) or (tilts and not any(t > 0 for t in temps)):
+        raise typer.BadParameter("--tie-nats needs 0 among --temperatures, --tilt one above 0")
+    if onto and not (ties or tilts):
+        raise typer.BadParameter("--onto adds steered models: give --tie-nats or --tilt")
+    base = Calibration.load(onto) if onto else None
+    try:  # every setting is checked before the first (long) walk
+        for t in temps:
+            for knob in ties if t == 0 else tilts:
+                Regime(t == 0, knob).params(t)
+    except InvalidRequest as e:
+        raise typer.BadParameter(str(e)) from e
     prompts = load_jsonl(prompts_file)[:count] if prompts_file else training_set(count, seed)
     with console.status("loading models"):
         pair = ModelPair(load_model(strong), load_model(weak))
     with progress_bar() as update:
-        greedy, sampled = observe_regimes(
-            pair.strong, pair.weak, prompts, temps, max_tokens, seed, update
-        )
+        observed = observe_regimes(
+            pair.strong, pair.weak, prompts, temps, max_tokens, seed, update,
+            tie_nats=ties, tilts=tilts, exact=base is None,
+        )  # fmt: skip
+    knobs = (f", tie_nats in {ties}" if ties else "") + (f", tilt in {tilts}" if tilts else "")
     note = (
-        f"fitted by `uplimit calibrate` on {len(prompts)} "
+        f"{'steered models ' if base else ''}fitted by `uplimit calibrate` on {len(prompts)} "
         f"{prompts_file.name if prompts_file else 'training'} prompts (seed {seed}), "
-        f"T in {temps}, {max_tokens} tokens; strong {pair.strong.info.file_sha256[:16]}, "
+        f"T in {temps}{knobs}, {max_tokens} tokens; strong {pair.strong.info.file_sha256[:16]}, "
         f"weak {pair.weak.info.file_sha256[:16]}"
     )
-    calibration, reports = fit(greedy, sampled, note)
+    if base:
+        note = f"{base.note}; {note}"
+    calibration, reports = fit(observed, note, onto=base)
     table = Table("regime", "tokens", "guess hit rate", "miss scale", "bits/token (train)")
     for r in reports:
         table.add_row(

@@ -7,6 +7,10 @@ Each token is coded as "was the decoder's guess right?" and, on a miss, which to
   guess's own probability (`Features`). Each adds a fitted step function's value to the
   log-odds, and the sum becomes a count in integers, so both sides agree exactly.
 - On a miss the token is coded under softmax(miss_scale * scores) without the guess.
+- Compression-aware decoding (`tie_nats`, `tilt`) steers the strong model towards the guess, so
+  hits are more frequent than the exact mode's model predicts: a calibration may carry hit
+  models fitted with a knob on (`Steered`), each for the streams whose knob is at least its
+  value.
 
 The values come from `fit`, run on prompts the benchmark never sees, and are stored as JSON;
 their digest is part of the codec fingerprint, since both sides must use the same ones.
@@ -129,6 +133,27 @@ def _uninformed() -> HitModel:
     return HitModel(0, Steps(MARGIN_EDGES, margin), _flat(GAP_EDGES), _flat(CONFIDENCE_EDGES))
 
 
+def _check_miss_scale(scale: float) -> None:
+    if not (math.isfinite(scale) and 0.05 <= scale <= 20.0):
+        raise ConfigError(f"miss scale must be in [0.05, 20], got {scale}")
+
+
+@dataclass(frozen=True)
+class Steered:
+    """The hit model and miss scale fitted on answers steered by a knob set to `knob`
+    (`tie_nats` at T = 0, `tilt` at T > 0); used for streams whose knob is at least that."""
+
+    knob: float
+    hits: HitModel
+    miss_scale: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "knob", float(self.knob))  # the digest of JSON read back
+        if not (math.isfinite(self.knob) and self.knob > 0):
+            raise ConfigError(f"a steered hit model's knob must be > 0, got {self.knob}")
+        _check_miss_scale(self.miss_scale)
+
+
 @dataclass(frozen=True)
 class Calibration:
     greedy_hits: HitModel = field(default_factory=_uninformed)
@@ -136,17 +161,29 @@ class Calibration:
     sampled_hits: HitModel = field(default_factory=_uninformed)
     sampled_miss_scale: float = 1.0
     note: str = "uninformed defaults"
+    greedy_steered: tuple[Steered, ...] = ()  # by increasing knob
+    sampled_steered: tuple[Steered, ...] = ()
 
     def __post_init__(self) -> None:
         for scale in (self.greedy_miss_scale, self.sampled_miss_scale):
-            if not (math.isfinite(scale) and 0.05 <= scale <= 20.0):
-                raise ConfigError(f"miss scale must be in [0.05, 20], got {scale}")
+            _check_miss_scale(scale)
+        for steered in (self.greedy_steered, self.sampled_steered):
+            knobs = [s.knob for s in steered]
+            if knobs != sorted(set(knobs)):
+                raise ConfigError("steered hit models must have strictly increasing knobs")
 
-    def regime(self, greedy: bool) -> tuple[HitModel, float]:
-        """The hit model and miss scale for T = 0 (`greedy`) or for T > 0."""
+    def regime(self, greedy: bool, knob: float = 0.0) -> tuple[HitModel, float]:
+        """The hit model and miss scale for T = 0 (`greedy`) or T > 0 and a stream's knob
+        (`tie_nats` or `tilt`; 0: the exact mode): the steered model with the largest knob
+        not above it, else the exact mode's."""
         if greedy:
-            return self.greedy_hits, self.greedy_miss_scale
-        return self.sampled_hits, self.sampled_miss_scale
+            chosen, steered = (self.greedy_hits, self.greedy_miss_scale), self.greedy_steered
+        else:
+            chosen, steered = (self.sampled_hits, self.sampled_miss_scale), self.sampled_steered
+        for s in steered:
+            if s.knob <= knob:
+                chosen = (s.hits, s.miss_scale)
+        return chosen
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -166,6 +203,8 @@ class Calibration:
                 sampled_hits=_hit_model(raw["sampled_hits"]),
                 sampled_miss_scale=float(raw["sampled_miss_scale"]),
                 note=str(raw.get("note", "")),
+                greedy_steered=_steered(raw.get("greedy_steered", [])),
+                sampled_steered=_steered(raw.get("sampled_steered", [])),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"invalid calibration: {type(e).__name__}: {e}") from e
@@ -175,9 +214,13 @@ class Calibration:
         return cls.from_json(Path(path).read_text())
 
     def digest(self) -> str:
-        """sha256 of what changes coding (not the note)."""
+        """sha256 of what changes coding (not the note). A calibration without steered models
+        keeps the digest it had before they existed."""
         data = asdict(self)
         data.pop("note")
+        for key in ("greedy_steered", "sampled_steered"):
+            if not data[key]:
+                data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -201,6 +244,12 @@ def _steps(raw: dict) -> Steps:
 def _hit_model(raw: dict) -> HitModel:
     return HitModel(
         int(raw["bias"]), _steps(raw["margin"]), _steps(raw["gap"]), _steps(raw["confidence"])
+    )
+
+
+def _steered(raw: list) -> tuple[Steered, ...]:
+    return tuple(
+        Steered(float(r["knob"]), _hit_model(r["hits"]), float(r["miss_scale"])) for r in raw
     )
 
 

@@ -76,7 +76,7 @@ def predict(
         guess, drawn, g = noise.perturbed_argmax(x, support(weak_logits, ctx.params))
         scores = x + EULER_GAMMA
         scores[drawn] = x[drawn] + g
-    model, scale = calibration.regime(ctx.params.greedy)
+    model, scale = calibration.regime(ctx.params.greedy, ctx.params.knob)
     features = robustness(scores, guess)
     return Prediction(guess, features, model.hit_count(features), scores, scale)
 

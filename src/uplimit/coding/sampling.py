@@ -85,6 +85,11 @@ class SamplingParams:
         """A knob is on: the emitted token depends on the weak model too (`guided_sample`)."""
         return bool(self.tie_nats or self.tilt)
 
+    @property
+    def knob(self) -> float:
+        """The compression knob this temperature allows: tie_nats at T = 0, tilt at T > 0."""
+        return self.tie_nats if self.greedy else self.tilt
+
 
 def _non_negative(x: float) -> bool:
     """Finite, >= 0, and not -0.0."""

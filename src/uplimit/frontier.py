@@ -5,7 +5,8 @@ the strong model with that decoding, coded and decoded exactly, each answer's pr
 the sandbox). The knob is the one the temperature allows (`coding.sampling`): `tie_nats` at
 T = 0, `tilt` at T > 0; its 0 is the exact mode, the frontier's reference point. The picture
 plots each run's all-in bits/token against its pass@1 with the 95 % Wilson interval, so the
-trade is read off one figure; the JSON keeps every run whole.
+trade is read off one figure; the JSON keeps every run whole, and with the exact mode in the
+sweep each point counts the problems it lost and gained against it.
 
 A sweep over all 164 problems takes about an hour per setting on a small CPU machine, so each
 run can be kept as it finishes (`store`): a rerun reuses the stored runs measured exactly as it
@@ -68,6 +69,7 @@ def run_frontier(
         _run_or_reuse(problems, one, models, sandbox, progress, path)
         for one, path in zip(sweep, paths, strict=True)
     ]
+    exact = next((r for value, r in zip(values, runs, strict=True) if value == 0), None)
     return {
         "knob": knob,
         "temperature": settings.params.temperature,
@@ -80,10 +82,22 @@ def run_frontier(
                 "pass_at_1": r["pass_at_1"],
                 "pass_at_1_interval_95": r["pass_at_1_interval_95"],
                 "steered_share": r["steered_share"],
+                "versus_exact": _paired(exact, r) if exact else None,
             }
             for value, r in zip(values, runs, strict=True)
         ],
         "runs": runs,
+    }
+
+
+def _paired(exact: dict, run: dict) -> dict:
+    """Problem by problem against the exact mode's run: the problems this setting fails that
+    the exact mode passed (`lost`) and the reverse (`gained`). Paired counts see a difference
+    that two overlapping intervals hide; pass@1 moves by (gained - lost) / problems."""
+    pairs = list(zip(exact["per_problem"], run["per_problem"], strict=True))
+    return {
+        "lost": sum(e["passed"] and not r["passed"] for e, r in pairs),
+        "gained": sum(r["passed"] and not e["passed"] for e, r in pairs),
     }
 
 

@@ -125,6 +125,12 @@ def test_frontier_plots_one_quality_run_per_setting(tiny_strong, tiny_weak, sand
                       *models, sandbox)  # fmt: skip
     assert result["points"][1]["bits_per_token"] == one["bits_per_token"]
     assert result["points"][0]["steered_share"] == 0 < result["points"][1]["steered_share"]
+    exact, tilted = result["points"]
+    assert exact["versus_exact"] == {"lost": 0, "gained": 0}
+    moved = tilted["versus_exact"]["gained"] - tilted["versus_exact"]["lost"]
+    assert moved == round((tilted["pass_at_1"] - exact["pass_at_1"]) * result["problems"])
+    alone = run_frontier(PROBLEMS[:2], settings, [1.0], models, sandbox)
+    assert alone["points"][0]["versus_exact"] is None  # no exact run to pair with
     fig = plot_frontier(result, tmp_path / "frontier.png")
     line = fig.axes[0].containers[0].lines[0]  # the error bar's data line
     assert list(line.get_xdata()) == [p["bits_per_token"] for p in result["points"]]

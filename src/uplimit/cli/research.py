@@ -216,10 +216,13 @@ def frontier(
     plot_frontier(result, plot)
     knob = result["knob"]
     table = Table(
-        knob, "bits/token", "pass@1", "steered", title=f"uplimit frontier: T={temperature}"
-    )
+        knob, "bits/token", "pass@1", "lost, gained vs exact", "steered",
+        title=f"uplimit frontier: T={temperature}",
+    )  # fmt: skip
     for p in result["points"]:
+        paired = p["versus_exact"]
         table.add_row(f"{p[knob]:g}", f"{p['bits_per_token']:.3f}", f"{p['pass_at_1']:.3f}",
+                      f"{paired['lost']}, {paired['gained']}" if paired else "-",
                       f"{100 * p['steered_share']:.1f} %")  # fmt: skip
     Console().print(table)
     console.print(f"wrote {plot}")

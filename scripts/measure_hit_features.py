@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uplimit.calibrate import Position, miss_costs, walk
+from uplimit.calibrate import Position, flag_bits, miss_costs, walk
 from uplimit.coding.calibration import (
     CONFIDENCE_EDGES,
     FLAG_TOTAL,
@@ -177,19 +177,17 @@ def main() -> None:
         (CONFIDENCE_EDGES, [at.features.confidence for at in positions]),
     ]
     history = history_columns(positions)
-    as_shipped = [model.hit_count(at.features) for at in positions]
-    flag_bits = {
-        "shipped calibration, not refitted": -sum(
-            math.log2((c if at.hit else FLAG_TOTAL - c) / FLAG_TOTAL)
-            for c, at in zip(as_shipped, positions, strict=True)
-        )
-        / len(positions),
+    as_shipped = flag_bits(model, [at.features for at in positions], hits)
+    flag_bits_per_token = {
+        "shipped calibration, not refitted": as_shipped / len(positions),
         "margin": cross_validated_bits(shipped[:1], hits, fold),
         "margin, gap, confidence (shipped)": cross_validated_bits(shipped, hits, fold),
     }
     for name, column in history.items():
-        flag_bits[f"shipped + {name}"] = cross_validated_bits([*shipped, column], hits, fold)
-    flag_bits["shipped + all three"] = cross_validated_bits(
+        flag_bits_per_token[f"shipped + {name}"] = cross_validated_bits(
+            [*shipped, column], hits, fold
+        )
+    flag_bits_per_token["shipped + all three"] = cross_validated_bits(
         [*shipped, *history.values()], hits, fold
     )
     n = len(positions)
@@ -202,7 +200,7 @@ def main() -> None:
         "answers": args.count,
         "tokens": n,
         "hit_rate": float(hits.mean()),
-        "flag_bits_per_token_cross_validated": flag_bits,
+        "flag_bits_per_token_cross_validated": flag_bits_per_token,
         "miss_scale": scale,
         "miss_token_bits_per_token": sum(at.miss_bits for at in misses) / n,
         "miss_token_bits_per_token_cross_validated": {

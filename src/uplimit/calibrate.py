@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from uplimit.coding.calibration import Calibration, Features, HitModel, Steered, fit_hit_model
+from uplimit.coding.calibration import (
+    FLAG_TOTAL,
+    Calibration,
+    Features,
+    HitModel,
+    Steered,
+    fit_hit_model,
+)
 from uplimit.coding.codec import Prediction, StepContext, predict
 from uplimit.coding.generate import Request, generate
 from uplimit.coding.sampling import SamplingParams
@@ -202,19 +209,24 @@ def observe_regimes(
     return observed
 
 
+def flag_bits(model: HitModel, features: Sequence[Features], hits: Sequence[bool]) -> float:
+    """What coding the hit flags costs under `model`, in bits (all positions together)."""
+    return -sum(
+        math.log2((c if hit else FLAG_TOTAL - c) / FLAG_TOTAL)
+        for f, hit in zip(features, hits, strict=True)
+        for c in (model.hit_count(f),)
+    )
+
+
 def fit_regime(obs: Observations, regime: Regime) -> tuple[HitModel, float, FitReport]:
     """The hit model and the best miss scale for one regime's observations."""
     model = fit_hit_model(obs.features, obs.hits)
     totals = np.sum(obs.miss_costs, axis=0) if obs.miss_costs else np.zeros(len(MISS_SCALES))
     best = int(np.argmin(totals))
-    flag_bits = sum(
-        -math.log2((c if h else 65536 - c) / 65536)
-        for f, h in zip(obs.features, obs.hits, strict=True)
-        for c in (model.hit_count(f),)
-    )
     n = len(obs.hits)
     report = FitReport(regime.name, n, sum(obs.hits) / max(n, 1), MISS_SCALES[best],
-                       (flag_bits + float(totals[best])) / max(n, 1))  # fmt: skip
+                       (flag_bits(model, obs.features, obs.hits) + float(totals[best]))
+                       / max(n, 1))  # fmt: skip
     return model, MISS_SCALES[best], report
 
 

@@ -29,7 +29,7 @@ from uplimit.errors import ConfigError
 from uplimit.models.base import LanguageModel
 from uplimit.progress import Progress
 from uplimit.prompts import Problem
-from uplimit.quality import Sandbox, run_quality
+from uplimit.quality import Sandbox, paired_loss_interval, run_quality
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -92,12 +92,24 @@ def run_frontier(
 
 def _paired(exact: dict, run: dict) -> dict:
     """Problem by problem against the exact mode's run: the problems this setting fails that
-    the exact mode passed (`lost`) and the reverse (`gained`). Paired counts see a difference
-    that two overlapping intervals hide; pass@1 moves by (gained - lost) / problems."""
-    pairs = list(zip(exact["per_problem"], run["per_problem"], strict=True))
+    the exact mode passed (`lost`) and the reverse (`gained`), and the pass@1 lost,
+    (lost - gained) / problems, with its 95 % interval for paired runs. The pairing sees a
+    difference that two overlapping intervals hide, and says how large a loss the problems
+    cannot rule out."""
+    pairs = [
+        (e["passed"], r["passed"])
+        for e, r in zip(exact["per_problem"], run["per_problem"], strict=True)
+    ]
+    table = [
+        sum(pair == cell for pair in pairs)
+        for cell in ((True, True), (True, False), (False, True), (False, False))
+    ]
+    loss, low, high = paired_loss_interval(*table)
     return {
-        "lost": sum(e["passed"] and not r["passed"] for e, r in pairs),
-        "gained": sum(r["passed"] and not e["passed"] for e, r in pairs),
+        "lost": table[1],
+        "gained": table[2],
+        "pass_at_1_lost": loss,
+        "pass_at_1_lost_interval_95": [low, high],
     }
 
 

@@ -33,7 +33,15 @@ from uplimit.models.base import LanguageModel
 from uplimit.progress import Progress
 from uplimit.prompts import Problem
 
-__all__ = ["Outcome", "Sandbox", "program_for", "run_program", "run_quality", "wilson_interval"]
+__all__ = [
+    "Outcome",
+    "Sandbox",
+    "paired_loss_interval",
+    "program_for",
+    "run_program",
+    "run_quality",
+    "wilson_interval",
+]
 
 # How to give a process a network namespace with nothing in it: as root, or else through an
 # unprivileged user namespace where the kernel allows those.
@@ -133,6 +141,40 @@ def wilson_interval(passed: int, n: int, z: float = 1.959964) -> tuple[float, fl
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     # The interval holds p exactly; rounding alone put its top at 1 - 2**-53 when all passed.
     return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
+
+
+def paired_loss_interval(
+    both: int, lost: int, gained: int, neither: int, z: float = 1.959964
+) -> tuple[float, float, float]:
+    """How much less often B passes than A on the same problems, (lost - gained) / n, with
+    Newcombe's square-and-add interval for paired proportions (95 % by default): `lost`
+    counts the problems A passed and B failed, `gained` the reverse.
+
+    Two runs over the same problems are correlated; the interval uses that correlation
+    (with Newcombe's continuity correction), so it is narrower than the difference of two
+    independent Wilson intervals, and it is sound where the discordant counts are small."""
+    n = both + lost + gained + neither
+    if min(both, lost, gained, neither) < 0 or n == 0:
+        raise ValueError(
+            f"a paired table needs counts >= 0, not all 0: {both, lost, gained, neither}"
+        )
+    p_a, p_b = (both + lost) / n, (both + gained) / n
+    low_a, high_a = wilson_interval(both + lost, n, z)
+    low_b, high_b = wilson_interval(both + gained, n, z)
+    margins = (both + lost) * (gained + neither) * (both + gained) * (lost + neither)
+    phi = 0.0
+    if margins:
+        # Newcombe's corrected correlation: a positive one is shrunk by n / 2 (never below 0).
+        cross = both * neither - lost * gained
+        phi = (cross - n / 2 if cross > n / 2 else min(cross, 0)) / math.sqrt(margins)
+    loss = (lost - gained) / n  # = p_a - p_b, without its rounding
+    down = math.sqrt(
+        (p_a - low_a) ** 2 + (high_b - p_b) ** 2 - 2 * phi * (p_a - low_a) * (high_b - p_b)
+    )
+    up = math.sqrt(
+        (p_b - low_b) ** 2 + (high_a - p_a) ** 2 - 2 * phi * (p_b - low_b) * (high_a - p_a)
+    )
+    return (loss, loss - down, loss + up)
 
 
 def run_quality(

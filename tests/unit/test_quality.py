@@ -13,7 +13,14 @@ from uplimit.coding.calibration import Calibration
 from uplimit.coding.sampling import SamplingParams
 from uplimit.errors import ConfigError
 from uplimit.prompts import humaneval_problems
-from uplimit.quality import Sandbox, program_for, run_program, run_quality, wilson_interval
+from uplimit.quality import (
+    Sandbox,
+    paired_loss_interval,
+    program_for,
+    run_program,
+    run_quality,
+    wilson_interval,
+)
 
 PROBLEMS = humaneval_problems()
 CANONICAL_SAMPLE = PROBLEMS[::8]  # 21 of 164, spread over the set
@@ -101,6 +108,28 @@ def test_the_wilson_interval_holds_its_own_estimate():
             assert 0.0 <= low <= passed / n <= high <= 1.0, (passed, n, low, high)
 
 
+def test_the_paired_interval_matches_the_published_example():
+    # Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), ch. 8:
+    # Cavo et al. (2012), 161 patients; Newcombe's square-and-add interval -0.0621
+    # (-0.1186 to -0.0046).
+    loss, low, high = paired_loss_interval(59, 6, 16, 80)
+    assert (round(loss, 4), round(low, 4), round(high, 4)) == (-0.0621, -0.1186, -0.0046)
+
+
+def test_the_paired_interval_holds_its_estimate_and_turns_over_with_the_runs():
+    for table in [(63, 8, 2, 27), (0, 3, 0, 0), (10, 0, 0, 0), (0, 0, 7, 1), (1, 5, 5, 1)]:
+        both, lost, gained, neither = table
+        loss, low, high = paired_loss_interval(*table)
+        assert -1.0 <= low <= loss == (lost - gained) / sum(table) <= high <= 1.0, table
+        back = paired_loss_interval(both, gained, lost, neither)
+        assert back == pytest.approx((-loss, -high, -low)), table
+    # The same problems, more of them: the interval narrows.
+    assert paired_loss_interval(126, 16, 4, 54)[1] > paired_loss_interval(63, 8, 2, 27)[1]
+    for bad in [(0, 0, 0, 0), (1, -1, 0, 0)]:
+        with pytest.raises(ValueError):
+            paired_loss_interval(*bad)
+
+
 def test_quality_runs_end_to_end_on_the_tiny_pair(tiny_strong, tiny_weak, sandbox):
     settings = BenchSettings(SamplingParams(0.0), max_tokens=8, frame_tokens=4, seed=0)
     calibration = Calibration()
@@ -126,9 +155,12 @@ def test_frontier_plots_one_quality_run_per_setting(tiny_strong, tiny_weak, sand
     assert result["points"][1]["bits_per_token"] == one["bits_per_token"]
     assert result["points"][0]["steered_share"] == 0 < result["points"][1]["steered_share"]
     exact, tilted = result["points"]
-    assert exact["versus_exact"] == {"lost": 0, "gained": 0}
+    assert exact["versus_exact"]["lost"] == exact["versus_exact"]["gained"] == 0
+    assert exact["versus_exact"]["pass_at_1_lost"] == 0
     moved = tilted["versus_exact"]["gained"] - tilted["versus_exact"]["lost"]
     assert moved == round((tilted["pass_at_1"] - exact["pass_at_1"]) * result["problems"])
+    low, high = tilted["versus_exact"]["pass_at_1_lost_interval_95"]
+    assert low <= -moved / result["problems"] == tilted["versus_exact"]["pass_at_1_lost"] <= high
     alone = run_frontier(PROBLEMS[:2], settings, [1.0], models, sandbox)
     assert alone["points"][0]["versus_exact"] is None  # no exact run to pair with
     fig = plot_frontier(result, tmp_path / "frontier.png")

@@ -30,7 +30,7 @@ from uplimit.coding.calibration import (
 )
 from uplimit.coding.codec import Prediction, StepContext, predict
 from uplimit.coding.generate import Request, generate
-from uplimit.coding.sampling import SamplingParams
+from uplimit.coding.sampling import SamplingParams, knob_name
 from uplimit.errors import ConfigError
 from uplimit.models.base import LanguageModel
 from uplimit.progress import Progress
@@ -77,7 +77,7 @@ class Regime:
         base = "greedy" if self.greedy else "sampled"
         if not self.knob:
             return base
-        return f"{base}, {'tie_nats' if self.greedy else 'tilt'} {self.knob:g}"
+        return f"{base}, {knob_name(self.greedy)} {self.knob:g}"
 
 
 def miss_costs(scores: np.ndarray, guess: int, token: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from uplimit.bench import BenchSettings
 from uplimit.coding.calibration import Calibration
+from uplimit.coding.sampling import knob_name
 from uplimit.errors import ConfigError
 from uplimit.models.base import LanguageModel
 from uplimit.progress import Progress
@@ -34,14 +35,9 @@ from uplimit.quality import Sandbox, paired_loss_interval, run_quality
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["knob_for", "plot_frontier", "run_frontier"]
+__all__ = ["plot_frontier", "run_frontier"]
 
 Models = tuple[LanguageModel, LanguageModel, LanguageModel, Calibration]
-
-
-def knob_for(temperature: float) -> str:
-    """The knob a temperature allows: tie_nats at T = 0, tilt at T > 0."""
-    return "tie_nats" if temperature == 0.0 else "tilt"
 
 
 def run_frontier(
@@ -58,7 +54,7 @@ def run_frontier(
     With `store` (a directory), each run is written there as `<knob>-<value>.json` when it
     finishes, and one already there is reused if it was measured with the same settings,
     models, calibration, sandbox and problems (`ConfigError` if it was not)."""
-    knob = knob_for(settings.params.temperature)
+    knob = knob_name(settings.params.greedy)
     # Every setting is checked like a request's before the first (long) run starts.
     sweep = [replace(settings, params=replace(settings.params, **{knob: v})) for v in values]
     paths: list[Path | None] = [None] * len(values)

@@ -91,6 +91,11 @@ class SamplingParams:
         return self.tie_nats if self.greedy else self.tilt
 
 
+def knob_name(greedy: bool) -> str:
+    """The compression knob's name: tie_nats at T = 0, tilt at T > 0 (`SamplingParams.knob`)."""
+    return "tie_nats" if greedy else "tilt"
+
+
 def _non_negative(x: float) -> bool:
     """Finite, >= 0, and not -0.0."""
     return math.isfinite(x) and x >= 0.0 and math.copysign(1.0, x) > 0.0

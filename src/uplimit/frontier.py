@@ -75,6 +75,8 @@ def run_frontier(
                 knob: value,
                 "bits_per_token": r["bits_per_token"],
                 "payload_bits_per_token": r["payload_bits_per_token"],
+                # What the link pays per answer: a knob that lengthens answers pays it back.
+                "bits_per_answer": r["bits_per_token"] * r["tokens"] / r["problems"],
                 "pass_at_1": r["pass_at_1"],
                 "pass_at_1_interval_95": r["pass_at_1_interval_95"],
                 "steered_share": r["steered_share"],

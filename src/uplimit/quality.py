@@ -206,6 +206,7 @@ def run_quality(
                 "finish_reason": response["finish_reason"],
                 "bits": response["bits"],
                 "payload_bits": response["payload_bits"],
+                "answer": response["text"],
             }
         )
     passed = sum(p["passed"] for p in per_problem)

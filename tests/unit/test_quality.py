@@ -139,6 +139,7 @@ def test_quality_runs_end_to_end_on_the_tiny_pair(tiny_strong, tiny_weak, sandbo
     assert result["passed"] == sum(p["passed"] for p in result["per_problem"])
     assert [p["task_id"] for p in result["per_problem"]] == [p.task_id for p in PROBLEMS[:3]]
     assert all(p["outcome"] for p in result["per_problem"])
+    assert all(p["answer"] for p in result["per_problem"])  # kept, to see why one failed
     assert result["tokens"] == sum(p["tokens"] for p in result["per_problem"]) > 0
     assert result["bits_per_token"] >= result["payload_bits_per_token"] > 0
 
@@ -153,6 +154,8 @@ def test_frontier_plots_one_quality_run_per_setting(tiny_strong, tiny_weak, sand
     one = run_quality(PROBLEMS[:2], BenchSettings(SamplingParams(1.0, tilt=1.0), 8, 4, 0),
                       *models, sandbox)  # fmt: skip
     assert result["points"][1]["bits_per_token"] == one["bits_per_token"]
+    per_answer = sum(p["bits"] for p in one["per_problem"]) / one["problems"]
+    assert result["points"][1]["bits_per_answer"] == pytest.approx(per_answer)
     assert result["points"][0]["steered_share"] == 0 < result["points"][1]["steered_share"]
     exact, tilted = result["points"]
     assert exact["versus_exact"]["lost"] == exact["versus_exact"]["gained"] == 0

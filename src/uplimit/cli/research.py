@@ -216,12 +216,14 @@ def frontier(
     plot_frontier(result, plot)
     knob = result["knob"]
     table = Table(
-        knob, "bits/token", "pass@1", "lost, gained vs exact", "pass@1 lost (95 %)", "steered",
+        knob, "bits/token", "bits/answer", "pass@1", "vs exact: lost, gained",
+        "points lost (95 %)", "steered",
         title=f"uplimit frontier: T={temperature}",
     )  # fmt: skip
     for p in result["points"]:
-        paired = p["versus_exact"]
-        table.add_row(f"{p[knob]:g}", f"{p['bits_per_token']:.3f}", f"{p['pass_at_1']:.3f}",
+        paired = p["versus_exact"] if p[knob] else None  # the exact mode is the reference
+        table.add_row(f"{p[knob]:g}", f"{p['bits_per_token']:.3f}", f"{p['bits_per_answer']:.1f}",
+                      f"{p['pass_at_1']:.3f}",
                       f"{paired['lost']}, {paired['gained']}" if paired else "-",
                       _points_lost(paired) if paired else "-",
                       f"{100 * p['steered_share']:.1f} %")  # fmt: skip
@@ -234,7 +236,7 @@ def frontier(
 def _points_lost(paired: dict) -> str:
     """Pass@1 lost against the exact mode in points, with its 95 % interval."""
     low, high = paired["pass_at_1_lost_interval_95"]
-    return f"{100 * paired['pass_at_1_lost']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"
+    return f"{100 * paired['pass_at_1_lost']:+.1f} ({100 * low:+.1f}, {100 * high:+.1f})"
 
 
 @app.command(rich_help_panel="Measure")

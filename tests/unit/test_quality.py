@@ -213,3 +213,16 @@ def test_a_stored_frontier_run_measured_otherwise_is_refused(
     (tmp_path / "tie_nats-0.json").write_text('{"settings": ')  # not a run
     with pytest.raises(ConfigError, match="is not a stored quality run"):
         run_frontier(PROBLEMS[:2], settings, [0.0], models, sandbox, store=tmp_path)
+
+
+def test_quality_and_frontier_refuse_fewer_than_one_problem(tmp_path):
+    from typer.testing import CliRunner
+
+    from uplimit.cli import app
+
+    out = tmp_path / "out.json"
+    for command in (["quality", "--json", str(out)], ["frontier", "--plot", str(out)]):
+        for limit in ("0", "-1"):  # -1 sliced off one problem, 0 measured nothing
+            result = CliRunner().invoke(app, [*command, "--limit", limit])
+            assert result.exit_code == 2, (command, limit, result.output)
+    assert not out.exists()

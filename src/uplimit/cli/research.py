@@ -26,7 +26,7 @@ _CALIBRATION = typer.Option(
 _STRONG = typer.Option("strong", help="Strong model: 'strong', a GGUF file or HF dir.")
 _WEAK = typer.Option("weak", help="Weak model: 'weak', a GGUF file or HF dir.")
 _FRAME_TOKENS = typer.Option(16, help="Tokens per stream per frame.")
-_PROBLEMS = typer.Option(None, help="Only the first K of HumanEval's 164 problems.")
+_PROBLEMS = typer.Option(None, min=1, help="Only the first K of HumanEval's 164 problems.")
 _ANSWER_TOKENS = typer.Option(512, help="Tokens per answer at most.")
 _PROBLEM_SEED = typer.Option(0, help="Base of the per-problem sampling seeds.")
 _TEST_TIMEOUT = typer.Option(10.0, help="Each problem's tests get this long.")
